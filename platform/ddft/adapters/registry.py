@@ -1,0 +1,189 @@
+"""Adapter registry: adapters/<owner>/<name>/v<N>/ holding PEFT files + manifest.json.
+
+Publishing is atomic: files go to a staging prefix, are validated, copied to v<N>, and the
+manifest is written last; a version without a manifest does not exist. Weights are
+safetensors only: pickle formats are refused, never loaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ddft.models.load import BaseInfo
+from ddft.store import Store
+
+PLATFORM_OWNER = "ddft"
+REQUIRED = ("adapter_config.json", "adapter_model.safetensors")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+
+
+class AdapterError(ValueError):
+    """An adapter that can't be published or used; the message says what to fix."""
+
+
+@dataclass
+class Manifest:
+    name: str
+    owner: str
+    version: int
+    modality: str
+    base_model_id: str
+    base_fingerprint: str
+    rank: int
+    alpha: int
+    target_modules: str | list[str]
+    weights_sha256: str
+    source: str  # "trained" or "uploaded"
+    created_at: str = ""
+    metrics: dict = field(default_factory=dict)
+    modules_to_save: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return f"{adapter_prefix(self.owner, self.name)}/v{self.version}"
+
+    @property
+    def ref(self) -> str:  # how responses and /v1/models name it
+        return f"{self.owner}/{self.name}/v{self.version}"
+
+
+def adapter_prefix(owner: str, name: str) -> str:
+    for what, value in (("owner", owner), ("name", name)):
+        if not _NAME.match(value):
+            raise AdapterError(f"adapter {what} {value!r} is not allowed: use 1-64 lowercase letters, "
+                               "digits, '.', '_' or '-', starting with a letter or digit")
+    return f"adapters/{owner}/{name}"
+
+
+def validate_dir(local_dir: Path) -> dict:
+    """Check a PEFT adapter folder without executing anything in it; return adapter_config."""
+    local_dir = Path(local_dir)
+    names = {p.name for p in local_dir.iterdir() if p.is_file()}
+    pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise AdapterError(f"refusing pickle files {pickles}: adapters must be safetensors only "
+                           "(save with save_pretrained(..., safe_serialization=True))")
+    missing = [n for n in REQUIRED if n not in names]
+    if missing:
+        raise AdapterError(f"adapter folder lacks {missing}; a PEFT LoRA folder has {list(REQUIRED)}")
+    try:
+        cfg = json.loads((local_dir / "adapter_config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterError(f"adapter_config.json is not valid JSON: {err}") from None
+    if cfg.get("peft_type") != "LORA":
+        raise AdapterError(f"peft_type is {cfg.get('peft_type')!r}; only LORA adapters are served")
+    if not isinstance(cfg.get("r"), int) or cfg["r"] < 1:
+        raise AdapterError(f"adapter_config.json r={cfg.get('r')!r}; it must be a positive integer")
+    _check_safetensors(local_dir / "adapter_model.safetensors")
+    return cfg
+
+
+def _check_safetensors(path: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if not list(f.keys()):
+                raise AdapterError(f"{path.name} holds no tensors")
+    except AdapterError:
+        raise
+    except Exception as err:  # the safetensors parser's errors are plain strings
+        raise AdapterError(f"{path.name} is not a readable safetensors file: {err}") from None
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def versions(store: Store, owner: str, name: str) -> list[int]:
+    """Published versions (those with a manifest), ascending."""
+    prefix = adapter_prefix(owner, name)
+    found = set()
+    for key in store.list(prefix):
+        m = re.fullmatch(rf"{re.escape(prefix)}/v(\d+)/manifest\.json", key)
+        if m:
+            found.add(int(m.group(1)))
+    return sorted(found)
+
+
+def read_manifest(store: Store, owner: str, name: str, version: int | None = None) -> Manifest | None:
+    if version is None:
+        vs = versions(store, owner, name)
+        if not vs:
+            return None
+        version = vs[-1]
+    key = f"{adapter_prefix(owner, name)}/v{version}/manifest.json"
+    return Manifest(**store.read_json(key)) if store.exists(key) else None
+
+
+def list_adapters(store: Store, owner: str | None = None) -> list[Manifest]:
+    """The newest version of every adapter (of one owner, or all)."""
+    keys = store.list(f"adapters/{owner}" if owner else "adapters")
+    pairs = sorted({tuple(k.split("/")[1:3]) for k in keys if k.endswith("/manifest.json")})
+    return [m for o, n in pairs if (m := read_manifest(store, o, n))]
+
+
+def publish(store: Store, local_dir: Path, *, owner: str, name: str, modality: str, base: BaseInfo,
+            source: str, metrics: dict | None = None) -> Manifest:
+    """Validate and publish a PEFT folder as the next version; returns its manifest."""
+    cfg = validate_dir(local_dir)
+    prefix = adapter_prefix(owner, name)
+    staging = f"{prefix}/.staging/{uuid.uuid4().hex}"
+    files = [p for p in Path(local_dir).iterdir() if p.is_file() and p.name in
+             (*REQUIRED, "README.md")]
+    try:
+        for p in files:
+            store.write_bytes(f"{staging}/{p.name}", p.read_bytes())
+        version = (versions(store, owner, name) or [0])[-1] + 1
+        manifest = Manifest(
+            name=name, owner=owner, version=version, modality=modality, base_model_id=base.id,
+            base_fingerprint=base.fingerprint, rank=cfg["r"], alpha=cfg.get("lora_alpha", cfg["r"]),
+            target_modules=cfg.get("target_modules"), weights_sha256=_sha256(Path(local_dir) /
+                                                                            "adapter_model.safetensors"),
+            source=source, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            metrics=metrics or {}, modules_to_save=list(cfg.get("modules_to_save") or []))
+        store.copy_prefix(staging, manifest.key)
+        store.write_json(f"{manifest.key}/manifest.json", asdict(manifest))  # last: now it exists
+        return manifest
+    finally:
+        store.delete(staging)
+
+
+def download(store: Store, manifest: Manifest, local_dir: Path) -> Path:
+    """Fetch an adapter's files and check them against the manifest's hash."""
+    local_dir = Path(local_dir)
+    for fname in REQUIRED:
+        (local_dir / fname).parent.mkdir(parents=True, exist_ok=True)
+        (local_dir / fname).write_bytes(store.read_bytes(f"{manifest.key}/{fname}"))
+    if _sha256(local_dir / "adapter_model.safetensors") != manifest.weights_sha256:
+        raise AdapterError(f"{manifest.ref}: weights don't match the manifest's sha256; republish it")
+    return local_dir
+
+
+def resolve(store: Store, modality: str, tenant: str | None = None, explicit: str | None = None) -> Manifest | None:
+    """Pick the adapter for a request, in DESIGN.md's order; None means the base answers.
+
+    explicit (owned by the tenant or the platform) -> the tenant's adapter for the modality ->
+    the platform's DDFT adapter for the modality -> the base.
+    """
+    owners = ([f"tenant-{tenant}"] if tenant else []) + [PLATFORM_OWNER]
+    if explicit:
+        name, _, ver = explicit.partition("/v") if "/v" in explicit else (explicit, "", "")
+        for owner in owners:
+            m = read_manifest(store, owner, name, int(ver) if ver else None)
+            if m:
+                return m
+        raise AdapterError(f"no adapter named {explicit!r} for {'tenant ' + tenant if tenant else 'the platform'}; "
+                           "GET /v1/models lists what is available")
+    for owner in owners:
+        m = read_manifest(store, owner, modality)
+        if m:
+            return m
+    return None
+

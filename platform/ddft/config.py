@@ -1,0 +1,191 @@
+"""One pydantic model per job and app; every YAML is validated before any Ray work starts.
+
+A bad config is refused with every problem at once, each naming the key, the value and what
+to do (the torchtune/Ray LLM convention), instead of failing deep inside a Ray worker.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Modality = Literal["image", "video", "text"]
+MODALITIES: tuple[str, ...] = ("image", "video", "text")
+# LoRA goes on the language model only: plain "q_proj" would also match the CLIP towers.
+LM_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+
+
+class ConfigError(ValueError):
+    """A config that can't run; str() lists every problem."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source, self.problems = source, problems
+        super().__init__(f"invalid config {source}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StoreConfig(Strict):
+    uri: str = Field("store", description="file:// path (the embedded default) or s3://bucket/prefix")
+    endpoint_url: str | None = Field(None, description="S3 endpoint such as http://127.0.0.1:9000 (MinIO); "
+                                     "defaults to AWS_ENDPOINT_URL or AWS itself")
+    region: str | None = None
+    access_key_id: str | None = Field(None, description="defaults to AWS_ACCESS_KEY_ID / boto3's chain")
+    secret_access_key: str | None = None
+
+    @model_validator(mode="after")
+    def _scheme(self):
+        if "://" in self.uri and not self.uri.startswith(("file://", "s3://")):
+            raise ValueError(f"store.uri {self.uri!r}: use a path, file:///abs/path or s3://bucket/prefix")
+        return self
+
+
+class BaseModelConfig(Strict):
+    id: str = Field(description="model id; the model lives in the store under models/<id>/")
+    build: Literal["embedded", "tiny"] | None = Field(
+        None, description="build this base locally when the store lacks it: 'embedded' (SmolLM2-135M "
+        "language model, small random CLIP towers) or 'tiny' (random, for tests)")
+    source: str | None = Field(None, description="import a real base from an HF dir, s3:// prefix or hub id")
+
+    @model_validator(mode="after")
+    def _one_origin(self):
+        if self.build and self.source:
+            raise ValueError("base: set either build or source, not both")
+        return self
+
+
+class SyntheticConfig(Strict):
+    seed: int = 0
+    dishes: int = Field(6, ge=2, le=50)
+    images_per_dish: int = Field(8, ge=2)
+    recipes: int = Field(12, ge=3)
+    qa_pairs: int = Field(60, ge=4)
+
+
+class DataConfig(Strict):
+    synthetic: SyntheticConfig | None = Field(
+        None, description="write the synthetic kitchen into raw_prefix before preparing")
+    raw_prefix: str = "datasets/raw"
+    foodx: str = "foodx251"
+    tasty: str = "tasty"
+    tasty_split: str = "split_1"
+    qa: str = "cooking_qa/qa.jsonl"
+    frames: int = Field(8, ge=1, le=64, description="frames sampled uniformly per video")
+    max_skip_ratio: float = Field(0.05, ge=0, le=1, description="fail preparation above this share of bad samples")
+
+
+class LoraSettings(Strict):
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str = Field(LM_TARGETS, description="regex over module names (scoped to the language model)")
+    train_projector: bool = Field(True, description="train the multimodal projector fully (image/video jobs)")
+
+
+class OptimSettings(Strict):
+    lr: float = Field(2e-4, gt=0)
+    projector_lr: float = Field(2e-5, gt=0)
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    batch_size: int = Field(1, ge=1, description="per worker")
+    grad_accum: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 0
+    checkpoint_every: int = Field(0, ge=0, description="optimizer steps between checkpoints; 0 = at the end only")
+
+
+class Resources(Strict):
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0, description="fractions let small jobs share a node")
+    gpus_per_worker: float = Field(0.0, ge=0)
+
+
+class JobConfig(Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="lowercase letters, digits, - and _")
+    modality: Modality
+    dataset_version: str | None = Field(None, description="prepared version to train on; default: newest")
+    lora: LoraSettings = LoraSettings()
+    optim: OptimSettings = OptimSettings()
+    resources: Resources = Resources()
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 needs a GPU")
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _gpu_only(self):
+        if self.precision == "bf16" and self.resources.gpus_per_worker == 0:
+            raise ValueError(f"job {self.name}: precision bf16 needs resources.gpus_per_worker > 0 "
+                             "(use fp32 on CPU)")
+        return self
+
+
+class ServeSettings(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_new_tokens: int = Field(96, ge=1, le=4096)
+    adapter_cache_size: int = Field(8, ge=1, description="adapters kept loaded per replica (LRU)")
+    num_replicas: int = Field(1, ge=1)
+    cpus_per_replica: float = Field(1.0, gt=0)
+    gpus_per_replica: float = Field(0.0, ge=0)
+
+
+class PipelineConfig(Strict):
+    """The whole DDFT loop: store, base, data, the training jobs and the serve app."""
+
+    store: StoreConfig = StoreConfig()
+    base: BaseModelConfig
+    data: DataConfig = DataConfig()
+    jobs: list[JobConfig] = Field(min_length=1)
+    serve: ServeSettings = ServeSettings()
+
+    @model_validator(mode="after")
+    def _unique_jobs(self):
+        names = [j.name for j in self.jobs]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"jobs: names must be unique, repeated: {dupes}")
+        return self
+
+    def job(self, name: str) -> JobConfig:
+        for j in self.jobs:
+            if j.name == name:
+                return j
+        raise ConfigError("jobs", [f"no job named {name!r}; jobs are {[j.name for j in self.jobs]}"])
+
+
+def _problems(err: ValidationError, model: type[BaseModel]) -> list[str]:
+    out = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        value = e.get("input")
+        if e["type"] == "extra_forbidden":
+            out.append(f"{loc}: unknown key (value {value!r}); remove it or check its spelling")
+        elif e["type"] == "missing":
+            out.append(f"{loc}: required key is missing; add it")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            out.append(f"{loc}: got {value!r}; {msg}" if e["type"] != "value_error" else f"{loc or 'config'}: {msg}")
+    return out
+
+
+def validate(model: type[BaseModel], data: Any, source: str = "config"):
+    try:
+        return model.model_validate(data if data is not None else {})
+    except ValidationError as err:
+        raise ConfigError(source, _problems(err, model)) from None
+
+
+def load(path: str | Path, model: type[BaseModel] = PipelineConfig):
+    """Read and validate a YAML file; ConfigError names every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), [f"file not found: {path} (pass --config jobs/configs/demo.yaml)"])
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(str(path), [f"not valid YAML: {err}"]) from None
+    return validate(model, data, str(path))

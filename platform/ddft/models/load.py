@@ -1,0 +1,117 @@
+"""Bases live in the store under models/<id>/ as ordinary HF dirs; this module puts them there
+(built locally or imported from a real source) and gets them back onto a local disk to load."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoProcessor, VideoLlavaForConditionalGeneration
+
+from ddft.store import Store, StoreError
+
+log = logging.getLogger(__name__)
+INFO_FILE = "ddft_base.json"  # written last: a model dir without it is incomplete
+
+
+@dataclass(frozen=True)
+class BaseInfo:
+    id: str
+    fingerprint: str  # sha256 of the weights: adapters record it and refuse other bases
+    uri: str
+
+
+def model_key(model_id: str) -> str:
+    return f"models/{model_id}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_base(model, processor, out_dir: Path, model_id: str, origin: str) -> dict:
+    """Save as safetensors + processor, and the info file that names the weights' fingerprint."""
+    import json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    processor.save_pretrained(out_dir)
+    weights = sorted(out_dir.glob("*.safetensors"))
+    h = hashlib.sha256("".join(_sha256(w) for w in weights).encode()).hexdigest()
+    info = {"id": model_id, "fingerprint": h, "origin": origin}
+    (out_dir / INFO_FILE).write_text(json.dumps(info, indent=2))
+    return info
+
+
+def base_info(store: Store, model_id: str) -> BaseInfo:
+    key = f"{model_key(model_id)}/{INFO_FILE}"
+    if not store.exists(key):
+        raise StoreError(f"base model {model_id!r} is not in the store at {store.url(model_key(model_id))}: "
+                         "run `ddft base build` / `make demo`, or set base.build or base.source in the config")
+    info = store.read_json(key)
+    return BaseInfo(id=model_id, fingerprint=info["fingerprint"], uri=store.url(model_key(model_id)))
+
+
+def ensure_base(store: Store, model_id: str, build: str | None = None, source: str | None = None) -> BaseInfo:
+    """Return the base in the store, building or importing it first when it is missing."""
+    if store.exists(f"{model_key(model_id)}/{INFO_FILE}"):
+        return base_info(store, model_id)
+    if not build and not source:
+        return base_info(store, model_id)  # raises the "not in the store" error
+    with tempfile.TemporaryDirectory(prefix="ddft-base-") as tmp:
+        if build:
+            from ddft.models.build import BUILDERS
+
+            model, processor = BUILDERS[build]()
+            origin = f"build:{build}"
+        else:
+            model, processor = _import(source, Path(tmp) / "src")
+            origin = source
+        save_base(model, processor, Path(tmp) / "out", model_id, origin)
+        store.upload_dir(Path(tmp) / "out", model_key(model_id))
+    log.info("base %s saved to %s", model_id, store.url(model_key(model_id)))
+    return base_info(store, model_id)
+
+
+def _import(source: str, tmp: Path):
+    if source.startswith("s3://"):
+        Store(source).download_dir("", tmp)
+        source = str(tmp)
+    try:
+        return (VideoLlavaForConditionalGeneration.from_pretrained(source, dtype=torch.float32),
+                AutoProcessor.from_pretrained(source))
+    except OSError as err:
+        raise StoreError(f"can't load a Video-LLaVA base from {source!r}: {err}") from None
+
+
+def local_base_dir(store: Store, model_id: str) -> Path:
+    """A local dir holding the base: the store's own folder for file://, a cache for s3://."""
+    info = base_info(store, model_id)
+    local = store.local_path(model_key(model_id))
+    if local is not None:
+        return local
+    cache = Path(os.environ.get("DDFT_CACHE", Path.home() / ".cache" / "ddft")) / "models"
+    target = cache / f"{model_id}-{info.fingerprint[:16]}"
+    if not (target / INFO_FILE).exists():
+        partial = Path(tempfile.mkdtemp(prefix=target.name, dir=cache.mkdir(parents=True, exist_ok=True) or cache))
+        store.download_dir(model_key(model_id), partial)
+        try:
+            partial.rename(target)  # atomic: concurrent workers never see half a model
+        except OSError:
+            shutil.rmtree(partial, ignore_errors=True)  # another worker won the race
+    return target
+
+
+def load_base(path: Path | str, dtype: torch.dtype = torch.float32):
+    model = VideoLlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    processor = AutoProcessor.from_pretrained(path)
+    return model, processor

@@ -1,0 +1,71 @@
+"""The prompt contract shared by data preparation, training and serving.
+
+Training and serving must build the very same token sequence, so both call `encode` here.
+The format is Video-LLaVA's own: `USER: <video>\\n<question> ASSISTANT: <answer></s>`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+QUESTIONS = {
+    "image": "What is the dish in this image?",
+    "video": "Give me the recipe for this video, with specific amounts for each ingredient.",
+}
+PLACEHOLDER = {"image": "<image>\n", "video": "<video>\n", "text": ""}
+IGNORE = -100  # label of prompt tokens: the loss covers the answer only
+
+
+def prompt_text(modality: str, question: str) -> str:
+    return f"USER: {PLACEHOLDER[modality]}{question} ASSISTANT:"
+
+
+def media_token_count(processor, modality: str, frames: int = 1) -> int:
+    """How many placeholder tokens one image or video expands to (as VideoLlavaProcessor counts)."""
+    if modality == "text":
+        return 0
+    crop = processor.image_processor.crop_size
+    per_frame = (crop["height"] // processor.patch_size) * (crop["width"] // processor.patch_size)
+    per_frame += processor.num_additional_image_tokens
+    if modality == "image":
+        return per_frame - (processor.vision_feature_select_strategy == "default")
+    return per_frame * frames
+
+
+def encode(processor, modality: str, question: str, answer: str | None = None, frames: int = 1) -> dict:
+    """Token ids (media placeholders expanded) and labels with the prompt masked to -100."""
+    tok = processor.tokenizer
+    media = {"image": processor.image_token, "video": processor.video_token}.get(modality, "")
+    text = prompt_text(modality, question)
+    if media:
+        text = text.replace(media, media * media_token_count(processor, modality, frames), 1)
+    prompt_ids = tok(text, add_special_tokens=False).input_ids
+    if answer is None:
+        return {"input_ids": prompt_ids, "labels": [IGNORE] * len(prompt_ids)}
+    answer_ids = tok(" " + answer.strip(), add_special_tokens=False).input_ids + [tok.eos_token_id]
+    return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE] * len(prompt_ids) + answer_ids}
+
+
+def pixel_inputs(processor, modality: str, pixels: list[np.ndarray]) -> dict:
+    """Model pixel inputs for a batch: one HxWx3 uint8 array per image, or TxHxWx3 per video."""
+    if modality == "image":
+        out = processor.image_processor(images=pixels, return_tensors="pt", return_legacy_image_output=False)
+        return {"pixel_values": out["pixel_values"]}
+    if modality == "video":
+        return {"pixel_values_videos": processor.video_processor(videos=pixels, return_tensors="pt")[
+            "pixel_values_videos"]}
+    return {}
+
+
+def pad_batch(rows: list[dict], pad_id: int) -> dict:
+    """Left-pad (generation appends on the right) ids, mask and labels into tensors."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, width - n:] = torch.as_tensor(r["input_ids"])
+        mask[i, width - n:] = 1
+        labels[i, width - n:] = torch.as_tensor(r["labels"])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

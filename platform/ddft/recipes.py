@@ -1,0 +1,210 @@
+"""The recipe text contract shared by data, training and serving.
+
+One format, learnt by the video adapter and parsed back by the server:
+
+    Ingredients:
+    - 2 cup rice
+    - 1/2 tsp salt
+    - 3 egg
+    Steps:
+    1. Chop the onion.
+    2. Stir the pot.
+
+Ingredient lines are "<quantity> <unit> <name>", each part optional except the name; units are
+normalised (cups -> cup) and quantities printed compactly (2, 1/2, 1 1/2) so the tiny model has few
+tokens to learn. Notes ("rinsed") are kept by the native readers but left out of the text.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+
+__all__ = [
+    "Ingredient",
+    "UNITS",
+    "parse_tasty_ingredient",
+    "parse_ingredient_text",
+    "format_quantity",
+    "format_ingredient",
+    "format_recipe",
+    "parse_recipe",
+]
+
+
+@dataclass
+class Ingredient:
+    name: str
+    quantity: float | None = None
+    unit: str | None = None
+    note: str | None = None
+
+    def as_dict(self) -> dict:
+        """The serving/parse shape: notes are not part of the recipe text."""
+        return {"name": self.name, "quantity": self.quantity, "unit": self.unit}
+
+
+# Canonical unit -> spellings seen in recipes (matched case-insensitively, trailing "." ignored).
+_UNIT_SPELLINGS = {
+    "cup": ["cup", "cups", "c"],
+    "tbsp": ["tbsp", "tbsps", "tbs", "tbl", "tablespoon", "tablespoons"],
+    "tsp": ["tsp", "tsps", "teaspoon", "teaspoons"],
+    "g": ["g", "gr", "gram", "grams", "gramme", "grammes"],
+    "kg": ["kg", "kgs", "kilogram", "kilograms"],
+    "ml": ["ml", "milliliter", "milliliters", "millilitre", "millilitres"],
+    "l": ["l", "liter", "liters", "litre", "litres"],
+    "oz": ["oz", "ounce", "ounces"],
+    "lb": ["lb", "lbs", "pound", "pounds"],
+    "pinch": ["pinch", "pinches"],
+    "dash": ["dash", "dashes"],
+    "clove": ["clove", "cloves"],
+    "can": ["can", "cans"],
+    "slice": ["slice", "slices"],
+    "piece": ["piece", "pieces"],
+    "stick": ["stick", "sticks"],
+    "bunch": ["bunch", "bunches"],
+    "handful": ["handful", "handfuls"],
+    "sprig": ["sprig", "sprigs"],
+    "package": ["package", "packages", "pkg"],
+}
+_UNIT_OF = {s: unit for unit, spellings in _UNIT_SPELLINGS.items() for s in spellings}
+UNITS = frozenset(_UNIT_SPELLINGS)
+
+_VULGAR = {"½": "1/2", "⅓": "1/3", "⅔": "2/3", "¼": "1/4", "¾": "3/4", "⅛": "1/8", "⅜": "3/8",
+           "⅝": "5/8", "⅞": "7/8", "⅕": "1/5", "⅙": "1/6"}
+# "1 1/2", "1/2", "1.5", "2"; an optional range tail ("2-3", "2 to 3") whose upper bound is dropped.
+_NUM = r"(?:\d+\s+\d+/\d+|\d+/\d+|\d+(?:\.\d+)?|\.\d+)"
+_QUANTITY_RE = re.compile(rf"^({_NUM})(?:\s*(?:-|–|to)\s*{_NUM})?(?=\s|$|[a-zA-Z])\s*")
+
+
+def _unit(word: str) -> str | None:
+    return _UNIT_OF.get(word.lower().rstrip("."))
+
+
+def _number(text: str) -> float:
+    total = 0.0
+    for part in text.split():
+        if "/" in part:
+            num, den = part.split("/")
+            if int(den) == 0:
+                raise ValueError(f"zero denominator in {text!r}")
+            total += int(num) / int(den)
+        else:
+            total += float(part)
+    return total
+
+
+def _split_amount(text: str) -> tuple[float | None, str | None, str]:
+    """Leading quantity and unit of `text`, and what is left after them."""
+    for sym, frac in _VULGAR.items():  # "1½" -> "1 1/2"
+        text = re.sub(rf"(\d)\s*{sym}", rf"\1 {frac}", text).replace(sym, frac)
+    text = text.strip()
+    quantity = None
+    m = _QUANTITY_RE.match(text)
+    if m:
+        quantity, text = _number(m.group(1)), text[m.end():]
+    elif re.match(r"^an?\s", text, re.I):  # "a pinch"
+        quantity, text = 1.0, text.split(None, 1)[1]
+    words = text.split(None, 1)
+    unit = _unit(words[0]) if words else None
+    if unit is not None:
+        text = words[1] if len(words) > 1 else ""
+    return quantity, unit, text.strip()
+
+
+def parse_ingredient_text(text: str) -> Ingredient:
+    """One free-form ingredient: "2 cup rice", "1 1/2 cups flour, sifted", "salt".
+
+    A name starting with a unit word and no quantity ("clove oil") reads as unit + name; recipe
+    names in this project avoid that.
+    """
+    quantity, unit, rest = _split_amount(text)
+    name, _, note = rest.partition(",")
+    name, note = " ".join(name.split()), note.strip() or None
+    if not re.search(r"[^\W\d_]", name):
+        raise ValueError(f"no ingredient name in {text!r}")
+    return Ingredient(name, quantity, unit, note)
+
+
+def parse_tasty_ingredient(line: str) -> Ingredient:
+    """Tasty's "amount; name, note" line, e.g. "2 cups; rice, rinsed" -> 2.0 cup rice (rinsed).
+
+    A line without ";" is read as free text ("2 cups rice", "salt"). Amount words that are not a
+    unit ("1 large; egg") go in front of the name ("large egg").
+    """
+    if ";" not in line:
+        try:
+            return parse_ingredient_text(line)
+        except ValueError:
+            raise ValueError(f"not an ingredient line: {line!r}") from None
+    amount, _, rest = line.partition(";")
+    quantity, unit, extra = _split_amount(amount)
+    name, _, note = rest.partition(",")
+    name = " ".join(f"{extra} {name}".split())
+    if not re.search(r"[^\W\d_]", name):
+        raise ValueError(f"not an ingredient line: {line!r}")
+    return Ingredient(name, quantity, unit, note.strip() or None)
+
+
+def format_quantity(q: float) -> str:
+    """2.0 -> "2", 0.5 -> "1/2", 1.5 -> "1 1/2", 0.3 -> "0.3".
+
+    A fraction is printed only when it reads back as the very same float, so text round-trips.
+    """
+    if q == int(q):
+        return str(int(q))
+    whole, frac = int(q), Fraction(q - int(q)).limit_denominator(8)
+    if frac.denominator in (2, 3, 4, 8) and _number(f"{whole} {frac}") == q:
+        return f"{whole} {frac}" if whole else str(frac)
+    return repr(q)
+
+
+def format_ingredient(ing: Ingredient) -> str:
+    parts = [format_quantity(ing.quantity) if ing.quantity is not None else None, ing.unit,
+             " ".join(ing.name.split())]
+    return " ".join(p for p in parts if p)
+
+
+def format_recipe(ingredients: list[Ingredient], steps: list[str]) -> str:
+    """The exact target text of the video adapter (see the module docstring)."""
+    lines = ["Ingredients:"] + [f"- {format_ingredient(i)}" for i in ingredients]
+    lines += ["Steps:"] + [f"{n}. {' '.join(s.split())}" for n, s in enumerate(steps, 1)]
+    return "\n".join(lines)
+
+
+_HEADER_RE = re.compile(r"^[#*\s]*(ingredients|steps|instructions|directions|method)\b[\s*:]*$",
+                        re.I)
+_BULLET_RE = re.compile(r"^(?:[-*•]\s*)")
+_NUMBERED_RE = re.compile(r"^(?:step\s*)?\d+\s*[.):]\s*|^step\s*\d+\s+", re.I)
+
+
+def parse_recipe(text: str) -> dict:
+    """Read a (model-written) recipe back: {"ingredients": [{name, quantity, unit}], "steps": [...]}.
+
+    Tolerant: headers optional ("Ingredients", "**Steps:**", "Instructions"), bullets or numbering
+    in any usual form; without a header, bullets read as ingredients and numbered lines as steps.
+    Ingredient lines that don't parse are dropped.
+    """
+    ingredients, steps, section = [], [], None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        m = _HEADER_RE.match(line)
+        if m:
+            section = "ingredients" if m.group(1).lower() == "ingredients" else "steps"
+            continue
+        bullet, numbered = _BULLET_RE.match(line), _NUMBERED_RE.match(line)
+        kind = section or ("ingredients" if bullet else "steps" if numbered else None)
+        body = line[(bullet or numbered).end():].strip() if (bullet or numbered) else line
+        if not body or kind is None:
+            continue
+        if kind == "ingredients":
+            try:
+                ingredients.append(parse_ingredient_text(body).as_dict())
+            except ValueError:
+                pass
+        else:
+            steps.append(" ".join(body.split()))
+    return {"ingredients": ingredients, "steps": steps}

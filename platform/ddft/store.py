@@ -1,0 +1,351 @@
+"""One URI API over the store: ``file://`` (a local folder, the embedded default) and ``s3://``.
+
+Keys are "/"-separated and relative to the store root. S3 settings fall back to the usual AWS
+environment variables and boto3's own credential chain, so AWS and MinIO both work.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+import urllib.parse
+from contextlib import contextmanager
+from typing import Any
+
+NOT_FOUND_HINT = "check the URI, or create it first (e.g. run `make demo`)"
+
+
+class StoreError(Exception):
+    """A store operation failed; the message names the URI and what to do."""
+
+
+def _clean_key(key: str) -> str:
+    key = str(key).replace("\\", "/")
+    if key.startswith("/") or "://" in key:
+        raise StoreError(f"store key {key!r} must be relative to the store root")
+    parts = [p for p in key.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise StoreError(f"store key {key!r} must not contain '..'")
+    return "/".join(parts)
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p for p in parts if p)
+
+
+def _under(key: str, prefix: str) -> bool:
+    return not prefix or key == prefix or key.startswith(prefix + "/")
+
+
+class _Local:
+    def __init__(self, root: str):
+        self.root = pathlib.Path(root)
+
+    def path(self, key: str) -> pathlib.Path:
+        return self.root / key if key else self.root
+
+    @contextmanager
+    def errors(self, url: str):
+        try:
+            yield
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise StoreError(f"{url} not found: {NOT_FOUND_HINT}") from None
+        except OSError as e:
+            raise StoreError(f"{url}: {e.strerror or e}") from None
+
+    def get(self, key: str) -> bytes:
+        return self.path(key).read_bytes()
+
+    def _atomic(self, key: str, fill) -> None:
+        dst = self.path(key)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                fill(f)
+            os.replace(tmp, dst)
+        except BaseException:
+            pathlib.Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def put(self, key: str, data: bytes) -> None:
+        self._atomic(key, lambda f: f.write(data))
+
+    def put_file(self, src: pathlib.Path, key: str) -> None:
+        def fill(f):
+            with open(src, "rb") as s:
+                shutil.copyfileobj(s, f, 1 << 20)
+        self._atomic(key, fill)
+
+    def get_file(self, key: str, dst: pathlib.Path) -> None:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.path(key), dst)
+
+    def keys(self, prefix: str) -> list[str]:
+        p = self.path(prefix)
+        if p.is_file():
+            return [prefix]
+        if not p.is_dir():
+            return []
+        return [q.relative_to(self.root).as_posix() for q in p.rglob("*") if q.is_file()]
+
+    def exists(self, key: str) -> bool:
+        p = self.path(key)
+        return p.is_file() or (p.is_dir() and any(q.is_file() for q in p.rglob("*")))
+
+    def delete(self, prefix: str) -> None:
+        p = self.path(prefix)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+
+    def copy(self, src: str, dst: str) -> None:
+        self.put_file(self.path(src), dst)
+
+
+class _S3:
+    def __init__(self, bucket: str, prefix: str, endpoint_url, region, access_key_id, secret_access_key):
+        self.bucket, self.prefix = bucket, prefix
+        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        self.region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        self.access_key_id = access_key_id or os.environ.get("AWS_ACCESS_KEY_ID")
+        self.secret_access_key = secret_access_key or os.environ.get("AWS_SECRET_ACCESS_KEY")
+        self.session_token = None if access_key_id else os.environ.get("AWS_SESSION_TOKEN")
+        self._client = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_client": None}
+
+    @property
+    def where(self) -> str:
+        return self.endpoint_url or f"AWS S3 (region {self.region or 'default'})"
+
+    @property
+    def client(self):
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+            opts: dict[str, Any] = dict(connect_timeout=5, read_timeout=120,
+                                        retries={"max_attempts": 3, "mode": "standard"})
+            if self.endpoint_url:  # MinIO & co: path-style, checksums only when required
+                opts.update(s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
+                            response_checksum_validation="when_required")
+            self._client = boto3.session.Session().client(
+                "s3", endpoint_url=self.endpoint_url, region_name=self.region,
+                aws_access_key_id=self.access_key_id, aws_secret_access_key=self.secret_access_key,
+                aws_session_token=self.session_token, config=Config(**opts))
+        return self._client
+
+    def full(self, key: str) -> str:
+        return _join(self.prefix, key)
+
+    @contextmanager
+    def errors(self, url: str):
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+        try:
+            yield
+        except ClientError as e:
+            err = e.response.get("Error", {})
+            code, msg = str(err.get("Code", "")), err.get("Message", "")
+            if code == "NoSuchBucket":
+                text = (f"bucket '{self.bucket}' does not exist at {self.where} (for {url}): create it "
+                        f"(e.g. `aws s3 mb s3://{self.bucket}` or the MinIO console) or fix store.uri")
+            elif code in ("NoSuchKey", "404", "NotFound"):
+                text = f"{url} not found: {NOT_FOUND_HINT}"
+            elif code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden"):
+                text = (f"access denied to {url} at {self.where} ({code}): check store.access_key_id/"
+                        f"secret_access_key or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+            else:
+                text = f"S3 error {code} on {url} at {self.where}: {msg or e}"
+            raise StoreError(text) from None
+        except NoCredentialsError:
+            raise StoreError(f"no S3 credentials for {url}: set store.access_key_id/secret_access_key "
+                             f"or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY") from None
+        except BotoCoreError as e:
+            raise StoreError(f"cannot reach S3 endpoint {self.where} for {url}: {e} -- check endpoint_url "
+                             f"(or AWS_ENDPOINT_URL) and that the server (e.g. MinIO) is running") from None
+
+    def get(self, key: str) -> bytes:
+        return self.client.get_object(Bucket=self.bucket, Key=self.full(key))["Body"].read()
+
+    def put(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self.full(key), Body=data)
+
+    def put_file(self, src: pathlib.Path, key: str) -> None:
+        self.client.upload_file(str(src), self.bucket, self.full(key))
+
+    def get_file(self, key: str, dst: pathlib.Path) -> None:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        self.client.download_file(self.bucket, self.full(key), str(dst))
+
+    def _iter(self, prefix: str):
+        """Full object keys under prefix (including directory markers ending in '/')."""
+        base = self.full(prefix)
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
+            for obj in page.get("Contents", []):
+                if _under(obj["Key"].rstrip("/"), base):
+                    yield obj["Key"]
+
+    def keys(self, prefix: str) -> list[str]:
+        n = len(self.prefix) + 1 if self.prefix else 0
+        return [k[n:] for k in self._iter(prefix) if not k.endswith("/")]
+
+    def exists(self, key: str) -> bool:
+        return any(True for _ in self._iter(key))
+
+    def delete(self, prefix: str) -> None:
+        keys = list(self._iter(prefix))
+        for i in range(0, len(keys), 1000):
+            self.client.delete_objects(Bucket=self.bucket, Delete={
+                "Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
+
+    def copy(self, src: str, dst: str) -> None:
+        self.client.copy({"Bucket": self.bucket, "Key": self.full(src)}, self.bucket, self.full(dst))
+
+
+class Store:
+    """A store rooted at ``uri``: a plain path, ``file:///abs/path`` or ``s3://bucket/prefix``."""
+
+    def __init__(self, uri: str, *, endpoint_url: str | None = None, region: str | None = None,
+                 access_key_id: str | None = None, secret_access_key: str | None = None):
+        uri = str(uri)
+        self._creds = dict(endpoint_url=endpoint_url, region=region, access_key_id=access_key_id,
+                           secret_access_key=secret_access_key)
+        if uri.startswith("s3://"):
+            bucket, _, prefix = uri[len("s3://"):].partition("/")
+            if not bucket:
+                raise StoreError(f"store uri {uri!r} has no bucket: use s3://bucket/prefix")
+            self.scheme, prefix = "s3", _clean_key(prefix)
+            self._b: _Local | _S3 = _S3(bucket, prefix, **self._creds)
+            self.uri = f"s3://{_join(bucket, prefix)}"
+        else:
+            if uri.startswith("file://"):
+                uri = urllib.parse.unquote(uri[len("file://"):])
+                if not uri.startswith("/"):
+                    raise StoreError(f"file store uri must be absolute: use file:///abs/path, got file://{uri}")
+            elif "://" in uri:
+                raise StoreError(f"store uri {uri!r}: use a path, file:///abs/path or s3://bucket/prefix")
+            root = os.path.abspath(os.path.expanduser(uri))
+            self.scheme, self._b, self.uri = "file", _Local(root), f"file://{root}"
+
+    @classmethod
+    def from_config(cls, cfg) -> "Store":
+        secret = getattr(cfg, "secret_access_key", None)
+        if hasattr(secret, "get_secret_value"):  # pydantic SecretStr
+            secret = secret.get_secret_value()
+        return cls(cfg.uri, endpoint_url=getattr(cfg, "endpoint_url", None), region=getattr(cfg, "region", None),
+                   access_key_id=getattr(cfg, "access_key_id", None), secret_access_key=secret)
+
+    def __repr__(self) -> str:
+        return f"Store({self.uri!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Store) and (self.uri, self._creds) == (other.uri, other._creds)
+
+    def __hash__(self) -> int:
+        return hash(self.uri)
+
+    def url(self, key: str = "") -> str:
+        return _join(self.uri, _clean_key(key))
+
+    def child(self, key: str) -> "Store":
+        return Store(self.url(key), **self._creds)
+
+    # -- objects -------------------------------------------------------------------------------
+    def read_bytes(self, key: str) -> bytes:
+        k = _clean_key(key)
+        with self._b.errors(self.url(k)):
+            return self._b.get(k)
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        k = _clean_key(key)
+        if not k:
+            raise StoreError(f"cannot write to the store root {self.uri}: give a key")
+        with self._b.errors(self.url(k)):
+            self._b.put(k, bytes(data))
+
+    def read_text(self, key: str) -> str:
+        return self.read_bytes(key).decode("utf-8")
+
+    def write_text(self, key: str, text: str) -> None:
+        self.write_bytes(key, text.encode("utf-8"))
+
+    def read_json(self, key: str) -> Any:
+        try:
+            return json.loads(self.read_bytes(key))
+        except json.JSONDecodeError as e:
+            raise StoreError(f"{self.url(key)} is not valid JSON: {e}") from None
+
+    def write_json(self, key: str, obj: Any) -> None:
+        self.write_text(key, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+    # -- prefixes ------------------------------------------------------------------------------
+    def exists(self, key: str) -> bool:
+        k = _clean_key(key)
+        with self._b.errors(self.url(k)):
+            return self._b.exists(k)
+
+    def list(self, prefix: str = "") -> list[str]:
+        p = _clean_key(prefix)
+        with self._b.errors(self.url(p)):
+            return sorted(self._b.keys(p))
+
+    def delete(self, prefix: str) -> None:
+        p = _clean_key(prefix)
+        with self._b.errors(self.url(p)):
+            self._b.delete(p)
+
+    def upload_dir(self, local_dir, key: str) -> None:
+        src, k = pathlib.Path(local_dir), _clean_key(key)
+        if not src.is_dir():
+            raise StoreError(f"cannot upload {src} to {self.url(k)}: not a directory")
+        for f in sorted(p for p in src.rglob("*") if p.is_file()):
+            dst = _join(k, f.relative_to(src).as_posix())
+            with self._b.errors(self.url(dst)):
+                self._b.put_file(f, dst)
+
+    def download_dir(self, key: str, local_dir) -> pathlib.Path:
+        k, dst = _clean_key(key), pathlib.Path(local_dir)
+        keys = self.list(k)
+        if not keys:
+            raise StoreError(f"{self.url(k)} not found (nothing stored there): {NOT_FOUND_HINT}")
+        for name in keys:
+            rel = name[len(k) + 1:] if k and name != k else (name if not k else pathlib.PurePosixPath(k).name)
+            with self._b.errors(self.url(name)):
+                self._b.get_file(name, dst / rel)
+        return dst
+
+    def copy_prefix(self, src_key: str, dst_key: str) -> None:
+        src, dst = _clean_key(src_key), _clean_key(dst_key)
+        keys = self.list(src)
+        if not keys:
+            raise StoreError(f"cannot copy {self.url(src)}: not found: {NOT_FOUND_HINT}")
+        for name in keys:
+            target = dst if name == src else _join(dst, name[len(src):].lstrip("/"))
+            with self._b.errors(self.url(name)):
+                self._b.copy(name, target)
+
+    # -- integration ---------------------------------------------------------------------------
+    def local_path(self, key: str = "") -> pathlib.Path | None:
+        return self._b.path(_clean_key(key)) if isinstance(self._b, _Local) else None
+
+    def pyarrow_fs(self):
+        """(pyarrow FileSystem, root path in it): picklable, for Ray Data and Ray Train's storage_filesystem."""
+        import pyarrow.fs as pafs
+        b = self._b
+        if isinstance(b, _Local):
+            return pafs.LocalFileSystem(), str(b.root)
+        opts: dict[str, Any] = dict(region=b.region or "us-east-1")
+        if b.access_key_id and b.secret_access_key:
+            opts.update(access_key=b.access_key_id, secret_key=b.secret_access_key, session_token=b.session_token)
+        if b.endpoint_url:
+            ep = urllib.parse.urlparse(b.endpoint_url if "://" in b.endpoint_url else f"http://{b.endpoint_url}")
+            opts.update(endpoint_override=ep.netloc, scheme=ep.scheme or "https")
+        return pafs.S3FileSystem(**opts), _join(b.bucket, b.prefix)
+
+    def fs_path(self, key: str = ""):
+        fs, root = self.pyarrow_fs()
+        return fs, _join(root, _clean_key(key))

@@ -1,0 +1,46 @@
+"""Run many DDFT jobs at once on one Ray cluster.
+
+Each job's driver is a zero-CPU Ray task that calls TorchTrainer.fit(), so the jobs run side
+by side and Ray's scheduler queues the workers that don't fit yet instead of deadlocking.
+One job failing does not stop the others.
+"""
+from __future__ import annotations
+
+import time
+import traceback
+
+from ddft.config import PipelineConfig
+from ddft.train.job import JobResult, run_job
+
+
+def _drive(cfg_json: str, name: str) -> JobResult:
+    cfg = PipelineConfig.model_validate_json(cfg_json)
+    started = time.time()
+    try:
+        return run_job(cfg, cfg.job(name))
+    except Exception as err:  # reported in the table; the other jobs go on
+        detail = "".join(traceback.format_exception_only(type(err), err)).strip()
+        return JobResult(name, cfg.job(name).modality, "failed", started, time.time(), error=detail[-2000:])
+
+
+def run_all(cfg: PipelineConfig, only: list[str] | None = None) -> list[JobResult]:
+    import ray
+
+    names = [j.name for j in cfg.jobs]
+    unknown = sorted(set(only or []) - set(names))
+    if unknown:
+        raise ValueError(f"--only names unknown jobs {unknown}; jobs in the config: {names}")
+    chosen = [n for n in names if not only or n in only]
+    drive = ray.remote(num_cpus=0, max_retries=0)(_drive)
+    refs = [drive.remote(cfg.model_dump_json(), n) for n in chosen]
+    return ray.get(refs)
+
+
+def table(results: list[JobResult]) -> str:
+    rows = [("job", "status", "steps", "first loss", "last loss", "tokens/s", "seconds", "adapter")]
+    for r in results:
+        rows.append((r.name, r.status, str(r.steps), f"{r.losses[0]:.4f}" if r.losses else "-",
+                     f"{r.losses[-1]:.4f}" if r.losses else "-", f"{r.tokens_per_s:.0f}",
+                     f"{r.ended - r.started:.0f}", r.adapter or (r.error or "-").splitlines()[-1][:120]))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)

@@ -1,0 +1,126 @@
+import io
+import re
+
+import decord
+import numpy as np
+import pytest
+from PIL import Image
+
+from ddft.data.formats import read_foodx, read_qa, read_tasty
+from ddft.data.synthetic import DISHES, FOODS, write_kitchen
+from ddft.store import Store
+
+SMALL = dict(dishes=3, images_per_dish=3, recipes=4, qa_pairs=20, video_seconds=3.3, fps=10)
+
+
+@pytest.fixture(scope="module")
+def kitchen(tmp_path_factory):
+    """The default kitchen, as `make demo` writes it."""
+    store = Store(str(tmp_path_factory.mktemp("kitchen")))
+    return store, write_kitchen(store)
+
+
+def _files(store):
+    return {k: store.read_bytes(k) for k in store.list("")}
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    a, b, c = (Store(str(tmp_path / n)) for n in "abc")
+    write_kitchen(a, seed=7, **SMALL)
+    write_kitchen(b, seed=7, **SMALL)
+    write_kitchen(c, seed=8, **SMALL)
+    fa, fb, fc = _files(a), _files(b), _files(c)
+    assert fa == fb
+    assert fa.keys() == fc.keys()
+    media = [k for k in fa if k.endswith((".jpg", ".mp4"))]
+    assert len(media) == 3 * 3 + 4
+    assert all(fa[k] != fc[k] for k in media)
+    assert fa["datasets/raw/cooking_qa/qa.jsonl"] != fc["datasets/raw/cooking_qa/qa.jsonl"]
+
+
+def test_odd_frame_count_decodes(tmp_path):
+    store = Store(str(tmp_path))
+    summary = write_kitchen(store, "raw", **SMALL)
+    assert summary["video"]["frames"] == 33
+    for r in read_tasty(store, "raw/tasty"):
+        vr = decord.VideoReader(io.BytesIO(store.read_bytes(r.video_key)))
+        assert len(vr) == 33
+        assert all(s is None or s[1] < 33 for s in r.step_spans)
+
+
+def test_defaults_and_layout(kitchen):
+    store, summary = kitchen
+    assert summary["dishes"] == [d.key for d in DISHES[:6]]
+    assert summary["foodx"] == {"train": 36, "val": 12}
+    assert len(summary["recipes"]) == 12 and summary["qa_pairs"] == 60
+    assert summary["splits"]["test"] and summary["splits"]["val"]
+    assert summary["video"] == {"codec": summary["video"]["codec"], "fps": 10, "frames": 60,
+                                "size": [224, 224]}
+    assert summary["video"]["codec"] in ("libx264", "mpeg4")
+    raw = "datasets/raw"
+    assert store.read_text(f"{raw}/foodx251/class_list.txt").startswith("0 tomato_soup\n1 green_salad\n")
+    assert store.read_text(f"{raw}/foodx251/train_info.csv").startswith("train_00000.jpg,0\n")
+    assert store.exists(f"{raw}/tasty/SPLITS/split_1/TEST_split_1.txt")
+
+
+def test_foodx_reads_back_and_dishes_differ_in_colour(kitchen):
+    store, summary = kitchen
+    ds = read_foodx(store, "datasets/raw/foodx251")
+    assert ds.problems == [] and len(ds.classes) == 6
+    assert [len(ds.splits[s]) for s in ("train", "val")] == [36, 12]
+    means: dict[int, list] = {}
+    for key, label, _ in ds.splits["train"] + ds.splits["val"]:
+        img = np.asarray(Image.open(io.BytesIO(store.read_bytes(key))).convert("RGB"), np.float32)
+        assert img.shape == (224, 224, 3)
+        means.setdefault(label, []).append(img[100:124, 100:124].reshape(-1, 3).mean(0))
+    centroids = {k: np.mean(v, 0) for k, v in means.items()}
+    dists = [np.linalg.norm(centroids[i] - centroids[j]) for i in centroids for j in centroids if i < j]
+    assert min(dists) > 40, dists
+    for label, ms in means.items():  # every photo is nearest its own dish's colour
+        for m in ms:
+            assert min(centroids, key=lambda k: np.linalg.norm(centroids[k] - m)) == label
+
+
+def _icon_runs(row: np.ndarray, colour) -> int:
+    """How many separate stretches of `colour` lie along a pixel row."""
+    hit = np.linalg.norm(row.astype(np.float32) - np.array(colour, np.float32), axis=1) < 60
+    return int(np.sum(hit[1:] & ~hit[:-1]) + hit[0])
+
+
+def test_tasty_reads_back_and_video_shows_the_recipe(kitchen):
+    store, summary = kitchen
+    recipes = read_tasty(store, "datasets/raw/tasty")
+    assert recipes.problems == []
+    assert {r.id: (r.text, r.split) for r in recipes} == {
+        k: (v["text"], v["split"]) for k, v in summary["recipes"].items()}
+    for r in recipes:
+        assert r.steps[-1] == "Enjoy!" and r.step_spans[-1] is None
+        assert all(s is not None for s in r.step_spans[:-1])
+    for r in recipes:
+        vr = decord.VideoReader(io.BytesIO(store.read_bytes(r.video_key)))
+        assert len(vr) == 60 and vr[0].shape == (224, 224, 3) and vr.get_avg_fps() == 10
+        tray_row = vr.get_batch(list(range(60))).asnumpy()[:, round(224 * 0.11)]
+        # Every frame of an ingredient's step (the span's last 5-frame block included) shows as
+        # many icons of its colour as the amount says: the amounts and the alignment are right.
+        for ing, (first, last) in zip(r.ingredients, r.step_spans):
+            food = FOODS[ing.name]
+            counts = {_icon_runs(row, food.colour) for row in tray_row[first:last + 5]}
+            assert counts == {ing.quantity / food.per_icon}, (r.id, ing, counts)
+
+
+def test_qa_reads_back_and_agrees_with_the_videos(kitchen):
+    store, _ = kitchen
+    pairs = read_qa(store, "datasets/raw/cooking_qa/qa.jsonl")
+    assert pairs.problems == [] and len(pairs) == 60 and len(set(pairs)) == 60
+    texts = {r.id: r.text for r in read_tasty(store, "datasets/raw/tasty")}
+    colours = {d.name: d.colour_name for d in DISHES}
+    checked = 0
+    for q, a in pairs:
+        if m := re.fullmatch(r"How much (\w+) (?:for|goes into) (.+)\?", q):
+            food, dish = m.groups()  # the dish's first recipe uses the classic amounts
+            assert f"\n- {a} {food}\n" in texts[dish.replace(" ", "-") + "-1"], (q, a)
+            checked += 1
+        elif m := re.fullmatch(r"What colour is (?:the )?(.+)\?", q):
+            assert a == colours.get(m.group(1), FOODS.get(m.group(1)) and FOODS[m.group(1)].colour_name)
+            checked += 1
+    assert checked >= 10
