@@ -5,6 +5,7 @@ to do (the torchtune/Ray LLM convention), instead of failing deep inside a Ray w
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 Modality = Literal["image", "video", "text"]
 MODALITIES: tuple[str, ...] = ("image", "video", "text")
 # LoRA goes on the language model only: plain "q_proj" would also match the CLIP towers.
+STORE_ENV = "DDFT_STORE"
 LM_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
 
 
@@ -180,7 +182,7 @@ def validate(model: type[BaseModel], data: Any, source: str = "config"):
 
 
 def load(path: str | Path, model: type[BaseModel] = PipelineConfig):
-    """Read and validate a YAML file; ConfigError names every problem."""
+    """Read and validate a YAML file; ConfigError names every problem. $DDFT_STORE overrides store.uri."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(str(path), [f"file not found: {path} (pass --config jobs/configs/demo.yaml)"])
@@ -188,4 +190,7 @@ def load(path: str | Path, model: type[BaseModel] = PipelineConfig):
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(str(path), [f"not valid YAML: {err}"]) from None
+    if isinstance(data, dict) and os.environ.get(STORE_ENV) and "store" in model.model_fields:
+        # `make demo STORE=s3://...` and `ray job submit` (whose working dir is a copy) point here.
+        data = {**data, "store": {**(data.get("store") or {}), "uri": os.environ[STORE_ENV]}}
     return validate(model, data, str(path))

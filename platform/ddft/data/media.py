@@ -15,8 +15,11 @@ SIZE = 224  # the processor's crop size; frames are stored at this size to keep 
 
 class MediaError(ValueError):
     def __init__(self, reason: str, detail: str):
-        self.reason = reason  # short, countable: "undecodable_video", "too_few_frames", ...
+        self.reason, self.detail = reason, detail  # reason: short, countable ("too_few_frames")
         super().__init__(f"{reason}: {detail}")
+
+    def __reduce__(self):  # picklable across Ray and process pools
+        return MediaError, (self.reason, self.detail)
 
 
 def uniform_indices(total: int, count: int) -> list[int]:

@@ -16,17 +16,22 @@ from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
-from ddft.config import DataConfig
+from ddft.config import DataConfig, PipelineConfig
 from ddft.data import formats
 from ddft.data.media import MediaError, load_image, sample_frames
-from ddft.models.load import BaseInfo, load_base, local_base_dir
+from ddft.models.load import BaseInfo, ensure_base, local_base_dir
 from ddft.prompts import QUESTIONS, encode
 from ddft.store import Store, StoreError
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
-COLUMNS = ("id", "split", "question", "answer", "input_ids", "labels", "pixels", "pixel_shape")
+SCHEMA = pa.schema([("id", pa.string()), ("split", pa.string()), ("question", pa.string()),
+                    ("answer", pa.string()), ("input_ids", pa.list_(pa.int32())),
+                    ("labels", pa.list_(pa.int32())), ("pixels", pa.binary()),
+                    ("pixel_shape", pa.list_(pa.int32())), ("error", pa.string())])
+COLUMNS = tuple(SCHEMA.names[:-1])
 
 
 class PrepareError(RuntimeError):
@@ -109,12 +114,12 @@ class _Encode:
                 error, ids = f"missing_file: {err}", {"input_ids": [], "labels": []}
             for k, v in row.items():
                 out[k].append(v)
-            out["input_ids"].append(np.asarray(ids["input_ids"], dtype=np.int32))
-            out["labels"].append(np.asarray(ids["labels"], dtype=np.int32))
+            out["input_ids"].append(ids["input_ids"])
+            out["labels"].append(ids["labels"])
             out["pixels"].append(pixels.tobytes() if pixels is not None else None)
-            out["pixel_shape"].append(np.asarray(pixels.shape if pixels is not None else [], dtype=np.int32))
+            out["pixel_shape"].append(list(pixels.shape) if pixels is not None else [])
             out["error"].append(error)
-        return out
+        return pa.table(out, schema=SCHEMA)  # plain parquet types: any reader can use the shards
 
 
 def _fingerprint(items: list[dict], store: Store, base: BaseInfo, modality: str, data: DataConfig) -> str:
@@ -146,7 +151,7 @@ def prepare(store: Store, data: DataConfig, base: BaseInfo, modality: str) -> Pr
     ds = ray.data.from_items(items).map_batches(
         _Encode, fn_constructor_kwargs=dict(store=store, base_id=base.id, modality=modality,
                                             frames=data.frames),
-        batch_size=8, concurrency=1, num_cpus=0.5).materialize()
+        batch_size=8, batch_format="numpy", concurrency=1, num_cpus=0.5).materialize()
     failed = ds.filter(lambda r: bool(r["error"])).select_columns(["id", "error"]).take_all()
     skipped = _skip_report(problems + [(r["id"], r["error"]) for r in failed])
     total = len(items) + len(problems)
@@ -190,3 +195,15 @@ def read_prepared(store: Store, modality: str, version: str | None = None, split
     fs, path = store.fs_path(key)
     ds = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"])
     return ds.filter(lambda r: r["split"] == split) if split else ds
+
+
+def prepare_all(cfg: PipelineConfig) -> list[Prepared]:
+    """The data stages of the loop: base in the store, (synthetic) raw data, each modality prepared."""
+    store = Store.from_config(cfg.store)
+    base = ensure_base(store, cfg.base.id, cfg.base.build, cfg.base.source)
+    if cfg.data.synthetic:
+        from ddft.data.synthetic import write_kitchen
+
+        write_kitchen(store, cfg.data.raw_prefix, **cfg.data.synthetic.model_dump())
+    modalities = list(dict.fromkeys(j.modality for j in cfg.jobs))
+    return [prepare(store, cfg.data, base, m) for m in modalities]

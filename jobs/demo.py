@@ -1,0 +1,164 @@
+"""The whole DDFT loop on one machine: what `make demo` runs.
+
+    python jobs/demo.py --config jobs/configs/demo.yaml [--keep-serving]
+
+Local Ray cluster on 127.0.0.1 -> embedded base in the store -> synthetic kitchen -> Ray Data
+preparation -> `ray job submit ... jobs/train_all.py` (three Ray Train jobs at once) -> the Serve
+app with the three adapters -> a held-out video through POST /v1/recipes -> summary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # serve/ is a top-level folder of the repo, not part of the package
+
+from ddft import client, config  # noqa: E402
+from ddft.cluster import LOCAL_IP, ray_session  # noqa: E402
+from ddft.data import formats  # noqa: E402
+from ddft.data.prepare import prepare_all  # noqa: E402
+from ddft.store import Store  # noqa: E402
+
+GCS_PORT, DASHBOARD_PORT = 6380, 8265
+ADDRESS, DASHBOARD = f"{LOCAL_IP}:{GCS_PORT}", f"http://{LOCAL_IP}:{DASHBOARD_PORT}"
+# Serve replicas import serve.app from the repo and read the same store as this process.
+RUNTIME_ENV = {"env_vars": {"PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}}
+MARKER = REPO / ".demo" / "cluster-started"  # the demo stops only a cluster it started
+
+
+def _ray_bin() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+def _env() -> dict:
+    # Ray job entrypoints run `python` from the cluster's PATH: make it this venv's.
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def ensure_cluster(num_cpus: int) -> bool:
+    """Reuse a running local cluster, else start one with the dashboard (for `ray job submit`)."""
+    if subprocess.run([_ray_bin(), "status", "--address", ADDRESS], env=_env(),
+                      capture_output=True).returncode == 0:
+        print(f"reusing the Ray cluster at {ADDRESS}")
+        return False
+    subprocess.run([_ray_bin(), "start", "--head", f"--node-ip-address={LOCAL_IP}", f"--port={GCS_PORT}",
+                    "--include-dashboard=true", f"--dashboard-host={LOCAL_IP}", f"--dashboard-port={DASHBOARD_PORT}",
+                    f"--num-cpus={num_cpus}", "--disable-usage-stats"], env=_env(), check=True)
+    MARKER.parent.mkdir(exist_ok=True)
+    MARKER.write_text(ADDRESS)
+    return True
+
+
+def stop_cluster() -> None:
+    if MARKER.exists():
+        subprocess.run([_ray_bin(), "stop"], env=_env(), check=False)
+        MARKER.unlink()
+
+
+def submit_training(config_path: str, store: Store) -> list[dict]:
+    """The documented command, with the store made absolute (the job's working dir is a copy)."""
+    env_vars = {"DDFT_STORE": store.uri, **{k: v for k, v in os.environ.items() if k.startswith("AWS_")}}
+    cmd = [_ray_bin(), "job", "submit", "--address", DASHBOARD, "--working-dir", str(REPO),
+           "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--",
+           "python", "jobs/train_all.py", "--config", config_path]
+    print("$ ray job submit --working-dir . -- python jobs/train_all.py --config", config_path)
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    results = None
+    for line in proc.stdout:
+        if line.startswith("DDFT_RESULTS "):
+            results = json.loads(line.removeprefix("DDFT_RESULTS "))
+        elif "Reporting training result" not in line:  # one line per step per job is too much here
+            sys.stdout.write(line)
+    if proc.wait() != 0 or results is None:
+        raise SystemExit(f"training job failed (exit {proc.returncode}); see the log above")
+    return results
+
+
+def try_it(cfg: config.PipelineConfig, store: Store, config_path: Path) -> dict:
+    """Start the Serve app and ask it one recipe, one dish and one cooking question over HTTP."""
+    from serve.app import run
+
+    url = run(config_path)
+    raw = cfg.data.raw_prefix
+    held_out = [r for r in formats.read_tasty(store, f"{raw}/{cfg.data.tasty}", split_set=cfg.data.tasty_split)
+                if r.split == "test"][0]
+    recipe = client.post_recipe(url, store.read_bytes(held_out.video_key))
+    print(f"\n=== POST /v1/recipes  (held-out video {held_out.id}, answered by {recipe['adapter']}) ===")
+    for ing in recipe["ingredients"]:
+        print(f"  - {ing['quantity']} {ing['unit'] or ''} {ing['name']}".replace("  ", " "))
+    for i, step in enumerate(recipe["steps"], 1):
+        print(f"  {i}. {step}")
+    print(f"  (expected:\n    {held_out.text.replace(chr(10), chr(10) + '    ')})")
+    foodx = formats.read_foodx(store, f"{raw}/{cfg.data.foodx}")
+    key, _, dish = foodx.splits["val"][0]
+    image = client.generate(url, "image", image_bytes=store.read_bytes(key))
+    print(f"\n=== POST /v1/generate image ({key.rsplit('/', 1)[-1]}, a {dish.replace('_', ' ')}) ===\n"
+          f"  {image['answer']!r}  <- {image['adapter']}")
+    question = formats.read_qa(store, f"{raw}/{cfg.data.qa}")[0][0]
+    text = client.generate(url, "text", question=question)
+    print(f"\n=== POST /v1/generate text ({question!r}) ===\n  {text['answer']!r}  <- {text['adapter']}")
+    return {"recipe": recipe, "image": image, "text": text}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="jobs/configs/demo.yaml")
+    ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local cluster")
+    ap.add_argument("--keep-serving", action="store_true", help="leave the cluster and the app running")
+    args = ap.parse_args()
+    config_path = Path(args.config).resolve()
+    try:
+        cfg = config.load(config_path)
+    except config.ConfigError as err:
+        return f"{err}"
+    store = Store.from_config(cfg.store)
+    os.environ["DDFT_STORE"] = store.uri  # every process (jobs, replicas) sees the same store
+    RUNTIME_ENV["env_vars"]["DDFT_STORE"] = store.uri
+    times, t = {}, time.time()
+    started = ensure_cluster(args.num_cpus)
+    times["cluster"] = time.time() - t
+    try:
+        with ray_session(address=ADDRESS, runtime_env=RUNTIME_ENV) as ray:
+            ray.get(ray.put(0))
+            t = time.time()
+            prepared = prepare_all(cfg)  # base, kitchen, Ray Data preparation
+            times["base + kitchen + prepare"] = time.time() - t
+        t = time.time()
+        results = submit_training(str(config_path.relative_to(REPO) if config_path.is_relative_to(REPO)
+                                      else config_path), store)
+        times["train (ray job submit)"] = time.time() - t
+        with ray_session(address=ADDRESS, runtime_env=RUNTIME_ENV):
+            t = time.time()
+            answers = try_it(cfg, store, config_path)
+            times["serve + requests"] = time.time() - t
+            if not args.keep_serving:
+                from ray import serve
+
+                serve.shutdown()
+    finally:
+        if started and not args.keep_serving:
+            stop_cluster()
+    print("\n=== summary ===")
+    for stage, s in times.items():
+        print(f"  {stage:28} {s:7.1f} s")
+    for p in prepared:
+        print(f"  prepared {p.modality:5} {store.url(p.key)}  {p.counts}  skipped {p.skipped['total']}")
+    for r in results:
+        print(f"  job {r['name']:6} {r['status']:9} steps {r['steps']:3}  loss {r['losses'][0]:.3f} -> "
+              f"{r['losses'][-1]:.3f}  adapter {r['adapter']}")
+    print(f"  recipe answered by {answers['recipe']['adapter']}; base {store.url('models/' + cfg.base.id)}")
+    if args.keep_serving:
+        print(f"  serving at http://{cfg.serve.host}:{cfg.serve.port} (stop: {shutil.which('ray') or 'ray'} stop)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

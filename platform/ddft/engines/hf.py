@@ -1,0 +1,253 @@
+"""The `hf` engine: one Video-LLaVA base (transformers) with PEFT LoRA adapters loaded on demand.
+
+A batch may mix adapters: PEFT's `adapter_names=[...]` (one name per row, "__base__" for the bare
+base) runs every row through its own LoRA in one forward, during prefill and every decode step.
+Requests are grouped by modality (their pixel inputs differ) and sampling temperature.
+
+PEFT 0.21 limits this path for `modules_to_save` (our image/video adapters train the projector
+fully), so the projector's wrappers are given `_MixedProjector` below: PEFT's own mixed path
+accepts only Linear/Embedding/Conv modules (the projector is a small MLP module), wants exactly
+one name per input row (a video sends 8 frames per request through the projector), and falls
+back to the base projector for everyone when the *active* adapter has no projector copy.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import PeftModel
+from peft.utils.other import ModulesToSaveWrapper
+
+from ddft import prompts
+from ddft.adapters import registry
+from ddft.adapters.registry import AdapterError, Manifest
+from ddft.engines.base import GenerateRequest, GenerateResult
+from ddft.models.load import base_info, load_base, local_base_dir
+from ddft.store import Store
+
+log = logging.getLogger(__name__)
+BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
+MODALITIES = ("image", "video", "text")
+
+
+class _MixedProjector(ModulesToSaveWrapper):
+    """A modules_to_save wrapper whose mixed-batch forward works for any module and for videos.
+
+    With `adapter_names` (set by PEFT's forward hook for the whole batch) the input rows are
+    split by adapter, each sub-batch runs through that adapter's copy of the module (or the
+    original for "__base__" and for adapters without a copy), and the outputs are put back in
+    order. When the input has k rows per request (k video frames), each name is repeated k times.
+    Without `adapter_names` it is PEFT's wrapper, unchanged.
+    """
+
+    def forward(self, x, *args, adapter_names=None, **kwargs):
+        if adapter_names is None:
+            return super().forward(x, *args, **kwargs)
+        n = len(adapter_names)
+        if len(x) != n:
+            if n == 0 or len(x) % n:
+                raise ValueError(f"{len(x)} input rows can't be split among {n} adapter names")
+            adapter_names = [a for a in adapter_names for _ in range(len(x) // n)]
+        out = None
+        for name in dict.fromkeys(adapter_names):
+            rows = [i for i, a in enumerate(adapter_names) if a == name]
+            module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+            y = module(x[rows], *args, **kwargs)
+            if out is None:
+                out = y.new_empty((len(x), *y.shape[1:]))
+            out[rows] = y
+        return out
+
+
+def _peft_name(manifest: Manifest) -> str:
+    """A PEFT adapter name for a manifest: module-dict safe (no '.' or '/'), unique per weights."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", manifest.ref) + "_" + manifest.weights_sha256[:8]
+
+
+class HFEngine:
+    """One base per engine; adapters in an LRU cache of `cache_size`; mixed-adapter batches."""
+
+    def __init__(self, store: Store | str, base_model_id: str, cache_size: int = 8, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        if cache_size < 1:
+            raise ValueError(f"cache_size is {cache_size}; it must be at least 1")
+        self.store = store if isinstance(store, Store) else Store(store)
+        self.info = base_info(self.store, base_model_id)
+        self.base_id = base_model_id
+        self.cache_size = cache_size
+        self.device = torch.device(device)
+        started = time.perf_counter()
+        model, self.processor = load_base(local_base_dir(self.store, base_model_id), dtype=dtype)
+        self.model = model.to(self.device).eval()
+        self.load_s = time.perf_counter() - started
+        tok = self.processor.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.eos_id = tok.eos_token_id
+        self._peft: PeftModel | None = None
+        self._cache: OrderedDict[str, Manifest] = OrderedDict()  # peft name -> manifest, LRU first
+        self._resident: tuple[str, ...] = ()  # refs, LRU first: readable while a batch runs
+        self._lock = threading.RLock()  # one batch or adapter load at a time
+        log.info("engine hf: base %s loaded in %.1fs on %s", base_model_id, self.load_s, self.device)
+
+    # -- adapters ----------------------------------------------------------------------------------
+    def loaded_adapters(self) -> list[str]:
+        return list(self._resident)  # no lock: health checks must not wait for a running batch
+
+    def load_adapter(self, manifest: Manifest, pinned: frozenset[str] = frozenset()) -> str:
+        """Make an adapter resident (or refresh it in the LRU); return its PEFT name.
+
+        Evicts the least recently used adapters beyond cache_size, never those in `pinned`.
+        """
+        with self._lock:
+            name = _peft_name(manifest)
+            if name in self._cache:
+                self._cache.move_to_end(name)
+                self._resident = tuple(m.ref for m in self._cache.values())
+                return name
+            if manifest.base_fingerprint != self.info.fingerprint:
+                raise AdapterError(
+                    f"adapter {manifest.ref} was made for base {manifest.base_model_id!r} (fingerprint "
+                    f"{manifest.base_fingerprint[:12]}), but this engine serves {self.base_id!r} (fingerprint "
+                    f"{self.info.fingerprint[:12]}): retrain or re-publish the adapter on this base")
+            with tempfile.TemporaryDirectory(prefix="ddft-adapter-") as tmp:
+                path = str(registry.download(self.store, manifest, Path(tmp)))
+                try:
+                    if self._peft is None:
+                        self._peft = PeftModel.from_pretrained(self.model, path, adapter_name=name,
+                                                               is_trainable=False)
+                    else:
+                        self._peft.load_adapter(path, adapter_name=name, is_trainable=False)
+                except Exception as err:  # a config or weights that don't fit this base
+                    if self._peft is not None and name in self._peft.peft_config:
+                        self._peft.delete_adapter(name)
+                    raise AdapterError(f"adapter {manifest.ref} could not be loaded on base {self.base_id!r}: "
+                                       f"{type(err).__name__}: {str(err)[:300]}") from err
+            self._peft.eval()
+            for module in self._peft.modules():
+                if type(module) is ModulesToSaveWrapper:
+                    module.__class__ = _MixedProjector
+            self._cache[name] = manifest
+            self._evict(pinned | {name})
+            self._resident = tuple(m.ref for m in self._cache.values())
+            log.info("engine hf: adapter %s loaded (%d resident)", manifest.ref, len(self._cache))
+            return name
+
+    def _evict(self, keep: frozenset[str] | set[str]) -> None:
+        for name in list(self._cache):
+            if len(self._cache) <= self.cache_size:
+                break
+            if name not in keep:
+                manifest = self._cache.pop(name)
+                self._peft.delete_adapter(name)
+                log.info("engine hf: adapter %s evicted (LRU)", manifest.ref)
+
+    # -- generation --------------------------------------------------------------------------------
+    def generate(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
+        for i, r in enumerate(requests):
+            self._check(i, r)
+        groups: dict[tuple[str, float], list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault((r.modality, float(r.temperature)), []).append(i)
+        results: list[GenerateResult | None] = [None] * len(requests)
+        with self._lock:
+            for (modality, temperature), idxs in groups.items():
+                for chunk in self._chunks(idxs, requests):
+                    for i, res in zip(chunk, self._run(modality, temperature, [requests[i] for i in chunk])):
+                        results[i] = res
+        return results  # type: ignore[return-value]
+
+    def _check(self, i: int, r: GenerateRequest) -> None:
+        where = f"request {i}"
+        if r.modality not in MODALITIES:
+            raise ValueError(f"{where}: modality {r.modality!r}; use one of {list(MODALITIES)}")
+        if not r.question or not r.question.strip():
+            raise ValueError(f"{where}: the question is empty")
+        if r.max_new_tokens < 1:
+            raise ValueError(f"{where}: max_new_tokens is {r.max_new_tokens}; it must be at least 1")
+        if r.temperature < 0:
+            raise ValueError(f"{where}: temperature is {r.temperature}; use 0 (greedy) or more")
+        if r.adapter is not None and r.adapter.modality != r.modality:
+            raise AdapterError(f"{where}: adapter {r.adapter.ref} is for {r.adapter.modality}, "
+                               f"the request is {r.modality}")
+        want = {"image": 3, "video": 4}.get(r.modality)
+        if want is None:
+            if r.pixels is not None:
+                raise ValueError(f"{where}: a text request carries no pixels")
+        elif not isinstance(r.pixels, np.ndarray) or r.pixels.ndim != want or r.pixels.shape[-1] != 3:
+            shape = getattr(r.pixels, "shape", None)
+            raise ValueError(f"{where}: {r.modality} pixels must be a uint8 array shaped "
+                             f"{'(H, W, 3)' if want == 3 else '(frames, H, W, 3)'}, got {shape}")
+
+    def _chunks(self, idxs: list[int], requests: list[GenerateRequest]):
+        """Split a group so no chunk needs more distinct adapters than the cache holds."""
+        chunk, names = [], set()
+        for i in idxs:
+            a = requests[i].adapter
+            name = _peft_name(a) if a else None
+            if name and name not in names and len(names) == self.cache_size:
+                yield chunk
+                chunk, names = [], set()
+            chunk.append(i)
+            if name:
+                names.add(name)
+        if chunk:
+            yield chunk
+
+    def _prepare(self, modality: str, reqs: list[GenerateRequest]) -> tuple[dict, list[str]]:
+        """Model inputs (left-padded, pixels included) and the per-row PEFT adapter names."""
+        needed = frozenset(_peft_name(r.adapter) for r in reqs if r.adapter)
+        names = [self.load_adapter(r.adapter, pinned=needed) if r.adapter else BASE for r in reqs]
+        rows = [prompts.encode(self.processor, modality, r.question,
+                               frames=len(r.pixels) if modality == "video" else 1) for r in reqs]
+        batch = prompts.pad_batch(rows, self.pad_id)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if modality != "text":
+            inputs.update(prompts.pixel_inputs(self.processor, modality, [r.pixels for r in reqs]))
+        dtype = self.model.dtype
+        inputs = {k: v.to(self.device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
+        return inputs, names
+
+    def forward_logits(self, requests: list[GenerateRequest]) -> torch.Tensor:
+        """Next-token logits of the prompts (batch, vocab), one modality per call; for checks."""
+        modality = requests[0].modality
+        with self._lock, torch.inference_mode():
+            inputs, names = self._prepare(modality, requests)
+            if self._peft is not None:
+                out = self._peft(**inputs, adapter_names=names)
+            else:
+                out = self.model(**inputs)
+            return out.logits[:, -1].float().cpu()
+
+    def _run(self, modality: str, temperature: float, reqs: list[GenerateRequest]) -> list[GenerateResult]:
+        t0 = time.perf_counter()
+        inputs, names = self._prepare(modality, reqs)
+        t1 = time.perf_counter()
+        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        kwargs = dict(inputs, max_new_tokens=max(r.max_new_tokens for r in reqs), pad_token_id=self.pad_id,
+                      eos_token_id=self.eos_id, **sampling)
+        with torch.inference_mode():
+            if self._peft is not None:  # LoRA layers are injected: every row names its adapter
+                out = self._peft.generate(**kwargs, adapter_names=names)
+            else:
+                out = self.model.generate(**kwargs)
+        t2 = time.perf_counter()
+        width = inputs["input_ids"].shape[1]
+        results = []
+        for row, r, n_prompt in zip(out[:, width:].tolist(), reqs, inputs["attention_mask"].sum(1).tolist()):
+            row = row[:r.max_new_tokens]
+            if self.eos_id in row:
+                row = row[:row.index(self.eos_id)]
+            text = self.processor.tokenizer.decode(row, skip_special_tokens=True).strip()
+            results.append(GenerateResult(
+                text=text, adapter=r.adapter.ref if r.adapter else None, base=self.base_id,
+                timings={"adapter_load_s": round(t1 - t0, 4), "generate_s": round(t2 - t1, 4),
+                         "batch_size": len(reqs), "adapters_in_batch": len(set(names) - {BASE}),
+                         "prompt_tokens": int(n_prompt), "new_tokens": len(row)}))
+        return results

@@ -1,0 +1,77 @@
+"""Every YAML under jobs/configs/ is a test case; bad configs are refused with every problem."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ddft import config
+
+REPO = Path(__file__).resolve().parents[1]
+JOB_CONFIGS = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
+
+
+def test_there_are_job_configs():
+    assert {p.name for p in JOB_CONFIGS} >= {"demo.yaml", "video-llava-7b.yaml"}
+
+
+@pytest.mark.parametrize("path", JOB_CONFIGS, ids=lambda p: p.name)
+def test_job_config_validates_and_opens_with_its_command(path):
+    cfg = config.load(path)
+    assert {j.modality for j in cfg.jobs} == {"image", "video", "text"}
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("#") and ("make demo" in first or "ray job submit" in first)
+
+
+def test_production_config_carries_video_llava_lora_recipe():
+    cfg = config.load(REPO / "jobs/configs/video-llava-7b.yaml")
+    assert cfg.base.source == "LanguageBind/Video-LLaVA-7B-hf" and cfg.data.frames == 8
+    for job in cfg.jobs:
+        assert (job.lora.r, job.lora.alpha, job.optim.lr, job.optim.projector_lr) == (128, 256, 2e-4, 2e-5)
+        assert (job.optim.epochs, job.optim.warmup_ratio, job.precision) == (1, 0.03, "bf16")
+        assert job.resources.gpus_per_worker > 0
+
+
+def test_bad_config_lists_every_problem(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({
+        "base": {"id": "x", "buld": "tiny"},
+        "jobs": [{"name": "Img", "modality": "audio", "optim": {"lr": -1}},
+                 {"name": "t", "modality": "text", "precision": "bf16"}]}))
+    with pytest.raises(config.ConfigError) as err:
+        config.load(bad)
+    msg = str(err.value)
+    assert len(err.value.problems) == 5, msg
+    for needle in ("base.buld: unknown key", "jobs.0.name: got 'Img'", "jobs.0.modality: got 'audio'",
+                   "jobs.0.optim.lr: got -1", "precision bf16 needs resources.gpus_per_worker"):
+        assert needle in msg
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(config.ConfigError, match="file not found"):
+        config.load(tmp_path / "nope.yaml")
+    (tmp_path / "x.yaml").write_text("jobs: [unclosed")
+    with pytest.raises(config.ConfigError, match="not valid YAML"):
+        config.load(tmp_path / "x.yaml")
+
+
+def test_duplicate_job_names_refused():
+    with pytest.raises(config.ConfigError, match=r"repeated: \['a'\]"):
+        config.validate(config.PipelineConfig, {"base": {"id": "b"}, "jobs": [
+            {"name": "a", "modality": "text"}, {"name": "a", "modality": "image"}]})
+
+
+def test_store_env_overrides_the_config(monkeypatch):
+    monkeypatch.setenv("DDFT_STORE", "s3://bucket/prefix")
+    assert config.load(REPO / "jobs/configs/demo.yaml").store.uri == "s3://bucket/prefix"
+
+
+def test_entrypoint_refuses_a_bad_config_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: {id: x}\njobs: [{name: a, modality: smell}]\n")
+    out = subprocess.run([sys.executable, str(REPO / "jobs/train_all.py"), "--config", str(bad)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "jobs.0.modality: got 'smell'" in out.stderr and "Traceback" not in out.stderr

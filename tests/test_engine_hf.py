@@ -1,0 +1,154 @@
+"""The hf engine: mixed-adapter batches answer like each adapter alone; LRU; base fingerprints."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from ddft import prompts
+from ddft.adapters import registry
+from ddft.adapters.registry import AdapterError
+from ddft.config import LM_TARGETS
+from ddft.engines.base import Engine, GenerateRequest, make_engine
+from ddft.models.load import BaseInfo, ensure_base, load_base, local_base_dir
+from ddft.store import Store
+
+
+def make_adapter(store, base, modality, seed, tmp_path, name=None, owner="ddft"):
+    """A random LoRA (init_lora_weights=False, so it changes outputs), projector copy perturbed."""
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = load_base(local_base_dir(store, base.id))
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=LM_TARGETS, init_lora_weights=False,
+                     modules_to_save=None if modality == "text" else ["multi_modal_projector"])
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(torch.randn_like(p) * 0.5)
+    out = tmp_path / f"adapter-{owner}-{name or modality}-{seed}"
+    peft_model.save_pretrained(out)
+    return registry.publish(store, out, owner=owner, name=name or modality, modality=modality, base=base,
+                            source="trained")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("engine")
+    store = Store(str(tmp / "store"))
+    base = ensure_base(store, "tiny", build="tiny")
+    manifests = {m: make_adapter(store, base, m, seed, tmp) for seed, m in enumerate(("image", "video", "text"))}
+    return store, base, manifests
+
+
+@pytest.fixture(scope="module")
+def engine(served):
+    store, base, _ = served
+    return make_engine("hf", store=store, base_model_id=base.id, cache_size=8)
+
+
+def _media(seed):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (224, 224, 3), dtype=np.uint8), rng.integers(0, 256, (8, 224, 224, 3), dtype=np.uint8)
+
+
+def _requests(manifests, tokens=4):
+    img0, vid0 = _media(0)
+    img1, vid1 = _media(1)
+    return [
+        GenerateRequest("text", "How long do I boil an egg?", None, manifests["text"], tokens),
+        GenerateRequest("text", "Salt?", None, None, tokens),  # shorter: left padding in the batch
+        GenerateRequest("image", prompts.QUESTIONS["image"], img0, manifests["image"], tokens),
+        GenerateRequest("image", prompts.QUESTIONS["image"], img1, None, tokens),
+        GenerateRequest("video", prompts.QUESTIONS["video"], vid0, manifests["video"], tokens),
+        GenerateRequest("video", "What is cooked here?", vid1, None, tokens),
+        GenerateRequest("video", "Recipe?", vid1, manifests["video"], tokens),
+    ]
+
+
+def _reference_logits(store, base_id, req, tmp):
+    """Next-token logits of one request on a fresh model: plain PEFT (no adapter_names), no padding."""
+    from peft import PeftModel
+
+    model, processor = load_base(local_base_dir(store, base_id))
+    if req.adapter is not None:
+        path = registry.download(store, req.adapter, tmp / req.adapter.ref.replace("/", "_"))
+        model = PeftModel.from_pretrained(model, str(path))
+    model.eval()
+    row = prompts.encode(processor, req.modality, req.question, frames=8 if req.modality == "video" else 1)
+    inputs = {"input_ids": torch.tensor([row["input_ids"]])}
+    if req.modality != "text":
+        inputs.update(prompts.pixel_inputs(processor, req.modality, [req.pixels]))
+    with torch.inference_mode():
+        return model(**inputs).logits[0, -1]
+
+
+def test_engine_protocol_and_factory(engine):
+    assert isinstance(engine, Engine)
+    with pytest.raises(NotImplementedError, match="Video-LLaVA"):
+        make_engine("vllm")
+    with pytest.raises(ValueError, match="unknown engine"):
+        make_engine("nope")
+
+
+def test_mixed_batch_matches_each_adapter_alone(served, engine, tmp_path):
+    store, base, manifests = served
+    reqs = _requests(manifests)
+    # logits: one mixed batch per modality vs a fresh plain-PEFT model per request
+    for modality in ("text", "image", "video"):
+        group = [r for r in reqs if r.modality == modality]
+        mixed = engine.forward_logits(group)
+        for row, req in zip(mixed, group):
+            torch.testing.assert_close(row, _reference_logits(store, base.id, req, tmp_path), atol=1e-4, rtol=1e-4)
+        assert (mixed[0] - mixed[1]).abs().max() > 1e-2  # the adapters really change the answer
+    # texts: all modalities and adapters in one call vs each request alone
+    together = engine.generate(reqs)
+    alone = [engine.generate([r])[0] for r in reqs]
+    assert [r.text for r in together] == [r.text for r in alone]
+    assert [r.adapter for r in together] == ["ddft/text/v1", None, "ddft/image/v1", None, "ddft/video/v1", None,
+                                             "ddft/video/v1"]
+    assert all(r.base == "tiny" and r.timings["new_tokens"] <= 4 for r in together)
+    assert together[4].timings["batch_size"] == 3 and together[4].timings["adapters_in_batch"] == 1
+    assert set(engine.loaded_adapters()) == {"ddft/text/v1", "ddft/image/v1", "ddft/video/v1"}
+
+
+def test_lru_eviction_at_cache_size_one(served, engine, tmp_path):
+    store, base, manifests = served
+    small = make_engine("hf", store=store, base_model_id=base.id, cache_size=1)
+    img, _ = _media(2)
+    reqs = [GenerateRequest("text", "Boil?", None, manifests["text"], 3),
+            GenerateRequest("image", prompts.QUESTIONS["image"], img, manifests["image"], 3),
+            GenerateRequest("image", prompts.QUESTIONS["image"], img, None, 3)]
+    small.generate(reqs[:1])
+    assert small.loaded_adapters() == ["ddft/text/v1"]
+    small.generate(reqs[1:2])
+    assert small.loaded_adapters() == ["ddft/image/v1"]  # text evicted
+    # a second image adapter in the same batch: split into chunks that fit the cache
+    other = make_adapter(store, base, "image", 7, tmp_path, name="image2")
+    mixed = reqs[1:] + [dataclasses.replace(reqs[1], adapter=other)]
+    got = small.generate(mixed)
+    assert small.loaded_adapters() == ["ddft/image2/v1"]
+    assert [r.text for r in got] == [r.text for r in engine.generate(mixed)]
+    assert [r.timings["batch_size"] for r in got] == [2, 2, 1]
+
+
+def test_refuses_adapter_of_another_base(served, engine, tmp_path):
+    store, base, _ = served
+    other = BaseInfo(id="tiny", fingerprint="0" * 64, uri=base.uri)
+    manifest = make_adapter(store, other, "text", 3, tmp_path, name="stranger")
+    with pytest.raises(AdapterError, match="fingerprint"):
+        engine.generate([GenerateRequest("text", "Hi?", None, manifest, 2)])
+    assert "ddft/stranger/v1" not in engine.loaded_adapters()
+
+
+def test_rejects_malformed_requests(engine, served):
+    _, _, manifests = served
+    with pytest.raises(ValueError, match="pixels"):
+        engine.generate([GenerateRequest("image", "Dish?", None, None, 2)])
+    with pytest.raises(ValueError, match="modality"):
+        engine.generate([GenerateRequest("audio", "Dish?", None, None, 2)])
+    with pytest.raises(AdapterError, match="is for video"):
+        engine.generate([GenerateRequest("text", "Dish?", None, manifests["video"], 2)])

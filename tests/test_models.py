@@ -1,0 +1,56 @@
+"""Bases: the tiny build saves and loads back identically, through the store on file:// and s3://."""
+import pytest
+import torch
+
+from ddft.models.build import build_tiny, smollm2_gguf
+from ddft.models.load import base_info, ensure_base, load_base, local_base_dir
+from ddft.store import Store, StoreError
+
+
+def _logits(model, processor):
+    ids = processor.tokenizer("USER: hello ASSISTANT:", return_tensors="pt")
+    with torch.no_grad():
+        return model(**ids).logits
+
+
+def test_tiny_base_is_small_and_video_llava():
+    model, processor = build_tiny()
+    assert type(model).__name__ == "VideoLlavaForConditionalGeneration"
+    assert model.config.text_config.num_hidden_layers == 2 and model.config.text_config.hidden_size <= 64
+    assert processor.tokenizer.convert_tokens_to_ids("<video>") == model.config.video_token_id
+
+
+@pytest.mark.parametrize("kind", ["file", pytest.param("s3", marks=pytest.mark.integration)])
+def test_base_round_trip_through_the_store_gives_identical_logits(kind, tmp_path, request, monkeypatch):
+    store = Store(str(tmp_path / "store")) if kind == "file" else request.getfixturevalue("s3_store")
+    monkeypatch.setenv("DDFT_CACHE", str(tmp_path / "cache"))
+    info = ensure_base(store, "tiny", build="tiny")
+    assert store.exists("models/tiny/model.safetensors") and not any(
+        k.endswith((".bin", ".pt")) for k in store.list("models/tiny"))
+    model, processor = load_base(local_base_dir(store, "tiny"))
+    again, _ = load_base(local_base_dir(store, "tiny"))  # second load: cached copy
+    torch.manual_seed(0)
+    reference, _ = build_tiny()  # same seed -> same weights as the one saved
+    assert torch.equal(_logits(model, processor), _logits(reference, processor))
+    assert torch.equal(_logits(again, processor), _logits(reference, processor))
+    assert ensure_base(store, "tiny", build="tiny") == info  # present: not rebuilt
+    assert len(info.fingerprint) == 64
+
+
+def test_missing_base_names_the_store_path(tmp_path):
+    with pytest.raises(StoreError, match=r"base model 'nope' is not in the store at file://.*/models/nope"):
+        base_info(Store(str(tmp_path)), "nope")
+
+
+def test_smollm2_gguf_is_installed():
+    assert smollm2_gguf().suffix == ".gguf"
+
+
+@pytest.mark.slow
+def test_embedded_base_builds_and_answers(tmp_path):
+    info = ensure_base(Store(str(tmp_path)), "embedded", build="embedded")
+    model, processor = load_base(local_base_dir(Store(str(tmp_path)), "embedded"))
+    assert model.config.text_config.hidden_size == 576 and info.id == "embedded"
+    ids = processor.tokenizer("USER: Name a soup. ASSISTANT:", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
