@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -24,12 +25,15 @@ from ddft import client, config  # noqa: E402
 from ddft.cluster import LOCAL_IP, ray_session  # noqa: E402
 from ddft.data import formats  # noqa: E402
 from ddft.data.prepare import prepare_all  # noqa: E402
+from ddft.recipes import format_quantity  # noqa: E402
 from ddft.store import Store  # noqa: E402
 
 GCS_PORT, DASHBOARD_PORT = 6380, 8265
 ADDRESS, DASHBOARD = f"{LOCAL_IP}:{GCS_PORT}", f"http://{LOCAL_IP}:{DASHBOARD_PORT}"
 # Serve replicas import serve.app from the repo and read the same store as this process.
 RUNTIME_ENV = {"env_vars": {"PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}}
+# `ray start` turns on token auth (token in ~/.ray/auth_token); clients must say so to send it.
+RAY_AUTH = {"RAY_AUTH_MODE": "token"}
 MARKER = REPO / ".demo" / "cluster-started"  # the demo stops only a cluster it started
 
 
@@ -40,13 +44,14 @@ def _ray_bin() -> str:
 def _env() -> dict:
     # Ray job entrypoints run `python` from the cluster's PATH: make it this venv's.
     return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+            "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **RAY_AUTH}
 
 
 def ensure_cluster(num_cpus: int) -> bool:
     """Reuse a running local cluster, else start one with the dashboard (for `ray job submit`)."""
-    if subprocess.run([_ray_bin(), "status", "--address", ADDRESS], env=_env(),
-                      capture_output=True).returncode == 0:
+    with socket.socket() as probe:  # `ray status` on a dead address retries for a long time
+        listening = probe.connect_ex((LOCAL_IP, GCS_PORT)) == 0
+    if listening:
         print(f"reusing the Ray cluster at {ADDRESS}")
         return False
     subprocess.run([_ray_bin(), "start", "--head", f"--node-ip-address={LOCAL_IP}", f"--port={GCS_PORT}",
@@ -93,7 +98,8 @@ def try_it(cfg: config.PipelineConfig, store: Store, config_path: Path) -> dict:
     recipe = client.post_recipe(url, store.read_bytes(held_out.video_key))
     print(f"\n=== POST /v1/recipes  (held-out video {held_out.id}, answered by {recipe['adapter']}) ===")
     for ing in recipe["ingredients"]:
-        print(f"  - {ing['quantity']} {ing['unit'] or ''} {ing['name']}".replace("  ", " "))
+        amount = " ".join(x for x in (format_quantity(ing["quantity"]) if ing["quantity"] else "", ing["unit"]) if x)
+        print(f"  - {amount} {ing['name']}".replace("  ", " "))
     for i, step in enumerate(recipe["steps"], 1):
         print(f"  {i}. {step}")
     print(f"  (expected:\n    {held_out.text.replace(chr(10), chr(10) + '    ')})")
@@ -120,6 +126,7 @@ def main() -> int:
     except config.ConfigError as err:
         return f"{err}"
     store = Store.from_config(cfg.store)
+    os.environ.update(RAY_AUTH)
     os.environ["DDFT_STORE"] = store.uri  # every process (jobs, replicas) sees the same store
     RUNTIME_ENV["env_vars"]["DDFT_STORE"] = store.uri
     times, t = {}, time.time()
