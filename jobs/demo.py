@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -24,9 +23,9 @@ sys.path.insert(0, str(REPO))  # serve/ is a top-level folder of the repo, not p
 from ddft import client, config  # noqa: E402
 from ddft.cluster import LOCAL_IP, ray_session  # noqa: E402
 from ddft.data import formats  # noqa: E402
-from ddft.data.prepare import prepare_all  # noqa: E402
+from ddft.data.prepare import PrepareError, prepare_all  # noqa: E402
 from ddft.recipes import format_quantity  # noqa: E402
-from ddft.store import Store  # noqa: E402
+from ddft.store import Store, StoreError  # noqa: E402
 
 GCS_PORT, DASHBOARD_PORT = 6380, 8265
 ADDRESS, DASHBOARD = f"{LOCAL_IP}:{GCS_PORT}", f"http://{LOCAL_IP}:{DASHBOARD_PORT}"
@@ -45,6 +44,10 @@ def _env() -> dict:
     # Ray job entrypoints run `python` from the cluster's PATH: make it this venv's.
     return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
             "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **RAY_AUTH}
+
+
+def _aws_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
 
 
 def ensure_cluster(num_cpus: int) -> bool:
@@ -70,7 +73,7 @@ def stop_cluster() -> None:
 
 def submit_training(config_path: str, store: Store) -> list[dict]:
     """The documented command, with the store made absolute (the job's working dir is a copy)."""
-    env_vars = {"DDFT_STORE": store.uri, **{k: v for k, v in os.environ.items() if k.startswith("AWS_")}}
+    env_vars = {"DDFT_STORE": store.uri, **_aws_env()}
     cmd = [_ray_bin(), "job", "submit", "--address", DASHBOARD, "--working-dir", str(REPO),
            "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--",
            "python", "jobs/train_all.py", "--config", config_path]
@@ -114,27 +117,29 @@ def try_it(cfg: config.PipelineConfig, store: Store, config_path: Path) -> dict:
     return {"recipe": recipe, "image": image, "text": text}
 
 
-def main() -> int:
+def main() -> int | str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="jobs/configs/demo.yaml")
     ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local cluster")
     ap.add_argument("--keep-serving", action="store_true", help="leave the cluster and the app running")
     args = ap.parse_args()
-    config_path = Path(args.config).resolve()
     try:
-        cfg = config.load(config_path)
-    except config.ConfigError as err:
-        return f"{err}"
+        return run(Path(args.config).resolve(), args.num_cpus, args.keep_serving)
+    except (config.ConfigError, StoreError, PrepareError, client.ClientError) as err:
+        return f"demo stopped: {err}"  # a clear message, not a traceback from deep inside Ray
+
+
+def run(config_path: Path, num_cpus: int, keep_serving: bool) -> int:
+    cfg = config.load(config_path)
     store = Store.from_config(cfg.store)
     os.environ.update(RAY_AUTH)
     os.environ["DDFT_STORE"] = store.uri  # every process (jobs, replicas) sees the same store
-    RUNTIME_ENV["env_vars"]["DDFT_STORE"] = store.uri
+    RUNTIME_ENV["env_vars"].update({"DDFT_STORE": store.uri, **_aws_env()})
     times, t = {}, time.time()
-    started = ensure_cluster(args.num_cpus)
+    started = ensure_cluster(num_cpus)
     times["cluster"] = time.time() - t
     try:
-        with ray_session(address=ADDRESS, runtime_env=RUNTIME_ENV) as ray:
-            ray.get(ray.put(0))
+        with ray_session(address=ADDRESS, runtime_env=RUNTIME_ENV):
             t = time.time()
             prepared = prepare_all(cfg)  # base, kitchen, Ray Data preparation
             times["base + kitchen + prepare"] = time.time() - t
@@ -146,12 +151,12 @@ def main() -> int:
             t = time.time()
             answers = try_it(cfg, store, config_path)
             times["serve + requests"] = time.time() - t
-            if not args.keep_serving:
+            if not keep_serving:
                 from ray import serve
 
                 serve.shutdown()
     finally:
-        if started and not args.keep_serving:
+        if started and not keep_serving:
             stop_cluster()
     print("\n=== summary ===")
     for stage, s in times.items():
@@ -162,8 +167,8 @@ def main() -> int:
         print(f"  job {r['name']:6} {r['status']:9} steps {r['steps']:3}  loss {r['losses'][0]:.3f} -> "
               f"{r['losses'][-1]:.3f}  adapter {r['adapter']}")
     print(f"  recipe answered by {answers['recipe']['adapter']}; base {store.url('models/' + cfg.base.id)}")
-    if args.keep_serving:
-        print(f"  serving at http://{cfg.serve.host}:{cfg.serve.port} (stop: {shutil.which('ray') or 'ray'} stop)")
+    if keep_serving:
+        print(f"  serving at http://{cfg.serve.host}:{cfg.serve.port} (stop it: make cluster-down)")
     return 0
 
 

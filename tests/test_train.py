@@ -2,6 +2,7 @@
 reloads with PEFT and changes the output; train_all runs three jobs at the same time."""
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import asdict, fields
@@ -76,3 +77,19 @@ def test_train_all_runs_three_jobs_at_once(prepared, tmp_path):
         assert r["steps"] == 8 and r["losses"][-1] < r["losses"][0]
         assert read_manifest(store, "ddft", r["modality"]).version == before[r["modality"]] + 1
     assert "image" in out.stdout and "adapter" in out.stdout  # the table
+
+
+def test_train_all_on_a_store_without_data_says_what_to_run(ray_cluster, tmp_path):
+    import ray
+
+    from tests.pipeline_fixture import tiny_config
+
+    config_path = tmp_path / "cfg.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_config(str(tmp_path / "empty")).model_dump(mode="json")))
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    out = subprocess.run([sys.executable, str(REPO / "jobs/train_all.py"), "--config", str(config_path),
+                          "--only", "text"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    assert re.search(r"^text\s+failed\s+0\s", out.stdout, re.M), out.stdout  # the table row
+    assert "job text failed: StoreError: base model 'tiny' is not in the store at file://" in out.stderr
+    assert "run `ddft base build`" in out.stderr and "Traceback" not in out.stderr

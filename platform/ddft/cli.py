@@ -47,6 +47,9 @@ def cmd_train(args) -> int:
     with ray_session():
         results = run_all(cfg, only)
     print(table(results))
+    for r in results:
+        if r.error:
+            print(f"job {r.name} failed: {r.error}", file=sys.stderr)
     print("DDFT_RESULTS " + json.dumps([r.__dict__ for r in results]))  # for scripts (the demo)
     return 0 if all(r.status == "succeeded" for r in results) else 1
 

@@ -31,7 +31,7 @@ class JobResult:
 
 def loop_config(cfg: PipelineConfig, job: JobConfig, num_rows: int) -> dict:
     """Everything a worker needs, as plain data (it crosses process boundaries)."""
-    return {"store": cfg.store.model_dump(exclude={"uri"}) | {"uri": Store.from_config(cfg.store).uri},
+    return {"store": cfg.store.model_dump() | {"uri": Store.from_config(cfg.store).uri},  # absolute
             "base_id": cfg.base.id, "modality": job.modality, "num_rows": num_rows,
             "lora": job.lora.model_dump(), "optim": job.optim.model_dump(), "precision": job.precision,
             "gradient_checkpointing": job.gradient_checkpointing}

@@ -7,7 +7,6 @@ One job failing does not stop the others.
 from __future__ import annotations
 
 import time
-import traceback
 
 from ddft.config import PipelineConfig
 from ddft.train.job import JobResult, run_job
@@ -19,8 +18,8 @@ def _drive(cfg_json: str, name: str) -> JobResult:
     try:
         return run_job(cfg, cfg.job(name))
     except Exception as err:  # reported in the table; the other jobs go on
-        detail = "".join(traceback.format_exception_only(type(err), err)).strip()
-        return JobResult(name, cfg.job(name).modality, "failed", started, time.time(), error=detail[-2000:])
+        return JobResult(name, cfg.job(name).modality, "failed", started, time.time(),
+                         error=f"{type(err).__name__}: {err}"[:2000])
 
 
 def run_all(cfg: PipelineConfig, only: list[str] | None = None) -> list[JobResult]:
@@ -41,6 +40,6 @@ def table(results: list[JobResult]) -> str:
     for r in results:
         rows.append((r.name, r.status, str(r.steps), f"{r.losses[0]:.4f}" if r.losses else "-",
                      f"{r.losses[-1]:.4f}" if r.losses else "-", f"{r.tokens_per_s:.0f}",
-                     f"{r.ended - r.started:.0f}", r.adapter or (r.error or "-").splitlines()[-1][:120]))
+                     f"{r.ended - r.started:.0f}", r.adapter or "(see below)"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
