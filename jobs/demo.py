@@ -135,6 +135,7 @@ def run(config_path: Path, num_cpus: int, keep_serving: bool) -> int:
     os.environ.update(RAY_AUTH)
     os.environ["DDFT_STORE"] = store.uri  # every process (jobs, replicas) sees the same store
     RUNTIME_ENV["env_vars"].update({"DDFT_STORE": store.uri, **_aws_env()})
+    store.exists(f"models/{cfg.base.id}")  # an unreachable store or missing bucket fails here, first
     times, t = {}, time.time()
     started = ensure_cluster(num_cpus)
     times["cluster"] = time.time() - t

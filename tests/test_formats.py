@@ -1,6 +1,8 @@
 import pytest
 
-from ddft.data.formats import read_foodx, read_qa, read_tasty
+import json
+
+from ddft.data.formats import YoucookVideo, read_foodx, read_qa, read_tasty, read_youcook2
 from ddft.recipes import Ingredient
 from ddft.store import Store
 
@@ -30,9 +32,10 @@ def test_foodx_official_layout(store):
     assert ds.splits["train"] == [("foodx/train_set/train_00000.jpg", 1, "hot_dog"),
                                   ("foodx/train_set/train_00001.jpg", 0, "macaron")]
     assert ds.splits["val"] == [("foodx/val_set/val_00000.jpg", 2, "beignet")]
-    assert [row for row, _ in ds.problems] == ["train_info.csv:3", "train_info.csv:4",
-                                               "train_info.csv:5"]
-    assert "label 7" in ds.problems[0][1] and "missing" in ds.problems[2][1]
+    assert ds.problems == [
+        ("train_info.csv:3", "label_out_of_range: label 7 is not a class id"),
+        ("train_info.csv:4", "bad_row: expected 'image_name,label', got 'train_00003.jpg'"),
+        ("train_info.csv:5", "missing_file: image train_set/train_00004.jpg is missing")]
 
 
 def test_foodx_kaggle_layout(store):
@@ -41,7 +44,7 @@ def test_foodx_kaggle_layout(store):
     _images(store, "train_set", ["train_00000.jpg", "x.jpg"])
     ds = read_foodx(store, "foodx/")
     assert ds.splits == {"train": [("foodx/train_set/train_00000.jpg", 1, "beignet")]}
-    assert ds.problems == [("train_labels.csv:3", "label -1 is not a class id")]
+    assert ds.problems == [("train_labels.csv:3", "label_out_of_range: label -1 is not a class id")]
 
 
 def test_foodx_without_labels_fails(store):
@@ -100,8 +103,9 @@ def test_tasty(store):
                          "1. Rinse the rice.\n2. Boil the rice.\n3. Enjoy!")
     assert (salty.title, salty.steps, salty.step_spans) == ("salty", ["Salt it."], [(10, 10)])
     assert (salty.video_key, salty.split) == ("tasty/salty/salty.mp4", "test")
-    assert recipes.problems == [("broken", "csvalignment.dat has 1 lines for 3 steps"),
-                                ("ghost", "listed in a split but has no folder")]
+    assert recipes.problems == [
+        ("broken", "bad_alignment: csvalignment.dat has 1 lines for 3 steps"),
+        ("ghost", "missing_folder: listed in a split but has no folder")]
 
 
 def test_tasty_bad_recipes_become_problems(store):
@@ -118,7 +122,8 @@ def test_tasty_bad_recipes_become_problems(store):
     recipes = read_tasty(store, "tasty")
     assert list(recipes) == []
     reasons = dict(recipes.problems)
-    assert set(reasons) == {"a", "b", "c", "d"}
+    assert {rid: r.split(":")[0] for rid, r in reasons.items()} == {
+        "a": "bad_xml", "b": "bad_ingredient", "c": "bad_alignment", "d": "missing_file"}
     assert "'; '" in reasons["b"] and "bad span" in reasons["c"] and "mp4" in reasons["d"]
     with pytest.raises(ValueError, match="no such split set"):
         read_tasty(store, "tasty", split_set="split_9")
@@ -134,5 +139,139 @@ def test_qa(store):
     pairs = read_qa(store, "qa/qa.jsonl")
     assert list(pairs) == [("What colour is a tomato?", "red"),
                            ("How long to boil an egg?", "10 minutes")]
-    assert [where for where, _ in pairs.problems] == ["qa.jsonl:3", "qa.jsonl:4", "qa.jsonl:5"]
-    assert "not JSON" in pairs.problems[0][1]
+    assert pairs.problems == [
+        ("qa.jsonl:3", "not_json: Expecting property name enclosed in double quotes"),
+        ("qa.jsonl:4", "empty_answer: needs a non-empty string 'answer'"),
+        ("qa.jsonl:5", "not_object: expected a JSON object, got list")]
+
+
+def test_tasty_recipe_that_is_not_utf8(store):
+    _tasty(store)
+    store.write_bytes("tasty/salty/recipe.xml",
+                      "<recipe><title>Salé</title></recipe>".encode("latin-1"))
+    recipes = read_tasty(store, "tasty")
+    assert [r.id for r in recipes] == ["rice-bowl"]
+    assert recipes.problems[:2] == [
+        ("broken", "bad_alignment: csvalignment.dat has 1 lines for 3 steps"),
+        ("salty", "not_utf8: recipe.xml has byte 0xe9 at offset 18")]
+
+
+def test_foodx_lines_that_are_not_utf8(store):
+    store.write_bytes("foodx/class_list.txt", "0 macaron\n1 crème_brûlée\n2 beignet\n".encode())
+    store.write_bytes("foodx/train_info.csv",
+                      b"train_00000.jpg,1\ntr\xe9s.jpg,0\r\ntrain_00001.jpg,2\n")
+    _images(store, "train_set", ["train_00000.jpg", "train_00001.jpg"])
+    ds = read_foodx(store, "foodx")
+    assert ds.classes == {0: "macaron", 1: "crème_brûlée", 2: "beignet"}
+    assert ds.splits["train"] == [("foodx/train_set/train_00000.jpg", 1, "crème_brûlée"),
+                                  ("foodx/train_set/train_00001.jpg", 2, "beignet")]
+    assert ds.problems == [("train_info.csv:2", "not_utf8: byte 0xe9 at offset 2")]
+
+    store.write_bytes("foodx/class_list.txt", b"0 macaron\n1 cr\xe8me\n")
+    ds = read_foodx(store, "foodx")
+    assert ds.classes == {0: "macaron"}
+    assert ds.problems == [("class_list.txt:2", "not_utf8: byte 0xe8 at offset 4"),
+                           ("train_info.csv:1", "label_out_of_range: label 1 is not a class id"),
+                           ("train_info.csv:2", "not_utf8: byte 0xe9 at offset 2"),
+                           ("train_info.csv:3", "label_out_of_range: label 2 is not a class id")]
+
+
+def test_qa_jsonl_lines_that_are_not_utf8(store):
+    good = json.dumps({"question": "Line\u2028separator?", "answer": "kept"}, ensure_ascii=False)
+    store.write_bytes("qa/qa.jsonl", b'{"question": "Q1", "answer": "A1"}\n'
+                      b'{"question": "caf\xe9?", "answer": "yes"}\n'
+                      + good.encode() + b"\n\xff\xfe\n")
+    pairs = read_qa(store, "qa/qa.jsonl")
+    assert list(pairs) == [("Q1", "A1"), ("Line\u2028separator?", "kept")]
+    assert pairs.problems == [("qa.jsonl:2", "not_utf8: byte 0xe9 at offset 17"),
+                              ("qa.jsonl:4", "not_utf8: byte 0xff at offset 0")]
+
+
+QA_CSV = (
+    'id,Question,answer,source\r\n'
+    '1,"Salt, pepper or both?","Both, to taste",book\r\n'
+    '2,How do I make a roux?,"Melt the butter.\r\nWhisk in the flour, then cook 2 minutes.",\r\n'
+    '\r\n'
+    '3,What is mise en place?,,web\r\n'
+    '4,"He said ""stir"", why?",To keep it from sticking.,web\r\n'
+)
+
+
+def test_qa_csv(store):
+    store.write_text("qa/qa.csv", QA_CSV)
+    pairs = read_qa(store, "qa/qa.csv")
+    assert list(pairs) == [
+        ("Salt, pepper or both?", "Both, to taste"),
+        ("How do I make a roux?", "Melt the butter.\r\nWhisk in the flour, then cook 2 minutes."),
+        ('He said "stir", why?', "To keep it from sticking.")]
+    assert pairs.problems == [("qa.csv:6", "empty_answer: needs a non-empty string 'answer'")]
+
+
+def test_qa_csv_bad_rows_and_header(store):
+    store.write_bytes("qa/qa.csv", b'question,answer\n"Q1","A1\nmore"\n"caf\xe9?","multi\nline"\n'
+                      b",A3\nQ4\nQ5,A5\n")
+    pairs = read_qa(store, "qa/qa.csv")
+    assert list(pairs) == [("Q1", "A1\nmore"), ("Q5", "A5")]
+    assert pairs.problems == [("qa.csv:4", "not_utf8: row has bytes that are not UTF-8"),
+                              ("qa.csv:6", "empty_question: needs a non-empty string 'question'"),
+                              ("qa.csv:7", "short_row: 1 cells for 2 columns")]
+
+    store.write_text("qa/bad.csv", "prompt,answer,notes\nQ,A,\n")
+    with pytest.raises(ValueError, match=r"\['prompt', 'answer', 'notes'\] lack \['question'\]"):
+        read_qa(store, "qa/bad.csv")
+    store.write_text("qa/qa.txt", "Q\tA\n")
+    with pytest.raises(ValueError, match=".jsonl or .csv"):
+        read_qa(store, "qa/qa.txt")
+
+
+YOUCOOK2 = {"database": {
+    "GLd3aX16zBg": {
+        "duration": 241.62, "subset": "training", "recipe_type": "113",
+        "video_url": "https://www.youtube.com/watch?v=GLd3aX16zBg",
+        "annotations": [  # out of id order on purpose
+            {"id": 1, "segment": [97, 104], "sentence": "add  salt and pepper to the egg"},
+            {"id": 0, "segment": [90, 102], "sentence": "spread margarine on two slices of bread"},
+            {"id": 2, "segment": [105.5, 116], "sentence": "fry the egg"}]},
+    "xHr8X2Wpmno": {
+        "duration": 109.5, "subset": "validation", "recipe_type": "201",
+        "video_url": "https://www.youtube.com/watch?v=xHr8X2Wpmno",
+        "annotations": [{"id": 0, "segment": [10, 22], "sentence": "boil the noodles"}]},
+    "broken_seg": {
+        "duration": 60.0, "subset": "training", "recipe_type": "113", "video_url": "",
+        "annotations": [{"id": 0, "segment": [5, 9], "sentence": "cut the bread"},
+                        {"id": 1, "segment": [30, 12], "sentence": "toast it"}]},
+    "no_anns": {"duration": 60.0, "subset": "validation", "recipe_type": "201", "annotations": []},
+    "neg": {"duration": 60.0, "subset": "validation", "recipe_type": "201",
+            "annotations": [{"id": 0, "segment": [-1, 4], "sentence": "wash"}]},
+    "blank": {"duration": 60.0, "subset": "training", "recipe_type": "113",
+              "annotations": [{"id": 0, "segment": [1, 4], "sentence": "  "}]},
+    "junk": ["not", "a", "video"],
+}}
+
+
+def test_youcook2(store):
+    store.write_json("yc2/youcookii_annotations_trainval.json", YOUCOOK2)
+    videos = read_youcook2(store, "yc2/youcookii_annotations_trainval.json")
+    assert videos == [
+        YoucookVideo("GLd3aX16zBg", "training", "113", 241.62, [
+            (90.0, 102.0, "spread margarine on two slices of bread"),
+            (97.0, 104.0, "add salt and pepper to the egg"),
+            (105.5, 116.0, "fry the egg")]),
+        YoucookVideo("xHr8X2Wpmno", "validation", "201", 109.5, [(10.0, 22.0, "boil the noodles")])]
+    assert videos[0].text == ("Steps:\n1. spread margarine on two slices of bread\n"
+                              "2. add salt and pepper to the egg\n3. fry the egg")
+    assert videos.problems == [
+        ("blank", "empty_sentence: annotation 0 has no sentence"),
+        ("broken_seg", "bad_segment: annotation 1: segment [30.0, 12.0] needs 0 <= start < end"),
+        ("junk", "not_object: expected a JSON object, got list"),
+        ("neg", "bad_segment: annotation 0: segment [-1.0, 4.0] needs 0 <= start < end"),
+        ("no_anns", "no_annotations: no annotated segments")]
+
+    val = read_youcook2(store, "yc2/youcookii_annotations_trainval.json", subset="validation")
+    assert [v.id for v in val] == ["xHr8X2Wpmno"]
+    assert [where for where, _ in val.problems] == ["junk", "neg", "no_anns"]
+    with pytest.raises(ValueError, match="subset 'val'"):
+        read_youcook2(store, "yc2/youcookii_annotations_trainval.json", subset="val")
+    store.write_json("yc2/other.json", {"videos": {}})
+    with pytest.raises(ValueError, match="database"):
+        read_youcook2(store, "yc2/other.json")

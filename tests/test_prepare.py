@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 def _rows(store, modality):
     key = prepared_key(modality, latest_version(store, modality))
     files = [k for k in store.list(key) if k.endswith(".parquet")]
-    return [r for f in files for r in pq.read_table(store.local_path(f)).to_pylist()]
+    return [r for f in files for r in pq.read_table(store.local_path(f)).to_pylist() if not r["error"]]
 
 
 def _processor(store):
@@ -54,8 +54,10 @@ def test_prepared_rows(prepared, modality):
 
 def test_unchanged_input_reuses_the_version(prepared):
     cfg, store, base, done = prepared
+    before = store.entries(done["text"].key)
     again = prepare(store, cfg.data, base, "text")
     assert again.reused and again.version == done["text"].version
+    assert store.entries(done["text"].key) == before  # no shard rewritten (same sizes and mtimes)
 
 
 def test_bad_videos_are_skipped_with_reasons_or_refused(prepared, tmp_path):

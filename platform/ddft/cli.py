@@ -33,8 +33,7 @@ def cmd_data_prepare(args) -> int:
     cfg = _load(args.config)
     with ray_session():
         for p in prepare_all(cfg):
-            print(f"prepared {p.modality}: version {p.version}{' (reused)' if p.reused else ''}, "
-                  f"kept {p.counts}, skipped {p.skipped['total']} {p.skipped['by_reason']}, {p.seconds:.1f} s")
+            print("prepared " + p.summary())
     return 0
 
 

@@ -76,7 +76,13 @@ class DataConfig(Strict):
     tasty: str = "tasty"
     tasty_split: str = "split_1"
     qa: str = "cooking_qa/qa.jsonl"
-    frames: int = Field(8, ge=1, le=64, description="frames sampled uniformly per video")
+    frames: int = Field(8, ge=1, le=64, description="frames sampled per video")
+    frame_strategy: Literal["uniform", "keyframe", "steps"] = Field(
+        "uniform", description="uniform (frame-accurate), keyframe (nearest keyframes: far cheaper) "
+        "or steps (one frame per annotated step span, Tasty)")
+    workers: int = Field(2, ge=1, description="most Ray Data map actors per modality")
+    cpus_per_worker: float = Field(0.5, gt=0)
+    batch_size: int = Field(8, ge=1, description="samples per Ray Data map batch")
     max_skip_ratio: float = Field(0.05, ge=0, le=1, description="fail preparation above this share of bad samples")
 
 

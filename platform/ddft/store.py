@@ -91,6 +91,13 @@ class _Local:
             return []
         return [q.relative_to(self.root).as_posix() for q in p.rglob("*") if q.is_file()]
 
+    def entries(self, prefix: str) -> list[tuple[str, int, str]]:
+        out = []
+        for key in self.keys(prefix):
+            st = self.path(key).stat()
+            out.append((key, st.st_size, str(st.st_mtime_ns)))
+        return out
+
     def exists(self, key: str) -> bool:
         p = self.path(key)
         return p.is_file() or (p.is_dir() and any(q.is_file() for q in p.rglob("*")))
@@ -181,17 +188,24 @@ class _S3:
         dst.parent.mkdir(parents=True, exist_ok=True)
         self.client.download_file(self.bucket, self.full(key), str(dst))
 
-    def _iter(self, prefix: str):
-        """Full object keys under prefix (including directory markers ending in '/')."""
+    def _objects(self, prefix: str):
+        """Listed objects under prefix (including directory markers ending in '/')."""
         base = self.full(prefix)
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
             for obj in page.get("Contents", []):
                 if _under(obj["Key"].rstrip("/"), base):
-                    yield obj["Key"]
+                    yield obj
+
+    def _iter(self, prefix: str):
+        return (obj["Key"] for obj in self._objects(prefix))
 
     def keys(self, prefix: str) -> list[str]:
+        return [key for key, _, _ in self.entries(prefix)]
+
+    def entries(self, prefix: str) -> list[tuple[str, int, str]]:
         n = len(self.prefix) + 1 if self.prefix else 0
-        return [k[n:] for k in self._iter(prefix) if not k.endswith("/")]
+        return [(o["Key"][n:], o["Size"], o.get("ETag", "").strip('"')) for o in self._objects(prefix)
+                if not o["Key"].endswith("/")]
 
     def exists(self, key: str) -> bool:
         return any(True for _ in self._iter(key))
@@ -292,6 +306,13 @@ class Store:
         p = _clean_key(prefix)
         with self._b.errors(self.url(p)):
             return sorted(self._b.keys(p))
+
+    def entries(self, prefix: str = "") -> list[tuple[str, int, str]]:
+        """(key, size, change tag) of every object under prefix, sorted; the tag is the ETag on
+        S3 and the modification time on file://, so a fingerprint needs no object reads."""
+        p = _clean_key(prefix)
+        with self._b.errors(self.url(p)):
+            return sorted(self._b.entries(p))
 
     def delete(self, prefix: str) -> None:
         p = _clean_key(prefix)
