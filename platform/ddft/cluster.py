@@ -18,7 +18,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, runtime
     if address:
         ray.init(address=address, runtime_env=runtime_env)
     else:  # a private cluster for this process; left alone Ray picks the external address
-        ray.init(_node_ip_address=LOCAL_IP, num_cpus=num_cpus, include_dashboard=False,
+        # address="local": never attach to another cluster this machine happens to run
+        ray.init(address="local", _node_ip_address=LOCAL_IP, num_cpus=num_cpus, include_dashboard=False,
                  runtime_env=runtime_env)
     try:
         yield ray

@@ -12,12 +12,22 @@ QUESTIONS = {
     "image": "What is the dish in this image?",
     "video": "Give me the recipe for this video, with specific amounts for each ingredient.",
 }
-PLACEHOLDER = {"image": "<image>\n", "video": "<video>\n", "text": ""}
 IGNORE = -100  # label of prompt tokens: the loss covers the answer only
+# Video-LLaVA-7B-hf's chat template: media placeholders first, then the text, `ASSISTANT:` last.
+# Always this one (not whatever a processor carries) so every base sees the same prompt format.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}"
+    "{% endif %}{% for c in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}"
+    "{% endfor %}{% for c in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}"
+    "{% endfor %}{% for c in message['content'] | selectattr('type', 'equalto', 'text') %}{{ c['text'] + ' ' }}"
+    "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
 
 
-def prompt_text(modality: str, question: str) -> str:
-    return f"USER: {PLACEHOLDER[modality]}{question} ASSISTANT:"
+def prompt_text(processor, modality: str, question: str) -> str:
+    """`USER: <video>\n<question> ASSISTANT:`, rendered with the chat template."""
+    content = ([{"type": modality}] if modality != "text" else []) + [{"type": "text", "text": question}]
+    return processor.tokenizer.apply_chat_template([{"role": "user", "content": content}], chat_template=CHAT_TEMPLATE,
+                                                   tokenize=False, add_generation_prompt=True)
 
 
 def media_token_count(processor, modality: str, frames: int = 1) -> int:
@@ -36,7 +46,7 @@ def encode(processor, modality: str, question: str, answer: str | None = None, f
     """Token ids (media placeholders expanded) and labels with the prompt masked to -100."""
     tok = processor.tokenizer
     media = {"image": processor.image_token, "video": processor.video_token}.get(modality, "")
-    text = prompt_text(modality, question)
+    text = prompt_text(processor, modality, question)
     if media:
         text = text.replace(media, media * media_token_count(processor, modality, frames), 1)
     prompt_ids = tok(text, add_special_tokens=False).input_ids

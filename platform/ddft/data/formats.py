@@ -373,8 +373,8 @@ def read_youcook2(store: Store, key: str, *, subset: str | None = None) -> Recor
         raise ValueError(f"{store.url(key)}: expected {{'database': {{video id: ...}}}}")
     videos = Records()
     for vid, entry in sorted(database.items()):
-        if subset and isinstance(entry, dict) and entry.get("subset") in YOUCOOK2_SUBSETS \
-                and entry["subset"] != subset:
+        given = entry.get("subset") if isinstance(entry, dict) else None
+        if subset and given in YOUCOOK2_SUBSETS and given != subset:
             continue
         try:
             videos.append(_youcook_video(vid, entry))

@@ -150,12 +150,13 @@ def _skip_report(bad: list[tuple[str, str]]) -> dict:
             "examples": [{"id": i, "reason": r[:300]} for i, r in bad[:5]]}
 
 
-def _written(store: Store, key: str) -> pa.Table:
-    """The id/split/error columns of the shards just written (column reads: cheap)."""
+def shard_columns(store: Store, key: str, columns=("id", "split", "error")) -> pa.Table:
+    """Some columns of a version's shards (column reads: cheap, no pixels)."""
     import pyarrow.dataset as pads
 
-    fs, path = store.fs_path(key)
-    return pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["id", "split", "error"])
+    fs, _ = store.fs_path(key)
+    files = [store.fs_path(k)[1] for k in store.list(key) if k.endswith(".parquet")]
+    return pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=list(columns))
 
 
 def prepare(store: Store, data: DataConfig, base: BaseInfo, modality: str) -> Prepared:
@@ -182,7 +183,7 @@ def prepare(store: Store, data: DataConfig, base: BaseInfo, modality: str) -> Pr
                      batch_size=data.batch_size, batch_format="numpy", concurrency=(1, data.workers),
                      num_cpus=data.cpus_per_worker)
         .write_parquet(path, filesystem=fs))
-    written = _written(store, key).to_pylist()
+    written = shard_columns(store, key).to_pylist()
     failed = [(r["id"], r["error"]) for r in written if r["error"]]
     skipped = _skip_report(problems + failed)
     total = len(items) + len(problems)

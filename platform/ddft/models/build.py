@@ -20,6 +20,8 @@ from transformers import (
     VideoLlavaVideoProcessor,
 )
 
+from ddft.prompts import CHAT_TEMPLATE
+
 log = logging.getLogger(__name__)
 
 IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
@@ -42,7 +44,7 @@ def _processor(tokenizer, patch: int) -> VideoLlavaProcessor:
         image_processor=VideoLlavaImageProcessor(size=size, crop_size=crop),
         video_processor=VideoLlavaVideoProcessor(size=size, crop_size=crop),
         tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1)
+        num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
 
 
 def _assemble(text_config, tokenizer, vision: CLIPVisionConfig, patch: int):
