@@ -56,27 +56,33 @@ def test_one_lora_job(prepared, tmp_path):
 
 
 def test_train_all_runs_three_jobs_at_once(prepared, tmp_path):
-    """The real entrypoint, as `ray job submit` runs it, against the running cluster."""
+    """The real entrypoint, as `ray job submit` runs it, against the running cluster; a fourth job
+    whose dataset version doesn't exist fails at run time without stopping the others."""
     import ray
 
     cfg, store, _, _ = prepared
+    broken = cfg.job("text").model_copy(update={"name": "broken", "dataset_version": "no-such-version"})
     config_path = tmp_path / "cfg.yaml"
-    config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    config_path.write_text(yaml.safe_dump(cfg.model_copy(update={"jobs": [*cfg.jobs, broken]})
+                                          .model_dump(mode="json")))
     before = {m: (read_manifest(store, "ddft", m).version if read_manifest(store, "ddft", m) else 0)
               for m in ("image", "video", "text")}
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, str(REPO / "jobs/train_all.py"), "--config", str(config_path)],
                          env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]  # one job failed
     line = next(l for l in out.stdout.splitlines() if l.startswith("DDFT_RESULTS "))
-    results = json.loads(line.removeprefix("DDFT_RESULTS "))
-    assert [r["status"] for r in results] == ["succeeded"] * 3
+    results = {r["name"]: r for r in json.loads(line.removeprefix("DDFT_RESULTS "))}
+    assert [results[n]["status"] for n in ("image", "video", "text", "broken")] == ["succeeded"] * 3 + ["failed"]
+    assert "prepared text version no-such-version not found" in results["broken"]["error"]
+    assert "job broken failed: StoreError: prepared text version no-such-version" in out.stderr
+    ok = [results[n] for n in ("image", "video", "text")]
     # Their run times overlap: every job started before any job ended.
-    assert max(r["started"] for r in results) < min(r["ended"] for r in results)
-    for r in results:
+    assert max(r["started"] for r in ok) < min(r["ended"] for r in ok)
+    for r in ok:
         assert r["steps"] == 8 and r["losses"][-1] < r["losses"][0]
         assert read_manifest(store, "ddft", r["modality"]).version == before[r["modality"]] + 1
-    assert "image" in out.stdout and "adapter" in out.stdout  # the table
+    assert re.search(r"^broken\s+failed", out.stdout, re.M) and "adapter" in out.stdout  # the table
 
 
 def test_train_all_on_a_store_without_data_says_what_to_run(ray_cluster, tmp_path):
