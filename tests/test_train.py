@@ -99,3 +99,21 @@ def test_train_all_on_a_store_without_data_says_what_to_run(ray_cluster, tmp_pat
     assert re.search(r"^text\s+failed\s+0\s", out.stdout, re.M), out.stdout  # the table row
     assert "job text failed: StoreError: base model 'tiny' is not in the store at file://" in out.stderr
     assert "run `ddft base build`" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_evaluate_scores_base_and_adapters_and_records_them(prepared):
+    from ddft.train import evaluate
+
+    cfg, store, _, _ = prepared
+    if not read_manifest(store, "ddft", "video"):
+        pytest.skip("needs the video adapter trained by test_one_lora_job")
+    results = evaluate.evaluate(store, "tiny", modalities=("video",), limit=2, max_new_tokens=8)
+    assert [r["model"] for r in results] == ["base:tiny", read_manifest(store, "ddft", "video").ref]
+    for r in results:
+        assert r["samples"] == 2 and 0 <= r["rouge_l"] <= 1 and 0 <= r["ingredient_f1"] <= 1
+        assert r["example"]["reference"].startswith("Ingredients:")
+    report = evaluate.save(store, results)
+    assert report.startswith(store.url("eval/")) and report.endswith(".md")
+    text = store.read_text(report.removeprefix(store.uri + "/"))
+    assert "| video | base:tiny | 2 |" in text and "| video | ddft/video/v" in text
+    assert read_manifest(store, "ddft", "video").metrics["eval"]["samples"] == 2

@@ -53,6 +53,18 @@ def cmd_train(args) -> int:
     return 0 if all(r.status == "succeeded" for r in results) else 1
 
 
+def cmd_eval(args) -> int:
+    from ddft.store import Store
+    from ddft.train import evaluate
+
+    cfg = _load(args.config)
+    store = Store.from_config(cfg.store)
+    results = evaluate.evaluate(store, cfg.base.id, limit=args.limit, max_new_tokens=cfg.serve.max_new_tokens)
+    print(evaluate.table(results))
+    print(f"written to {evaluate.save(store, results)} and into the adapters' manifests")
+    return 0
+
+
 def cmd_adapters_list(args) -> int:
     from ddft.adapters.registry import list_adapters
     from ddft.store import Store
@@ -78,6 +90,8 @@ def parser() -> argparse.ArgumentParser:
     add("prepare", cmd_data_prepare, "prepare every modality the jobs use (Ray Data)", data)
     add("train", cmd_train, "run the config's jobs concurrently (Ray Train)").add_argument(
         "--only", help="comma-separated job names, e.g. image,video")
+    add("eval", cmd_eval, "score the base and the DDFT adapters on held-out data").add_argument(
+        "--limit", type=int, help="at most this many held-out samples per modality")
     adapters = sub.add_parser("adapters", help="the adapter registry").add_subparsers(dest="sub", required=True)
     add("list", cmd_adapters_list, "list published adapters", adapters)
     return ap
