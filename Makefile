@@ -45,3 +45,9 @@ cluster-down:
 
 clean-store:
 	rm -rf store
+
+# make bench-data - Ray Data throughput: exact/keyframe frame sampling vs read_videos, long-GOP
+# exact vs decode-everything floor, image loading; options via BENCH_ARGS, e.g. BENCH_ARGS="--clips 80"
+.PHONY: bench-data
+bench-data: venv
+	$(PY) bench/data.py $(BENCH_ARGS)
