@@ -41,7 +41,8 @@ def test_bad_config_lists_every_problem(tmp_path):
         config.load(bad)
     msg = str(err.value)
     assert len(err.value.problems) == 5, msg
-    for needle in ("base.buld: unknown key", "jobs.0.name: got 'Img'", "jobs.0.modality: got 'audio'",
+    for needle in ("base.buld: unknown key", "the keys here are ['build', 'id', 'source']",
+                   "jobs.0.name: got 'Img'", "(lowercase letters, digits, - and _)", "jobs.0.modality: got 'audio'",
                    "jobs.0.optim.lr: got -1", "precision bf16 needs resources.gpus_per_worker"):
         assert needle in msg
 

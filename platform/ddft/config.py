@@ -165,18 +165,41 @@ class PipelineConfig(Strict):
         raise ConfigError("jobs", [f"no job named {name!r}; jobs are {[j.name for j in self.jobs]}"])
 
 
+def _model_at(model: type[BaseModel] | None, loc: tuple) -> type[BaseModel] | None:
+    """The model class a path leads to (through nested models, lists and optionals)."""
+    import typing
+
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part)) if model else None
+        if field is None:
+            return None
+        found = [a for a in (field.annotation, *typing.get_args(field.annotation))
+                 if isinstance(a, type) and issubclass(a, BaseModel)]
+        found += [b for a in typing.get_args(field.annotation) for b in typing.get_args(a)
+                  if isinstance(b, type) and issubclass(b, BaseModel)]  # list[JobConfig]
+        model = found[0] if found else None
+    return model
+
+
 def _problems(err: ValidationError, model: type[BaseModel]) -> list[str]:
     out = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         value = e.get("input")
+        parent = _model_at(model, tuple(p for p in e["loc"][:-1]))
+        field = parent.model_fields.get(str(e["loc"][-1])) if parent and e["loc"] else None
+        hint = f" ({field.description})" if field is not None and field.description else ""
         if e["type"] == "extra_forbidden":
-            out.append(f"{loc}: unknown key (value {value!r}); remove it or check its spelling")
+            keys = f"; the keys here are {sorted(parent.model_fields)}" if parent else ""
+            out.append(f"{loc}: unknown key (value {value!r}); remove it or fix its spelling{keys}")
         elif e["type"] == "missing":
-            out.append(f"{loc}: required key is missing; add it")
+            out.append(f"{loc}: required key is missing; add it{hint}")
+        elif e["type"] == "value_error":
+            out.append(f"{loc or 'config'}: {e['msg'].removeprefix('Value error, ')}")
         else:
-            msg = e["msg"].removeprefix("Value error, ")
-            out.append(f"{loc}: got {value!r}; {msg}" if e["type"] != "value_error" else f"{loc or 'config'}: {msg}")
+            out.append(f"{loc}: got {value!r}; {e['msg']}{hint}")
     return out
 
 

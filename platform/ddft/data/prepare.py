@@ -198,6 +198,7 @@ def prepare(store: Store, data: DataConfig, base: BaseInfo, modality: str) -> Pr
         raise PrepareError(f"{modality}: {len(items)} samples went in, {len(written)} rows came out")
     counts = dict(sorted(Counter(r["split"] for r in written if not r["error"]).items()))
     manifest = {"schema_version": SCHEMA_VERSION, "modality": modality, "version": version,
+                "input_fingerprint": version,  # the version *is* the fingerprint of inputs + settings
                 "base_model": base.id, "columns": list(COLUMNS), "counts": counts, "skipped": skipped,
                 "frames": data.frames if modality == "video" else None,
                 "frame_strategy": data.frame_strategy if modality == "video" else None,
