@@ -163,7 +163,7 @@ def run(config_path: Path, num_cpus: int, keep_serving: bool) -> int:
     for stage, s in times.items():
         print(f"  {stage:28} {s:7.1f} s")
     for p in prepared:
-        print(f"  prepared {p.modality:5} {store.url(p.key)}  {p.counts}  skipped {p.skipped['total']}")
+        print(f"  prepared {p.summary()}\n    at {store.url(p.key)}")
     for r in results:
         print(f"  job {r['name']:6} {r['status']:9} steps {r['steps']:3}  loss {r['losses'][0]:.3f} -> "
               f"{r['losses'][-1]:.3f}  adapter {r['adapter']}")

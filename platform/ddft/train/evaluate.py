@@ -11,7 +11,7 @@ from dataclasses import asdict
 
 import numpy as np
 
-from ddft.adapters.registry import PLATFORM_OWNER, Manifest, adapter_prefix, read_manifest
+from ddft.adapters.registry import PLATFORM_OWNER, Manifest, read_manifest
 from ddft.data.prepare import latest_version, prepared_key, shard_columns
 from ddft.engines.base import GenerateRequest
 from ddft.store import Store
@@ -76,6 +76,6 @@ def save(store: Store, results: list[dict]) -> str:
         manifest = read_manifest(store, owner, name, int(version.lstrip("v")))
         scores = {k: v for k, v in r.items() if k not in ("modality", "model", "example")}
         manifest.metrics = {**manifest.metrics, "eval": {**scores, "report": store.url(f"{key}.md")}}
-        store.write_json(f"{adapter_prefix(owner, name)}/{version}/manifest.json", asdict(manifest))
+        store.write_json(f"{manifest.key}/manifest.json", asdict(manifest))
     return store.url(f"{key}.md")
 
