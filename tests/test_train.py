@@ -3,8 +3,10 @@ reloads with PEFT and changes the output; train_all runs three jobs at the same 
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -28,6 +30,7 @@ def test_one_lora_job(prepared, tmp_path):
     cfg, store, base, _ = prepared
     result = run_job(cfg, cfg.job("video"))
     assert result.status == "succeeded" and result.steps == 8 and len(result.losses) == 8
+    assert result.val_losses and result.val_losses[-1]["step"] == 8 and result.resumed_from == []
     # The tiny random base starts at uniform (ln 262 = 5.57 nats); on a fixed seed it learns.
     assert result.losses[0] > 5.4 and result.losses[-1] < result.losses[0] - 0.2, result.losses
 
@@ -54,35 +57,104 @@ def test_one_lora_job(prepared, tmp_path):
         after = tuned(**batch).logits
     assert (after - before).abs().max() > 1e-3
 
+    again = run_job(cfg, cfg.job("video"))  # the same job resubmitted: already published, not retrained
+    assert (again.status, again.adapter, read_manifest(store, "ddft", "video").version) == \
+        ("skipped", result.adapter, manifest.version)
 
-def test_train_all_runs_three_jobs_at_once(prepared, tmp_path):
-    """The real entrypoint, as `ray job submit` runs it, against the running cluster; a fourth job
-    whose dataset version doesn't exist fails at run time without stopping the others."""
+
+def _train_worker_pid(run: str) -> int | None:
+    """The Ray Train worker process of one run: the job names it in its workers' environment."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and f"DDFT_RUN={run}".encode() in (proc / "environ").read_bytes().split(b"\0") \
+                    and b"RayTrainWorker" in (proc / "cmdline").read_bytes():
+                return int(proc.name)
+        except OSError:
+            continue
+    return None
+
+
+def _kill_after_first_checkpoint(store, run: str, proc, timeout: float = 600) -> int:
+    """SIGKILL the run's worker once Ray Train has registered a checkpoint (its snapshot names one:
+    a checkpoint folder alone may still be on its way to the controller)."""
+    snapshot = f"runs/{run}/checkpoint_manager_snapshot.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        pid = _train_worker_pid(run)
+        try:
+            registered = store.exists(snapshot) and store.read_json(snapshot).get("latest_checkpoint_result")
+        except ValueError:  # caught mid-write
+            registered = None
+        if pid and registered:
+            os.kill(pid, signal.SIGKILL)
+            return pid
+        time.sleep(0.3)
+    raise AssertionError(f"no registered checkpoint of run {run} with a live worker appeared")
+
+
+def test_train_all_survives_a_killed_worker_and_a_broken_job(prepared, tmp_path):
+    """The real entrypoint, as `ray job submit` runs it, against the running cluster: three jobs at
+    once; one's worker is SIGKILLed after its first checkpoint and the job resumes to the full
+    step count; a fourth job whose dataset version doesn't exist fails at run time without
+    stopping the others. Resubmitting the finished jobs retrains nothing."""
     import ray
 
+    from ddft.data.prepare import latest_version
+    from ddft.models.load import base_info
+    from ddft.train.job import job_fingerprint, run_name
+
     cfg, store, _, _ = prepared
+    # Same settings as test_one_lora_job's uninterrupted video job but a new name (so it trains again).
+    killed = cfg.job("video").model_copy(update={"name": "video-killed", "optim": cfg.job("video").optim.model_copy(
+        update={"checkpoint_every": 2})})
     broken = cfg.job("text").model_copy(update={"name": "broken", "dataset_version": "no-such-version"})
+    jobs = [cfg.job("image"), killed, cfg.job("text"), broken]
     config_path = tmp_path / "cfg.yaml"
-    config_path.write_text(yaml.safe_dump(cfg.model_copy(update={"jobs": [*cfg.jobs, broken]})
-                                          .model_dump(mode="json")))
+    config_path.write_text(yaml.safe_dump(cfg.model_copy(update={"jobs": jobs}).model_dump(mode="json")))
+    run = run_name(killed, job_fingerprint(killed, {"video": latest_version(store, "video")}, base_info(store, "tiny")))
     before = {m: (read_manifest(store, "ddft", m).version if read_manifest(store, "ddft", m) else 0)
               for m in ("image", "video", "text")}
+    uninterrupted = read_manifest(store, "ddft", "video")  # from test_one_lora_job, when it ran first
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, str(REPO / "jobs/train_all.py"), "--config", str(config_path)],
-                         env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]  # one job failed
-    line = next(l for l in out.stdout.splitlines() if l.startswith("DDFT_RESULTS "))
-    results = {r["name"]: r for r in json.loads(line.removeprefix("DDFT_RESULTS "))}
-    assert [results[n]["status"] for n in ("image", "video", "text", "broken")] == ["succeeded"] * 3 + ["failed"]
+    train_all = [sys.executable, str(REPO / "jobs/train_all.py"), "--config", str(config_path)]
+    proc = subprocess.Popen(train_all, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _kill_after_first_checkpoint(store, run, proc)
+        stdout, stderr = proc.communicate(timeout=900)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, stdout[-3000:] + stderr[-3000:]  # one job failed
+    results = _results(stdout)
+    assert [results[n]["status"] for n in ("image", "video-killed", "text", "broken")] == ["succeeded"] * 3 + ["failed"]
     assert "prepared text version no-such-version not found" in results["broken"]["error"]
-    assert "job broken failed: StoreError: prepared text version no-such-version" in out.stderr
-    ok = [results[n] for n in ("image", "video", "text")]
+    assert "job broken failed: StoreError: prepared text version no-such-version" in stderr
+    ok = [results[n] for n in ("image", "video-killed", "text")]
     # Their run times overlap: every job started before any job ended.
     assert max(r["started"] for r in ok) < min(r["ended"] for r in ok)
     for r in ok:
-        assert r["steps"] == 8 and r["losses"][-1] < r["losses"][0]
+        assert r["steps"] == 8 and len(r["losses"]) == 8 and r["losses"][-1] < r["losses"][0]
+        assert r["val_losses"] and r["val_losses"][-1]["step"] == 8
         assert read_manifest(store, "ddft", r["modality"]).version == before[r["modality"]] + 1
-    assert re.search(r"^broken\s+failed", out.stdout, re.M) and "adapter" in out.stdout  # the table
+    # Only the killed job restarted, from a checkpoint (every 2 steps), and it ended where an
+    # uninterrupted run of the same settings ends.
+    assert [r["resumed_from"] for r in ok] == [[], results["video-killed"]["resumed_from"], []]
+    (at,) = results["video-killed"]["resumed_from"]
+    assert at in (2, 4, 6), at
+    if uninterrupted and uninterrupted.metrics.get("job") == "video":
+        assert results["video-killed"]["losses"][-1] == pytest.approx(uninterrupted.metrics["last_loss"], abs=1e-3)
+    assert re.search(r"^broken\s+failed", stdout, re.M) and re.search(r"^video-killed\s+succeeded \(resumed", stdout, re.M)
+
+    # Resubmitted as it is: the published adapters are up to date, nothing trains.
+    again = subprocess.run(train_all + ["--only", "image,video-killed,text"], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert {r["status"] for r in _results(again.stdout).values()} == {"skipped"}
+    assert {m: read_manifest(store, "ddft", m).version for m in before} == {m: v + 1 for m, v in before.items()}
+
+
+def _results(stdout: str) -> dict:
+    line = next(l for l in stdout.splitlines() if l.startswith("DDFT_RESULTS "))
+    return {r["name"]: r for r in json.loads(line.removeprefix("DDFT_RESULTS "))}
 
 
 def test_train_all_on_a_store_without_data_says_what_to_run(ray_cluster, tmp_path):

@@ -44,13 +44,13 @@ def cmd_train(args) -> int:
     cfg = _load(args.config)
     only = [n.strip() for n in args.only.split(",")] if args.only else None
     with ray_session():
-        results = run_all(cfg, only)
+        results = run_all(cfg, only, force=args.force)
     print(table(results))
     for r in results:
         if r.error:
             print(f"job {r.name} failed: {r.error}", file=sys.stderr)
     print("DDFT_RESULTS " + json.dumps([r.__dict__ for r in results]))  # for scripts (the demo)
-    return 0 if all(r.status == "succeeded" for r in results) else 1
+    return 0 if all(r.status != "failed" for r in results) else 1
 
 
 def cmd_eval(args) -> int:
@@ -88,8 +88,10 @@ def parser() -> argparse.ArgumentParser:
     add("build", cmd_base_build, "build or import the base into the store", base)
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="sub", required=True)
     add("prepare", cmd_data_prepare, "prepare every modality the jobs use (Ray Data)", data)
-    add("train", cmd_train, "run the config's jobs concurrently (Ray Train)").add_argument(
-        "--only", help="comma-separated job names, e.g. image,video")
+    train = add("train", cmd_train, "run the config's jobs concurrently (Ray Train)")
+    train.add_argument("--only", help="comma-separated job names, e.g. image,video")
+    train.add_argument("--force", action="store_true",
+                       help="retrain jobs whose adapter was already published from the same settings and data")
     add("eval", cmd_eval, "score the base and the DDFT adapters on held-out data").add_argument(
         "--limit", type=int, help="at most this many held-out samples per modality")
     adapters = sub.add_parser("adapters", help="the adapter registry").add_subparsers(dest="sub", required=True)

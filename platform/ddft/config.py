@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 Modality = Literal["image", "video", "text"]
 MODALITIES: tuple[str, ...] = ("image", "video", "text")
+JOINT = "joint"  # one adapter trained on every modality mixed: the paper's baseline against DDFT
 # LoRA goes on the language model only: plain "q_proj" would also match the CLIP towers.
 STORE_ENV = "DDFT_STORE"
 LM_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
@@ -104,7 +105,8 @@ class OptimSettings(Strict):
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     seed: int = 0
-    checkpoint_every: int = Field(0, ge=0, description="optimizer steps between checkpoints; 0 = at the end only")
+    checkpoint_every: int = Field(50, ge=0, description="optimizer steps between checkpoints (adapter, optimizer, "
+                                  "scheduler, data position) in the store; 0 = at the end only")
 
 
 class Resources(Strict):
@@ -115,8 +117,11 @@ class Resources(Strict):
 
 class JobConfig(Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="lowercase letters, digits, - and _")
-    modality: Modality
+    modality: Literal["image", "video", "text", "joint"] = Field(
+        description="the modality whose data trains this adapter, or 'joint' for all of them mixed")
     dataset_version: str | None = Field(None, description="prepared version to train on; default: newest")
+    max_failures: int = Field(3, ge=-1, description="worker failures to recover from, each time from the "
+                              "latest checkpoint (-1: no limit)")
     lora: LoraSettings = LoraSettings()
     optim: OptimSettings = OptimSettings()
     resources: Resources = Resources()
@@ -128,6 +133,12 @@ class JobConfig(Strict):
         if self.precision == "bf16" and self.resources.gpus_per_worker == 0:
             raise ValueError(f"job {self.name}: precision bf16 needs resources.gpus_per_worker > 0 "
                              "(use fp32 on CPU)")
+        if self.gradient_checkpointing and self.resources.gpus_per_worker == 0:
+            raise ValueError(f"job {self.name}: gradient_checkpointing saves GPU memory at the cost of "
+                             "compute; it needs resources.gpus_per_worker > 0 (turn it off on CPU)")
+        if self.modality == JOINT and self.dataset_version:
+            raise ValueError(f"job {self.name}: a joint job trains on the newest version of every "
+                             "modality; remove dataset_version")
         return self
 
 

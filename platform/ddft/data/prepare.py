@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from ddft.config import DataConfig, PipelineConfig
+from ddft.config import JOINT, MODALITIES, DataConfig, PipelineConfig
 from ddft.data import formats
 from ddft.data.media import MediaError, load_image, sample_frames
 from ddft.models.load import BaseInfo, ensure_base, local_base_dir
@@ -241,7 +241,7 @@ def prepare_all(cfg: PipelineConfig) -> list[Prepared]:
     base = ensure_base(store, cfg.base.id, cfg.base.build, cfg.base.source)
     if cfg.data.synthetic:
         write_synthetic(store, cfg.data)
-    modalities = list(dict.fromkeys(j.modality for j in cfg.jobs))
+    modalities = [m for m in MODALITIES if any(j.modality in (m, JOINT) for j in cfg.jobs)]
     done = []
     for m in modalities:
         done.append(prepare(store, cfg.data, base, m))

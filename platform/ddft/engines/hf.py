@@ -26,6 +26,7 @@ from peft import PeftModel
 from peft.utils.other import ModulesToSaveWrapper
 
 from ddft import prompts
+from ddft.config import JOINT, MODALITIES
 from ddft.adapters import registry
 from ddft.adapters.registry import AdapterError, Manifest
 from ddft.engines.base import GenerateRequest, GenerateResult
@@ -34,7 +35,6 @@ from ddft.store import Store
 
 log = logging.getLogger(__name__)
 BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
-MODALITIES = ("image", "video", "text")
 
 
 class _MixedProjector(ModulesToSaveWrapper):
@@ -173,7 +173,7 @@ class HFEngine:
             raise ValueError(f"{where}: max_new_tokens is {r.max_new_tokens}; it must be at least 1")
         if r.temperature < 0:
             raise ValueError(f"{where}: temperature is {r.temperature}; use 0 (greedy) or more")
-        if r.adapter is not None and r.adapter.modality != r.modality:
+        if r.adapter is not None and r.adapter.modality not in (r.modality, JOINT):
             raise AdapterError(f"{where}: adapter {r.adapter.ref} is for {r.adapter.modality}, "
                                f"the request is {r.modality}")
         want = {"image": 3, "video": 4}.get(r.modality)

@@ -1,16 +1,24 @@
-"""One DDFT job: a Ray Train TorchTrainer over the prepared data of one modality, checkpointing
-into the store, then publishing the final adapter to adapters/ddft/<modality>/v<N>/."""
+"""One DDFT job: a Ray Train TorchTrainer over the prepared data of one modality (or of all of
+them, for the joint job), checkpointing into the store, then publishing the final adapter to
+adapters/ddft/<modality>/v<N>/.
+
+A job is identified by a fingerprint of what decides its result (its settings, the prepared data
+versions, the base). The Ray Train run is named after it, so a worker that dies, or a driver
+that is resubmitted, resumes from the run's latest checkpoint; and a job whose adapter was
+already published from the same fingerprint is not retrained unless forced.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ddft.adapters.registry import PLATFORM_OWNER, publish
-from ddft.config import JobConfig, PipelineConfig
-from ddft.data.prepare import latest_version, read_prepared
-from ddft.models.load import base_info
+from ddft.adapters.registry import PLATFORM_OWNER, publish, read_manifest
+from ddft.config import MODALITIES, JobConfig, PipelineConfig
+from ddft.data.prepare import latest_version, prepared_key, read_prepared, shard_columns
+from ddft.models.load import BaseInfo, base_info
 from ddft.store import Store
 from ddft.train.loop import train_loop
 
@@ -19,57 +27,122 @@ from ddft.train.loop import train_loop
 class JobResult:
     name: str
     modality: str
-    status: str  # "succeeded" | "failed"
+    status: str  # "succeeded" | "skipped" (already published from the same fingerprint) | "failed"
     started: float
     ended: float
     steps: int = 0
     losses: list = field(default_factory=list)
-    tokens_per_s: float = 0.0
+    val_losses: list = field(default_factory=list)
+    tokens_per_s: float = 0.0  # over training steps only: set-up and restarts are not counted
+    resumed_from: list = field(default_factory=list)  # steps a restarted worker went on from
     adapter: str | None = None  # store URI of the published version
     error: str | None = None
 
 
-def loop_config(cfg: PipelineConfig, job: JobConfig, num_rows: int) -> dict:
+def job_modalities(job: JobConfig) -> tuple[str, ...]:
+    return MODALITIES if job.modality == "joint" else (job.modality,)
+
+
+def dataset_versions(store: Store, job: JobConfig) -> dict[str, str]:
+    return {m: job.dataset_version or latest_version(store, m) for m in job_modalities(job)}
+
+
+def job_fingerprint(job: JobConfig, versions: dict[str, str], base: BaseInfo) -> str:
+    """What decides the trained weights; not where they run (CPUs, GPUs) or how often they are saved."""
+    settings = job.model_dump(mode="json", exclude={"max_failures": True, "optim": {"checkpoint_every"},
+                                                    "resources": {"cpus_per_worker", "gpus_per_worker"}})
+    blob = json.dumps({"job": settings, "data": versions, "base": base.fingerprint}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def run_name(job: JobConfig, fingerprint: str) -> str:
+    return f"{job.name}-{fingerprint}"
+
+
+def _datasets(store: Store, versions: dict[str, str], seed: int) -> tuple[dict, int, bool]:
+    """Train (and val, when there is any) datasets; the joint job's modalities shuffled together."""
+    def read(split: str):
+        parts = [read_prepared(store, m, v, split=split) for m, v in versions.items()]
+        ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+        return ds.random_shuffle(seed=seed) if len(parts) > 1 else ds
+
+    # Materialized first: train workers may hold every CPU, and a lazy read would then starve.
+    train = read("train").materialize()
+    has_val = any("val" in shard_columns(store, prepared_key(m, v), ("split",)).column("split").to_pylist()
+                  for m, v in versions.items())
+    datasets = {"train": train} | ({"val": read("val").materialize()} if has_val else {})
+    return datasets, train.count(), has_val
+
+
+def loop_config(cfg: PipelineConfig, job: JobConfig, num_rows: int, has_val: bool = False) -> dict:
     """Everything a worker needs, as plain data (it crosses process boundaries)."""
     return {"store": cfg.store.model_dump() | {"uri": Store.from_config(cfg.store).uri},  # absolute
-            "base_id": cfg.base.id, "modality": job.modality, "num_rows": num_rows,
+            "base_id": cfg.base.id, "modality": job.modality, "num_rows": num_rows, "has_val": has_val,
             "lora": job.lora.model_dump(), "optim": job.optim.model_dump(), "precision": job.precision,
             "gradient_checkpointing": job.gradient_checkpointing}
 
 
-def run_job(cfg: PipelineConfig, job: JobConfig) -> JobResult:
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+def _skipped(store: Store, job: JobConfig, fingerprint: str, started: float) -> JobResult | None:
+    """The already published adapter of this exact job, if there is one."""
+    manifest = read_manifest(store, PLATFORM_OWNER, job.modality)
+    if not manifest or manifest.metrics.get("job_fingerprint") != fingerprint:
+        return None
+    m = manifest.metrics
+    return JobResult(job.name, job.modality, "skipped", started, time.time(), steps=m.get("steps", 0),
+                     losses=[m.get("first_loss"), m.get("last_loss")], val_losses=m.get("val_losses", []),
+                     tokens_per_s=m.get("tokens_per_s", 0.0), adapter=store.url(manifest.key))
+
+
+def run_job(cfg: PipelineConfig, job: JobConfig, force: bool = False) -> JobResult:
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    # --- what to run ---
     started = time.time()
     store = Store.from_config(cfg.store)
     base = base_info(store, cfg.base.id)
-    version = job.dataset_version or latest_version(store, job.modality)
-    # Materialized first: train workers may hold every CPU, and a lazy read would then starve.
-    train_ds = read_prepared(store, job.modality, version).materialize()
-    num_rows = train_ds.count()
+    versions = dataset_versions(store, job)
+    fingerprint = job_fingerprint(job, versions, base)
+    if not force and (done := _skipped(store, job, fingerprint, started)):
+        return done
+    name = run_name(job, fingerprint) + (time.strftime("-%Y%m%d-%H%M%S") if force else "")
+
+    # --- train: the same name resumes the run's latest checkpoint (after a crash or a resubmit) ---
+    datasets, num_rows, has_val = _datasets(store, versions, job.optim.seed)
     if num_rows == 0:
-        raise ValueError(f"job {job.name}: prepared {job.modality} data {version} has no train rows")
+        raise ValueError(f"job {job.name}: prepared data {versions} has no train rows")
+    ingest = ray.train.DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # the same order on every run: a resumed run skips exactly what it saw
     fs, runs_path = store.fs_path("runs")
     res = job.resources
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=loop_config(cfg, job, num_rows),
+        train_loop_config=loop_config(cfg, job, num_rows, has_val),
         scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.gpus_per_worker > 0,
                                      resources_per_worker={"CPU": res.cpus_per_worker,
                                                            "GPU": res.gpus_per_worker}),
-        run_config=RunConfig(name=f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=runs_path,
-                             storage_filesystem=fs, checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={"train": train_ds},
+        run_config=RunConfig(name=name, storage_path=runs_path, storage_filesystem=fs,
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=job.max_failures),
+                             # Named in the workers' environment: logs, `ps e` and operators can tell jobs apart.
+                             worker_runtime_env={"env_vars": {"DDFT_JOB": job.name, "DDFT_RUN": name}}),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(execution_options=ingest),
     )
     result = trainer.fit()
+
+    # --- publish the final checkpoint's adapter ---
     with result.checkpoint.as_directory() as ckpt:
         state = json.loads((Path(ckpt) / "train_state.json").read_text())
+        tokens_per_s = state["tokens"] / max(state["seconds"], 1e-9)
         manifest = publish(store, Path(ckpt) / "adapter", owner=PLATFORM_OWNER, name=job.modality,
                            modality=job.modality, base=base, source="trained",
-                           metrics={"job": job.name, "dataset_version": version, "steps": state["step"],
-                                    "first_loss": state["losses"][0], "last_loss": state["losses"][-1],
+                           metrics={"job": job.name, "job_fingerprint": fingerprint, "dataset_versions": versions,
+                                    "steps": state["step"], "first_loss": state["losses"][0],
+                                    "last_loss": state["losses"][-1], "val_losses": state["val_losses"],
+                                    "tokens_per_s": round(tokens_per_s, 2), "resumed_from": state["resumed_from"],
                                     "run": result.path})
     return JobResult(job.name, job.modality, "succeeded", started, time.time(), steps=state["step"],
-                     losses=state["losses"], tokens_per_s=state["tokens"] / max(state["seconds"], 1e-9),
-                     adapter=store.url(manifest.key))
+                     losses=state["losses"], val_losses=state["val_losses"], tokens_per_s=tokens_per_s,
+                     resumed_from=state["resumed_from"], adapter=store.url(manifest.key))

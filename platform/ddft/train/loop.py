@@ -1,5 +1,7 @@
 """The per-worker LoRA training loop run by Ray Train, top to bottom:
-setup (base + LoRA + optimizer), train (streaming the prepared shard), checkpoint, report."""
+setup (base + LoRA + optimizer, or resume from the latest checkpoint), train (streaming the
+prepared shard), validate each epoch, checkpoint (adapter + optimizer + scheduler + data
+position), report."""
 from __future__ import annotations
 
 import json
@@ -36,24 +38,68 @@ def param_groups(model, optim: dict) -> list[dict]:
     return groups
 
 
-def collate(rows: dict, processor, modality: str) -> dict:
-    """A numpy batch of prepared rows -> model inputs (left-padded, pixels normalized)."""
+def collate(rows: dict, processor) -> dict:
+    """A numpy batch of prepared rows -> model inputs (left-padded, pixels normalized).
+    Rows may mix modalities (the joint job): each row's pixel_shape says which it is."""
     from ddft.prompts import pad_batch, pixel_inputs
 
     n = len(rows["input_ids"])
     batch = pad_batch([{"input_ids": rows["input_ids"][i], "labels": rows["labels"][i]} for i in range(n)],
                       processor.tokenizer.pad_token_id)
-    if modality != "text":
-        pixels = [np.frombuffer(rows["pixels"][i], dtype=np.uint8).reshape(rows["pixel_shape"][i])
-                  for i in range(n)]
-        batch.update(pixel_inputs(processor, modality, pixels))
+    media: dict[str, list] = {"image": [], "video": []}
+    for i in range(n):
+        shape = list(rows["pixel_shape"][i])
+        if shape:  # HxWx3 image, TxHxWx3 video; text rows have none
+            media["image" if len(shape) == 3 else "video"].append(
+                np.frombuffer(rows["pixels"][i], dtype=np.uint8).reshape(shape))
+    for modality, pixels in media.items():
+        if pixels:
+            batch.update(pixel_inputs(processor, modality, pixels))
     return batch
 
 
-def _save(model, out: Path, state: dict) -> None:
-    unwrapped = model.module if hasattr(model, "module") else model
-    unwrapped.save_pretrained(out / "adapter", safe_serialization=True)
+def new_state() -> dict:
+    # `position` = micro-batches of the current epoch already trained on (the data position).
+    return {"step": 0, "epoch": 0, "position": 0, "micro": 0, "tokens": 0, "seconds": 0.0,
+            "losses": [], "val_losses": [], "history": [], "resumed_from": []}
+
+
+def save_checkpoint(model, optimizer, scheduler, out: Path, state: dict) -> None:
+    """Everything needed to go on exactly where training stopped."""
+    model.save_pretrained(out / "adapter", safe_serialization=True)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state()}, out / "optimizer.pt")
     (out / "train_state.json").write_text(json.dumps(state, indent=2))
+
+
+def load_checkpoint(model, optimizer, scheduler, ckpt: Path) -> dict:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(ckpt / "adapter" / "adapter_model.safetensors"))
+    extra = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)  # tensors only: no code
+    optimizer.load_state_dict(extra["optimizer"])  # moves state to each parameter's device
+    scheduler.load_state_dict(extra["scheduler"])
+    torch.set_rng_state(extra["rng"])
+    return json.loads((ckpt / "train_state.json").read_text())
+
+
+def validation_loss(model, shard, processor, device, batch_size: int, world: int) -> float | None:
+    """Mean loss per answer token over this worker's val shard, averaged over all workers."""
+    if shard is None:
+        return None
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for rows in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            batch = {k: v.to(device) for k, v in collate(rows, processor).items()}
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total, count = total + model(**batch).loss.item() * n, count + n
+    model.train()
+    sums = torch.tensor([total, float(count)], dtype=torch.float64)
+    if world > 1:
+        torch.distributed.all_reduce(sums)
+    return float(sums[0] / sums[1]) if sums[1] else None
 
 
 def train_loop(cfg: dict) -> None:
@@ -76,45 +122,73 @@ def train_loop(cfg: dict) -> None:
     if cfg["gradient_checkpointing"]:
         base.gradient_checkpointing_enable()
     model = lora_model(base, cfg["lora"], modality)
+    peft_model = model
     optimizer = torch.optim.AdamW(param_groups(model, optim), weight_decay=optim["weight_decay"])
-    model = ray.train.torch.prepare_model(model)  # DDP over gloo/nccl when world > 1
+    model = ray.train.torch.prepare_model(model)  # to the device; DDP over gloo/nccl when world > 1
     device = ray.train.torch.get_device()
     per_epoch = math.ceil(cfg["num_rows"] / (optim["batch_size"] * optim["grad_accum"] * world))
     total = optim["max_steps"] or optim["epochs"] * per_epoch
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(optim["warmup_ratio"] * total), total)
+    state = new_state()
+    latest = ray.train.get_checkpoint()  # set when Ray Train restarts us after a failure
+    if latest:
+        with latest.as_directory() as ckpt:
+            state = load_checkpoint(peft_model, optimizer, scheduler, Path(ckpt))
+        state["resumed_from"].append(state["step"])
     shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if cfg["has_val"] else None
+
+    def report(metrics: dict, checkpoint: bool) -> None:
+        """Rank 0 writes the checkpoint; every rank reports (report is a barrier)."""
+        if not checkpoint:
+            return ray.train.report(metrics)
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                save_checkpoint(peft_model, optimizer, scheduler, Path(tmp), state)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+
+    def validate(metrics: dict) -> None:
+        loss = validation_loss(model, val_shard, processor, device, optim["batch_size"], world)
+        if loss is not None:
+            state["val_losses"].append({"epoch": state["epoch"], "step": state["step"], "loss": round(loss, 5)})
+            metrics["val_loss"] = loss
 
     # --- train ---
-    step, micro, history, tokens, t0 = 0, 0, [], 0, time.time()
     model.train()
-    while step < total:
-        for rows in shard.iter_batches(batch_size=optim["batch_size"], batch_format="numpy"):
-            batch = {k: v.to(device) for k, v in collate(rows, processor, modality).items()}
+    while state["step"] < total:
+        started = time.time()
+        for i, rows in enumerate(shard.iter_batches(batch_size=optim["batch_size"], batch_format="numpy")):
+            if i < state["position"]:
+                continue  # trained on before the restart
+            batch = {k: v.to(device) for k, v in collate(rows, processor).items()}
             loss = model(**batch).loss
             (loss / optim["grad_accum"]).backward()
-            tokens += int((batch["labels"] != -100).sum())
-            micro += 1
-            if micro % optim["grad_accum"]:
+            state["tokens"] += int((batch["labels"] != -100).sum())
+            state["position"], state["micro"] = i + 1, state["micro"] + 1
+            if state["micro"] % optim["grad_accum"]:
                 continue
             torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
-            history.append(round(loss.item(), 5))
-            metrics = {"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
-                       "tokens_per_s": tokens / (time.time() - t0)}
+            state["step"] += 1
+            state["seconds"] += time.time() - started
+            started = time.time()
+            state["losses"].append(round(loss.item(), 5))
+            state["history"].append({"step": state["step"], "tokens": state["tokens"],
+                                     "seconds": round(state["seconds"], 4)})
+            metrics = {"step": state["step"], "epoch": state["epoch"], "loss": loss.item(),
+                       "lr": scheduler.get_last_lr()[0], "tokens": state["tokens"],
+                       "tokens_per_s": state["tokens"] / max(state["seconds"], 1e-9)}
+            done = state["step"] >= total
+            if done:
+                validate(metrics)
             every = optim["checkpoint_every"]
-            if (every and step % every == 0) or step == total:
-                # --- checkpoint: rank 0 writes, every rank reports (report is a barrier) ---
-                with tempfile.TemporaryDirectory() as tmp:
-                    checkpoint = None
-                    if rank == 0:
-                        _save(model, Path(tmp), {"step": step, "total_steps": total, "losses": history,
-                                                 "tokens": tokens, "seconds": time.time() - t0})
-                        checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                    ray.train.report(metrics, checkpoint=checkpoint)
-            else:
-                ray.train.report(metrics)
-            if step >= total:
+            report(metrics, checkpoint=done or bool(every and state["step"] % every == 0))
+            if done:
                 break
+        else:  # a full pass over the data: the epoch ends with a validation loss
+            state["epoch"], state["position"] = state["epoch"] + 1, 0
+            metrics = {"step": state["step"], "epoch": state["epoch"]}
+            validate(metrics)
+            report(metrics, checkpoint=False)
