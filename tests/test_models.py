@@ -44,13 +44,3 @@ def test_missing_base_names_the_store_path(tmp_path):
 
 def test_smollm2_gguf_is_installed():
     assert smollm2_gguf().suffix == ".gguf"
-
-
-@pytest.mark.slow
-def test_embedded_base_builds_and_answers(tmp_path):
-    info = ensure_base(Store(str(tmp_path)), "embedded", build="embedded")
-    model, processor = load_base(local_base_dir(Store(str(tmp_path)), "embedded"))
-    assert model.config.text_config.hidden_size == 576 and info.id == "embedded"
-    ids = processor.tokenizer("USER: Name a soup. ASSISTANT:", return_tensors="pt")
-    out = model.generate(**ids, max_new_tokens=8, do_sample=False)
-    assert out.shape[1] > ids["input_ids"].shape[1]

@@ -187,5 +187,5 @@ def test_evaluate_scores_base_and_adapters_and_records_them(prepared):
     report = evaluate.save(store, results)
     assert report.startswith(store.url("eval/")) and report.endswith(".md")
     text = store.read_text(report.removeprefix(store.uri + "/"))
-    assert "| video | base:tiny | 2 |" in text and "| video | ddft/video/v" in text
-    assert read_manifest(store, "ddft", "video").metrics["eval"]["samples"] == 2
+    assert "| held-out | video | base:tiny | 2 | 0 |" in text and "| held-out | video | ddft/video/v" in text
+    assert read_manifest(store, "ddft", "video").metrics["eval"]["held-out"]["samples"] == 2

@@ -59,7 +59,7 @@ def cmd_eval(args) -> int:
 
     cfg = _load(args.config)
     store = Store.from_config(cfg.store)
-    results = evaluate.evaluate(store, cfg.base.id, limit=args.limit, max_new_tokens=cfg.serve.max_new_tokens)
+    results = evaluate.evaluate(store, cfg.base.id, limit=args.limit, data=cfg.data)
     print(evaluate.table(results))
     print(f"written to {evaluate.save(store, results)} and into the adapters' manifests")
     return 0

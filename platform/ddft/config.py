@@ -77,6 +77,9 @@ class DataConfig(Strict):
     tasty: str = "tasty"
     tasty_split: str = "split_1"
     qa: str = "cooking_qa/qa.jsonl"
+    youcook2: str = Field("youcook2", description="YouCook2 folder under raw_prefix (youcookii_annotations_"
+                          "trainval.json + raw_videos/<subset>/<recipe_type>/<id>.*), evaluation only; "
+                          "`ddft eval` skips it when absent")
     frames: int = Field(8, ge=1, le=64, description="frames sampled per video")
     frame_strategy: Literal["uniform", "keyframe", "steps"] = Field(
         "uniform", description="uniform (frame-accurate), keyframe (nearest keyframes: far cheaper) "
@@ -105,6 +108,9 @@ class OptimSettings(Strict):
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     seed: int = 0
+    report_every: int = Field(10, ge=1, description="optimizer steps between metric reports to Ray Train "
+                              "(each step's metrics are kept with the run either way; a report can wait up to "
+                              "Ray Train's 2 s poll, so reporting every step would cap a fast job)")
     checkpoint_every: int = Field(50, ge=0, description="optimizer steps between checkpoints (adapter, optimizer, "
                                   "scheduler, data position) in the store; 0 = at the end only")
 

@@ -360,8 +360,8 @@ def write_kitchen(store: Store | str, prefix: str = "datasets/raw", *, seed: int
                   dishes: int = 6, images_per_dish: int = 8, recipes: int = 12,
                   qa_pairs: int = 60, video_seconds: float = 6.0, fps: int = 10,
                   size: tuple[int, int] = (224, 224)) -> dict:
-    """Write foodx251/, tasty/ and cooking_qa/ under `prefix`; return a summary with every
-    recipe's expected target text."""
+    """Write foodx251/, tasty/, youcook2/ (the held-out recipes, for evaluation) and cooking_qa/
+    under `prefix`; return a summary with every recipe's expected target text."""
     store = Store(store) if isinstance(store, str) else store
     if not 1 <= dishes <= len(DISHES):
         raise ValueError(f"dishes={dishes}: the kitchen knows 1..{len(DISHES)} dishes")
@@ -395,7 +395,7 @@ def write_kitchen(store: Store | str, prefix: str = "datasets/raw", *, seed: int
     classic = [list(_rng(seed, 2, i).integers(1, _MAX_ICONS + 1, len(d.foods)))
                for i, d in enumerate(menu)]
     n_frames = round(video_seconds * fps)
-    summary_recipes, splits = {}, {"train": [], "val": [], "test": []}
+    summary_recipes, splits, youcook = {}, {"train": [], "val": [], "test": []}, {}
     for r in range(recipes):
         dish_i, round_ = r % dishes, r // dishes
         dish, rng = menu[dish_i], _rng(seed, 3, r)
@@ -408,11 +408,13 @@ def write_kitchen(store: Store | str, prefix: str = "datasets/raw", *, seed: int
                              f"steps of at least {_STRIDE} frames")
         # Whole 5-frame blocks per step so csvalignment.dat is exact; leftover frames go last.
         sizes = [blocks // len(plan) + (k < blocks % len(plan)) for k in range(len(plan))]
-        scene, frames, spans, start = _Scene(dish, size, rng), [], [], 0
+        scene, frames, spans, segments, start = _Scene(dish, size, rng), [], [], [], 0
         for k, (step, nb) in enumerate(zip(plan, sizes)):
             n = nb * _STRIDE + (n_frames - blocks * _STRIDE if k == len(plan) - 1 else 0)
             frames += [scene.frame(step, t, n) for t in range(n)]
             spans.append(f"{start // _STRIDE},{start // _STRIDE + nb - 1}\n")
+            segments.append({"id": k, "segment": [round(start / fps, 2), round((start + n) / fps, 2)],
+                             "sentence": step.text})
             start += n
         rid = f"{dish.key.replace('_', '-')}-{round_ + 1}"
         ingredients = [Ingredient(s.food.name, float(s.icons * s.food.per_icon), s.food.unit, s.food.note)
@@ -423,19 +425,27 @@ def write_kitchen(store: Store | str, prefix: str = "datasets/raw", *, seed: int
         put(f"tasty/{rid}/recipe.xml", _recipe_xml(f"{dish.name.capitalize()} #{round_ + 1}",
                                                     native, steps))
         put(f"tasty/{rid}/csvalignment.dat", "".join(spans) + "-1,-1\n")
-        put(f"tasty/{rid}/recipe_video.mp4", encode_mp4(frames, fps))
+        video = encode_mp4(frames, fps)
+        put(f"tasty/{rid}/recipe_video.mp4", video)
         split = _split_of(r, dishes, recipes)
         splits[split].append(rid)
+        if split != "train":  # held-out recipes again in YouCook2's layout, for its evaluation path
+            recipe_type = str(101 + dish_i)
+            put(f"youcook2/raw_videos/validation/{recipe_type}/{rid}.mp4", video)
+            youcook[rid] = {"duration": round(n_frames / fps, 2), "subset": "validation",
+                            "recipe_type": recipe_type, "annotations": segments}
         summary_recipes[rid] = {"dish": dish.key, "split": split, "frames": n_frames,
                                 "text": format_recipe(ingredients, steps)}
     for split, ids in splits.items():
         put(f"tasty/SPLITS/split_1/{split.upper()}_split_1.txt", "".join(f"{i}\n" for i in ids))
 
+    put("youcook2/youcookii_annotations_trainval.json", json.dumps({"database": youcook}, indent=1))
+
     qa = _qa_pairs(menu, classic, _rng(seed, 4), qa_pairs)
     put("cooking_qa/qa.jsonl", "".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in qa))
     return {"prefix": prefix, "seed": seed, "dishes": [d.key for d in menu],
             "foodx": {s: len(v) for s, v in rows.items()}, "recipes": summary_recipes,
-            "splits": splits, "qa_pairs": len(qa), "files": files,
+            "splits": splits, "youcook2": sorted(youcook), "qa_pairs": len(qa), "files": files,
             "video": {"codec": video_codec(), "fps": fps, "frames": n_frames, "size": list(size)}}
 
 

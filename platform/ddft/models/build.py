@@ -62,7 +62,8 @@ def _byte_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level tokenizer (256 tokens + specials) built in memory: no files, no network."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    vocab = {tok: i for i, tok in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    # alphabet() comes from a hash set (its order changes per call): sorted, ids are the same every build.
+    vocab = {tok: i for i, tok in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()

@@ -1,8 +1,10 @@
 """Score the base and each published adapter on held-out prepared data, per modality.
 
 The held-out rows are the prepared shards' `val` (and `test`) splits; answers are generated with
-the serving engine itself (greedy), so the numbers are what users would get. The table goes to
-the store (eval/<timestamp>.{md,json}) and each adapter's scores into its manifest's metrics.
+the serving engine itself (greedy), so the numbers are what users would get. Videos in YouCook2's
+format, when the store has them, are scored too (steps against steps: YouCook2 lists no
+ingredients). The table goes to the store (eval/<timestamp>.{md,json}) and each adapter's scores
+into its manifest's metrics.
 """
 from __future__ import annotations
 
@@ -12,12 +14,16 @@ from dataclasses import asdict
 import numpy as np
 
 from ddft.adapters.registry import PLATFORM_OWNER, Manifest, read_manifest
+from ddft.config import JOINT, DataConfig
 from ddft.data.prepare import latest_version, prepared_key, shard_columns
+from ddft.prompts import QUESTIONS
 from ddft.engines.base import GenerateRequest
 from ddft.store import Store
 from ddft.train import metrics
 
 HELD_OUT = ("val", "test")
+# Room for the longest reference answer of each modality (a dish name, a QA answer, a recipe).
+MAX_NEW_TOKENS = {"image": 16, "text": 64, "video": 256}
 
 
 def held_out(store: Store, modality: str, limit: int | None = None) -> list[dict]:
@@ -27,38 +33,78 @@ def held_out(store: Store, modality: str, limit: int | None = None) -> list[dict
     return sorted(rows, key=lambda r: r["id"])[:limit]
 
 
+def youcook2_rows(store: Store, data: DataConfig, limit: int | None = None) -> tuple[list[dict], list[str]]:
+    """YouCook2 validation videos as eval rows (frames sampled like training), and the videos that
+    could not be used, each with its reason (reported, never dropped silently)."""
+    from ddft.data.formats import read_youcook2
+    from ddft.data.media import MediaError, sample_frames
+
+    root = f"{data.raw_prefix.rstrip('/')}/{data.youcook2.strip('/')}"
+    annotations = f"{root}/youcookii_annotations_trainval.json"
+    if not store.exists(annotations):
+        return [], []
+    videos = read_youcook2(store, annotations, subset="validation")
+    files = {k.rsplit("/", 1)[-1].rsplit(".", 1)[0]: k for k in store.list(f"{root}/raw_videos/validation")}
+    rows, skipped = [], [f"{vid}: {reason}" for vid, reason in videos.problems]
+    for v in videos[:limit]:
+        key = files.get(v.id)
+        if key is None:
+            skipped.append(f"{v.id}: no video under {store.url(root)}/raw_videos/validation/{v.recipe_type}/")
+            continue
+        try:
+            frames = sample_frames(store.read_bytes(key), data.frames, strategy="uniform")
+        except MediaError as err:
+            skipped.append(f"{v.id}: {err}")
+            continue
+        rows.append({"id": v.id, "question": QUESTIONS["video"], "answer": v.text, "pixels": frames})
+    return rows, skipped
+
+
 def _requests(rows: list[dict], modality: str, adapter: Manifest | None, max_new_tokens: int):
     for r in rows:
-        pixels = (np.frombuffer(r["pixels"], np.uint8).reshape(r["pixel_shape"]) if r["pixels"] else None)
+        pixels = r["pixels"]
+        if isinstance(pixels, bytes):  # a prepared row
+            pixels = np.frombuffer(pixels, np.uint8).reshape(r["pixel_shape"])
         yield GenerateRequest(modality=modality, question=r["question"], pixels=pixels, adapter=adapter,
                               max_new_tokens=max_new_tokens)
 
 
 def evaluate(store: Store, base_id: str, modalities=("image", "video", "text"), adapters: dict | None = None,
-             limit: int | None = None, max_new_tokens: int = 96, batch: int = 4) -> list[dict]:
-    """One row per (modality, model): the base, then each adapter given for that modality
-    (default: the platform's DDFT adapter); each row holds its metrics."""
+             limit: int | None = None, max_new_tokens: int | dict | None = None, batch: int = 4,
+             data: DataConfig | None = None) -> list[dict]:
+    """One row per (dataset, modality, model): the base, then each adapter given for that modality
+    (default: the platform's DDFT adapter and, when one was trained, the joint adapter beside
+    it); each row holds its metrics. With `data`, YouCook2-format videos are scored as well."""
     from ddft.engines.hf import HFEngine
 
     engine = HFEngine(store, base_id, cache_size=4)
+    joint = read_manifest(store, PLATFORM_OWNER, JOINT)
+    sets = [("held-out", m, held_out(store, m, limit), metrics.score, []) for m in modalities]
+    if data is not None and "video" in modalities:
+        rows, skipped = youcook2_rows(store, data, limit)
+        sets.append(("youcook2", "video", rows, metrics.score_steps, skipped))
     results = []
-    for modality in modalities:
-        rows = held_out(store, modality, limit)
+    for dataset, modality, rows, score, skipped in sets:
         if not rows:
             continue
-        candidates = [None] + (adapters or {}).get(modality, [read_manifest(store, PLATFORM_OWNER, modality)])
-        for adapter in candidates:
-            reqs = list(_requests(rows, modality, adapter, max_new_tokens))
+        default = [m for m in (read_manifest(store, PLATFORM_OWNER, modality), joint) if m]
+        for adapter in [None] + (adapters or {}).get(modality, default):
+            budget = max_new_tokens if isinstance(max_new_tokens, int) else \
+                {**MAX_NEW_TOKENS, **(max_new_tokens or {})}[modality]
+            reqs = list(_requests(rows, modality, adapter, budget))
             preds = [r.text for i in range(0, len(reqs), batch) for r in engine.generate(reqs[i:i + batch])]
-            scores = metrics.score(modality, preds, [r["answer"] for r in rows])
-            results.append({"modality": modality, "model": adapter.ref if adapter else f"base:{base_id}",
-                            "samples": len(rows), **scores,
+            scores = score(*([modality] if score is metrics.score else []), preds, [r["answer"] for r in rows])
+            results.append({"dataset": dataset, "modality": modality,
+                            "model": adapter.ref if adapter else f"base:{base_id}", "samples": len(rows),
+                            "skipped": len(skipped), **scores,
                             "example": {"id": rows[0]["id"], "prediction": preds[0], "reference": rows[0]["answer"]}})
+            if skipped:
+                results[-1]["skipped_reasons"] = skipped[:5]
     return results
 
 
 def table(results: list[dict]) -> str:
-    columns = ["modality", "model", "samples", "accuracy", "rouge_l", "bleu4", "ingredient_f1",
+    columns = ["dataset", "modality", "model", "samples", "skipped", "accuracy", "rouge_l", "bleu4", "ingredient_f1",
                "quantity_accuracy", "step_count_error"]
     return metrics.markdown_table(results, columns)
 
@@ -74,8 +120,9 @@ def save(store: Store, results: list[dict]) -> str:
             continue
         owner, name, version = r["model"].split("/")
         manifest = read_manifest(store, owner, name, int(version.lstrip("v")))
-        scores = {k: v for k, v in r.items() if k not in ("modality", "model", "example")}
-        manifest.metrics = {**manifest.metrics, "eval": {**scores, "report": store.url(f"{key}.md")}}
+        scores = {k: v for k, v in r.items() if k not in ("dataset", "modality", "model", "example")}
+        evals = {**manifest.metrics.get("eval", {}), r["dataset"]: {**scores, "report": store.url(f"{key}.md")}}
+        manifest.metrics = {**manifest.metrics, "eval": evals}
         store.write_json(f"{manifest.key}/manifest.json", asdict(manifest))
     return store.url(f"{key}.md")
 

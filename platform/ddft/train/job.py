@@ -36,6 +36,7 @@ class JobResult:
     tokens_per_s: float = 0.0  # over training steps only: set-up and restarts are not counted
     resumed_from: list = field(default_factory=list)  # steps a restarted worker went on from
     adapter: str | None = None  # store URI of the published version
+    run: str | None = None  # store URI of the Ray Train run (checkpoints, metrics)
     error: str | None = None
 
 
@@ -93,7 +94,9 @@ def _skipped(store: Store, job: JobConfig, fingerprint: str, started: float) -> 
                      tokens_per_s=m.get("tokens_per_s", 0.0), adapter=store.url(manifest.key))
 
 
-def run_job(cfg: PipelineConfig, job: JobConfig, force: bool = False) -> JobResult:
+def run_job(cfg: PipelineConfig, job: JobConfig, force: bool = False, publish_adapter: bool = True) -> JobResult:
+    """Train one job (or find it already done) and publish its adapter; `publish_adapter=False`
+    trains without publishing (benchmarks)."""
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -136,13 +139,16 @@ def run_job(cfg: PipelineConfig, job: JobConfig, force: bool = False) -> JobResu
     with result.checkpoint.as_directory() as ckpt:
         state = json.loads((Path(ckpt) / "train_state.json").read_text())
         tokens_per_s = state["tokens"] / max(state["seconds"], 1e-9)
-        manifest = publish(store, Path(ckpt) / "adapter", owner=PLATFORM_OWNER, name=job.modality,
-                           modality=job.modality, base=base, source="trained",
-                           metrics={"job": job.name, "job_fingerprint": fingerprint, "dataset_versions": versions,
-                                    "steps": state["step"], "first_loss": state["losses"][0],
-                                    "last_loss": state["losses"][-1], "val_losses": state["val_losses"],
-                                    "tokens_per_s": round(tokens_per_s, 2), "resumed_from": state["resumed_from"],
-                                    "run": result.path})
+        manifest = None
+        if publish_adapter:
+            manifest = publish(store, Path(ckpt) / "adapter", owner=PLATFORM_OWNER, name=job.modality,
+                               modality=job.modality, base=base, source="trained",
+                               metrics={"job": job.name, "job_fingerprint": fingerprint,
+                                        "dataset_versions": versions, "steps": state["step"],
+                                        "first_loss": state["losses"][0], "last_loss": state["losses"][-1],
+                                        "val_losses": state["val_losses"], "tokens_per_s": round(tokens_per_s, 2),
+                                        "resumed_from": state["resumed_from"], "run": store.url(f"runs/{name}")})
     return JobResult(job.name, job.modality, "succeeded", started, time.time(), steps=state["step"],
                      losses=state["losses"], val_losses=state["val_losses"], tokens_per_s=tokens_per_s,
-                     resumed_from=state["resumed_from"], adapter=store.url(manifest.key))
+                     resumed_from=state["resumed_from"], adapter=store.url(manifest.key) if manifest else None,
+                     run=store.url(f"runs/{name}"))

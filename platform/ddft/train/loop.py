@@ -17,9 +17,15 @@ import torch
 PROJECTOR = "multi_modal_projector"
 
 
-def lora_model(model, lora: dict, modality: str):
-    """Wrap the base with LoRA on the language model (and the projector trained fully)."""
+def lora_model(model, lora: dict, modality: str, gradient_checkpointing: bool = False):
+    """Wrap the base with LoRA on the language model (and the projector trained fully).
+
+    Gradient checkpointing is non-reentrant: the reentrant kind gives no gradients to adapters
+    behind a frozen embedding (their checkpointed inputs don't require grad)."""
     from peft import LoraConfig, get_peft_model
+
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                         target_modules=lora["target_modules"], task_type="CAUSAL_LM",
@@ -119,9 +125,7 @@ def train_loop(cfg: dict) -> None:
     store = Store(**cfg["store"])
     dtype = torch.bfloat16 if cfg["precision"] == "bf16" else torch.float32
     base, processor = load_base(local_base_dir(store, cfg["base_id"]), dtype=dtype)
-    if cfg["gradient_checkpointing"]:
-        base.gradient_checkpointing_enable()
-    model = lora_model(base, cfg["lora"], modality)
+    model = lora_model(base, cfg["lora"], modality, cfg["gradient_checkpointing"])
     peft_model = model
     optimizer = torch.optim.AdamW(param_groups(model, optim), weight_decay=optim["weight_decay"])
     model = ray.train.torch.prepare_model(model)  # to the device; DDP over gloo/nccl when world > 1
@@ -147,11 +151,13 @@ def train_loop(cfg: dict) -> None:
                 save_checkpoint(peft_model, optimizer, scheduler, Path(tmp), state)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
 
-    def validate(metrics: dict) -> None:
+    pending: dict = {}  # metrics waiting for the next report
+
+    def validate() -> None:
         loss = validation_loss(model, val_shard, processor, device, optim["batch_size"], world)
         if loss is not None:
             state["val_losses"].append({"epoch": state["epoch"], "step": state["step"], "loss": round(loss, 5)})
-            metrics["val_loss"] = loss
+            pending["val_loss"] = loss
 
     # --- train ---
     model.train()
@@ -177,18 +183,19 @@ def train_loop(cfg: dict) -> None:
             state["losses"].append(round(loss.item(), 5))
             state["history"].append({"step": state["step"], "tokens": state["tokens"],
                                      "seconds": round(state["seconds"], 4)})
-            metrics = {"step": state["step"], "epoch": state["epoch"], "loss": loss.item(),
-                       "lr": scheduler.get_last_lr()[0], "tokens": state["tokens"],
-                       "tokens_per_s": state["tokens"] / max(state["seconds"], 1e-9)}
             done = state["step"] >= total
             if done:
-                validate(metrics)
+                validate()
             every = optim["checkpoint_every"]
-            report(metrics, checkpoint=done or bool(every and state["step"] % every == 0))
+            checkpoint = done or bool(every and state["step"] % every == 0)
+            if checkpoint or state["step"] % optim["report_every"] == 0:
+                # Same steps on every rank: report is a barrier across the workers.
+                report({"step": state["step"], "epoch": state["epoch"], "loss": loss.item(),
+                        "lr": scheduler.get_last_lr()[0], "tokens": state["tokens"],
+                        "tokens_per_s": state["tokens"] / max(state["seconds"], 1e-9), **pending}, checkpoint)
+                pending.clear()
             if done:
                 break
         else:  # a full pass over the data: the epoch ends with a validation loss
             state["epoch"], state["position"] = state["epoch"] + 1, 0
-            metrics = {"step": state["step"], "epoch": state["epoch"]}
-            validate(metrics)
-            report(metrics, checkpoint=False)
+            validate()

@@ -196,6 +196,18 @@ def score_recipes(predictions: Sequence[str | None], references: Sequence[str]) 
     }
 
 
+def score_steps(predictions: Sequence[str | None], references: Sequence[str]) -> dict:
+    """Steps against steps, for references that list no ingredients (YouCook2): each side's
+    steps section (parsed), ROUGE-L and corpus BLEU-4 over it, and the step-count error."""
+    _check_lengths(predictions, references)
+    steps = [["\n".join(parse_recipe(t or "")["steps"]) for t in side] for side in (predictions, references)]
+    counts = [abs(len(parse_recipe(p or "")["steps"]) - len(parse_recipe(r)["steps"]))
+              for p, r in zip(predictions, references)]
+    n = len(counts)
+    return {"rouge_l": mean_rouge_l(*steps) if n else 0.0, "bleu4": bleu4(*steps),
+            "step_count_error": sum(counts) / n if n else None}
+
+
 def score(modality: str, predictions: Sequence[str | None], references: Sequence[str]) -> dict:
     """The metrics of one modality: image -> {"accuracy"}, video -> `score_recipes`,
     text -> {"rouge_l"}. `HEADLINE[modality]` names the key to rank by."""

@@ -1,0 +1,148 @@
+"""make bench-train: what Ray Train + Ray Data cost over a hand-written PEFT loop, on one LoRA job.
+
+Both ways train the same job of a config (default: the demo's video job on the embedded base)
+on the same prepared samples, in the same order, for the same steps, with the same code for the
+model, LoRA, optimizer and batches (ddft.train.loop), and the same torch threads:
+
+  plain  one process: the prepared train rows read from the parquet shards with pyarrow, then a
+         plain PyTorch loop (forward, backward, AdamW, cosine schedule).
+  ray    ddft.train.job.run_job: a TorchTrainer with one worker (--cpus CPUs), data through Ray
+         Data's streaming split, metrics reported every step, a checkpoint at the end, on a local
+         Ray cluster started for it. Nothing is published.
+
+Throughput is answer tokens per second over the steps after --warmup steps (steady state);
+`ray_startup_s` is the Ray run's wall time not spent in training steps (cluster-side set-up:
+materializing the data, starting the worker, loading the base; and the final checkpoint).
+The plain loop runs first, before any Ray process exists. The last stdout line is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+
+import torch  # noqa: E402
+
+from ddft import config  # noqa: E402
+from ddft.store import Store  # noqa: E402
+
+
+def steady_rate(history: list[dict], warmup: int) -> float:
+    """Tokens/s between the end of step `warmup` and the last step."""
+    a, b = history[warmup - 1], history[-1]
+    return (b["tokens"] - a["tokens"]) / (b["seconds"] - a["seconds"])
+
+
+def prepared_rows(store: Store, modality: str, version: str) -> dict:
+    """The train rows of a prepared version, in file and row order, as numpy-ready columns."""
+    from ddft.data.prepare import prepared_key, shard_columns
+
+    table = shard_columns(store, prepared_key(modality, version),
+                          ("split", "error", "input_ids", "labels", "pixels", "pixel_shape")).to_pylist()
+    rows = [r for r in table if r["error"] == "" and r["split"] == "train"]
+    return {k: [r[k] for r in rows] for k in ("input_ids", "labels", "pixels", "pixel_shape")}
+
+
+def plain_loop(cfg: config.PipelineConfig, job: config.JobConfig, steps: int, threads: int) -> list[dict]:
+    """The same job as a hand-written single-process loop; returns per-step {tokens, seconds}."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    from ddft.data.prepare import latest_version
+    from ddft.models.load import load_base, local_base_dir
+    from ddft.train.loop import collate, lora_model, param_groups
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(job.optim.seed)
+    store = Store.from_config(cfg.store)
+    rows = prepared_rows(store, job.modality, latest_version(store, job.modality))
+    base, processor = load_base(local_base_dir(store, cfg.base.id))
+    model = lora_model(base, job.lora.model_dump(), job.modality)
+    optim = job.optim
+    optimizer = torch.optim.AdamW(param_groups(model, optim.model_dump()), weight_decay=optim.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(optim.warmup_ratio * steps), steps)
+    model.train()
+    n, bs, history, tokens, seconds, i = len(rows["input_ids"]), optim.batch_size, [], 0, 0.0, 0
+    while len(history) < steps:
+        started = time.time()
+        for _ in range(optim.grad_accum):
+            idx = [(i + k) % n for k in range(bs)]
+            i = (i + bs) % n
+            batch = collate({k: [v[j] for j in idx] for k, v in rows.items()}, processor)
+            (model(**batch).loss / optim.grad_accum).backward()
+            tokens += int((batch["labels"] != -100).sum())
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds += time.time() - started
+        history.append({"step": len(history) + 1, "tokens": tokens, "seconds": seconds})
+    return history
+
+
+def ray_run(cfg: config.PipelineConfig, job: config.JobConfig) -> tuple[list[dict], float, float]:
+    """run_job on a fresh local cluster; (per-step history, wall seconds, training seconds)."""
+    from ddft.cluster import ray_session
+    from ddft.train.job import run_job
+
+    repo = str(Path(__file__).resolve().parents[1] / "platform")
+    with ray_session(num_cpus=job.resources.cpus_per_worker, runtime_env={"env_vars": {"PYTHONPATH": repo}}):
+        t0 = time.time()
+        result = run_job(cfg, job, force=True, publish_adapter=False)
+        wall = time.time() - t0
+    store = Store.from_config(cfg.store)
+    run_key = result.run.removeprefix(store.uri + "/")
+    states = [store.read_json(k) for k in store.list(run_key) if k.endswith("/train_state.json")]
+    state = max(states, key=lambda s: s["step"])
+    return state["history"], wall, state["seconds"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="jobs/configs/demo.yaml")
+    ap.add_argument("--job", default="video", help="the config's job to run (default video)")
+    ap.add_argument("--steps", type=int, default=16, help="optimizer steps each way (default 16)")
+    ap.add_argument("--warmup", type=int, default=4, help="first steps left out of the rate (default 4)")
+    ap.add_argument("--cpus", type=int, default=2, help="CPUs (torch threads) for each way (default 2)")
+    args = ap.parse_args(argv)
+    if not 0 < args.warmup < args.steps:
+        sys.exit(f"--warmup {args.warmup} must be between 1 and --steps {args.steps} - 1")
+
+    cfg = config.load(args.config)
+    base_job = cfg.job(args.job)
+    job = base_job.model_copy(update={
+        "name": f"bench-{base_job.name}",
+        "optim": base_job.optim.model_copy(update={"max_steps": args.steps, "checkpoint_every": 0}),
+        "resources": base_job.resources.model_copy(update={"num_workers": 1, "cpus_per_worker": args.cpus})})
+
+    from ddft.cluster import ray_session
+    from ddft.data.prepare import prepare_all
+
+    with ray_session(num_cpus=args.cpus):  # base in the store, data prepared (reused when unchanged)
+        for p in prepare_all(cfg.model_copy(update={"jobs": [job]})):
+            print("prepared " + p.summary(), flush=True)
+
+    plain = plain_loop(cfg, job, args.steps, args.cpus)
+    print(f"plain: {args.steps} steps, {plain[-1]['tokens']} tokens in {plain[-1]['seconds']:.1f} s", flush=True)
+    history, wall, trained = ray_run(cfg, job)
+    print(f"ray:   {len(history)} steps, {history[-1]['tokens']} tokens in {trained:.1f} s "
+          f"(run wall {wall:.1f} s)", flush=True)
+    if [h["tokens"] for h in history] != [h["tokens"] for h in plain]:
+        print("warning: the two ways saw different token counts per step", file=sys.stderr)
+
+    ray_rate, plain_rate = steady_rate(history, args.warmup), steady_rate(plain, args.warmup)
+    print(json.dumps({"bench": "train", "job": job.modality, "base": cfg.base.id, "steps": args.steps,
+                      "warmup_steps": args.warmup, "cpus": args.cpus,
+                      "ray_tokens_per_s": round(ray_rate, 2), "plain_tokens_per_s": round(plain_rate, 2),
+                      "ratio": round(ray_rate / plain_rate, 3), "ray_startup_s": round(wall - trained, 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

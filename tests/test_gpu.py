@@ -1,0 +1,106 @@
+"""The GPU paths (bf16, gradient checkpointing, the hf engine on CUDA). They skip with a reason on
+a machine without CUDA; CI has none, so they are run by hand on a GPU machine (`pytest -m gpu`)."""
+import numpy as np
+import pytest
+import torch
+
+from ddft.config import LM_TARGETS
+from ddft.models.load import ensure_base, load_base, local_base_dir
+from ddft.prompts import encode, pad_batch, pixel_inputs
+from ddft.store import Store
+from ddft.train.loop import lora_model, param_groups
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")]
+LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": LM_TARGETS, "train_projector": True}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    store = Store(str(tmp_path_factory.mktemp("gpu-store")))
+    ensure_base(store, "tiny", build="tiny")
+    return store, local_base_dir(store, "tiny")
+
+
+def _video_batch(processor, n=2):
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 255, (8, 224, 224, 3), dtype=np.uint8) for _ in range(n)]
+    batch = pad_batch([encode(processor, "video", "Give me the recipe.", "Steps:\n1. Stir.", frames=8)] * n,
+                      processor.tokenizer.pad_token_id)
+    batch.update(pixel_inputs(processor, "video", frames))
+    return {k: v.cuda() for k, v in batch.items()}
+
+
+def test_bf16_lora_with_gradient_checkpointing_learns_on_gpu(tiny):
+    _, path = tiny
+    base, processor = load_base(path, dtype=torch.bfloat16)
+    model = lora_model(base, LORA, "video", gradient_checkpointing=True).cuda()
+    assert model.base_model.model.model.language_model.is_gradient_checkpointing
+    lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert lora and all(p.dtype == torch.float32 for n, p in lora.items() if "lora_" in n)  # PEFT upcasts
+    optimizer = torch.optim.AdamW(param_groups(model, {"lr": 1e-2, "projector_lr": 1e-2}))
+    batch, losses = _video_batch(processor), []
+    for _ in range(20):
+        loss = model(**batch).loss
+        loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in lora.items() if "lora_B" in n)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses  # the random tiny base: ~5.6 -> ~4.9 in 20 steps (H200)
+    print(f"bf16 + checkpointing: loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
+          f"peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+
+
+def test_hf_engine_mixed_batch_on_gpu_matches_each_adapter_alone(tiny, tmp_path):
+    from ddft.engines.base import GenerateRequest
+    from ddft.engines.hf import HFEngine
+    from ddft.models.load import base_info
+    from tests.test_engine_hf import make_adapter
+
+    store, _ = tiny
+    base = base_info(store, "tiny")
+    adapters = [make_adapter(store, base, "text", seed, tmp_path, name=f"t{seed}") for seed in (1, 2, 3)]
+    engine = HFEngine(store, "tiny", cache_size=4, device="cuda")  # fp32: greedy tokens compare exactly
+    reqs = [GenerateRequest(modality="text", question=f"How long do I boil an egg, case {i}?",
+                            adapter=adapters[i % 3] if i % 4 else None, max_new_tokens=12) for i in range(8)]
+    mixed = [r.text for r in engine.generate(reqs)]
+    alone = [engine.generate([r])[0].text for r in reqs]
+    assert mixed == alone
+
+
+def test_video_llava_shaped_lora_step_in_bf16_on_gpu():
+    """Video-LLaVA-7B's shapes where they cost (CLIP patch 14 at 224 px: 2056 video tokens for 8
+    frames, r 128 LoRA, projector trained) on a narrower random model: a training step in bf16
+    with gradient checkpointing runs and how fast, for the GPU sizing in the README."""
+    import time
+
+    from transformers import LlamaConfig
+
+    from ddft.models.build import _assemble, _byte_tokenizer, _vision_config
+
+    torch.manual_seed(0)
+    tok = _byte_tokenizer()
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                       num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model, processor = _assemble(text, tok, _vision_config(1024, 4, 14), 14)
+    model = model.to(torch.bfloat16)
+    lora = {**LORA, "r": 128, "alpha": 256}
+    peft_model = lora_model(model, lora, "video", gradient_checkpointing=True).cuda()
+    optimizer = torch.optim.AdamW(param_groups(peft_model, {"lr": 2e-4, "projector_lr": 2e-5}))
+    batch = _video_batch(processor, n=4)
+    assert batch["input_ids"].shape[1] > 2056
+    times = []
+    for i in range(6):
+        torch.cuda.synchronize()
+        t = time.time()
+        peft_model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        torch.cuda.synchronize()
+        times.append(time.time() - t)
+    per_step = sum(times[2:]) / len(times[2:])
+    print(f"video-llava-shaped bf16 LoRA r128: batch 4 x {batch['input_ids'].shape[1]} tokens, "
+          f"{per_step * 1000:.0f} ms/step, {4 * batch['input_ids'].shape[1] / per_step:.0f} tokens/s, "
+          f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
