@@ -198,7 +198,9 @@ def _wanted(path: str) -> frozenset:
         with av.open(path) as container:
             n = container.streams.video[0].frames
         if n <= 0:  # no count in the header: count the packets
-            import decord
+            from ddft.data.media import load_decord
+
+            decord = load_decord()
             n = len(decord.VideoReader(path, num_threads=1))
         _WANTED[path] = frozenset(uniform_indices(n, FRAMES))
     return _WANTED[path]

@@ -7,12 +7,13 @@ model, LoRA, optimizer and batches (ddft.train.loop), and the same torch threads
   plain  one process: the prepared train rows read from the parquet shards with pyarrow, then a
          plain PyTorch loop (forward, backward, AdamW, cosine schedule).
   ray    ddft.train.job.run_job: a TorchTrainer with one worker (--cpus CPUs), data through Ray
-         Data's streaming split, metrics reported every step, a checkpoint at the end, on a local
-         Ray cluster started for it. Nothing is published.
+         Data's streaming split, metrics reported as the job config says, a checkpoint at the end,
+         on a local Ray cluster started for it. Nothing is published.
 
-Throughput is answer tokens per second over the steps after --warmup steps (steady state);
-`ray_startup_s` is the Ray run's wall time not spent in training steps (cluster-side set-up:
-materializing the data, starting the worker, loading the base; and the final checkpoint).
+Throughput is tokens processed (prompt, media placeholders and answer) per second, over the
+steps after --warmup steps (steady state). `ray_startup_s` is the Ray run's wall time not spent
+in training steps (materializing the data, starting the worker, loading the base; and the final
+checkpoint).
 The plain loop runs first, before any Ray process exists. The last stdout line is one JSON object.
 """
 from __future__ import annotations
@@ -76,7 +77,7 @@ def plain_loop(cfg: config.PipelineConfig, job: config.JobConfig, steps: int, th
             i = (i + bs) % n
             batch = collate({k: [v[j] for j in idx] for k, v in rows.items()}, processor)
             (model(**batch).loss / optim.grad_accum).backward()
-            tokens += int((batch["labels"] != -100).sum())
+            tokens += int(batch["attention_mask"].sum())
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
         optimizer.step()
         scheduler.step()

@@ -139,3 +139,14 @@ def test_markdown_table():
         "| ddft\\|image | 0.667 | 0.500 | 3 |"
     )
     assert markdown_table([], ["model"]) == "| model |\n|---|"
+
+
+def test_score_steps_compares_steps_with_steps():
+    from ddft.train.metrics import score_steps
+
+    ref = "Steps:\n1. Chop the onion.\n2. Stir the pot."
+    pred = "Ingredients:\n- 2 onion\nSteps:\n1. Chop the onion.\n2. Stir the pot.\n3. Enjoy!"
+    s = score_steps([pred], [ref])
+    assert s["step_count_error"] == 1 and 0.7 < s["rouge_l"] < 1 and s["bleu4"] > 0
+    assert score_steps([ref], [ref])["rouge_l"] == 1.0
+    assert score_steps([None], [ref]) == {"rouge_l": 0.0, "bleu4": 0.0, "step_count_error": 2.0}

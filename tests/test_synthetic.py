@@ -1,14 +1,16 @@
 import io
 import re
 
-import decord
 import numpy as np
 import pytest
 from PIL import Image
 
 from ddft.data.formats import read_foodx, read_qa, read_tasty
+from ddft.data.media import load_decord
 from ddft.data.synthetic import DISHES, FOODS, write_kitchen
 from ddft.store import Store
+
+decord = load_decord()  # after torch (see load_decord)
 
 SMALL = dict(dishes=3, images_per_dish=3, recipes=4, qa_pairs=20, video_seconds=3.3, fps=10)
 
@@ -33,7 +35,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     assert fa == fb
     assert fa.keys() == fc.keys()
     media = [k for k in fa if k.endswith((".jpg", ".mp4"))]
-    assert len(media) == 3 * 3 + 4
+    assert len(media) == 3 * 3 + 4 + 1  # + the held-out recipe again, in YouCook2's layout
     assert all(fa[k] != fc[k] for k in media)
     assert fa["datasets/raw/cooking_qa/qa.jsonl"] != fc["datasets/raw/cooking_qa/qa.jsonl"]
 
@@ -124,3 +126,19 @@ def test_qa_reads_back_and_agrees_with_the_videos(kitchen):
             assert a == colours.get(m.group(1), FOODS.get(m.group(1)) and FOODS[m.group(1)].colour_name)
             checked += 1
     assert checked >= 10
+
+
+def test_held_out_recipes_read_back_in_youcook2_layout(kitchen):
+    from ddft.data.formats import read_youcook2
+
+    store, summary = kitchen
+    raw = "datasets/raw"
+    held_out = sorted(summary["splits"]["val"] + summary["splits"]["test"])
+    videos = read_youcook2(store, f"{raw}/youcook2/youcookii_annotations_trainval.json", subset="validation")
+    assert not videos.problems and [v.id for v in videos] == held_out == summary["youcook2"]
+    for v in videos:
+        tasty_steps = summary["recipes"][v.id]["text"].split("Steps:\n", 1)[1].splitlines()
+        assert [f"{i}. {s}" for i, s in enumerate(v.steps, 1)] == tasty_steps[:-1]  # all but "Enjoy!"
+        assert v.segments[-1][1] == v.duration == 6.0 and v.segments[0][0] == 0.0
+        assert store.read_bytes(f"{raw}/youcook2/raw_videos/validation/{v.recipe_type}/{v.id}.mp4") == \
+            store.read_bytes(f"{raw}/tasty/{v.id}/recipe_video.mp4")

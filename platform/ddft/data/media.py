@@ -85,9 +85,21 @@ def _indices(strategy: str, spans: list | None, total: int, count: int, keys: li
     return uniform_indices(total, count)
 
 
-def _frames_decord(data: bytes, count: int, strategy: str, spans: list | None) -> np.ndarray:
+def load_decord():
+    """decord, loaded after torch: decord2's bundled libraries bring NVBLAS, and when they load
+    first torch's CPU matrix products bind to it and crash the process ("[NVBLAS] CPU Blas
+    library need to be provided", then a segfault)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch"):
+        importlib.import_module("torch")
     import decord
 
+    return decord
+
+
+def _frames_decord(data: bytes, count: int, strategy: str, spans: list | None) -> np.ndarray:
+    decord = load_decord()
     try:
         vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
         total = len(vr)

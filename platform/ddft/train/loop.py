@@ -169,7 +169,7 @@ def train_loop(cfg: dict) -> None:
             batch = {k: v.to(device) for k, v in collate(rows, processor).items()}
             loss = model(**batch).loss
             (loss / optim["grad_accum"]).backward()
-            state["tokens"] += int((batch["labels"] != -100).sum())
+            state["tokens"] += int(batch["attention_mask"].sum())  # tokens processed: prompt, media, answer
             state["position"], state["micro"] = i + 1, state["micro"] + 1
             if state["micro"] % optim["grad_accum"]:
                 continue
