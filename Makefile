@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= jobs/configs/demo.yaml
 STORE ?=
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 # Ray job entrypoints run `python`: make it this venv's.
@@ -29,7 +30,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 demo: venv
-	$(PY) jobs/demo.py --config $(CONFIG)
+	$(PY) jobs/demo.py --config $(CONFIG) $(DEMO_ARGS)
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)

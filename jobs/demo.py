@@ -71,13 +71,14 @@ def stop_cluster() -> None:
         MARKER.unlink()
 
 
-def submit_training(config_path: str, store: Store) -> list[dict]:
+def submit_training(config_path: str, store: Store, retrain: bool = False) -> list[dict]:
     """The documented command, with the store made absolute (the job's working dir is a copy)."""
     env_vars = {"DDFT_STORE": store.uri, **_aws_env()}
     cmd = [_ray_bin(), "job", "submit", "--address", DASHBOARD, "--working-dir", str(REPO),
            "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--",
-           "python", "jobs/train_all.py", "--config", config_path]
-    print("$ ray job submit --working-dir . -- python jobs/train_all.py --config", config_path)
+           "python", "jobs/train_all.py", "--config", config_path] + (["--force"] if retrain else [])
+    print("$ ray job submit --working-dir . -- python jobs/train_all.py --config", config_path,
+          "--force" if retrain else "")
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     results = None
     for line in proc.stdout:
@@ -122,14 +123,16 @@ def main() -> int | str:
     ap.add_argument("--config", default="jobs/configs/demo.yaml")
     ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local cluster")
     ap.add_argument("--keep-serving", action="store_true", help="leave the cluster and the app running")
+    ap.add_argument("--retrain", action="store_true",
+                    help="train again even when the adapters were published from the same settings and data")
     args = ap.parse_args()
     try:
-        return run(Path(args.config).resolve(), args.num_cpus, args.keep_serving)
+        return run(Path(args.config).resolve(), args.num_cpus, args.keep_serving, args.retrain)
     except (config.ConfigError, StoreError, PrepareError, client.ClientError) as err:
         return f"demo stopped: {err}"  # a clear message, not a traceback from deep inside Ray
 
 
-def run(config_path: Path, num_cpus: int, keep_serving: bool) -> int:
+def run(config_path: Path, num_cpus: int, keep_serving: bool, retrain: bool = False) -> int:
     cfg = config.load(config_path)
     store = Store.from_config(cfg.store)
     os.environ.update(RAY_AUTH)
@@ -146,7 +149,7 @@ def run(config_path: Path, num_cpus: int, keep_serving: bool) -> int:
             times["base + kitchen + prepare"] = time.time() - t
         t = time.time()
         results = submit_training(str(config_path.relative_to(REPO) if config_path.is_relative_to(REPO)
-                                      else config_path), store)
+                                      else config_path), store, retrain)
         times["train (ray job submit)"] = time.time() - t
         with ray_session(address=ADDRESS, runtime_env=RUNTIME_ENV):
             t = time.time()
@@ -166,7 +169,7 @@ def run(config_path: Path, num_cpus: int, keep_serving: bool) -> int:
         print(f"  prepared {p.summary()}\n    at {store.url(p.key)}")
     for r in results:
         print(f"  job {r['name']:6} {r['status']:9} steps {r['steps']:3}  loss {r['losses'][0]:.3f} -> "
-              f"{r['losses'][-1]:.3f}  adapter {r['adapter']}")
+              f"{r['losses'][-1]:.3f}  {r['tokens_per_s']:.0f} tokens/s  adapter {r['adapter']}")
     print(f"  recipe answered by {answers['recipe']['adapter']}; base {store.url('models/' + cfg.base.id)}")
     if keep_serving:
         print(f"  serving at http://{cfg.serve.host}:{cfg.serve.port} (stop it: make cluster-down)")
