@@ -119,6 +119,9 @@ class Resources(Strict):
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0, description="fractions let small jobs share a node")
     gpus_per_worker: float = Field(0.0, ge=0)
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads torch uses per worker; default: "
+                                      "the worker's CPUs (fewer than cores keeps concurrent jobs from "
+                                      "oversubscribing a small machine)")
 
 
 class JobConfig(Strict):

@@ -51,7 +51,7 @@ def dataset_versions(store: Store, job: JobConfig) -> dict[str, str]:
 def job_fingerprint(job: JobConfig, versions: dict[str, str], base: BaseInfo) -> str:
     """What decides the trained weights; not where they run (CPUs, GPUs) or how often they are saved."""
     settings = job.model_dump(mode="json", exclude={"max_failures": True, "optim": {"checkpoint_every"},
-                                                    "resources": {"cpus_per_worker", "gpus_per_worker"}})
+                                                    "resources": {"cpus_per_worker", "gpus_per_worker", "torch_threads"}})
     blob = json.dumps({"job": settings, "data": versions, "base": base.fingerprint}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -62,12 +62,16 @@ def run_name(job: JobConfig, fingerprint: str) -> str:
 
 def _datasets(store: Store, versions: dict[str, str], seed: int) -> tuple[dict, int, bool]:
     """Train (and val, when there is any) datasets; the joint job's modalities shuffled together."""
+    import ray
+
     def read(split: str):
         parts = [read_prepared(store, m, v, split=split) for m, v in versions.items()]
         ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
         return ds.random_shuffle(seed=seed) if len(parts) > 1 else ds
 
     # Materialized first: train workers may hold every CPU, and a lazy read would then starve.
+    # In file order, so that every run (and a resumed one) sees the same sequence.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     train = read("train").materialize()
     has_val = any("val" in shard_columns(store, prepared_key(m, v), ("split",)).column("split").to_pylist()
                   for m, v in versions.items())
@@ -80,7 +84,7 @@ def loop_config(cfg: PipelineConfig, job: JobConfig, num_rows: int, has_val: boo
     return {"store": cfg.store.model_dump() | {"uri": Store.from_config(cfg.store).uri},  # absolute
             "base_id": cfg.base.id, "modality": job.modality, "num_rows": num_rows, "has_val": has_val,
             "lora": job.lora.model_dump(), "optim": job.optim.model_dump(), "precision": job.precision,
-            "gradient_checkpointing": job.gradient_checkpointing}
+            "gradient_checkpointing": job.gradient_checkpointing, "torch_threads": job.resources.torch_threads}
 
 
 def _skipped(store: Store, job: JobConfig, fingerprint: str, started: float) -> JobResult | None:

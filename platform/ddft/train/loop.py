@@ -121,7 +121,7 @@ def train_loop(cfg: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     optim, modality = cfg["optim"], cfg["modality"]
     torch.manual_seed(optim["seed"] + rank)
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    torch.set_num_threads(cfg.get("torch_threads") or max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     store = Store(**cfg["store"])
     dtype = torch.bfloat16 if cfg["precision"] == "bf16" else torch.float32
     base, processor = load_base(local_base_dir(store, cfg["base_id"]), dtype=dtype)
