@@ -43,12 +43,11 @@ def steady_rate(history: list[dict], warmup: int) -> float:
 
 def prepared_rows(store: Store, modality: str, version: str) -> dict:
     """The train rows of a prepared version, in file and row order, as numpy-ready columns."""
-    from ddft.data.prepare import prepared_key, shard_columns
+    from ddft.data.prepare import good_rows
 
-    table = shard_columns(store, prepared_key(modality, version),
-                          ("split", "error", "input_ids", "labels", "pixels", "pixel_shape")).to_pylist()
-    rows = [r for r in table if r["error"] == "" and r["split"] == "train"]
-    return {k: [r[k] for r in rows] for k in ("input_ids", "labels", "pixels", "pixel_shape")}
+    columns = ("input_ids", "labels", "pixels", "pixel_shape")
+    rows = good_rows(store, modality, version, ("train",), columns)
+    return {k: [r[k] for r in rows] for k in columns}
 
 
 def plain_loop(cfg: config.PipelineConfig, job: config.JobConfig, steps: int, threads: int) -> list[dict]:

@@ -159,6 +159,13 @@ def shard_columns(store: Store, key: str, columns=("id", "split", "error")) -> p
     return pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=list(columns))
 
 
+def good_rows(store: Store, modality: str, version: str, splits, columns) -> list[dict]:
+    """The good (error-free) rows of some splits of a version, in file order, as dicts."""
+    cols = tuple(dict.fromkeys((*columns, "split", "error")))
+    rows = shard_columns(store, prepared_key(modality, version), cols).to_pylist()
+    return [r for r in rows if not r["error"] and r["split"] in splits]
+
+
 def prepare(store: Store, data: DataConfig, base: BaseInfo, modality: str) -> Prepared:
     """Prepare one modality; reuse the existing version when nothing changed."""
     import ray

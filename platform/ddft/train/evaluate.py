@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
+from functools import partial
 
 import numpy as np
 
 from ddft.adapters.registry import PLATFORM_OWNER, Manifest, read_manifest
 from ddft.config import JOINT, DataConfig
-from ddft.data.prepare import latest_version, prepared_key, shard_columns
+from ddft.data.prepare import good_rows, latest_version
 from ddft.prompts import QUESTIONS
 from ddft.engines.base import GenerateRequest
 from ddft.store import Store
@@ -27,9 +28,8 @@ MAX_NEW_TOKENS = {"image": 16, "text": 64, "video": 256}
 
 
 def held_out(store: Store, modality: str, limit: int | None = None) -> list[dict]:
-    key = prepared_key(modality, latest_version(store, modality))
-    cols = ("id", "split", "question", "answer", "pixels", "pixel_shape", "error")
-    rows = [r for r in shard_columns(store, key, cols).to_pylist() if not r["error"] and r["split"] in HELD_OUT]
+    rows = good_rows(store, modality, latest_version(store, modality), HELD_OUT,
+                     ("id", "question", "answer", "pixels", "pixel_shape"))
     return sorted(rows, key=lambda r: r["id"])[:limit]
 
 
@@ -79,7 +79,7 @@ def evaluate(store: Store, base_id: str, modalities=("image", "video", "text"), 
 
     engine = HFEngine(store, base_id, cache_size=4)
     joint = read_manifest(store, PLATFORM_OWNER, JOINT)
-    sets = [("held-out", m, held_out(store, m, limit), metrics.score, []) for m in modalities]
+    sets = [("held-out", m, held_out(store, m, limit), partial(metrics.score, m), []) for m in modalities]
     if data is not None and "video" in modalities:
         rows, skipped = youcook2_rows(store, data, limit)
         sets.append(("youcook2", "video", rows, metrics.score_steps, skipped))
@@ -88,12 +88,12 @@ def evaluate(store: Store, base_id: str, modalities=("image", "video", "text"), 
         if not rows:
             continue
         default = [m for m in (read_manifest(store, PLATFORM_OWNER, modality), joint) if m]
+        budget = max_new_tokens if isinstance(max_new_tokens, int) else \
+            {**MAX_NEW_TOKENS, **(max_new_tokens or {})}[modality]
         for adapter in [None] + (adapters or {}).get(modality, default):
-            budget = max_new_tokens if isinstance(max_new_tokens, int) else \
-                {**MAX_NEW_TOKENS, **(max_new_tokens or {})}[modality]
             reqs = list(_requests(rows, modality, adapter, budget))
             preds = [r.text for i in range(0, len(reqs), batch) for r in engine.generate(reqs[i:i + batch])]
-            scores = score(*([modality] if score is metrics.score else []), preds, [r["answer"] for r in rows])
+            scores = score(preds, [r["answer"] for r in rows])
             results.append({"dataset": dataset, "modality": modality,
                             "model": adapter.ref if adapter else f"base:{base_id}", "samples": len(rows),
                             "skipped": len(skipped), **scores,

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ddft.adapters.registry import PLATFORM_OWNER, publish, read_manifest
-from ddft.config import MODALITIES, JobConfig, PipelineConfig
-from ddft.data.prepare import latest_version, prepared_key, read_prepared, shard_columns
+from ddft.config import JOINT, MODALITIES, JobConfig, PipelineConfig
+from ddft.data.prepare import latest_version, prepared_key, read_prepared
 from ddft.models.load import BaseInfo, base_info
 from ddft.store import Store
 from ddft.train.loop import train_loop
@@ -41,7 +41,7 @@ class JobResult:
 
 
 def job_modalities(job: JobConfig) -> tuple[str, ...]:
-    return MODALITIES if job.modality == "joint" else (job.modality,)
+    return MODALITIES if job.modality == JOINT else (job.modality,)
 
 
 def dataset_versions(store: Store, job: JobConfig) -> dict[str, str]:
@@ -66,14 +66,13 @@ def _datasets(store: Store, versions: dict[str, str], seed: int) -> tuple[dict, 
 
     def read(split: str):
         parts = [read_prepared(store, m, v, split=split) for m, v in versions.items()]
-        ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-        return ds.random_shuffle(seed=seed) if len(parts) > 1 else ds
+        return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:]).random_shuffle(seed=seed)
 
     # Materialized first: train workers may hold every CPU, and a lazy read would then starve.
     # In file order, so that every run (and a resumed one) sees the same sequence.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     train = read("train").materialize()
-    has_val = any("val" in shard_columns(store, prepared_key(m, v), ("split",)).column("split").to_pylist()
+    has_val = any(store.read_json(f"{prepared_key(m, v)}/manifest.json")["counts"].get("val")
                   for m, v in versions.items())
     datasets = {"train": train} | ({"val": read("val").materialize()} if has_val else {})
     return datasets, train.count(), has_val
@@ -114,6 +113,7 @@ def run_job(cfg: PipelineConfig, job: JobConfig, force: bool = False, publish_ad
     if not force and (done := _skipped(store, job, fingerprint, started)):
         return done
     name = run_name(job, fingerprint) + (time.strftime("-%Y%m%d-%H%M%S") if force else "")
+    run_uri = store.url(f"runs/{name}")
 
     # --- train: the same name resumes the run's latest checkpoint (after a crash or a resubmit) ---
     datasets, num_rows, has_val = _datasets(store, versions, job.optim.seed)
@@ -151,8 +151,8 @@ def run_job(cfg: PipelineConfig, job: JobConfig, force: bool = False, publish_ad
                                         "dataset_versions": versions, "steps": state["step"],
                                         "first_loss": state["losses"][0], "last_loss": state["losses"][-1],
                                         "val_losses": state["val_losses"], "tokens_per_s": round(tokens_per_s, 2),
-                                        "resumed_from": state["resumed_from"], "run": store.url(f"runs/{name}")})
+                                        "resumed_from": state["resumed_from"], "run": run_uri})
     return JobResult(job.name, job.modality, "succeeded", started, time.time(), steps=state["step"],
                      losses=state["losses"], val_losses=state["val_losses"], tokens_per_s=tokens_per_s,
                      resumed_from=state["resumed_from"], adapter=store.url(manifest.key) if manifest else None,
-                     run=store.url(f"runs/{name}"))
+                     run=run_uri)
