@@ -1,10 +1,12 @@
-"""The serve app over real HTTP: a local Ray cluster, a file store with the tiny base and three
-published adapters (image, video, text), the app deployed with serve.run."""
+"""The serve app over real HTTP: a local Ray cluster, a file store with the tiny base, three
+platform adapters and one tenant's, the app deployed with serve.run; tenants made by the admin."""
 from __future__ import annotations
 
 import base64
 import io
+import os
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +15,13 @@ import requests
 import yaml
 
 from ddft import client
-from ddft.config import ConfigError
-from ddft.models.load import ensure_base
+from ddft.config import LM_TARGETS, ConfigError
+from ddft.models.load import ensure_base, load_base, local_base_dir
 from ddft.store import Store
 from tests.test_engine_hf import make_adapter
 
 ROOT_CONFIG = Path(__file__).resolve().parents[1] / "serve" / "config.yaml"
+ADMIN_KEY = "admin-key-for-tests-only"
 
 
 def make_mp4(frames: int = 16, size: int = 224) -> bytes:
@@ -47,20 +50,37 @@ def make_png() -> bytes:
     return buf.getvalue()
 
 
-def _free_port() -> int:
+def adapter_folder(store, out: Path, seed: int, rank: int = 8) -> Path:
+    """A PEFT LoRA folder on the tiny base's language model, as a tenant would upload it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = load_base(local_base_dir(store, "tiny"))
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LM_TARGETS,
+                                                  init_lora_weights=False))
+    peft_model.save_pretrained(out)
+    return out
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def write_config(tmp_path, store_uri: str, port: int) -> str:
+def write_config(tmp_path, store_uri: str, port: int, **serve) -> str:
     cfg = {"store": {"uri": store_uri}, "base": {"id": "tiny"},
            "jobs": [{"name": "video", "modality": "video"}],
            "serve": {"host": "127.0.0.1", "port": port, "max_new_tokens": 6, "adapter_cache_size": 4,
-                     "cpus_per_replica": 1}}
+                     "cpus_per_replica": 1, "max_adapter_mb": 2, "max_media_mb": 1, **serve}}
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
+
+
+def auth(key: str | None) -> dict:
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def test_build_app_validates_before_serve(tmp_path):
@@ -69,13 +89,14 @@ def test_build_app_validates_before_serve(tmp_path):
     with pytest.raises(ConfigError, match="config: required"):
         build_app({})
     bad = tmp_path / "bad.yaml"
-    bad.write_text("base: {id: tiny}\njobs: []\nserve: {port: 0}\n")
+    bad.write_text("base: {id: tiny}\njobs: []\nserve: {port: 0, engine: tgi}\n")
     with pytest.raises(ConfigError) as err:
         build_app({"config": str(bad)})
-    assert "jobs" in str(err.value) and "serve.port" in str(err.value)
+    assert "jobs" in str(err.value) and "serve.port" in str(err.value) and "serve.engine" in str(err.value)
 
 
-def test_serve_config_file_is_valid():
+def test_serve_config_file_is_valid(tmp_path):
+    """serve/config.yaml: Serve's own schema, and its deployment overrides name real deployments."""
     from ray.serve.schema import ServeDeploySchema
 
     text = ROOT_CONFIG.read_text()
@@ -83,19 +104,20 @@ def test_serve_config_file_is_valid():
     schema = ServeDeploySchema.model_validate(yaml.safe_load(text))
     (app,) = schema.applications
     assert app.import_path == "serve.app:build_app" and app.args == {"config": "jobs/configs/demo.yaml"}
+    model = {d.name: d for d in app.deployments}["ModelServer"]
+    assert model.autoscaling_config["max_replicas"] > model.autoscaling_config["min_replicas"] >= 1
+    store = Store(str(tmp_path / "store"))
+    ensure_base(store, "tiny", build="tiny")
+    from serve.app import build_app
 
+    from ddft import config as ddft_config
+    from serve.app import model_deployment
+    from serve.gateway import Gateway
 
-def test_upload_size_limit():
-    from starlette.requests import Request
-
-    from serve.app import MAX_UPLOAD_BYTES, ApiError, Gateway
-
-    gateway = Gateway.func_or_class
-    huge = Request({"type": "http", "headers": [(b"content-length", str(2 * MAX_UPLOAD_BYTES).encode())]})
-    with pytest.raises(ApiError) as err:
-        gateway._check_length(huge)
-    assert (err.value.status, err.value.error) == (413, "too_large") and "200 MB" in err.value.detail
-    gateway._check_length(Request({"type": "http", "headers": [(b"content-length", b"1000")]}))
+    path = write_config(tmp_path, store.uri, 8000)
+    assert build_app({"config": path}) is not None  # dry run: validated and bound, nothing deployed
+    names = {Gateway.name, model_deployment(ddft_config.load(Path(path))).name}
+    assert {d.name for d in app.deployments} <= names
 
 
 @pytest.fixture(scope="module")
@@ -111,16 +133,21 @@ def app_url(ray_cluster, tmp_path_factory):
         make_adapter(store, base, modality, seed, tmp)
     make_adapter(store, base, "text", 5, tmp, owner="tenant-acme")
     store.write_bytes("datasets/raw/clips/one.mp4", make_mp4())
-    url = run(write_config(tmp, store.uri, _free_port()))
+    os.environ["DDFT_ADMIN_KEY"] = ADMIN_KEY  # build_app reads it here, in the driver
     try:
-        yield url, store
+        url = run(write_config(tmp, store.uri, free_port()))
+    finally:
+        del os.environ["DDFT_ADMIN_KEY"]
+    keys = {t: client.add_tenant(url, t, admin_key=ADMIN_KEY) for t in ("acme", "beta")}
+    try:
+        yield url, store, keys, tmp
     finally:
         serve.shutdown()
 
 
 @pytest.mark.integration
 def test_recipe_from_upload_and_uri(app_url):
-    url, store = app_url
+    url, store, _, _ = app_url
     out = client.post_recipe(url, make_mp4())
     assert out["adapter"] == "ddft/video/v1" and out["base"] == "tiny"
     assert isinstance(out["ingredients"], list) and isinstance(out["steps"], list) and isinstance(out["text"], str)
@@ -131,38 +158,190 @@ def test_recipe_from_upload_and_uri(app_url):
 
 
 @pytest.mark.integration
-def test_generate_routes_to_the_modality_adapter(app_url):
-    url, _ = app_url
+def test_routing_per_modality_and_tenant(app_url):
+    url, _, keys, _ = app_url
     image = client.generate(url, "image", image_bytes=make_png())
     assert image["adapter"] == "ddft/image/v1" and isinstance(image["answer"], str)
-    text = client.generate(url, "text", "How long do I boil an egg?")
-    assert text["adapter"] == "ddft/text/v1" and text["base"] == "tiny"
+    assert client.generate(url, "text", "How long do I boil an egg?")["adapter"] == "ddft/text/v1"
+    # acme has its own text adapter; beta has none and falls back to the platform's
+    assert client.generate(url, "text", "Boil an egg?", api_key=keys["acme"])["adapter"] == "tenant-acme/text/v1"
+    assert client.generate(url, "text", "Boil an egg?", api_key=keys["beta"])["adapter"] == "ddft/text/v1"
+    assert client.generate(url, "image", image_bytes=make_png(), api_key=keys["acme"])["adapter"] == "ddft/image/v1"
+    explicit = client.generate(url, "text", "Boil an egg?", api_key=keys["acme"], adapter="tiny:ddft/text/v1")
+    assert explicit["adapter"] == "ddft/text/v1" and explicit["base"] == "tiny"
 
 
 @pytest.mark.integration
 def test_concurrent_requests_mix_adapters(app_url):
     """Tenants' and the platform's text adapters answer concurrently, each as it does alone."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    url, _ = app_url
-    calls = [(tenant, q) for q in ("Boil an egg?", "How much salt in pasta water?") for tenant in (None, "acme")]
-    alone = [client.generate(url, "text", q, tenant=t) for t, q in calls]
+    url, _, keys, _ = app_url
+    calls = [(key, q) for q in ("Boil an egg?", "How much salt in pasta water?") for key in (None, keys["acme"])]
+    alone = [client.generate(url, "text", q, api_key=k) for k, q in calls]
     with ThreadPoolExecutor(len(calls)) as pool:
-        together = list(pool.map(lambda c: client.generate(url, "text", c[1], tenant=c[0]), calls))
+        together = list(pool.map(lambda c: client.generate(url, "text", c[1], api_key=c[0]), calls))
     assert [r["adapter"] for r in together] == ["ddft/text/v1", "tenant-acme/text/v1"] * 2
     assert [r["answer"] for r in together] == [r["answer"] for r in alone]
-    explicit = client.generate(url, "text", "Boil an egg?", tenant="acme", adapter="tiny:ddft/text/v1")
-    assert explicit["adapter"] == "ddft/text/v1" and explicit["answer"] == alone[0]["answer"]
-    print("batch sizes:", [r["timings"]["batch_size"] for r in together])
+    assert max(r["timings"]["batch_size"] for r in together) > 1  # they did share a batch
 
 
 @pytest.mark.integration
-def test_errors_are_json_and_the_server_survives(app_url):
-    url, _ = app_url
-    garbage = requests.post(f"{url}/v1/recipes", files={"video": ("x.mp4", b"\x00not a video" * 100)}, timeout=60)
-    assert garbage.status_code == 422, garbage.text
-    assert garbage.json()["error"] == "undecodable_video" and garbage.json()["detail"]
+def test_openai_chat_completions(app_url):
+    url, _, keys, _ = app_url
+    text = client.chat(url, "tiny", [{"role": "system", "content": "You cook."},
+                                     {"role": "user", "content": "How long do I boil an egg?"}], max_tokens=4)
+    assert text["object"] == "chat.completion" and text["adapter"] == "ddft/text/v1"
+    assert text["model"] == "tiny:ddft/text/v1" and text["choices"][0]["message"]["role"] == "assistant"
+    assert text["usage"]["completion_tokens"] <= 4 and text["choices"][0]["finish_reason"] in ("stop", "length")
+    png = base64.b64encode(make_png()).decode()
+    image = client.chat(url, "tiny:ddft/image/v1", [{"role": "user", "content": [
+        {"type": "text", "text": "What dish is this?"},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}]}])
+    assert image["adapter"] == "ddft/image/v1"
+    mine = client.chat(url, "tiny", [{"role": "user", "content": "Boil an egg?"}], api_key=keys["acme"])
+    assert mine["adapter"] == "tenant-acme/text/v1"
+    for model, status, error in (("gpt-4", 404, "model_not_found"), ("tiny:tenant-acme/text/v1", 404, "unknown_adapter"),
+                                 ("tiny:nope", 404, "unknown_adapter")):
+        resp = requests.post(f"{url}/v1/chat/completions", json={"model": model, "messages": [
+            {"role": "user", "content": "Hi"}]}, timeout=60)  # anonymous: acme's adapter is not visible
+        assert (resp.status_code, resp.json()["error"]) == (status, error), resp.text
+
+
+@pytest.mark.integration
+def test_models_lists_what_each_caller_may_use(app_url):
+    url, _, keys, _ = app_url
+    platform = ["tiny", "tiny:ddft/image/v1", "tiny:ddft/text/v1", "tiny:ddft/video/v1"]
+    assert client.models(url) == platform
+    assert client.models(url, api_key=keys["acme"]) == platform + ["tiny:tenant-acme/text/v1"]
+    assert client.models(url, api_key=keys["beta"]) == platform
+
+
+@pytest.mark.integration
+def test_tenant_upload_is_served_and_private(app_url):
+    url, store, keys, tmp = app_url
+    folder = adapter_folder(store, tmp / "acme-soup", seed=11)
+    up = client.upload_adapter(url, "soup", folder, "text", api_key=keys["acme"])
+    assert up["adapter"] == "tenant-acme/soup/v1" and up["model"] == "tiny:tenant-acme/soup/v1"
+    answer = client.generate(url, "text", "Boil an egg?", api_key=keys["acme"], adapter="soup")
+    assert answer["adapter"] == "tenant-acme/soup/v1"
+    chat = client.chat(url, "tiny:tenant-acme/soup/v1", [{"role": "user", "content": "Boil an egg?"}],
+                       api_key=keys["acme"])
+    assert chat["adapter"] == "tenant-acme/soup/v1"
+    assert sorted(a["adapter"] for a in client.adapters(url, api_key=keys["acme"])) == [
+        "tenant-acme/soup/v1", "tenant-acme/text/v1"]
+    assert "tiny:tenant-acme/soup/v1" in client.models(url, api_key=keys["acme"])
+    # beta: 404 for acme's adapter in every endpoint, never a hint that it exists
+    beta = auth(keys["beta"])
+    for resp in (
+        requests.get(f"{url}/v1/adapters/soup", headers=beta, timeout=60),
+        requests.delete(f"{url}/v1/adapters/soup", headers=beta, timeout=60),
+        requests.post(f"{url}/v1/generate", json={"modality": "text", "question": "Hi", "adapter": "soup"},
+                      headers=beta, timeout=60),
+        requests.post(f"{url}/v1/generate", json={"modality": "text", "question": "Hi",
+                                                  "adapter": "tenant-acme/soup/v1"}, headers=beta, timeout=60),
+        requests.post(f"{url}/v1/chat/completions", json={"model": "tiny:tenant-acme/soup/v1", "messages": [
+            {"role": "user", "content": "Hi"}]}, headers=beta, timeout=60),
+    ):
+        assert resp.status_code == 404, resp.text
+    assert "tiny:tenant-acme/soup/v1" not in client.models(url, api_key=keys["beta"])
+    assert client.adapters(url, api_key=keys["beta"]) == []
+    # a second upload is v2 and answers next; the owner deletes both
+    client.upload_adapter(url, "soup", adapter_folder(store, tmp / "acme-soup2", seed=12), "text", api_key=keys["acme"])
+    assert client.generate(url, "text", "Hi", api_key=keys["acme"], adapter="soup")["adapter"] == "tenant-acme/soup/v2"
+    assert sorted(client.delete_adapter(url, "soup", api_key=keys["acme"])) == ["tenant-acme/soup/v1",
+                                                                                   "tenant-acme/soup/v2"]
+    gone = requests.post(f"{url}/v1/generate", json={"modality": "text", "question": "Hi", "adapter": "soup"},
+                         headers=auth(keys["acme"]), timeout=60)
+    assert (gone.status_code, gone.json()["error"]) == (404, "unknown_adapter")
+    assert not [k for k in store.list("adapters/tenant-acme") if "/soup/" in k]
+
+
+def _bad_uploads(store, tmp: Path) -> list[tuple[str, dict, int, str]]:
+    """(case, requests kwargs, status, error) for every way an upload must be refused."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    good = adapter_folder(store, tmp / "good", seed=21)
+    cfg_bytes = (good / "adapter_config.json").read_bytes()
+    weights = (good / "adapter_model.safetensors").read_bytes()
+    tensors = load_file(good / "adapter_model.safetensors")
+
+    def files(config=cfg_bytes, model=weights, model_name="adapter_model.safetensors"):
+        return {"files": [("files", ("adapter_config.json", config)), ("files", (model_name, model))],
+                "data": {"modality": "text"}}
+
+    def st(t: dict) -> bytes:
+        path = tmp / "t.safetensors"
+        save_file(t, str(path))
+        return path.read_bytes()
+
+    def config(**changes) -> bytes:
+        return json.dumps({**json.loads(cfg_bytes), **changes}).encode()
+
+    first = sorted(k for k in tensors if "lora_A" in k)[0]
+    buf = io.BytesIO()
+    torch.save(tensors, buf)
+    return [
+        ("pickle", files(model=buf.getvalue(), model_name="adapter_model.bin"), 415, "pickle_refused"),
+        ("wrong shapes", files(model=st({**tensors, first: torch.zeros(8, 7)})), 422, "wrong_shape"),
+        ("wrong base", files(config=config(base_model_name_or_path="someone/other-model")), 422, "wrong_base"),
+        ("rank too high", files(config=config(r=128)), 422, "rank_too_high"),
+        ("unknown module", files(model=st({k.replace("q_proj", "zz_proj"): v for k, v in tensors.items()})),
+         422, "unknown_module"),
+        ("truncated", files(model=weights[: len(weights) // 2]), 422, "bad_safetensors"),
+        ("missing file", {"files": [("files", ("adapter_config.json", cfg_bytes))], "data": {"modality": "text"}},
+         422, "missing_file"),
+        ("oversized", files(model=weights + b"\0" * (3 * 2**20)), 413, "too_large"),
+        ("no modality", {"files": files()["files"]}, 400, "bad_modality"),
+    ]
+
+
+@pytest.mark.integration
+def test_bad_uploads_and_keys_are_refused_and_leave_nothing(app_url):
+    url, store, keys, tmp = app_url
+    acme = auth(keys["acme"])
+    before = sorted(store.list("adapters"))
+    for case, kwargs, status, error in _bad_uploads(store, tmp):
+        resp = requests.put(f"{url}/v1/adapters/bad", headers=acme, timeout=120, **kwargs)
+        assert (resp.status_code, resp.json()["error"]) == (status, error), (case, resp.text)
+        assert resp.json()["detail"], case
+    good = adapter_folder(store, tmp / "good2", seed=22)
+    upload = {"files": [("files", (f, (good / f).read_bytes()))
+                        for f in ("adapter_config.json", "adapter_model.safetensors")], "data": {"modality": "text"}}
+    for path, headers, status, error in (
+        ("..%2F..%2Fescape", acme, 400, "bad_name"),
+        ("a/b", acme, 400, "bad_name"),
+        ("Bad Name", acme, 400, "bad_name"),
+        ("fine", {}, 401, "missing_key"),
+        ("fine", auth("ddft-not-a-real-key"), 401, "bad_key"),
+        ("fine", auth(ADMIN_KEY), 403, "admin_not_tenant"),
+    ):
+        resp = requests.put(f"{url}/v1/adapters/{path}", headers=headers, timeout=60, **upload)
+        assert (resp.status_code, resp.json()["error"]) == (status, error), (path, resp.text)
+    tenant_admin = requests.post(f"{url}/v1/tenants", json={"name": "evil"}, headers=acme, timeout=60)
+    assert (tenant_admin.status_code, tenant_admin.json()["error"]) == (403, "not_admin")
+    dup = requests.post(f"{url}/v1/tenants", json={"name": "acme"}, headers=auth(ADMIN_KEY), timeout=60)
+    assert dup.status_code == 409, dup.text
+    assert sorted(store.list("adapters")) == before  # nothing was left behind, not even staging
+    assert client.health(url)["status"] == "ok"
+    assert client.generate(url, "text", "Still there?", api_key=keys["acme"])["adapter"] == "tenant-acme/text/v1"
+
+
+@pytest.mark.integration
+def test_bad_media_and_requests_are_json_errors_and_the_server_survives(app_url):
+    url, _, _, _ = app_url
+    zero_frames = make_mp4(frames=0)
     checks = [
+        (requests.post(f"{url}/v1/recipes", files={"video": ("x.mp4", make_mp4()[:3000])}, timeout=60),
+         422, None),  # a truncated (corrupt) video
+        (requests.post(f"{url}/v1/recipes", files={"video": ("x.mp4", b"\x00not a video" * 100)}, timeout=60),
+         422, "undecodable_video"),
+        (requests.post(f"{url}/v1/recipes", files={"video": ("x.mp4", zero_frames)}, timeout=60), 422, None),
+        (requests.post(f"{url}/v1/recipes", files={"video": ("x.mp4", b"\0" * (2 * 2**20))}, timeout=60),
+         413, "too_large"),
+        (requests.post(f"{url}/v1/recipes", data=b"raw", headers={"Content-Type": "video/mp4"}, timeout=60),
+         415, "unsupported_media_type"),
         (requests.post(f"{url}/v1/generate", json={"modality": "image", "image_b64": base64.b64encode(b"nope").decode()},
                        timeout=60), 422, "unreadable_image"),
         (requests.post(f"{url}/v1/recipes", json={"video_uri": "datasets/raw/clips/missing.mp4"}, timeout=60),
@@ -176,14 +355,13 @@ def test_errors_are_json_and_the_server_survives(app_url):
         (requests.get(f"{url}/v1/nothing", timeout=60), 404, "not_found"),
         (requests.post(f"{url}/v1/generate", json={"modality": "text", "question": "Hi?", "adapter": "ddft/video/v1"},
                        timeout=60), 400, "adapter_modality"),
-        (requests.post(f"{url}/v1/generate", json={"modality": "text", "question": "Hi?",
-                                                   "adapter": "tenant-acme/text/v1"}, timeout=60),
-         404, "unknown_adapter"),  # another tenant's adapter is not yours
-        (requests.get(f"{url}/v1/models", headers={"X-Tenant": "Bad Tenant!"}, timeout=60), 400, "bad_tenant"),
+        (requests.post(f"{url}/v1/generate", json={"modality": "text", "question": "Hi?", "max_new_tokens": 10**6},
+                       timeout=60), 400, "bad_max_new_tokens"),
+        (requests.get(f"{url}/v1/models", headers={"Authorization": "Basic xyz"}, timeout=60), 401, "bad_authorization"),
     ]
     for resp, status, error in checks:
-        assert (resp.status_code, resp.json()["error"]) == (status, error), resp.text
-        assert resp.json()["detail"]
+        assert resp.status_code == status, resp.text
+        assert resp.json()["detail"] and (error is None or resp.json()["error"] == error), resp.text
     with pytest.raises(client.ClientError, match="bad_modality"):
         client.generate(url, "video", "recipe?")
     assert client.health(url)["status"] == "ok"
@@ -191,8 +369,57 @@ def test_errors_are_json_and_the_server_survives(app_url):
 
 
 @pytest.mark.integration
-def test_models_lists_base_and_adapters(app_url):
-    url, _ = app_url
-    platform = ["tiny", "tiny:ddft/image/v1", "tiny:ddft/text/v1", "tiny:ddft/video/v1"]
-    assert client.models(url) == platform
-    assert client.models(url, tenant="acme") == platform + ["tiny:tenant-acme/text/v1"]
+def test_lru_eviction_and_reload_and_metrics(app_url):
+    """Six adapters through a cache of four: evictions, then a reloaded adapter answers as before."""
+    url, store, keys, tmp = app_url
+    names = [f"lru{i}" for i in range(3)]
+    for i, name in enumerate(names):
+        client.upload_adapter(url, name, adapter_folder(store, tmp / name, seed=30 + i), "text", api_key=keys["beta"])
+    first = client.generate(url, "text", "Boil an egg?", api_key=keys["beta"], adapter="lru0")
+    for name in names[1:] + ["ddft/text/v1"]:
+        client.generate(url, "text", "Boil an egg?", api_key=keys["beta"], adapter=name)
+    client.generate(url, "image", image_bytes=make_png())
+    client.post_recipe(url, make_mp4())
+    again = client.generate(url, "text", "Boil an egg?", api_key=keys["beta"], adapter="lru0")
+    assert again["answer"] == first["answer"] and again["adapter"] == "tenant-beta/lru0/v1"
+    assert len(client.health(url)["loaded_adapters"]) <= 4
+    metrics = requests.get(f"{url}/metrics", timeout=60).text
+
+    def value(name: str) -> float:
+        return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(name + " ")
+                   or line.startswith(name + "{"))
+
+    assert value("ddft_adapter_evictions_total") >= 1 and value("ddft_adapter_loads_total") >= 6
+    assert value("ddft_adapter_misses_total") >= 6 and value("ddft_adapter_hits_total") >= 1
+    assert 'adapter="tenant-beta/lru0/v1"' in metrics and 'modality="text"' in metrics
+    assert "ddft_queue_depth" in metrics and "ddft_request_latency_seconds_bucket" in metrics
+    assert value('ddft_tokens_total{adapter="tenant-beta/lru0/v1",kind="completion",modality="text"}') > 0
+    client.delete_adapter(url, "lru0", api_key=keys["beta"])
+
+
+def test_backpressure_is_503_with_retry_after():
+    """The gateway turns Serve's full-queue error into 503 + Retry-After (and a dead replica, after
+    retries, too)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError
+
+    from ddft.engines.base import GenerateRequest
+    from serve.errors import ApiError
+    from serve.gateway import Gateway
+
+    class Handle:
+        def __init__(self, exc):
+            self.generate = SimpleNamespace(remote=lambda req: self._fail(exc))
+
+        @staticmethod
+        async def _fail(exc):
+            raise exc
+
+    for exc in (BackPressureError(num_queued_requests=9, max_queued_requests=8), RayActorError()):
+        gateway = SimpleNamespace(model=Handle(exc), s=SimpleNamespace(request_timeout_s=5))
+        with pytest.raises(ApiError) as err:
+            asyncio.run(Gateway.func_or_class._generate(gateway, GenerateRequest("text", "hi")))
+        assert err.value.status == 503 and int(err.value.headers["Retry-After"]) > 0

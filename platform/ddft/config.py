@@ -154,11 +154,22 @@ class JobConfig(Strict):
 class ServeSettings(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    engine: Literal["hf", "vllm"] = Field("hf", description="hf: transformers + PEFT (CPU or GPU); vllm: GPU bases "
+                                          "vLLM supports, in its own environment")
     max_new_tokens: int = Field(96, ge=1, le=4096)
     adapter_cache_size: int = Field(8, ge=1, description="adapters kept loaded per replica (LRU)")
-    num_replicas: int = Field(1, ge=1)
+    num_replicas: int = Field(1, ge=1, description="replicas at start (autoscaling: serve/config.yaml)")
     cpus_per_replica: float = Field(1.0, gt=0)
     gpus_per_replica: float = Field(0.0, ge=0)
+    max_batch_size: int = Field(8, ge=1, le=256, description="requests (any adapters) batched into one forward")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=5)
+    max_queued_requests: int = Field(32, ge=1, description="per replica; beyond it requests get 503 + Retry-After")
+    request_timeout_s: float = Field(300.0, gt=0)
+    max_lora_rank: int = Field(64, ge=1, description="tenant uploads with a higher rank are refused")
+    max_adapter_mb: float = Field(256.0, gt=0, description="size limit of a tenant adapter upload")
+    max_media_mb: float = Field(200.0, gt=0, description="size limit of a video or image, uploaded or by URI")
+    admin_key_env: str = Field("DDFT_ADMIN_KEY", description="environment variable holding the admin key "
+                               "(manages tenants); unset: tenant management is off")
 
 
 class PipelineConfig(Strict):

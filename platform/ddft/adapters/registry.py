@@ -155,6 +155,18 @@ def publish(store: Store, local_dir: Path, *, owner: str, name: str, modality: s
         store.delete(staging)
 
 
+def delete(store: Store, owner: str, name: str, version: int | None = None) -> list[int]:
+    """Remove one version (or all); returns the versions deleted, [] if there were none."""
+    prefix = adapter_prefix(owner, name)
+    doomed = versions(store, owner, name)
+    if version is not None:
+        doomed = [v for v in doomed if v == version]
+    for v in doomed:
+        store.delete(f"{prefix}/v{v}/manifest.json")  # first: the version stops existing at once
+        store.delete(f"{prefix}/v{v}")
+    return doomed
+
+
 def download(store: Store, manifest: Manifest, local_dir: Path) -> Path:
     """Fetch an adapter's files and check them against the manifest's hash."""
     local_dir = Path(local_dir)

@@ -24,6 +24,8 @@ class GenerateRequest:
     adapter: "Manifest | None" = None  # None: the base answers
     max_new_tokens: int = 96
     temperature: float = 0.0  # 0: greedy
+    stop: list[str] = field(default_factory=list)  # generation ends at the first of these (not returned)
+    seed: int | None = None  # sampled decoding is reproducible with a seed
 
 
 @dataclass
@@ -31,30 +33,38 @@ class GenerateResult:
     text: str
     adapter: str | None  # the adapter's ref ("ddft/video/v1"), None for the base
     base: str  # the base model id
+    finish_reason: str = "length"  # "stop" (end of sequence or a stop string) or "length" (max_new_tokens)
     timings: dict[str, Any] = field(default_factory=dict)  # seconds, token counts, batch size
 
 
 @runtime_checkable
 class Engine(Protocol):
+    base_id: str
+
     def generate(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
-        """Answer every request (in order), each with its own adapter."""
+        """Answer every request (in order), each with its own adapter, as one mixed batch."""
+
+    def load_adapter(self, manifest: "Manifest") -> str:
+        """Make an adapter resident (evicting the least recently used beyond the cache size)."""
+
+    def evict_adapter(self, ref: str) -> bool:
+        """Drop an adapter from memory now (e.g. its owner deleted it); False if it wasn't resident."""
 
     def loaded_adapters(self) -> list[str]:
         """Refs of the adapters held in memory now, least recently used first."""
 
+    def stats(self) -> dict[str, int]:
+        """Counters since start: adapter_loads, adapter_hits, adapter_misses, adapter_evictions,
+        requests, prompt_tokens, new_tokens (for /metrics)."""
 
-_VLLM_UNAVAILABLE = (
-    "the 'vllm' engine is not available yet: vLLM 0.33 has no Video-LLaVA model, needs a CUDA GPU and "
-    "pins its own torch/transformers (it lives in its own environment: pip install 'ddft[vllm]'). "
-    "Use engine 'hf' (transformers + PEFT), which serves Video-LLaVA on CPU or GPU."
-)
+
+ENGINES = {"hf": "ddft.engines.hf:HFEngine", "vllm": "ddft.engines.vllm:VLLMEngine"}
 
 
 def make_engine(kind: str, **kwargs) -> Engine:
-    """Build an engine by name, importing its module only now: 'hf' (transformers + PEFT)."""
-    if kind == "hf":
-        module = importlib.import_module("ddft.engines.hf")
-        return module.HFEngine(**kwargs)
-    if kind == "vllm":
-        raise NotImplementedError(_VLLM_UNAVAILABLE)
-    raise ValueError(f"unknown engine {kind!r}: choose 'hf' ('vllm' is planned for GPU bases)")
+    """Build an engine by name, importing its module only now: 'hf' (transformers + PEFT) or
+    'vllm' (GPU only, in its own environment; it refuses to start, saying why, where it can't)."""
+    if kind not in ENGINES:
+        raise ValueError(f"unknown engine {kind!r}: choose one of {sorted(ENGINES)}")
+    module, cls = ENGINES[kind].split(":")
+    return getattr(importlib.import_module(module), cls)(**kwargs)

@@ -1,0 +1,118 @@
+"""Tenants and their API keys, kept in the store as tenants.json with only the keys' sha256.
+
+Keys are 256 random bits, so a plain sha256 is enough (no slow KDF needed: there is nothing to
+brute-force); a key is shown once, on add or rotate, and never stored in clear.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import threading
+import time
+from datetime import datetime, timezone
+
+from ddft.adapters.registry import _NAME
+from ddft.store import Store
+
+TENANTS_KEY = "tenants.json"
+KEY_PREFIX = "ddft-"
+
+
+class TenantError(ValueError):
+    """A tenant operation that can't be done; status is the HTTP code it maps to."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def check_admin(key: str | None, admin_key: str | None) -> bool:
+    """Constant-time admin check; no admin key configured means no admin access."""
+    if not admin_key or not isinstance(key, str):
+        return False
+    return hmac.compare_digest(_digest(key), _digest(admin_key))  # equal lengths: no length leak
+
+
+class Tenants:
+    """tenants.json: {"tenants": {name: {"key_sha256": hex, "created_at": iso}}}.
+
+    Writes are whole-file read-modify-write under a lock, which is enough inside one process; two
+    processes (e.g. two serve replicas) writing at once can lose one write -- admin calls are rare,
+    so we accept that rather than add a locking protocol to the store.
+    """
+
+    def __init__(self, store: Store, cache_ttl_s: float = 2.0):
+        self.store, self.cache_ttl_s = store, cache_ttl_s
+        self._lock = threading.Lock()
+        self._cached: dict | None = None
+        self._read_at = float("-inf")
+
+    def _load(self) -> dict:
+        data = self.store.read_json(TENANTS_KEY) if self.store.exists(TENANTS_KEY) else {}
+        data.setdefault("tenants", {})
+        self._cached, self._read_at = data, time.monotonic()
+        return data
+
+    def _save(self, data: dict) -> None:
+        self.store.write_json(TENANTS_KEY, data)
+        self._cached, self._read_at = data, time.monotonic()
+
+    def _new_key(self, data: dict, name: str, created_at: str) -> str:
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        data["tenants"][name] = {"key_sha256": _digest(key).hex(), "created_at": created_at}
+        self._save(data)
+        return key
+
+    def add(self, name: str) -> str:
+        """Create a tenant; returns its key (the only time it is shown)."""
+        # the owner "tenant-<name>" must itself be a valid registry name
+        if not isinstance(name, str) or not _NAME.match(name) or not _NAME.match(f"tenant-{name}"):
+            raise TenantError(400, f"tenant name {name!r} is not allowed: use 1-57 lowercase letters, digits, "
+                                   "'.', '_' or '-', starting with a letter or digit")
+        with self._lock:
+            data = self._load()
+            if name in data["tenants"]:
+                raise TenantError(409, f"tenant {name!r} already exists: rotate its key or remove it first")
+            return self._new_key(data, name, _now())
+
+    def rotate(self, name: str) -> str:
+        """A new key for the tenant; the old one stops working at once (after the cache TTL elsewhere)."""
+        with self._lock:
+            data = self._load()
+            if name not in data["tenants"]:
+                raise TenantError(404, f"no tenant {name!r}: add it first")
+            return self._new_key(data, name, data["tenants"][name].get("created_at", _now()))
+
+    def remove(self, name: str) -> bool:
+        with self._lock:
+            data = self._load()
+            if data["tenants"].pop(name, None) is None:
+                return False
+            self._save(data)
+            return True
+
+    def names(self) -> list[str]:
+        return sorted(self._load()["tenants"])
+
+    def authenticate(self, key: str | None) -> str | None:
+        """The tenant whose key this is, or None. Compares against every tenant, always."""
+        if not isinstance(key, str) or not key:
+            return None
+        data = self._cached
+        if data is None or time.monotonic() - self._read_at > self.cache_ttl_s:
+            data = self._load()
+        digest, found = _digest(key), None
+        for name, entry in data["tenants"].items():
+            stored = bytes.fromhex(entry.get("key_sha256", ""))
+            if hmac.compare_digest(digest, stored):  # no break: the time doesn't depend on who matched
+                found = name
+        return found

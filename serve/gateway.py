@@ -1,0 +1,413 @@
+"""The HTTP ingress (FastAPI in a Serve deployment): auth, input checks, routing, metrics.
+
+No `from __future__ import annotations` here: FastAPI must see the real `Request` type through
+Serve's class-based routes.
+
+Routing (DESIGN.md): an adapter named explicitly (the caller's or the platform's) -> the
+caller's adapter for the modality -> the platform's DDFT adapter for it -> the base. Every
+answer says which adapter and base answered. Generation happens on the model replicas; media is
+decoded here in a child process; adapter uploads are validated here before they exist.
+"""
+
+import asyncio
+import re
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from ddft import config as ddft_config
+from ddft.adapters import registry
+from ddft.adapters.registry import AdapterError, Manifest
+from ddft.adapters.upload import UploadError, base_spec, publish_upload, unpack
+from ddft.engines.base import GenerateRequest
+from ddft.prompts import QUESTIONS
+from ddft.recipes import parse_recipe
+from ddft.store import Store, StoreError
+from ddft.tenants import TenantError
+from serve import errors, inputs
+from serve.auth import Auth
+from serve.decoder import Decoder
+from serve.errors import ApiError, busy
+from serve import metrics
+from serve.openai import completion, parse_chat
+
+RESOLVE_TTL_S = 2.0  # other gateways' uploads and deletes show up after this; our own at once
+ARCHIVE_TYPES = ("application/x-tar", "application/gzip", "application/x-gzip", "application/zip",
+                 "application/x-zip-compressed", "application/octet-stream")
+MB = inputs.MB
+
+api = FastAPI(title="ddft", description="Directed Domain Fine-Tuning of Video-LLaVA: one adapter per modality, "
+              "tenant adapters, one shared base")
+errors.install(api)
+
+
+@api.middleware("http")
+async def _observe(request: Request, call_next):
+    """Requests and latency by endpoint (route template), modality and adapter (set by the route)."""
+    t0 = time.perf_counter()
+    status = 500
+    try:
+        response = await call_next(request)
+        status = response.status_code
+        return response
+    finally:
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", "unmatched")
+        if endpoint not in ("/metrics", "/healthz"):
+            metrics.get().observe(endpoint, getattr(request.state, "modality", "none"),
+                            getattr(request.state, "adapter", None), status, time.perf_counter() - t0)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
+@serve.ingress(api)
+class Gateway:
+    def __init__(self, model: DeploymentHandle, cfg: ddft_config.PipelineConfig, store: Store,
+                 admin_key_sha256: str | None = None):
+        self.model, self.cfg, self.store = model, cfg, store
+        self.s = cfg.serve
+        self.base_id = cfg.base.id
+        self.auth = Auth(store, admin_key_sha256)
+        self.spec = base_spec(store, self.base_id)  # the base's LM modules: what an upload may target
+        self.decode = Decoder()
+        self.decode.warm()
+        self._resolved: dict[tuple, tuple[float, Manifest | None]] = {}
+
+    # -- adapters for a request --------------------------------------------------------------------
+    async def _resolve(self, request: Request, modality: str, tenant: str | None, explicit) -> Manifest | None:
+        """The adapter for a request; `explicit` may be "name", "name/vN", "owner/name/vN" or
+        "<base>:owner/name/vN" (a /v1/models id)."""
+        if explicit is not None and (not isinstance(explicit, str) or not explicit.strip()):
+            raise ApiError(400, "bad_adapter", "adapter must be a name like 'video', 'video/v1' or 'ddft/video/v1'")
+        if isinstance(explicit, str):
+            explicit = explicit.strip().removeprefix(self.base_id + ":")
+        request.state.modality = modality
+        key = (modality, tenant, explicit)
+        hit = self._resolved.get(key)
+        if hit and time.monotonic() - hit[0] < RESOLVE_TTL_S:
+            manifest = hit[1]
+        else:
+            try:
+                manifest = await asyncio.to_thread(self._lookup, modality, tenant, explicit)
+            except AdapterError as err:
+                raise ApiError(404, "unknown_adapter", str(err)) from None
+            except (StoreError, ValueError) as err:
+                raise ApiError(400, "bad_adapter", str(err)) from None
+            if manifest is not None and manifest.base_fingerprint != self.spec.fingerprint:
+                raise ApiError(409, "adapter_other_base", f"adapter {manifest.ref} was made for base "
+                               f"{manifest.base_model_id!r}; this server serves {self.base_id!r}")
+            self._resolved[key] = (time.monotonic(), manifest)
+        if manifest is not None and manifest.modality not in (modality, ddft_config.JOINT):
+            raise ApiError(400, "adapter_modality", f"adapter {manifest.ref} is for {manifest.modality} requests, "
+                           f"this one is {modality}")
+        request.state.adapter = manifest.ref if manifest else None
+        return manifest
+
+    def _lookup(self, modality: str, tenant: str | None, explicit: str | None) -> Manifest | None:
+        if explicit is None or explicit.count("/") != 2:
+            return registry.resolve(self.store, modality, tenant, explicit)
+        owner, name, version = explicit.split("/")  # a full ref: that owner exactly
+        if not re.fullmatch(r"v\d+", version):
+            raise ValueError(f"adapter {explicit!r}: the version is written v<N>, e.g. ddft/video/v1")
+        manifest = (registry.read_manifest(self.store, owner, name, int(version[1:]))
+                    if owner in self._owners(tenant) else None)
+        if manifest is None:  # another tenant's adapter does not exist for you
+            raise AdapterError(f"no adapter {explicit!r} for {'tenant ' + tenant if tenant else 'the platform'}; "
+                               "GET /v1/models lists what is available")
+        return manifest
+
+    @staticmethod
+    def _owners(tenant: str | None) -> set[str]:
+        return {registry.PLATFORM_OWNER} | ({f"tenant-{tenant}"} if tenant else set())
+
+    # -- generation on the model replicas ------------------------------------------------------------
+    async def _generate(self, request: GenerateRequest) -> dict:
+        handle = self.model
+        if request.adapter is not None:  # multiplexing: to a replica already holding these weights
+            handle = handle.options(multiplexed_model_id=f"{request.adapter.ref}@{request.adapter.weights_sha256[:8]}")
+        for attempt in range(3):
+            metrics.get().queue_depth.inc()
+            try:
+                response = handle.generate.remote(request)
+                out = await asyncio.wait_for(response, self.s.request_timeout_s)
+                break
+            except BackPressureError:
+                raise busy("every model replica's queue is full; retry after the Retry-After seconds") from None
+            except RayActorError:  # the replica died (killed, OOM): Serve is replacing it; try another
+                if attempt == 2:
+                    raise busy("a model replica is being replaced; retry shortly", 5) from None
+                await asyncio.sleep(0.5 * (attempt + 1))
+            except asyncio.TimeoutError:
+                response.cancel()
+                raise ApiError(504, "timeout", f"generation took over {self.s.request_timeout_s:.0f}s; retry, or "
+                               "lower max_new_tokens") from None
+            finally:
+                metrics.get().queue_depth.dec()
+        if "error" in out:
+            raise ApiError(out["status"], out["error"], out["detail"])
+        metrics.get().replica_stats(out["replica"], out["stats"])
+        result = out["result"]
+        t = result["timings"]
+        metrics.get().count_tokens(request.modality, result["adapter"], t.get("prompt_tokens", 0),
+                                   t.get("new_tokens", 0))
+        return result
+
+    @staticmethod
+    def _engine_timings(result: dict) -> dict:
+        t = result["timings"]
+        return {k: t[k] for k in ("queue_s", "batch_size", "adapters_in_batch", "new_tokens") if k in t}
+
+    def _request(self, modality: str, question: str, pixels, manifest, body: dict,
+                 tokens_field: str = "max_new_tokens") -> GenerateRequest:
+        return GenerateRequest(modality, question, pixels, manifest,
+                               inputs.max_tokens(body.get(tokens_field), self.s.max_new_tokens, tokens_field),
+                               inputs.temperature(body.get("temperature")), inputs.stop(body.get("stop")),
+                               inputs.seed(body.get("seed")))
+
+    @property
+    def _media_limit(self) -> int:
+        return int(self.s.max_media_mb * MB)
+
+    async def _media_from(self, kind: str, data: bytes | None, uri) -> tuple:
+        """Decoded pixels and the decode seconds, from bytes or a store key/URI."""
+        if data is None:
+            data = await inputs.read_store(self.store, uri, self._media_limit)
+        inputs.check_size(data, self._media_limit, kind)
+        t = time.perf_counter()
+        pixels = await self.decode(kind, data)
+        return pixels, time.perf_counter() - t
+
+    # -- inference routes ----------------------------------------------------------------------------
+    @api.post("/v1/recipes")
+    async def recipes(self, request: Request):
+        """A cooking video (multipart field `video`, or JSON {"video_uri": ...}) -> its recipe."""
+        t0 = time.perf_counter()
+        tenant = await self.auth.tenant(request)
+        request.state.modality = "video"
+        ctype = request.headers.get("content-type", "")
+        data = uri = None
+        if ctype.startswith("multipart/form-data"):
+            inputs.check_length(request, self._media_limit + MB, "video")
+            form = await request.form(max_files=1, max_fields=8)
+            upload = form.get("video")
+            if upload is None or isinstance(upload, str):
+                raise ApiError(400, "missing_video", "send the video as a multipart file field named 'video' "
+                               "(curl -F video=@clip.mp4 ...), or JSON {\"video_uri\": \"<store key or URI>\"}")
+            data = inputs.check_size(await upload.read(), self._media_limit, "video")
+            body = {k: v for k, v in form.items() if isinstance(v, str)}
+        elif ctype.startswith("application/json"):
+            body = await inputs.json_body(request)
+            if "video_uri" not in body:
+                raise ApiError(400, "missing_video", "JSON requests give {\"video_uri\": \"<store key or URI>\"}; "
+                               "or upload the file as multipart field 'video'")
+            uri = body["video_uri"]
+        else:
+            raise ApiError(415, "unsupported_media_type", f"Content-Type {ctype[:80]!r}: upload multipart/form-data "
+                           "with a 'video' file, or send application/json with video_uri")
+        manifest = await self._resolve(request, "video", tenant, body.get("adapter"))
+        gen = self._request("video", QUESTIONS["video"], None, manifest, body)
+        gen.pixels, decode_s = await self._media_from("video", data, uri)
+        t2 = time.perf_counter()
+        result = await self._generate(gen)
+        t3 = time.perf_counter()
+        recipe = parse_recipe(result["text"])
+        return {"ingredients": recipe["ingredients"], "steps": recipe["steps"], "text": result["text"],
+                "adapter": result["adapter"], "base": result["base"],
+                "timings": {"decode_s": round(decode_s, 4), "generate_s": round(t3 - t2, 4),
+                            "total_s": round(t3 - t0, 4), **self._engine_timings(result)}}
+
+    @api.post("/v1/generate")
+    async def generate(self, request: Request):
+        """{"modality": "text"|"image", "question", "image_b64" | "image_uri"} -> the answer."""
+        t0 = time.perf_counter()
+        tenant = await self.auth.tenant(request)
+        inputs.check_length(request, self._media_limit + MB)
+        body = await inputs.json_body(request)
+        modality = body.get("modality")
+        if modality == "video":
+            raise ApiError(400, "bad_modality", "videos go to POST /v1/recipes (multipart 'video' or video_uri)")
+        if modality not in ("text", "image"):
+            raise ApiError(400, "bad_modality", f"modality {str(modality)[:40]!r}: use \"text\" or \"image\"")
+        question = body.get("question", QUESTIONS.get(modality))
+        if not isinstance(question, str) or not question.strip():
+            raise ApiError(400, "missing_question", "give a non-empty \"question\" string"
+                           + (" (image questions default to the dish question)" if modality == "image" else ""))
+        data = None
+        if modality == "image":
+            given = [k for k in ("image_b64", "image_uri") if body.get(k) is not None]
+            if len(given) != 1:
+                raise ApiError(400, "missing_image", "give exactly one of image_b64 (base64 of the file) or "
+                               "image_uri (a store key or URI)")
+            if given[0] == "image_b64":
+                data = inputs.b64(body["image_b64"], "image_b64")
+        elif body.get("image_b64") is not None or body.get("image_uri") is not None:
+            raise ApiError(400, "bad_request", "a text request carries no image; use modality \"image\"")
+        manifest = await self._resolve(request, modality, tenant, body.get("adapter"))
+        gen = self._request(modality, question.strip(), None, manifest, body)
+        decode_s = 0.0
+        if modality == "image":
+            gen.pixels, decode_s = await self._media_from("image", data, body.get("image_uri"))
+        t1 = time.perf_counter()
+        result = await self._generate(gen)
+        t2 = time.perf_counter()
+        return {"answer": result["text"], "adapter": result["adapter"], "base": result["base"],
+                "finish_reason": result["finish_reason"],
+                "timings": {"decode_s": round(decode_s, 4), "generate_s": round(t2 - t1, 4),
+                            "total_s": round(t2 - t0, 4), **self._engine_timings(result)}}
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        """OpenAI-compatible; `model` is the base id or "<base>:<adapter>"; text, image_url, video_url."""
+        tenant = await self.auth.tenant(request)
+        inputs.check_length(request, self._media_limit + MB)
+        body = await inputs.json_body(request)
+        chat = parse_chat(body, self.base_id)
+        manifest = await self._resolve(request, chat.modality, tenant, chat.adapter)
+        tokens_field = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        gen = self._request(chat.modality, chat.question, None, manifest, body, tokens_field)
+        if chat.modality != "text":
+            gen.pixels, _ = await self._media_from(chat.modality, chat.media, chat.media_uri)
+        result = await self._generate(gen)
+        model = f"{self.base_id}:{result['adapter']}" if result["adapter"] else self.base_id
+        return completion(model, result)
+
+    @api.get("/v1/models")
+    async def models(self, request: Request):
+        """OpenAI-style: the base, and `<base>:<adapter ref>` for each adapter the caller may use."""
+        owners = self._owners(await self.auth.tenant(request))
+        try:
+            manifests = await asyncio.to_thread(registry.list_adapters, self.store)
+        except StoreError as err:
+            raise ApiError(502, "store_error", str(err)) from None
+        data = [{"id": self.base_id, "object": "model", "owned_by": registry.PLATFORM_OWNER, "root": self.base_id}]
+        for m in manifests:
+            if m.owner in owners and m.base_fingerprint == self.spec.fingerprint:
+                data.append({"id": f"{self.base_id}:{m.ref}", "object": "model", "owned_by": m.owner,
+                             "root": self.base_id, "parent": self.base_id, "modality": m.modality,
+                             "adapter": m.ref, "created_at": m.created_at})
+        return {"object": "list", "data": data}
+
+    # -- tenant adapters -----------------------------------------------------------------------------
+    @api.put("/v1/adapters/{name:path}")
+    async def put_adapter(self, name: str, request: Request):
+        """Upload a PEFT LoRA folder: multipart files (adapter_config.json, adapter_model.safetensors)
+        plus field `modality`, or a tar/zip body with ?modality=. Validated before it exists."""
+        tenant = await self.auth.tenant(request, required=True)
+        limit = int(self.s.max_adapter_mb * MB)
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        modality = request.query_params.get("modality")
+        try:
+            if ctype == "multipart/form-data":
+                inputs.check_length(request, limit + MB, "adapter upload")
+                form = await request.form(max_files=8, max_fields=8)
+                modality = form.get("modality") if isinstance(form.get("modality"), str) else modality
+                files = {}
+                for _, value in form.multi_items():
+                    if not isinstance(value, str):
+                        files[value.filename or ""] = inputs.check_size(await value.read(), limit, "adapter upload")
+                files = unpack(files=files, max_bytes=limit)
+            elif ctype in ARCHIVE_TYPES:
+                body = await inputs.read_body(request, limit, "adapter upload")
+                files = unpack(archive=body, content_type=ctype, max_bytes=limit)
+            else:
+                raise ApiError(415, "unsupported_media_type", f"Content-Type {ctype[:60]!r}: upload multipart/form-data "
+                               "with adapter_config.json and adapter_model.safetensors, or a .tar/.tar.gz/.zip "
+                               "of the PEFT folder")
+            manifest = await asyncio.to_thread(
+                publish_upload, self.store, files, tenant=tenant, name=name, modality=modality, spec=self.spec,
+                max_rank=self.s.max_lora_rank, max_bytes=limit)
+        except UploadError as err:
+            metrics.get().uploads.labels(str(err.status)).inc()
+            raise ApiError(err.status, err.error, err.detail) from None
+        except ApiError as err:
+            metrics.get().uploads.labels(str(err.status)).inc()
+            raise
+        metrics.get().uploads.labels("201").inc()
+        self._resolved.clear()
+        return JSONResponse(self._adapter_view(manifest), status_code=201)
+
+    def _adapter_view(self, m: Manifest) -> dict:
+        return {"adapter": m.ref, "model": f"{self.base_id}:{m.ref}", "name": m.name, "version": m.version,
+                "modality": m.modality, "rank": m.rank, "owner": m.owner, "source": m.source,
+                "created_at": m.created_at, "weights_sha256": m.weights_sha256}
+
+    @staticmethod
+    def _name_version(path: str) -> tuple[str, int | None]:
+        m = re.fullmatch(r"(.+)/v(\d+)", path)
+        return (m.group(1), int(m.group(2))) if m else (path, None)
+
+    @api.get("/v1/adapters")
+    async def list_adapters(self, request: Request):
+        tenant = await self.auth.tenant(request, required=True)
+        mine = await asyncio.to_thread(registry.list_adapters, self.store, f"tenant-{tenant}")
+        return {"adapters": [self._adapter_view(m) for m in mine]}
+
+    @api.get("/v1/adapters/{path:path}")
+    async def get_adapter(self, path: str, request: Request):
+        tenant = await self.auth.tenant(request, required=True)
+        name, version = self._name_version(path)
+        manifest = await asyncio.to_thread(self._own_manifest, tenant, name, version)
+        versions = await asyncio.to_thread(registry.versions, self.store, f"tenant-{tenant}", name)
+        return {**self._adapter_view(manifest), "versions": versions, "metrics": manifest.metrics}
+
+    def _own_manifest(self, tenant: str, name: str, version: int | None) -> Manifest:
+        try:
+            manifest = registry.read_manifest(self.store, f"tenant-{tenant}", name, version)
+        except AdapterError:
+            manifest = None
+        if manifest is None:  # the same answer whether it is someone else's or nobody's
+            raise ApiError(404, "unknown_adapter", f"you have no adapter {name!r}"
+                           + (f" version {version}" if version else "") + "; GET /v1/adapters lists yours")
+        return manifest
+
+    @api.delete("/v1/adapters/{path:path}")
+    async def delete_adapter(self, path: str, request: Request):
+        tenant = await self.auth.tenant(request, required=True)
+        name, version = self._name_version(path)
+        await asyncio.to_thread(self._own_manifest, tenant, name, version)
+        deleted = await asyncio.to_thread(registry.delete, self.store, f"tenant-{tenant}", name, version)
+        self._resolved.clear()
+        return {"deleted": [f"tenant-{tenant}/{name}/v{v}" for v in deleted]}
+
+    # -- tenants (admin key) -------------------------------------------------------------------------
+    @api.post("/v1/tenants")
+    async def add_tenant(self, request: Request):
+        await self.auth.admin(request)
+        name = (await inputs.json_body(request)).get("name")
+        try:
+            key = await asyncio.to_thread(self.auth.tenants.add, name if isinstance(name, str) else "")
+        except TenantError as err:
+            raise ApiError(err.status, "tenant_" + {400: "bad_name", 404: "unknown", 409: "exists"}[err.status],
+                           str(err)) from None
+        return JSONResponse({"name": name, "key": key, "detail": "shown once: store it now"}, status_code=201)
+
+    @api.get("/v1/tenants")
+    async def list_tenants(self, request: Request):
+        await self.auth.admin(request)
+        return {"tenants": await asyncio.to_thread(self.auth.tenants.names)}
+
+    @api.delete("/v1/tenants/{name}")
+    async def remove_tenant(self, name: str, request: Request):
+        await self.auth.admin(request)
+        if not await asyncio.to_thread(self.auth.tenants.remove, name):
+            raise ApiError(404, "tenant_unknown", f"no tenant {name[:64]!r}; GET /v1/tenants lists them")
+        return {"deleted": name}
+
+    # -- operations ----------------------------------------------------------------------------------
+    @api.get("/healthz")
+    async def healthz(self):
+        try:
+            info = await asyncio.wait_for(self.model.info.remote(), 10)
+        except Exception as err:
+            return errors.error_response(503, "unhealthy", f"no model replica answered: {type(err).__name__}: "
+                                         f"{str(err)[:200]}", {"Retry-After": "5"})
+        return {"status": "ok", **info}
+
+    @api.get("/metrics")
+    async def prometheus(self):
+        return Response(metrics.get().render(), media_type=metrics.CONTENT_TYPE)
+

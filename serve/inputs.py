@@ -1,0 +1,136 @@
+"""Reading and checking what a request sends: bodies with a size cap, JSON, store URIs, and the
+generation knobs (max tokens, temperature, stop, seed). Every refusal names the field and the fix."""
+
+import asyncio
+import base64
+import binascii
+
+from fastapi import Request
+
+from ddft.store import Store, StoreError
+from serve.errors import ApiError
+
+MB = 2**20
+
+
+def check_length(request: Request, limit: int, what: str = "request") -> None:
+    """Refuse by Content-Length before reading a byte (413)."""
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise ApiError(413, "too_large", f"the {what} is {int(length) / MB:.1f} MB; the limit is {limit / MB:.0f} MB: "
+                       "trim or re-encode the file, or put it in the store and send its URI")
+
+
+def check_size(data: bytes, limit: int, what: str) -> bytes:
+    if len(data) > limit:
+        raise ApiError(413, "too_large", f"the {what} is {len(data) / MB:.1f} MB; the limit is {limit / MB:.0f} MB: "
+                       "trim or re-encode it")
+    return data
+
+
+async def read_body(request: Request, limit: int, what: str) -> bytes:
+    """The raw body, stopped as soon as it passes `limit` (a missing or false Content-Length too)."""
+    check_length(request, limit, what)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "too_large", f"the {what} is over the {limit / MB:.0f} MB limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def json_body(request: Request) -> dict:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise ApiError(400, "bad_json", "the body is not valid JSON; send Content-Type: application/json "
+                       "with a JSON object") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_json", f"the body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def store_key(store: Store, uri) -> str:
+    """A store key from a key or a URI inside the server's store; anything else is refused."""
+    if not isinstance(uri, str) or not uri.strip():
+        raise ApiError(400, "bad_uri", f"give the media as a store key (datasets/raw/...) or a URI inside the store "
+                       f"{store.uri}")
+    uri = uri.strip()
+    if "://" in uri:
+        root = store.uri.rstrip("/") + "/"
+        if not uri.startswith(root):
+            raise ApiError(400, "uri_outside_store", f"{uri[:200]} is outside this server's store {store.uri}: "
+                           "upload the file instead, or copy it into the store and send its key")
+        uri = uri[len(root):]
+    try:
+        store.url(uri)  # validates the key
+    except StoreError as err:
+        raise ApiError(400, "bad_uri", str(err)) from None
+    return uri
+
+
+async def read_store(store: Store, uri, limit: int) -> bytes:
+    key = store_key(store, uri)
+    local = store.local_path(key)
+    if local is not None and local.is_file() and local.stat().st_size > limit:
+        raise ApiError(413, "too_large", f"{store.url(key)} is over {limit / MB:.0f} MB")
+    try:
+        data = await asyncio.to_thread(store.read_bytes, key)
+    except StoreError as err:
+        if "not found" in str(err):
+            raise ApiError(404, "not_found", str(err)) from None
+        raise ApiError(502, "store_error", str(err)) from None
+    return check_size(data, limit, "file")
+
+
+def max_tokens(value, cap: int, field: str = "max_new_tokens") -> int:
+    if value is None:
+        return cap
+    if isinstance(value, str) and value.isdigit():  # multipart form fields are strings
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= cap:
+        raise ApiError(400, f"bad_{field}", f"{field} must be an integer from 1 to {cap}")
+    return value
+
+
+def temperature(value) -> float:
+    if value is None:
+        return 0.0
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 2:
+        raise ApiError(400, "bad_temperature", "temperature must be a number from 0 (greedy) to 2")
+    return float(value)
+
+
+def stop(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if (not isinstance(value, list) or len(value) > 4
+            or not all(isinstance(s, str) and 0 < len(s) <= 64 for s in value)):
+        raise ApiError(400, "bad_stop", "stop must be a string or a list of up to 4 non-empty strings")
+    return value
+
+
+def seed(value) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
+        raise ApiError(400, "bad_seed", "seed must be a non-negative integer")
+    return value
+
+
+def b64(value, field: str) -> bytes:
+    if not isinstance(value, str):
+        raise ApiError(400, f"bad_{field}", f"{field} must be a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"bad_{field}", f"{field} is not valid base64 (standard alphabet, padded); e.g. "
+                       "base64.b64encode(open(path, 'rb').read()).decode()") from None
