@@ -20,6 +20,9 @@ def tiny_config(store_uri: str, steps: int = 8, **store_extra) -> PipelineConfig
         "data": {"synthetic": KITCHEN}, "jobs": [job(m) for m in ("image", "video", "text")]})
 
 
+METRICS_PORT_ENV = "DDFT_TEST_RAY_METRICS_PORT"
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -27,7 +30,13 @@ def ray_cluster():
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # Logical CPUs > cores on purpose: three small jobs, a Data map and a Serve replica at once.
-    with ray_session(num_cpus=6, runtime_env={"env_vars": {"PYTHONPATH": repo}}) as ray:
+    import socket
+
+    with socket.socket() as sock:  # where Ray's Prometheus exporter listens (test_train scrapes it)
+        sock.bind(("127.0.0.1", 0))
+        os.environ[METRICS_PORT_ENV] = str(sock.getsockname()[1])
+    with ray_session(num_cpus=6, runtime_env={"env_vars": {"PYTHONPATH": repo}},
+                     metrics_export_port=int(os.environ[METRICS_PORT_ENV])) as ray:
         yield ray
 
 

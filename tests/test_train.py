@@ -92,6 +92,24 @@ def _kill_after_first_checkpoint(store, run: str, proc, timeout: float = 600) ->
     raise AssertionError(f"no registered checkpoint of run {run} with a live worker appeared")
 
 
+def test_training_metrics_reach_prometheus(prepared):
+    """The job above set ray_ddft_train_* gauges; Ray's exporter serves them in Prometheus format."""
+    import requests
+
+    from tests.pipeline_fixture import METRICS_PORT_ENV
+
+    url = f"http://127.0.0.1:{os.environ[METRICS_PORT_ENV]}/metrics"
+    deadline, text = time.time() + 60, ""
+    while time.time() < deadline:  # Ray exports metrics every few seconds
+        text = requests.get(url, timeout=10).text
+        if "ray_ddft_train_loss{" in text and "ray_ddft_train_tokens_per_second{" in text:
+            break
+        time.sleep(3)
+    loss = [line for line in text.splitlines() if line.startswith("ray_ddft_train_loss{")]
+    assert loss and 'job="video"' in loss[0], text[-2000:]
+    assert 0 < float(loss[0].split()[-1]) < 10
+
+
 def test_train_all_survives_a_killed_worker_and_a_broken_job(prepared, tmp_path):
     """The real entrypoint, as `ray job submit` runs it, against the running cluster: jobs at once;
     one's worker is SIGKILLed after its first checkpoint and the job resumes to the full step

@@ -115,6 +115,7 @@ def train_loop(cfg: dict) -> None:
 
     from ddft.models.load import load_base, local_base_dir
     from ddft.store import Store
+    from ddft.train.telemetry import TrainMetrics
 
     # --- setup ---
     ctx = ray.train.get_context()
@@ -143,7 +144,9 @@ def train_loop(cfg: dict) -> None:
     val_shard = ray.train.get_dataset_shard("val") if cfg["has_val"] else None
 
     def report(metrics: dict, checkpoint: bool) -> None:
-        """Rank 0 writes the checkpoint; every rank reports (report is a barrier)."""
+        """Rank 0 writes the checkpoint and the Prometheus gauges; every rank reports (a barrier)."""
+        if telemetry:
+            telemetry.publish(metrics)
         if not checkpoint:
             return ray.train.report(metrics)
         with tempfile.TemporaryDirectory() as tmp:
@@ -152,6 +155,7 @@ def train_loop(cfg: dict) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
 
     pending: dict = {}  # metrics waiting for the next report
+    telemetry = TrainMetrics() if rank == 0 else None
 
     def validate() -> None:
         loss = validation_loss(model, val_shard, processor, device, optim["batch_size"], world)
