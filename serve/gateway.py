@@ -12,9 +12,10 @@ decoded here in a child process; adapter uploads are validated here before they 
 import asyncio
 import re
 import time
+from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
@@ -40,6 +41,7 @@ RESOLVE_TTL_S = 2.0  # other gateways' uploads and deletes show up after this; o
 ARCHIVE_TYPES = ("application/x-tar", "application/gzip", "application/x-gzip", "application/zip",
                  "application/x-zip-compressed", "application/octet-stream")
 MB = inputs.MB
+WEB_PAGE = Path(__file__).resolve().parent / "web" / "index.html"
 
 api = FastAPI(title="ddft", description="Directed Domain Fine-Tuning of Video-LLaVA: one adapter per modality, "
               "tenant adapters, one shared base")
@@ -397,7 +399,12 @@ class Gateway:
             raise ApiError(404, "tenant_unknown", f"no tenant {name[:64]!r}; GET /v1/tenants lists them")
         return {"deleted": name}
 
-    # -- operations ----------------------------------------------------------------------------------
+    # -- the page and operations ---------------------------------------------------------------------
+    @api.get("/", include_in_schema=False)
+    async def page(self):
+        """The try-a-recipe page (serve/web/index.html): a static page that calls this API."""
+        return HTMLResponse(WEB_PAGE.read_text(encoding="utf-8"))
+
     @api.get("/healthz")
     async def healthz(self):
         try:

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import base64
 import io
-import os
-import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
 import requests
 import yaml
@@ -18,36 +15,9 @@ from ddft import client
 from ddft.config import LM_TARGETS, ConfigError
 from ddft.models.load import ensure_base, load_base, local_base_dir
 from ddft.store import Store
-from tests.test_engine_hf import make_adapter
+from tests.serve_fixture import ADMIN_KEY, make_mp4, make_png, running_app, write_config
 
 ROOT_CONFIG = Path(__file__).resolve().parents[1] / "serve" / "config.yaml"
-ADMIN_KEY = "admin-key-for-tests-only"
-
-
-def make_mp4(frames: int = 16, size: int = 224) -> bytes:
-    import av
-
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as container:
-        stream = container.add_stream("mpeg4", rate=8)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for i in range(frames):
-            img = np.zeros((size, size, 3), dtype=np.uint8)
-            img[:, : (i + 1) * size // frames] = (200, 80 + 8 * i, 40)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buf.getvalue()
-
-
-def make_png() -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def adapter_folder(store, out: Path, seed: int, rank: int = 8) -> Path:
@@ -61,22 +31,6 @@ def adapter_folder(store, out: Path, seed: int, rank: int = 8) -> Path:
                                                   init_lora_weights=False))
     peft_model.save_pretrained(out)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_config(tmp_path, store_uri: str, port: int, **serve) -> str:
-    cfg = {"store": {"uri": store_uri}, "base": {"id": "tiny"},
-           "jobs": [{"name": "video", "modality": "video"}],
-           "serve": {"host": "127.0.0.1", "port": port, "max_new_tokens": 6, "adapter_cache_size": 4,
-                     "cpus_per_replica": 1, "max_adapter_mb": 2, "max_media_mb": 1, **serve}}
-    path = tmp_path / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
 
 
 def auth(key: str | None) -> dict:
@@ -122,27 +76,8 @@ def test_serve_config_file_is_valid(tmp_path):
 
 @pytest.fixture(scope="module")
 def app_url(ray_cluster, tmp_path_factory):
-    from ray import serve
-
-    from serve.app import run
-
-    tmp = tmp_path_factory.mktemp("serve")
-    store = Store(str(tmp / "store"))
-    base = ensure_base(store, "tiny", build="tiny")
-    for seed, modality in enumerate(("image", "video", "text")):
-        make_adapter(store, base, modality, seed, tmp)
-    make_adapter(store, base, "text", 5, tmp, owner="tenant-acme")
-    store.write_bytes("datasets/raw/clips/one.mp4", make_mp4())
-    os.environ["DDFT_ADMIN_KEY"] = ADMIN_KEY  # build_app reads it here, in the driver
-    try:
-        url = run(write_config(tmp, store.uri, free_port()))
-    finally:
-        del os.environ["DDFT_ADMIN_KEY"]
-    keys = {t: client.add_tenant(url, t, admin_key=ADMIN_KEY) for t in ("acme", "beta")}
-    try:
-        yield url, store, keys, tmp
-    finally:
-        serve.shutdown()
+    with running_app(tmp_path_factory.mktemp("serve")) as app:
+        yield app.url, app.store, app.keys, app.tmp
 
 
 @pytest.mark.integration

@@ -16,7 +16,8 @@ import yaml
 from ddft.models.load import ensure_base
 from ddft.store import Store
 from tests.test_engine_hf import make_adapter
-from tests.test_serve import ROOT_CONFIG, free_port, make_mp4, make_png, write_config
+from tests.serve_fixture import free_port, make_mp4, make_png, write_config
+from tests.test_serve import ROOT_CONFIG
 
 CLIENTS, SECONDS, KILL_AT_S = 16, 60, 20
 

@@ -106,7 +106,7 @@ def test_training_metrics_reach_prometheus(prepared):
             break
         time.sleep(3)
     loss = [line for line in text.splitlines() if line.startswith("ray_ddft_train_loss{")]
-    assert loss and 'job="video"' in loss[0], text[-2000:]
+    assert loss and 'ddft_job="video"' in loss[0], text[-2000:]
     assert 0 < float(loss[0].split()[-1]) < 10
 
 
