@@ -73,3 +73,8 @@ bench-train: venv
 .PHONY: bench-serve
 bench-serve: venv
 	$(PY) bench/serve.py $(BENCH_ARGS)
+
+# make openapi - regenerate docs/openapi.json from the app's routes (a test checks it is current)
+.PHONY: openapi
+openapi: venv
+	$(PY) serve/export_openapi.py

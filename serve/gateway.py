@@ -30,7 +30,7 @@ from ddft.prompts import QUESTIONS
 from ddft.recipes import parse_recipe
 from ddft.store import Store, StoreError
 from ddft.tenants import TenantError
-from serve import errors, inputs
+from serve import errors, inputs, openapi_docs
 from serve.auth import Auth
 from serve.decoder import Decoder
 from serve.errors import ApiError, busy
@@ -184,7 +184,7 @@ class Gateway:
         return pixels, time.perf_counter() - t
 
     # -- inference routes ----------------------------------------------------------------------------
-    @api.post("/v1/recipes")
+    @api.post("/v1/recipes", openapi_extra=openapi_docs.RECIPES)
     async def recipes(self, request: Request):
         """A cooking video (multipart field `video`, or JSON {"video_uri": ...}) -> its recipe."""
         t0 = time.perf_counter()
@@ -222,7 +222,7 @@ class Gateway:
                 "timings": {"decode_s": round(decode_s, 4), "generate_s": round(t3 - t2, 4),
                             "total_s": round(t3 - t0, 4), **self._engine_timings(result)}}
 
-    @api.post("/v1/generate")
+    @api.post("/v1/generate", openapi_extra=openapi_docs.GENERATE)
     async def generate(self, request: Request):
         """{"modality": "text"|"image", "question", "image_b64" | "image_uri"} -> the answer."""
         t0 = time.perf_counter()
@@ -261,7 +261,7 @@ class Gateway:
                 "timings": {"decode_s": round(decode_s, 4), "generate_s": round(t2 - t1, 4),
                             "total_s": round(t2 - t0, 4), **self._engine_timings(result)}}
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", openapi_extra=openapi_docs.CHAT)
     async def chat_completions(self, request: Request):
         """OpenAI-compatible; `model` is the base id or "<base>:<adapter>"; text, image_url, video_url."""
         tenant = await self.auth.tenant(request)
@@ -294,7 +294,7 @@ class Gateway:
         return {"object": "list", "data": data}
 
     # -- tenant adapters -----------------------------------------------------------------------------
-    @api.put("/v1/adapters/{name:path}")
+    @api.put("/v1/adapters/{name:path}", openapi_extra=openapi_docs.UPLOAD)
     async def put_adapter(self, name: str, request: Request):
         """Upload a PEFT LoRA folder: multipart files (adapter_config.json, adapter_model.safetensors)
         plus field `modality`, or a tar/zip body with ?modality=. Validated before it exists."""
@@ -348,10 +348,11 @@ class Gateway:
         mine = await asyncio.to_thread(registry.list_adapters, self.store, f"tenant-{tenant}")
         return {"adapters": [self._adapter_view(m) for m in mine]}
 
-    @api.get("/v1/adapters/{path:path}")
-    async def get_adapter(self, path: str, request: Request):
+    @api.get("/v1/adapters/{name:path}")
+    async def get_adapter(self, name: str, request: Request):
+        """One of your adapters (name or name/vN): its manifest and versions."""
         tenant = await self.auth.tenant(request, required=True)
-        name, version = self._name_version(path)
+        name, version = self._name_version(name)
         manifest = await asyncio.to_thread(self._own_manifest, tenant, name, version)
         versions = await asyncio.to_thread(registry.versions, self.store, f"tenant-{tenant}", name)
         return {**self._adapter_view(manifest), "versions": versions, "metrics": manifest.metrics}
@@ -366,17 +367,18 @@ class Gateway:
                            + (f" version {version}" if version else "") + "; GET /v1/adapters lists yours")
         return manifest
 
-    @api.delete("/v1/adapters/{path:path}")
-    async def delete_adapter(self, path: str, request: Request):
+    @api.delete("/v1/adapters/{name:path}")
+    async def delete_adapter(self, name: str, request: Request):
+        """Delete one version (name/vN) or every version (name) of your adapter."""
         tenant = await self.auth.tenant(request, required=True)
-        name, version = self._name_version(path)
+        name, version = self._name_version(name)
         await asyncio.to_thread(self._own_manifest, tenant, name, version)
         deleted = await asyncio.to_thread(registry.delete, self.store, f"tenant-{tenant}", name, version)
         self._resolved.clear()
         return {"deleted": [f"tenant-{tenant}/{name}/v{v}" for v in deleted]}
 
     # -- tenants (admin key) -------------------------------------------------------------------------
-    @api.post("/v1/tenants")
+    @api.post("/v1/tenants", openapi_extra=openapi_docs.TENANT)
     async def add_tenant(self, request: Request):
         await self.auth.admin(request)
         name = (await inputs.json_body(request)).get("name")

@@ -358,3 +358,20 @@ def test_backpressure_is_503_with_retry_after():
         with pytest.raises(ApiError) as err:
             asyncio.run(Gateway.func_or_class._generate(gateway, GenerateRequest("text", "hi")))
         assert err.value.status == 503 and int(err.value.headers["Retry-After"]) > 0
+
+
+def test_openapi_document_is_current_and_complete():
+    """docs/openapi.json is what the app generates (`make openapi` after changing a route), and
+    every route is described, with its request body where it takes one."""
+    import json
+
+    from serve.export_openapi import REPO, document
+
+    doc = json.loads(json.dumps(document()))
+    assert json.loads((REPO / "docs" / "openapi.json").read_text()) == doc, "run `make openapi`"
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            assert op.get("description") or op.get("summary"), (method, path)
+    for path in ("/v1/recipes", "/v1/generate", "/v1/chat/completions", "/v1/adapters/{name}"):
+        method = "put" if "adapters" in path else "post"
+        assert doc["paths"][path][method]["requestBody"]["content"], path
