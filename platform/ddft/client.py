@@ -116,3 +116,102 @@ def add_tenant(url: str, name: str, *, admin_key: str, timeout=(5, 30)) -> str:
     resp = requests.post(url.rstrip("/") + "/v1/tenants", json={"name": name}, headers=_headers(admin_key),
                          timeout=timeout)
     return _answer(resp)["key"]
+
+
+# -- streamed uploads with progress (the `ddft` command's bars) -----------------------------------
+
+ARCHIVE_SUFFIXES = {".tar": "application/x-tar", ".tar.gz": "application/gzip", ".tgz": "application/gzip",
+                    ".zip": "application/zip"}
+# as in ddft.adapters.registry (REQUIRED, PICKLE_SUFFIXES), which imports torch: too slow for a client
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+class ProgressBody:
+    """Request bytes that requests streams in chunks (Content-Length set from len()), calling
+    progress(sent, total) after each chunk; .sent says how far the upload got."""
+
+    def __init__(self, data: bytes, progress=None, chunk: int = 1 << 16):
+        self.data, self.progress, self.chunk, self.sent = data, progress, chunk, 0
+
+    def __len__(self) -> int:
+        return len(self.data) - self.sent
+
+    def read(self, size: int = -1) -> bytes:
+        size = self.chunk if size is None or size < 0 else min(size, self.chunk)
+        out = self.data[self.sent:self.sent + size]
+        self.sent += len(out)
+        if self.progress is not None and out:
+            self.progress(self.sent, len(self.data))
+        return out
+
+
+def _multipart(fields: dict) -> tuple[bytes, str]:
+    """(body, Content-Type) for {name: value or (filename, bytes, type)}."""
+    from urllib3 import encode_multipart_formdata
+
+    return encode_multipart_formdata(fields)
+
+
+def archive_type(path) -> str | None:
+    """The Content-Type of a .tar/.tar.gz/.tgz/.zip path, None for anything else."""
+    name = str(path).lower()
+    return next((t for s, t in sorted(ARCHIVE_SUFFIXES.items(), key=lambda kv: -len(kv[0])) if name.endswith(s)),
+                None)
+
+
+def adapter_files(folder) -> dict[str, bytes]:
+    """The files of a PEFT folder an upload sends: adapter_config.json, adapter_model.safetensors and
+    any pickle-suffixed weights (sent so that the server refuses them by name, never loaded here)."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())
+            if p.is_file() and (p.name in ADAPTER_FILES or p.name.lower().endswith(PICKLE_SUFFIXES))}
+
+
+def upload_adapter_path(url: str, name: str, path, modality: str, *, api_key: str, progress=None,
+                        timeout=(5, 300), body_out: list | None = None) -> dict:
+    """PUT /v1/adapters/{name} from a PEFT folder (multipart files) or a .tar/.tar.gz/.zip of one
+    (the archive as the body, ?modality=); the body is streamed with progress(sent, total).
+    body_out, when given, receives the ProgressBody (how far the upload got)."""
+    from pathlib import Path
+
+    path = Path(path)
+    endpoint = f"{url.rstrip('/')}/v1/adapters/{name}"
+    if path.is_dir():
+        files = adapter_files(path)
+        body, ctype = _multipart({"modality": modality, **{f: (f, data, "application/octet-stream")
+                                                            for f, data in files.items()}})
+        params = None
+    else:
+        ctype = archive_type(path) or "application/octet-stream"
+        body, params = path.read_bytes(), {"modality": modality}
+    stream = ProgressBody(body, progress)
+    if body_out is not None:
+        body_out.append(stream)
+    resp = requests.put(endpoint, data=stream, params=params, timeout=timeout,
+                        headers={**_headers(api_key), "Content-Type": ctype})
+    return _answer(resp)
+
+
+def post_recipe_file(url: str, video: bytes, *, api_key: str | None = None, adapter: str | None = None,
+                     progress=None, timeout=TIMEOUT) -> dict:
+    """POST /v1/recipes with a video's bytes streamed as multipart field `video` (progress(sent, total))."""
+    fields = {"video": ("video.mp4", video, "video/mp4"), **({"adapter": adapter} if adapter else {})}
+    body, ctype = _multipart(fields)
+    resp = requests.post(url.rstrip("/") + "/v1/recipes", data=ProgressBody(body, progress), timeout=timeout,
+                         headers={**_headers(api_key), "Content-Type": ctype})
+    return _answer(resp)
+
+
+def list_tenants(url: str, *, admin_key: str, timeout=(5, 30)) -> list[str]:
+    """GET /v1/tenants (admin key): the tenants' names."""
+    return _answer(requests.get(url.rstrip("/") + "/v1/tenants", headers=_headers(admin_key),
+                                timeout=timeout))["tenants"]
+
+
+def remove_tenant(url: str, name: str, *, admin_key: str, timeout=(5, 30)) -> str:
+    """DELETE /v1/tenants/{name} (admin key): the tenant and its key are gone; returns the name."""
+    resp = requests.delete(f"{url.rstrip('/')}/v1/tenants/{name}", headers=_headers(admin_key), timeout=timeout)
+    return _answer(resp)["deleted"]
