@@ -39,6 +39,12 @@ browser:
 demo: venv
 	$(PY) jobs/demo.py --config $(CONFIG) $(DEMO_ARGS)
 
+# make serve - the app on http://127.0.0.1:8000 (the page at /) over the demo's store, until Ctrl-C;
+# DDFT_ADMIN_KEY=... make serve turns on tenant management
+.PHONY: serve
+serve: venv
+	$(VENV)/bin/ddft serve --config $(CONFIG)
+
 test: venv browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
