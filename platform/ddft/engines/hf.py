@@ -1,8 +1,11 @@
 """The `hf` engine: one Video-LLaVA base (transformers) with PEFT LoRA adapters loaded on demand.
 
-A batch may mix adapters: PEFT's `adapter_names=[...]` (one name per row, "__base__" for the bare
-base) runs every row through its own LoRA in one forward, during prefill and every decode step.
-Requests are grouped by modality (their pixel inputs differ) and sampling temperature.
+A batch may mix adapters: every row runs through its own LoRA in one forward, during prefill and
+every decode step. The LoRA layers do it in two batched matmuls per layer (batched_lora.py: stacked
+adapter weights, BGMV-style); PEFT's `adapter_names=[...]` (one name per row, "__base__" for the
+bare base) still drives the projector's copies below. Requests are grouped by modality (their pixel
+inputs differ) and sampling temperature. Each row ends at its own end of sequence, stop string or
+max_new_tokens; sampled rows draw from their own seeded generator, whatever else is in the batch.
 
 PEFT 0.21 limits this path for `modules_to_save` (our image/video adapters train the projector
 fully), so the projector's wrappers are given `_MixedProjector` below: PEFT's own mixed path
@@ -12,6 +15,7 @@ back to the base projector for everyone when the *active* adapter has no project
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import tempfile
@@ -22,19 +26,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from peft import PeftModel
+from peft import PeftConfig, PeftModel
 from peft.utils.other import ModulesToSaveWrapper
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from ddft import prompts
 from ddft.config import JOINT, MODALITIES
 from ddft.adapters import registry
 from ddft.adapters.registry import AdapterError, Manifest
 from ddft.engines.base import GenerateRequest, GenerateResult
+from ddft.engines.batched_lora import BASE, AdapterBank, unsupported
 from ddft.models.load import base_info, load_base, local_base_dir
 from ddft.store import Store
 
 log = logging.getLogger(__name__)
-BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
+STATS = ("adapter_loads", "adapter_hits", "adapter_misses", "adapter_evictions", "requests", "prompt_tokens",
+         "new_tokens")
 
 
 class _MixedProjector(ModulesToSaveWrapper):
@@ -71,6 +78,58 @@ def _peft_name(manifest: Manifest) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", manifest.ref) + "_" + manifest.weights_sha256[:8]
 
 
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    """Where the earliest of the stop strings starts in text (None: none occurs)."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+class _RowEnds(StoppingCriteria):
+    """Ends each row on its own: at end of sequence, its first stop string, or its max_new_tokens.
+
+    `ended[i]` keeps (new tokens, finish_reason) of row i; transformers pads rows once they end.
+    """
+
+    def __init__(self, width: int, reqs: list[GenerateRequest], eos_id: int, tokenizer):
+        self.width, self.eos_id, self.tokenizer = width, eos_id, tokenizer
+        self.limits = [r.max_new_tokens for r in reqs]
+        self.stops = [r.stop for r in reqs]
+        self.ended: list[tuple[int, str] | None] = [None] * len(reqs)
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        n = input_ids.shape[1] - self.width
+        last = input_ids[:, -1].tolist()
+        for i, end in enumerate(self.ended):
+            if end is not None:
+                continue
+            if last[i] == self.eos_id:
+                self.ended[i] = (n, "stop")
+            elif self.stops[i] and _first_stop(self.tokenizer.decode(
+                    input_ids[i, self.width:], skip_special_tokens=True), self.stops[i]) is not None:
+                self.ended[i] = (n, "stop")
+            elif n >= self.limits[i]:
+                self.ended[i] = (n, "length")
+        return torch.tensor([e is not None for e in self.ended], device=input_ids.device)
+
+
+class _RowSampling(LogitsProcessor):
+    """Temperature sampling with one generator per row, so a seeded request draws the same tokens
+    whatever else shares its batch: Gumbel-max (argmax of logits/T + Gumbel noise is a sample of
+    softmax(logits/T)) under greedy decoding. Rows without a seed draw from the global RNG."""
+
+    def __init__(self, temperature: float, seeds: list[int | None], device: torch.device):
+        self.temperature = temperature
+        self.generators = []
+        for seed in seeds:
+            g = torch.Generator(device=device)
+            g.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+            self.generators.append(g)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        expo = torch.stack([torch.empty_like(scores[0]).exponential_(generator=g) for g in self.generators])
+        return scores / self.temperature - expo.clamp_min_(1e-30).log()  # -log(Exp(1)) is Gumbel noise
+
+
 class HFEngine:
     """One base per engine; adapters in an LRU cache of `cache_size`; mixed-adapter batches."""
 
@@ -91,6 +150,9 @@ class HFEngine:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.eos_id = tok.eos_token_id
         self._peft: PeftModel | None = None
+        self._bank: AdapterBank | None = None  # the LoRA layers' stacked adapters
+        self.batched_lora = True  # False: PEFT's own adapter_names loop (for comparison)
+        self._stats = dict.fromkeys(STATS, 0)
         self._cache: OrderedDict[str, Manifest] = OrderedDict()  # peft name -> manifest, LRU first
         self._resident: tuple[str, ...] = ()  # refs, LRU first: readable while a batch runs
         self._lock = threading.RLock()  # one batch or adapter load at a time
@@ -100,6 +162,9 @@ class HFEngine:
     def loaded_adapters(self) -> list[str]:
         return list(self._resident)  # no lock: health checks must not wait for a running batch
 
+    def stats(self) -> dict[str, int]:
+        return dict(self._stats)
+
     def load_adapter(self, manifest: Manifest, pinned: frozenset[str] = frozenset()) -> str:
         """Make an adapter resident (or refresh it in the LRU); return its PEFT name.
 
@@ -108,9 +173,11 @@ class HFEngine:
         with self._lock:
             name = _peft_name(manifest)
             if name in self._cache:
+                self._stats["adapter_hits"] += 1
                 self._cache.move_to_end(name)
                 self._resident = tuple(m.ref for m in self._cache.values())
                 return name
+            self._stats["adapter_misses"] += 1
             if manifest.base_fingerprint != self.info.fingerprint:
                 raise AdapterError(
                     f"adapter {manifest.ref} was made for base {manifest.base_model_id!r} (fingerprint "
@@ -118,6 +185,10 @@ class HFEngine:
                     f"{self.info.fingerprint[:12]}): retrain or re-publish the adapter on this base")
             with tempfile.TemporaryDirectory(prefix="ddft-adapter-") as tmp:
                 path = str(registry.download(self.store, manifest, Path(tmp)))
+                why = unsupported(PeftConfig.from_pretrained(path))
+                if why:
+                    raise AdapterError(f"adapter {manifest.ref} can't be served by the hf engine: {why}; "
+                                       f"re-train or re-publish it as plain LoRA")
                 try:
                     if self._peft is None:
                         self._peft = PeftModel.from_pretrained(self.model, path, adapter_name=name,
@@ -129,10 +200,16 @@ class HFEngine:
                         self._peft.delete_adapter(name)
                     raise AdapterError(f"adapter {manifest.ref} could not be loaded on base {self.base_id!r}: "
                                        f"{type(err).__name__}: {str(err)[:300]}") from err
+            if self._peft.active_adapter not in self._peft.peft_config:  # all were evicted: PEFT kept a stale one
+                self._peft.set_adapter(name)
             self._peft.eval()
             for module in self._peft.modules():
                 if type(module) is ModulesToSaveWrapper:
                     module.__class__ = _MixedProjector
+            if self._bank is None:
+                self._bank = AdapterBank(self._peft)
+            self._bank.adopt()
+            self._stats["adapter_loads"] += 1
             self._cache[name] = manifest
             self._evict(pinned | {name})
             self._resident = tuple(m.ref for m in self._cache.values())
@@ -144,9 +221,23 @@ class HFEngine:
             if len(self._cache) <= self.cache_size:
                 break
             if name not in keep:
-                manifest = self._cache.pop(name)
-                self._peft.delete_adapter(name)
-                log.info("engine hf: adapter %s evicted (LRU)", manifest.ref)
+                self._drop(name, "LRU")
+
+    def _drop(self, name: str, why: str) -> None:
+        manifest = self._cache.pop(name)
+        self._peft.delete_adapter(name)
+        self._bank.adopt()  # restack without it
+        self._stats["adapter_evictions"] += 1
+        log.info("engine hf: adapter %s evicted (%s)", manifest.ref, why)
+
+    def evict_adapter(self, ref: str) -> bool:
+        """Drop an adapter (every resident copy of that ref) now; False if none was resident."""
+        with self._lock:
+            names = [n for n, m in self._cache.items() if m.ref == ref]
+            for name in names:
+                self._drop(name, "asked")
+            self._resident = tuple(m.ref for m in self._cache.values())
+            return bool(names)
 
     # -- generation --------------------------------------------------------------------------------
     def generate(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
@@ -173,6 +264,8 @@ class HFEngine:
             raise ValueError(f"{where}: max_new_tokens is {r.max_new_tokens}; it must be at least 1")
         if r.temperature < 0:
             raise ValueError(f"{where}: temperature is {r.temperature}; use 0 (greedy) or more")
+        if not isinstance(r.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in r.stop):
+            raise ValueError(f"{where}: stop must be a list of non-empty strings, got {r.stop!r}")
         if r.adapter is not None and r.adapter.modality not in (r.modality, JOINT):
             raise AdapterError(f"{where}: adapter {r.adapter.ref} is for {r.adapter.modality}, "
                                f"the request is {r.modality}")
@@ -214,13 +307,20 @@ class HFEngine:
         inputs = {k: v.to(self.device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
         return inputs, names
 
+    def _forward_context(self, names: list[str]):
+        """Every row through its adapter: the batched LoRA path, or PEFT's own loop when it's off."""
+        if self._bank is not None and self.batched_lora:
+            return self._bank.batch(names)
+        return contextlib.nullcontext()
+
     def forward_logits(self, requests: list[GenerateRequest]) -> torch.Tensor:
         """Next-token logits of the prompts (batch, vocab), one modality per call; for checks."""
         modality = requests[0].modality
         with self._lock, torch.inference_mode():
             inputs, names = self._prepare(modality, requests)
-            if self._peft is not None:
-                out = self._peft(**inputs, adapter_names=names)
+            if self._cache:  # LoRA layers hold adapters: every row names its own
+                with self._forward_context(names):
+                    out = self._peft(**inputs, adapter_names=names)
             else:
                 out = self.model(**inputs)
             return out.logits[:, -1].float().cpu()
@@ -229,25 +329,38 @@ class HFEngine:
         t0 = time.perf_counter()
         inputs, names = self._prepare(modality, reqs)
         t1 = time.perf_counter()
-        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        width = inputs["input_ids"].shape[1]
+        tok = self.processor.tokenizer
+        ends = _RowEnds(width, reqs, self.eos_id, tok)
+        sampling = ([_RowSampling(temperature, [r.seed for r in reqs], self.device)] if temperature > 0 else [])
         kwargs = dict(inputs, max_new_tokens=max(r.max_new_tokens for r in reqs), pad_token_id=self.pad_id,
-                      eos_token_id=self.eos_id, **sampling)
+                      eos_token_id=self.eos_id, do_sample=False, logits_processor=LogitsProcessorList(sampling),
+                      stopping_criteria=StoppingCriteriaList([ends]))
         with torch.inference_mode():
-            if self._peft is not None:  # LoRA layers are injected: every row names its adapter
-                out = self._peft.generate(**kwargs, adapter_names=names)
-            else:
+            if self._cache:  # LoRA layers hold adapters: every row names its own
+                with self._forward_context(names):
+                    out = self._peft.generate(**kwargs, adapter_names=names)
+            else:  # no adapter (yet, or evicted all): the injected layers are the bare base
                 out = self.model.generate(**kwargs)
         t2 = time.perf_counter()
-        width = inputs["input_ids"].shape[1]
         results = []
-        for row, r, n_prompt in zip(out[:, width:].tolist(), reqs, inputs["attention_mask"].sum(1).tolist()):
-            row = row[:r.max_new_tokens]
-            if self.eos_id in row:
-                row = row[:row.index(self.eos_id)]
-            text = self.processor.tokenizer.decode(row, skip_special_tokens=True).strip()
+        prompt_tokens = inputs["attention_mask"].sum(1).tolist()
+        for i, (r, n_prompt) in enumerate(zip(reqs, prompt_tokens)):
+            n, reason = ends.ended[i] or (out.shape[1] - width, "length")
+            row = out[i, width:width + n].tolist()
+            if reason == "stop" and row and row[-1] == self.eos_id:
+                row = row[:-1]
+            text = tok.decode(row, skip_special_tokens=True)
+            cut = _first_stop(text, r.stop)
+            if cut is not None:
+                text, reason = text[:cut], "stop"
+            self._stats["new_tokens"] += n
             results.append(GenerateResult(
-                text=text, adapter=r.adapter.ref if r.adapter else None, base=self.base_id,
+                text=text.strip(), adapter=r.adapter.ref if r.adapter else None, base=self.base_id,
+                finish_reason=reason,
                 timings={"adapter_load_s": round(t1 - t0, 4), "generate_s": round(t2 - t1, 4),
                          "batch_size": len(reqs), "adapters_in_batch": len(set(names) - {BASE}),
-                         "prompt_tokens": int(n_prompt), "new_tokens": len(row)}))
+                         "prompt_tokens": int(n_prompt), "new_tokens": n}))
+        self._stats["requests"] += len(reqs)
+        self._stats["prompt_tokens"] += int(sum(prompt_tokens))
         return results
