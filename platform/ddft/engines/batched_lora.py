@@ -74,7 +74,10 @@ class BatchedLoraLinear(LoraLinear):
         if a.dim() == 2:  # one adapter for every row
             delta = F.linear(F.linear(h, a), b)
         else:  # a (rows, in, r), b (rows, r, out): BGMV as two batched matmuls
-            delta = torch.bmm(torch.bmm(h.reshape(len(h), -1, h.shape[-1]), a), b).view(result.shape)
+            xa = torch.bmm(h.reshape(len(h), -1, h.shape[-1]), a)
+            if result.dtype == b.dtype:  # the add fused into the second matmul: one op fewer per layer
+                return torch.baddbmm(result.reshape(len(h), -1, result.shape[-1]), xa, b).view(result.shape)
+            delta = torch.bmm(xa, b).view(result.shape)
         return result + delta.to(result.dtype)
 
     def _weights(self, bank: "AdapterBank", rows: int):
