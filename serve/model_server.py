@@ -15,6 +15,7 @@ from ray import serve
 from ddft.adapters.registry import AdapterError, Manifest
 from ddft.engines.base import GenerateRequest, GenerateResult, make_engine
 from ddft.store import Store, StoreError
+from serve.batcher import Batcher
 
 log = logging.getLogger("ddft.serve")
 
@@ -24,8 +25,7 @@ class ModelServer:
                  max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01):
         self.engine = make_engine(engine, store=store, base_model_id=base_id, cache_size=cache_size, device=device)
         self._manifests: dict[str, Manifest] = {}
-        self._batched.set_max_batch_size(max_batch_size)
-        self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._batch = Batcher(self._batched, max_batch_size, batch_wait_timeout_s)
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside Serve (unit tests)
@@ -36,7 +36,6 @@ class ModelServer:
         await asyncio.to_thread(self.engine.load_adapter, self._manifests[ref])
         return ref
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _batched(self, requests: list[tuple[GenerateRequest, float]]) -> list[GenerateResult | Exception]:
         started = time.perf_counter()
         try:
@@ -63,7 +62,7 @@ class ModelServer:
             if request.adapter is not None:
                 self._manifests[request.adapter.ref] = request.adapter
                 await self.load_adapter(request.adapter.ref)
-            out = await self._batched((request, time.perf_counter()))
+            out = await self._batch((request, time.perf_counter()))
             if isinstance(out, Exception):
                 raise out
             return {"result": asdict(out), "replica": self.replica, "stats": self.engine.stats()}
@@ -84,4 +83,4 @@ class ModelServer:
 
     def info(self) -> dict:
         return {"base": self.engine.base_id, "replica": self.replica, "loaded_adapters": self.engine.loaded_adapters(),
-                "stats": self.engine.stats()}
+                "queued": self._batch.depth(), "stats": self.engine.stats()}
