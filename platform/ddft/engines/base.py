@@ -58,6 +58,35 @@ class Engine(Protocol):
         requests, prompt_tokens, new_tokens (for /metrics)."""
 
 
+STATS = ("adapter_loads", "adapter_hits", "adapter_misses", "adapter_evictions", "requests", "prompt_tokens",
+         "new_tokens")  # the counters every engine's stats() returns
+
+
+class AdapterCache:
+    """What engines share: the resident refs (LRU first) and the counters, read without a lock
+    so health checks and /metrics never wait for a running batch."""
+
+    _resident: tuple[str, ...] = ()
+    _stats: dict[str, int]
+
+    def loaded_adapters(self) -> list[str]:
+        return list(self._resident)
+
+    def stats(self) -> dict[str, int]:
+        return dict(self._stats)
+
+
+def check_base(manifest: "Manifest", base_id: str, fingerprint: str) -> None:
+    """An adapter is served only on the base it was made for (the weights' fingerprint)."""
+    from ddft.adapters.registry import AdapterError
+
+    if manifest.base_fingerprint != fingerprint:
+        raise AdapterError(
+            f"adapter {manifest.ref} was made for base {manifest.base_model_id!r} (fingerprint "
+            f"{manifest.base_fingerprint[:12]}), but this engine serves {base_id!r} (fingerprint "
+            f"{fingerprint[:12]}): retrain or re-publish the adapter on this base")
+
+
 ENGINES = {"hf": "ddft.engines.hf:HFEngine", "vllm": "ddft.engines.vllm:VLLMEngine"}
 
 

@@ -34,14 +34,12 @@ from ddft import prompts
 from ddft.config import JOINT, MODALITIES
 from ddft.adapters import registry
 from ddft.adapters.registry import AdapterError, Manifest
-from ddft.engines.base import GenerateRequest, GenerateResult
+from ddft.engines.base import STATS, AdapterCache, check_base, GenerateRequest, GenerateResult
 from ddft.engines.batched_lora import BASE, AdapterBank, unsupported
 from ddft.models.load import base_info, load_base, local_base_dir
 from ddft.store import Store
 
 log = logging.getLogger(__name__)
-STATS = ("adapter_loads", "adapter_hits", "adapter_misses", "adapter_evictions", "requests", "prompt_tokens",
-         "new_tokens")
 
 
 class _MixedProjector(ModulesToSaveWrapper):
@@ -130,7 +128,7 @@ class _RowSampling(LogitsProcessor):
         return scores / self.temperature - expo.clamp_min_(1e-30).log()  # -log(Exp(1)) is Gumbel noise
 
 
-class HFEngine:
+class HFEngine(AdapterCache):
     """One base per engine; adapters in an LRU cache of `cache_size`; mixed-adapter batches."""
 
     def __init__(self, store: Store | str, base_model_id: str, cache_size: int = 8, device: str = "cpu",
@@ -159,12 +157,6 @@ class HFEngine:
         log.info("engine hf: base %s loaded in %.1fs on %s", base_model_id, self.load_s, self.device)
 
     # -- adapters ----------------------------------------------------------------------------------
-    def loaded_adapters(self) -> list[str]:
-        return list(self._resident)  # no lock: health checks must not wait for a running batch
-
-    def stats(self) -> dict[str, int]:
-        return dict(self._stats)
-
     def load_adapter(self, manifest: Manifest, pinned: frozenset[str] = frozenset()) -> str:
         """Make an adapter resident (or refresh it in the LRU); return its PEFT name.
 
@@ -178,11 +170,7 @@ class HFEngine:
                 self._resident = tuple(m.ref for m in self._cache.values())
                 return name
             self._stats["adapter_misses"] += 1
-            if manifest.base_fingerprint != self.info.fingerprint:
-                raise AdapterError(
-                    f"adapter {manifest.ref} was made for base {manifest.base_model_id!r} (fingerprint "
-                    f"{manifest.base_fingerprint[:12]}), but this engine serves {self.base_id!r} (fingerprint "
-                    f"{self.info.fingerprint[:12]}): retrain or re-publish the adapter on this base")
+            check_base(manifest, self.base_id, self.info.fingerprint)
             with tempfile.TemporaryDirectory(prefix="ddft-adapter-") as tmp:
                 path = str(registry.download(self.store, manifest, Path(tmp)))
                 why = unsupported(PeftConfig.from_pretrained(path))

@@ -24,7 +24,7 @@ import numpy as np
 from ddft.adapters import registry
 from ddft.adapters.registry import AdapterError, Manifest
 from ddft.config import JOINT, MODALITIES
-from ddft.engines.base import GenerateRequest, GenerateResult
+from ddft.engines.base import STATS, AdapterCache, check_base, GenerateRequest, GenerateResult
 from ddft.models.load import base_info, local_base_dir, model_key
 from ddft.store import Store
 
@@ -165,7 +165,7 @@ def _key(manifest: Manifest) -> str:
 
 
 # -- the engine ----------------------------------------------------------------------------------------
-class VLLMEngine:
+class VLLMEngine(AdapterCache):
     """One vLLM base per engine; adapters downloaded on demand into an LRU of `cache_size`."""
 
     def __init__(self, store: Store | str, base_model_id: str, cache_size: int = 8, device: str = "cuda",
@@ -209,17 +209,10 @@ class VLLMEngine:
         self._cache: OrderedDict[str, tuple[Manifest, Path]] = OrderedDict()  # LRU first
         self._resident: tuple[str, ...] = ()
         self._lock = threading.RLock()
-        self._stats = dict.fromkeys(("adapter_loads", "adapter_hits", "adapter_misses", "adapter_evictions",
-                                     "requests", "prompt_tokens", "new_tokens"), 0)
+        self._stats = dict.fromkeys(STATS, 0)
         log.info("engine vllm: base %s (%s) started in %.1fs", base_model_id, self.arch, self.load_s)
 
     # -- adapters ------------------------------------------------------------------------------------
-    def loaded_adapters(self) -> list[str]:
-        return list(self._resident)  # no lock: health checks must not wait for a running batch
-
-    def stats(self) -> dict[str, int]:
-        return dict(self._stats)
-
     def load_adapter(self, manifest: Manifest, pinned: frozenset[str] = frozenset()) -> str:
         """Download an adapter (or refresh it in the LRU); return its vLLM lora_name (its ref).
 
@@ -234,11 +227,7 @@ class VLLMEngine:
                 self._resident = tuple(m.ref for m, _ in self._cache.values())
                 return manifest.ref
             self._stats["adapter_misses"] += 1
-            if manifest.base_fingerprint != self.info.fingerprint:
-                raise AdapterError(
-                    f"adapter {manifest.ref} was made for base {manifest.base_model_id!r} (fingerprint "
-                    f"{manifest.base_fingerprint[:12]}), but this engine serves {self.base_id!r} (fingerprint "
-                    f"{self.info.fingerprint[:12]}): retrain or re-publish the adapter on this base")
+            check_base(manifest, self.base_id, self.info.fingerprint)
             if manifest.modules_to_save:  # vLLM would drop them silently and answer differently from 'hf'
                 raise AdapterError(
                     f"adapter {manifest.ref} also trains {manifest.modules_to_save} in full (modules_to_save); "
