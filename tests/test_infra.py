@@ -21,7 +21,8 @@ from ddft import config as ddft_config
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
 K8S = INFRA / "k8s"
-CRDS = REPO.parent / "shared" / "kuberay-crds"
+# beside the checkout, as in the workspace; DDFT_KUBERAY_CRDS points elsewhere (a clone in /tmp, say)
+CRDS = Path(os.environ.get("DDFT_KUBERAY_CRDS", REPO.parent / "shared" / "kuberay-crds"))
 K8S_VERSION = "1.32"  # the Kubernetes API the core objects are checked against
 KUBERAY = {"raycluster.yaml": "RayCluster", "rayjob.yaml": "RayJob", "rayservice.yaml": "RayService"}
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
