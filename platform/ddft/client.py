@@ -5,6 +5,8 @@ import base64
 
 import requests
 
+from ddft.adapters.files import PICKLE_SUFFIXES, REQUIRED
+
 TIMEOUT = (5, 600)  # (connect, read) seconds: generation on a CPU can take minutes
 
 
@@ -41,15 +43,11 @@ def post_recipe(url: str, video: bytes | None = None, video_uri: str | None = No
     """POST /v1/recipes with the video's bytes (uploaded) or a store key/URI; returns the recipe JSON."""
     if (video is None) == (video_uri is None):
         raise ValueError("give exactly one of video (bytes) or video_uri")
-    endpoint = url.rstrip("/") + "/v1/recipes"
     if video is not None:
-        data = {"adapter": adapter} if adapter else None
-        resp = requests.post(endpoint, files={"video": ("video.mp4", video, "video/mp4")}, data=data,
-                             headers=_headers(api_key), timeout=timeout)
-    else:
-        body = {"video_uri": video_uri, **({"adapter": adapter} if adapter else {})}
-        resp = requests.post(endpoint, json=body, headers=_headers(api_key), timeout=timeout)
-    return _answer(resp)
+        return post_recipe_file(url, video, api_key=api_key, adapter=adapter, timeout=timeout)
+    body = {"video_uri": video_uri, **({"adapter": adapter} if adapter else {})}
+    return _answer(requests.post(url.rstrip("/") + "/v1/recipes", json=body, headers=_headers(api_key),
+                                 timeout=timeout))
 
 
 def generate(url: str, modality: str, question: str | None = None, image_bytes: bytes | None = None, *,
@@ -90,14 +88,8 @@ def chat(url: str, model: str, messages: list[dict], *, api_key: str | None = No
 
 
 def upload_adapter(url: str, name: str, folder, modality: str, *, api_key: str, timeout=(5, 300)) -> dict:
-    """PUT /v1/adapters/{name} with a PEFT folder's adapter_config.json and adapter_model.safetensors."""
-    from pathlib import Path
-
-    folder = Path(folder)
-    files = [("files", (f, (folder / f).read_bytes())) for f in ("adapter_config.json", "adapter_model.safetensors")]
-    resp = requests.put(f"{url.rstrip('/')}/v1/adapters/{name}", files=files, data={"modality": modality},
-                        headers=_headers(api_key), timeout=timeout)
-    return _answer(resp)
+    """PUT /v1/adapters/{name} with a PEFT folder (or a .tar/.tar.gz/.zip of one), no progress bar."""
+    return upload_adapter_path(url, name, folder, modality, api_key=api_key, timeout=timeout)
 
 
 def adapters(url: str, *, api_key: str, timeout=(5, 30)) -> list[dict]:
@@ -122,9 +114,6 @@ def add_tenant(url: str, name: str, *, admin_key: str, timeout=(5, 30)) -> str:
 
 ARCHIVE_SUFFIXES = {".tar": "application/x-tar", ".tar.gz": "application/gzip", ".tgz": "application/gzip",
                     ".zip": "application/zip"}
-# as in ddft.adapters.registry (REQUIRED, PICKLE_SUFFIXES), which imports torch: too slow for a client
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
 class ProgressBody:
@@ -167,7 +156,7 @@ def adapter_files(folder) -> dict[str, bytes]:
 
     folder = Path(folder)
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())
-            if p.is_file() and (p.name in ADAPTER_FILES or p.name.lower().endswith(PICKLE_SUFFIXES))}
+            if p.is_file() and (p.name in REQUIRED or p.name.lower().endswith(PICKLE_SUFFIXES))}
 
 
 def upload_adapter_path(url: str, name: str, path, modality: str, *, api_key: str, progress=None,

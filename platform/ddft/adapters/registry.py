@@ -14,12 +14,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ddft.adapters.files import PICKLE_SUFFIXES, REQUIRED
 from ddft.models.load import BaseInfo
 from ddft.store import Store
 
 PLATFORM_OWNER = "ddft"
-REQUIRED = ("adapter_config.json", "adapter_model.safetensors")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
 

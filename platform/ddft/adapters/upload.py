@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ddft.adapters import registry
-from ddft.adapters.registry import PICKLE_SUFFIXES, REQUIRED, AdapterError, Manifest
+from ddft.adapters.files import PICKLE_SUFFIXES, REQUIRED
+from ddft.adapters.registry import AdapterError, Manifest
 from ddft.config import MODALITIES
 from ddft.models.load import INFO_FILE, BaseInfo, base_info, model_key
 from ddft.store import Store

@@ -89,7 +89,7 @@ def cmd_adapters_upload(args) -> int:
     path = Path(args.path)
     if path.is_dir():
         files = client.adapter_files(path)
-        missing = [f for f in client.ADAPTER_FILES if f not in files]
+        missing = [f for f in client.REQUIRED if f not in files]
         if missing and not any(f.lower().endswith(client.PICKLE_SUFFIXES) for f in files):
             raise CliError(USAGE, f"folder {str(path)!r} has no {missing}: give a PEFT LoRA folder "
                            "(model.save_pretrained(dir)) or a .tar/.tar.gz/.zip of one")

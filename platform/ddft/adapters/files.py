@@ -1,0 +1,4 @@
+"""What an adapter folder holds, with no heavy imports (the HTTP client uses it too)."""
+
+REQUIRED = ("adapter_config.json", "adapter_model.safetensors")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # refused, never loaded
