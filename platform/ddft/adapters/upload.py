@@ -210,6 +210,11 @@ def base_spec(store: Store, base_id: str) -> BaseSpec:
 
 def validate_upload(files: dict[str, bytes], spec: BaseSpec, *, max_rank: int, max_bytes: int) -> dict:
     """Check an adapter's files against the base without executing anything; returns adapter_config."""
+    return _validate(files, spec, max_rank=max_rank, max_bytes=max_bytes)[0]
+
+
+def _validate(files: dict[str, bytes], spec: BaseSpec, *, max_rank: int, max_bytes: int) -> tuple[dict, dict]:
+    """validate_upload, also returning the safetensors header it checked."""
     pickles = sorted(n for n in files if n.lower().endswith(PICKLE_SUFFIXES))
     if pickles:
         raise UploadError(415, "pickle_refused", f"refusing {pickles}: pickle files can run code when loaded, so "
@@ -223,7 +228,7 @@ def validate_upload(files: dict[str, bytes], spec: BaseSpec, *, max_rank: int, m
     header = _parse_safetensors(files["adapter_model.safetensors"])
     _check_tensors(header, cfg, spec)
     _safe_open(files["adapter_model.safetensors"], set(header))
-    return cfg
+    return cfg, header
 
 
 def _check_config(raw: bytes, max_rank: int) -> dict:
@@ -333,11 +338,10 @@ def _rank(module: str, cfg: dict) -> int:
     return _pattern_value(module, cfg.get("rank_pattern") or {}, cfg["r"])
 
 
-def served_config(cfg: dict, files: dict[str, bytes], spec: BaseSpec) -> dict:
+def served_config(cfg: dict, header: dict, spec: BaseSpec) -> dict:
     """The adapter_config the server stores: the uploaded one with the modules spelled out exactly
     (the tensors' modules), so PEFT never runs the tenant's regexes and never creates LoRA
     layers the upload has no weights for."""
-    header = _parse_safetensors(files["adapter_model.safetensors"])
     modules = sorted({_LORA_KEY.match(k)[1] for k in header})
     alpha = cfg.get("lora_alpha", cfg["r"])
     ranks = {m: _rank(m, cfg) for m in modules}
@@ -415,8 +419,8 @@ def publish_upload(store: Store, files: dict[str, bytes], *, tenant: str, name: 
         raise UploadError(400, "bad_name", str(err)) from None
     if modality not in MODALITIES:
         raise UploadError(400, "bad_modality", f"modality {modality!r} is not one of {list(MODALITIES)}")
-    cfg = validate_upload(files, spec, max_rank=max_rank, max_bytes=max_bytes)
-    files = {**files, "adapter_config.json": json.dumps(served_config(cfg, files, spec), indent=2).encode()}
+    cfg, header = _validate(files, spec, max_rank=max_rank, max_bytes=max_bytes)
+    files = {**files, "adapter_config.json": json.dumps(served_config(cfg, header, spec), indent=2).encode()}
     # the version publish() will take; if it fails after copying, its files must not stay behind
     # (two uploads of the same name at once would race here -- and in publish() itself)
     version = (registry.versions(store, owner, name) or [0])[-1] + 1
