@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,18 @@ from ddft.config import LM_TARGETS
 from ddft.engines.base import Engine, GenerateRequest, make_engine
 from ddft.models.load import BaseInfo, ensure_base, load_base, local_base_dir
 from ddft.store import Store
+
+
+def lora_folder(store, out: Path, seed: int = 0, base_id: str = "tiny", **lora) -> Path:
+    """A random PEFT LoRA (init_lora_weights=False, so it changes outputs) on the base's language
+    model, saved by save_pretrained as a tenant would upload it; `lora` overrides LoraConfig."""
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = load_base(local_base_dir(store, base_id))
+    torch.manual_seed(seed)
+    cfg = {"r": 8, "lora_alpha": 16, "target_modules": LM_TARGETS, "init_lora_weights": False, **lora}
+    get_peft_model(model, LoraConfig(**cfg)).save_pretrained(out)
+    return out
 
 
 def make_adapter(store, base, modality, seed, tmp_path, name=None, owner="ddft", r=8, targets=LM_TARGETS,

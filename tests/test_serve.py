@@ -12,25 +12,18 @@ import requests
 import yaml
 
 from ddft import client
-from ddft.config import LM_TARGETS, ConfigError
-from ddft.models.load import ensure_base, load_base, local_base_dir
+from ddft.config import ConfigError
+from ddft.models.load import ensure_base
 from ddft.store import Store
 from tests.serve_fixture import ADMIN_KEY, make_mp4, make_png, running_app, write_config
+from tests.test_engine_hf import lora_folder
 
 ROOT_CONFIG = Path(__file__).resolve().parents[1] / "serve" / "config.yaml"
 
 
 def adapter_folder(store, out: Path, seed: int, rank: int = 8) -> Path:
     """A PEFT LoRA folder on the tiny base's language model, as a tenant would upload it."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    model, _ = load_base(local_base_dir(store, "tiny"))
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LM_TARGETS,
-                                                  init_lora_weights=False))
-    peft_model.save_pretrained(out)
-    return out
+    return lora_folder(store, out, seed, r=rank, lora_alpha=2 * rank)
 
 
 def auth(key: str | None) -> dict:

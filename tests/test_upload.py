@@ -12,9 +12,9 @@ from safetensors.torch import load as st_load, save as st_save
 
 from ddft.adapters import registry
 from ddft.adapters.upload import UploadError, base_spec, publish_upload, unpack, validate_upload
-from ddft.config import LM_TARGETS
-from ddft.models.load import ensure_base, load_base, local_base_dir
+from ddft.models.load import ensure_base
 from ddft.store import Store
+from tests.test_engine_hf import lora_folder
 
 CFG, ST = "adapter_config.json", "adapter_model.safetensors"
 Q0 = "base_model.model.model.language_model.layers.0.self_attn.q_proj"
@@ -23,14 +23,8 @@ LIMITS = dict(max_rank=16, max_bytes=1 << 20)
 
 def _adapter(store, tmp, tag, **lora) -> dict[str, bytes]:
     """A PEFT LoRA saved by save_pretrained, as the upload's {file name: bytes}."""
-    from peft import LoraConfig, get_peft_model
-
-    model, _ = load_base(local_base_dir(store, "tiny"))
-    torch.manual_seed(0)
-    peft_model = get_peft_model(model, LoraConfig(**{"r": 8, "lora_alpha": 16, "target_modules": LM_TARGETS,
-                                                     "init_lora_weights": False, **lora}))
-    peft_model.save_pretrained(tmp / tag)
-    return {name: (tmp / tag / name).read_bytes() for name in (CFG, ST)}
+    folder = lora_folder(store, tmp / tag, **lora)
+    return {name: (folder / name).read_bytes() for name in (CFG, ST)}
 
 
 @pytest.fixture(scope="module")
