@@ -1,14 +1,19 @@
-"""The Engine protocol: a base model answering batches of requests, each with its own adapter.
+"""The Engine protocol: a base model answering requests, each with its own adapter.
 
-An engine holds one base and loads adapters on demand; `generate` takes a batch that may mix
-adapters (and the bare base) and answers every request with the adapter it names. Engines are
-imported lazily by `make_engine`, so heavy or optional ones (vLLM) cost nothing until chosen.
+An engine holds one base and loads adapters on demand. Its serving interface is one typed, async,
+streaming call: `stream(request)` is an async iterator of `Chunk`s (new text as it is generated,
+the whole `GenerateResult` on the last one); the engine batches concurrent streams itself (the
+`hf` engine forms a batch when it is free, `vllm` joins a request to the running batch at the next
+step). Errors are raised as typed exceptions (`ValueError` for a bad request, `AdapterError`,
+`StoreError`, `EngineUnavailable`) and only `serve/` maps them to HTTP. `generate(list)` answers
+a whole batch synchronously (evaluation, benchmarks). Engines are imported lazily by
+`make_engine`, so heavy or optional ones (vLLM) cost nothing until chosen.
 """
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import numpy as np
@@ -37,9 +42,29 @@ class GenerateResult:
     timings: dict[str, Any] = field(default_factory=dict)  # seconds, token counts, batch size
 
 
+@dataclass
+class Chunk:
+    """One step of a streamed answer: the text generated since the previous chunk.
+
+    The last chunk of a stream has `finish_reason` set and carries the whole `result` (the same
+    text as the deltas joined, stripped; adapter, base, timings); earlier ones have `result` None.
+    """
+    text: str  # new text since the previous chunk (may be "")
+    token_ids: list[int] = field(default_factory=list)  # the new tokens behind it
+    finish_reason: str | None = None  # "stop" | "length" on the last chunk
+    result: GenerateResult | None = None  # the whole answer, on the last chunk only
+
+
+class EngineUnavailable(RuntimeError):
+    """An engine can't start (or went away) here; the message says why and what to use instead."""
+
+
 @runtime_checkable
 class Engine(Protocol):
     base_id: str
+
+    def stream(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        """Generate one request, batched with whatever else is running; chunks as text is made."""
 
     def generate(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
         """Answer every request (in order), each with its own adapter, as one mixed batch."""

@@ -24,15 +24,11 @@ import numpy as np
 from ddft.adapters import registry
 from ddft.adapters.registry import AdapterError, Manifest
 from ddft.config import JOINT, MODALITIES
-from ddft.engines.base import STATS, AdapterCache, check_base, GenerateRequest, GenerateResult
+from ddft.engines.base import STATS, AdapterCache, EngineUnavailable, check_base, GenerateRequest, GenerateResult
 from ddft.models.load import base_info, local_base_dir, model_key
 from ddft.store import Store
 
 log = logging.getLogger(__name__)
-
-
-class EngineUnavailable(RuntimeError):
-    """The vllm engine can't start here; the message says why and what to use instead."""
 
 
 @dataclass(frozen=True)
