@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ddft.cluster import ray_session  # noqa: E402
-from ddft.data.media import (SIZE, _frames_decord, _square, load_image, sample_frames,  # noqa: E402
+from ddft.data.media import (SIZE, _frames_decord, square, load_image, sample_frames,  # noqa: E402
                              uniform_indices)
 
 FRAMES = 8
@@ -211,7 +211,7 @@ def _select(batch: dict) -> dict:
     clip), squared to 224 as sample_frames does."""
     keep = [i for i, (p, k) in enumerate(zip(batch["path"], batch["frame_index"]))
             if int(k) in _wanted(p)]
-    frames = [_square(Image.fromarray(batch["frame"][i]), SIZE) for i in keep]
+    frames = [square(Image.fromarray(batch["frame"][i]), SIZE) for i in keep]
     return {"path": np.array([batch["path"][i] for i in keep], dtype=object),
             "frame_index": np.array([int(batch["frame_index"][i]) for i in keep], dtype=np.int64),
             "frame": np.stack(frames) if frames else np.zeros((0, SIZE, SIZE, 3), np.uint8)}
@@ -222,7 +222,7 @@ def _select(batch: dict) -> dict:
 def _sample_decord(row: dict, strategy: str) -> dict:
     """sample_frames as it was before the PyAV path: decord's get_batch for every clip."""
     frames = _frames_decord(row["bytes"], FRAMES, strategy, None)
-    return {"path": row["path"], "frames": np.stack([_square(Image.fromarray(f), SIZE) for f in frames])}
+    return {"path": row["path"], "frames": np.stack([square(Image.fromarray(f), SIZE) for f in frames])}
 
 
 def pipeline(ray, kind: str, paths: list[str], concurrency: int, tasks: int):

@@ -23,10 +23,10 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
 
 
-def prompt_text(processor, modality: str, question: str) -> str:
+def prompt_text(tokenizer, modality: str, question: str) -> str:
     """`USER: <video>\n<question> ASSISTANT:`, rendered with the chat template."""
     content = ([{"type": modality}] if modality != "text" else []) + [{"type": "text", "text": question}]
-    return processor.tokenizer.apply_chat_template([{"role": "user", "content": content}], chat_template=CHAT_TEMPLATE,
+    return tokenizer.apply_chat_template([{"role": "user", "content": content}], chat_template=CHAT_TEMPLATE,
                                                    tokenize=False, add_generation_prompt=True)
 
 
@@ -46,7 +46,7 @@ def encode(processor, modality: str, question: str, answer: str | None = None, f
     """Token ids (media placeholders expanded) and labels with the prompt masked to -100."""
     tok = processor.tokenizer
     media = {"image": processor.image_token, "video": processor.video_token}.get(modality, "")
-    text = prompt_text(processor, modality, question)
+    text = prompt_text(tok, modality, question)
     if media:
         text = text.replace(media, media * media_token_count(processor, modality, frames), 1)
     prompt_ids = tok(text, add_special_tokens=False).input_ids
@@ -54,6 +54,12 @@ def encode(processor, modality: str, question: str, answer: str | None = None, f
         return {"input_ids": prompt_ids, "labels": [IGNORE] * len(prompt_ids)}
     answer_ids = tok(" " + answer.strip(), add_special_tokens=False).input_ids + [tok.eos_token_id]
     return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE] * len(prompt_ids) + answer_ids}
+
+
+def prompt_ids(tokenizer, modality: str, question: str) -> list[int]:
+    """The prompt's token ids with one placeholder per image or video, unexpanded: what engines that
+    expand placeholders themselves (vLLM) take; `encode` gives the same ids expanded."""
+    return tokenizer(prompt_text(tokenizer, modality, question), add_special_tokens=False).input_ids
 
 
 def pixel_inputs(processor, modality: str, pixels: list[np.ndarray]) -> dict:

@@ -27,7 +27,7 @@ def uniform_indices(total: int, count: int) -> list[int]:
     return [int((i + 0.5) * total / count) for i in range(count)]
 
 
-def _square(img: Image.Image, size: int) -> np.ndarray:
+def square(img: Image.Image, size: int) -> np.ndarray:
     """Resize the short side to `size` and centre-crop, as the Video-LLaVA processor does."""
     w, h = img.size
     scale = size / min(w, h)
@@ -74,7 +74,7 @@ def sample_frames(data: bytes, count: int = 8, size: int = SIZE, strategy: str =
     frames = _frames_pyav(data, count, strategy, spans)
     if frames is None:
         frames = _frames_decord(data, count, strategy, spans)
-    return np.stack([_square(Image.fromarray(f), size) for f in frames])
+    return np.stack([square(Image.fromarray(f), size) for f in frames])
 
 
 def _indices(strategy: str, spans: list | None, total: int, count: int, keys: list[int]) -> list[int]:
@@ -210,4 +210,4 @@ def load_image(data: bytes, size: int = SIZE) -> np.ndarray:
         raise MediaError("unreadable_image", str(err)[:200]) from None
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         img = Image.fromarray((np.asarray(img, dtype=np.float64) / 256).clip(0, 255).astype(np.uint8))
-    return _square(img.convert("RGB"), size)
+    return square(img.convert("RGB"), size)

@@ -110,6 +110,10 @@ def build_embedded(seed: int = 0):
     tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, VIDEO_TOKEN]})
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    # The weights are dequantized to fp32: the GGUF's quantization_config would make other loaders
+    # (vLLM) look for GGUF kernels.
+    if hasattr(lm.config, "quantization_config"):
+        del lm.config.quantization_config
     torch.manual_seed(seed)
     model, processor = _assemble(lm.config, tok, _vision_config(128, 2, EMBEDDED_PATCH), EMBEDDED_PATCH)
     model.model.language_model.load_state_dict(lm.model.state_dict())

@@ -1,0 +1,23 @@
+"""ddft's Video-LLaVA for vLLM, registered out of tree.
+
+vLLM has no Video-LLaVA of its own, so ddft brings one (`video_llava.py`), built from vLLM's CLIP
+and Llama blocks. vLLM calls `register()` in every process it starts (the engine core is a spawned
+process) through the `vllm.general_plugins` entry point in pyproject.toml, so a base whose
+config.json says `VideoLlavaForConditionalGeneration` resolves to it. The model module is named as
+a string: vLLM imports it (and torch) only when a model of that architecture is built.
+"""
+
+ARCHITECTURE = "VideoLlavaForConditionalGeneration"
+MODEL = "ddft.engines.vllm_plugin.video_llava:VideoLlavaForConditionalGeneration"
+# Where the engine writes per-adapter projector weights for the model to read (see video_llava.py);
+# set in the environment before vLLM spawns its engine core, which inherits it.
+PROJECTOR_DIR_ENV = "DDFT_VLLM_PROJECTOR_DIR"
+# The multi-modal processor kwarg naming a request's projector slot (0: the base's projector).
+PROJECTOR_KWARG = "ddft_projector"
+
+
+def register() -> None:
+    from vllm import ModelRegistry
+
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, MODEL)
