@@ -15,7 +15,7 @@ from ray import serve
 from ddft.adapters.registry import AdapterError, Manifest
 from ddft.engines.base import GenerateRequest, GenerateResult, make_engine
 from ddft.store import Store, StoreError
-from serve.batcher import Batcher
+from ddft.engines.batcher import Batcher
 
 log = logging.getLogger("ddft.serve")
 

@@ -1,9 +1,9 @@
-"""The replica's batcher: requests that arrive while a batch runs go together into the next one."""
+"""The engines' batcher: requests that arrive while a batch runs go together into the next one."""
 import asyncio
 
 import pytest
 
-from serve.batcher import Batcher
+from ddft.engines.batcher import Batcher
 
 
 def test_requests_arriving_during_a_batch_form_the_next_batch():
@@ -62,3 +62,14 @@ def test_a_caller_that_gave_up_is_not_run():
 
     asyncio.run(main())
     assert seen == ["first"]
+
+
+def test_a_batcher_serves_one_event_loop_after_another():
+    """An engine outlives event loops (asyncio.run per call in scripts and tests): the queue and
+    worker follow the running loop instead of failing on one bound to a closed loop."""
+    async def run(items):
+        return [i + 1 for i in items]
+
+    batcher = Batcher(run)
+    assert asyncio.run(batcher(1)) == 2
+    assert asyncio.run(batcher(2)) == 3

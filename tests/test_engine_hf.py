@@ -1,6 +1,7 @@
 """The hf engine: mixed-adapter batches answer like each adapter alone; LRU; base fingerprints."""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 from pathlib import Path
@@ -165,3 +166,93 @@ def test_rejects_malformed_requests(engine, served):
         engine.generate([GenerateRequest("audio", "Dish?", None, None, 2)])
     with pytest.raises(AdapterError, match="is for video"):
         engine.generate([GenerateRequest("text", "Dish?", None, manifests["video"], 2)])
+
+
+# -- streaming ---------------------------------------------------------------------------------------
+async def _collect(stream, stop_after: int | None = None):
+    """Every chunk of a stream (or the first `stop_after`, then the consumer goes away)."""
+    chunks = []
+    async for chunk in stream:
+        chunks.append(chunk)
+        if stop_after is not None and len(chunks) >= stop_after:
+            await stream.aclose()
+            break
+    return chunks
+
+
+def _joined(chunks) -> str:
+    *head, last = chunks
+    assert all(c.result is None and c.finish_reason is None for c in head)
+    assert last.result is not None and last.finish_reason == last.result.finish_reason
+    text = "".join(c.text for c in chunks)
+    assert text == last.result.text  # exactly: the first delta is lstripped, a trailing blank never sent
+    return text
+
+
+def test_stream_text_is_the_generate_text(served, engine):
+    """Byte-level tiny tokens make many incomplete UTF-8 characters: held back until they settle,
+    the deltas add up to the answer exactly."""
+    _, _, manifests = served
+    for req in _requests(manifests, tokens=24)[::2]:
+        chunks = asyncio.run(_collect(engine.stream(req)))
+        assert _joined(chunks) == engine.generate([req])[0].text
+        assert len(chunks) > 2 and all(c.token_ids for c in chunks[:-1])
+        assert chunks[-1].result.adapter == (req.adapter.ref if req.adapter else None)
+
+
+def test_concurrent_streams_share_one_batch(served, engine, tmp_path):
+    store, base, manifests = served
+    other = make_adapter(store, base, "text", 9, tmp_path, name="text2")
+    reqs = [GenerateRequest("text", q, None, a, 12) for q, a in
+            (("Boil an egg?", manifests["text"]), ("Salt?", None), ("Pasta water?", other))]
+
+    async def together():
+        return await asyncio.gather(*(_collect(engine.stream(r)) for r in reqs))
+
+    streams = asyncio.run(together())
+    results = [chunks[-1].result for chunks in streams]
+    assert [r.timings["batch_size"] for r in results] == [3, 3, 3]
+    assert results[0].timings["adapters_in_batch"] == 2 and all("queue_s" in r.timings for r in results)
+    assert [_joined(chunks) for chunks in streams] == [r.text for r in engine.generate(reqs)]
+
+
+def test_stop_strings_are_never_streamed(engine):
+    free = engine.generate([GenerateRequest("text", "Salt?", None, None, 32)])[0].text
+    # two characters the answer makes late (the tiny base's answer is mostly broken UTF-8 bytes)
+    stop = next(free[i:i + 2] for i in range(len(free) - 2, 1, -1) if "\ufffd" not in free[i:i + 2])
+    req = GenerateRequest("text", "Salt?", None, None, 32, stop=[stop, "never-made"])
+    chunks = asyncio.run(_collect(engine.stream(req)))
+    text = _joined(chunks)
+    assert stop not in text and not any(stop in c.text for c in chunks)
+    assert text == engine.generate([req])[0].text and free.startswith(text)
+    assert chunks[-1].finish_reason == "stop"
+
+
+def test_a_consumer_that_goes_away_or_a_bad_request_fails_only_itself(served, engine, tmp_path):
+    store, base, manifests = served
+    stranger = make_adapter(store, BaseInfo(id="tiny", fingerprint="0" * 64, uri=base.uri), "text", 4, tmp_path,
+                            name="stranger2")
+    good = [GenerateRequest("text", "Boil an egg?", None, manifests["text"], 16),
+            GenerateRequest("text", "Salt?", None, None, 16)]
+    leaver = GenerateRequest("text", "Leaving soon?", None, None, 16)
+    bad = GenerateRequest("text", "Hi?", None, stranger, 16)
+
+    async def main():
+        return await asyncio.gather(*(_collect(engine.stream(r)) for r in good), _collect(engine.stream(leaver), 1),
+                                    _collect(engine.stream(bad)), return_exceptions=True)
+
+    *kept, left, failed = asyncio.run(main())
+    assert isinstance(failed, AdapterError) and "fingerprint" in str(failed)
+    assert len(left) == 1 and left[0].result is None
+    assert [_joined(c) for c in kept] == [r.text for r in engine.generate(good)]
+    with pytest.raises(ValueError, match="question is empty"):
+        asyncio.run(_collect(engine.stream(GenerateRequest("text", " ", None, None, 4))))
+
+
+def test_settled_text_holds_back_what_may_still_change():
+    from ddft.engines.detok import settled
+
+    assert settled("  Boil it for 5 min", ["\n\n", "min."]) == "Boil it for 5"  # "min." may be coming
+    assert settled("Boil it.\n", ["\n\n"]) == "Boil it."  # a blank, or the start of the stop string
+    assert settled("Boil it.\n\nNext", ["\n\n"]) == "Boil it."
+    assert settled("Caf\ufffd", []) == "Caf" and settled("Caf\ufffd!", []) == "Caf\ufffd!"

@@ -1,4 +1,4 @@
-"""Dynamic batching for a model replica: the next batch is formed when the engine is free.
+"""Dynamic batching for an engine: the next batch is formed when the engine is free.
 
 Serve's @serve.batch forms the next batch as soon as the previous one starts, so requests that
 arrive while a long generation runs go through one by one afterwards (measured: eight concurrent
@@ -14,6 +14,7 @@ from typing import Any, Awaitable, Callable
 class Batcher:
     def __init__(self, run: Callable[[list], Awaitable[list]], max_batch_size: int = 8, wait_s: float = 0.01):
         self.run, self.max_batch_size, self.wait_s = run, max_batch_size, wait_s
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue | None = None
         self._worker: asyncio.Task | None = None
 
@@ -22,10 +23,12 @@ class Batcher:
 
     async def __call__(self, item: Any) -> Any:
         """The result for one item, computed in a batch with whatever else is waiting."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # first call, or a new event loop (asyncio.run again): a queue is bound to one
+            self._loop, self._queue, self._worker = loop, asyncio.Queue(), None
         if self._worker is None or self._worker.done():
-            self._queue = self._queue or asyncio.Queue()
-            self._worker = asyncio.get_running_loop().create_task(self._loop())
-        future = asyncio.get_running_loop().create_future()
+            self._worker = loop.create_task(self._work())
+        future = loop.create_future()
         await self._queue.put((item, future))
         return await future
 
@@ -46,7 +49,7 @@ class Batcher:
                 break
         return [(item, fut) for item, fut in batch if not fut.done()]  # drop callers that gave up
 
-    async def _loop(self) -> None:
+    async def _work(self) -> None:
         while True:
             batch = await self._take()
             if not batch:

@@ -7,6 +7,12 @@ bare base) still drives the projector's copies below. Requests are grouped by mo
 inputs differ) and sampling temperature. Each row ends at its own end of sequence, stop string or
 max_new_tokens; sampled rows draw from their own seeded generator, whatever else is in the batch.
 
+Streams (`stream`) wait in a Batcher (batcher.py) that forms the next batch when the engine is
+free; the batch runs in a worker thread, and the per-row stopping criterion, which sees every
+step's tokens, hands each row its new token through the event loop to that row's consumer, which
+turns tokens into text (detok.py). A bad request in a batch is answered alone, so it fails only
+itself; a consumer that goes away ends its row at the next step.
+
 PEFT 0.21 limits this path for `modules_to_save` (our image/video adapters train the projector
 fully), so the projector's wrappers are given `_MixedProjector` below: PEFT's own mixed path
 accepts only Linear/Embedding/Conv modules (the projector is a small MLP module), wants exactly
@@ -15,6 +21,7 @@ back to the base projector for everyone when the *active* adapter has no project
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -23,6 +30,7 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import AsyncIterator
 
 import numpy as np
 import torch
@@ -34,10 +42,12 @@ from ddft import prompts
 from ddft.config import JOINT, MODALITIES
 from ddft.adapters import registry
 from ddft.adapters.registry import AdapterError, Manifest
-from ddft.engines.base import STATS, AdapterCache, check_base, GenerateRequest, GenerateResult
+from ddft.engines.base import STATS, AdapterCache, Chunk, check_base, GenerateRequest, GenerateResult
 from ddft.engines.batched_lora import BASE, AdapterBank, unsupported
+from ddft.engines.batcher import Batcher
+from ddft.engines.detok import TextStream, first_stop
 from ddft.models.load import base_info, load_base, local_base_dir
-from ddft.store import Store
+from ddft.store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -76,22 +86,33 @@ def _peft_name(manifest: Manifest) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", manifest.ref) + "_" + manifest.weights_sha256[:8]
 
 
-def _first_stop(text: str, stops: list[str]) -> int | None:
-    """Where the earliest of the stop strings starts in text (None: none occurs)."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
+class _Sink:
+    """Where one streamed row's new token ids go: its consumer's asyncio queue, from the worker
+    thread (call_soon_threadsafe). `closed` (the consumer went away) ends the row at the next step."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.queue = loop, asyncio.Queue()
+        self.enqueued = time.perf_counter()
+        self.sent = self.closed = False
+
+    def push(self, token_ids: list[int]) -> None:
+        self.sent = True
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, token_ids)
 
 
 class _RowEnds(StoppingCriteria):
     """Ends each row on its own: at end of sequence, its first stop string, or its max_new_tokens.
 
     `ended[i]` keeps (new tokens, finish_reason) of row i; transformers pads rows once they end.
+    It sees every step's tokens, so it also hands each streamed row its new token to its sink.
     """
 
-    def __init__(self, width: int, reqs: list[GenerateRequest], eos_id: int, tokenizer):
+    def __init__(self, width: int, reqs: list[GenerateRequest], eos_id: int, tokenizer,
+                 sinks: list[_Sink | None] | None = None):
         self.width, self.eos_id, self.tokenizer = width, eos_id, tokenizer
         self.limits = [r.max_new_tokens for r in reqs]
         self.stops = [r.stop for r in reqs]
+        self.sinks = sinks or [None] * len(reqs)
         self.ended: list[tuple[int, str] | None] = [None] * len(reqs)
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
@@ -100,9 +121,15 @@ class _RowEnds(StoppingCriteria):
         for i, end in enumerate(self.ended):
             if end is not None:
                 continue
+            sink = self.sinks[i]
+            if sink is not None and last[i] != self.eos_id:
+                if sink.closed:  # nobody reads this row any more: stop spending steps on it
+                    self.ended[i] = (n, "cancelled")
+                    continue
+                sink.push([last[i]])
             if last[i] == self.eos_id:
                 self.ended[i] = (n, "stop")
-            elif self.stops[i] and _first_stop(self.tokenizer.decode(
+            elif self.stops[i] and first_stop(self.tokenizer.decode(
                     input_ids[i, self.width:], skip_special_tokens=True), self.stops[i]) is not None:
                 self.ended[i] = (n, "stop")
             elif n >= self.limits[i]:
@@ -132,7 +159,7 @@ class HFEngine(AdapterCache):
     """One base per engine; adapters in an LRU cache of `cache_size`; mixed-adapter batches."""
 
     def __init__(self, store: Store | str, base_model_id: str, cache_size: int = 8, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, max_batch_size: int = 8, batch_wait_s: float = 0.01):
         if cache_size < 1:
             raise ValueError(f"cache_size is {cache_size}; it must be at least 1")
         self.store = store if isinstance(store, Store) else Store(store)
@@ -154,6 +181,7 @@ class HFEngine(AdapterCache):
         self._cache: OrderedDict[str, Manifest] = OrderedDict()  # peft name -> manifest, LRU first
         self._resident: tuple[str, ...] = ()  # refs, LRU first: readable while a batch runs
         self._lock = threading.RLock()  # one batch or adapter load at a time
+        self._batcher = Batcher(self._run_batch, max_batch_size, batch_wait_s)  # concurrent streams
         log.info("engine hf: base %s loaded in %.1fs on %s", base_model_id, self.load_s, self.device)
 
     # -- adapters ----------------------------------------------------------------------------------
@@ -231,39 +259,95 @@ class HFEngine(AdapterCache):
     def generate(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
         for i, r in enumerate(requests):
             self._check(i, r)
+        results: list[GenerateResult | None] = [None] * len(requests)
+        with self._lock:
+            for modality, temperature, idxs in self._plan(requests):
+                for i, res in zip(idxs, self._run(modality, temperature, [requests[i] for i in idxs])):
+                    results[i] = res
+        return results  # type: ignore[return-value]
+
+    def _plan(self, requests: list[GenerateRequest]):
+        """(modality, temperature, request indices) per forward: requests are grouped by modality
+        (their pixel inputs differ) and temperature, and split to fit the adapter cache."""
         groups: dict[tuple[str, float], list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault((r.modality, float(r.temperature)), []).append(i)
-        results: list[GenerateResult | None] = [None] * len(requests)
-        with self._lock:
-            for (modality, temperature), idxs in groups.items():
-                for chunk in self._chunks(idxs, requests):
-                    for i, res in zip(chunk, self._run(modality, temperature, [requests[i] for i in chunk])):
-                        results[i] = res
-        return results  # type: ignore[return-value]
+        for (modality, temperature), idxs in groups.items():
+            for chunk in self._chunks(idxs, requests):
+                yield modality, temperature, chunk
 
-    def _check(self, i: int, r: GenerateRequest) -> None:
-        where = f"request {i}"
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        """One request, batched with the streams waiting when the engine is next free; its text
+        arrives as it is generated (detok.py), the whole result on the last chunk."""
+        self._check(None, request)  # a bad request fails alone, before it joins a batch
+        sink = _Sink(asyncio.get_running_loop())
+        done = asyncio.ensure_future(self._batcher((request, sink)))
+        # after the batch's last token (pushed earlier through the same loop) comes this end mark
+        done.add_done_callback(lambda _: sink.queue.put_nowait(None))
+        text = TextStream(self.processor.tokenizer, request.stop)
+        try:
+            ended = False
+            while not ended:
+                ids = [await sink.queue.get()]
+                while not sink.queue.empty():  # a slow reader takes what piled up in one chunk
+                    ids.append(sink.queue.get_nowait())
+                ended = ids[-1] is None
+                ids = [t for step in ids if step is not None for t in step]
+                if ids:
+                    yield Chunk(text.add(ids), ids)
+            result = done.result()  # the request's own error, if it had one
+            yield Chunk(text.finish(result.text), [], result.finish_reason, result)
+        finally:  # consumer closed or cancelled: its row stops at the next step, the batch goes on
+            sink.closed = True
+            done.cancel()
+
+    async def _run_batch(self, items: list[tuple[GenerateRequest, _Sink]]) -> list[GenerateResult | Exception]:
+        """The batcher's runner: every forward of the batch in a worker thread, in turn."""
+        results: list = [None] * len(items)
+        for modality, temperature, idxs in self._plan([r for r, _ in items]):
+            for i, res in zip(idxs, await self._run_rows(modality, temperature, [items[i] for i in idxs])):
+                results[i] = res
+        return results
+
+    async def _run_rows(self, modality: str, temperature: float, items: list) -> list[GenerateResult | Exception]:
+        started = time.perf_counter()
+        try:
+            results = await asyncio.to_thread(self._run_locked, modality, temperature, items)
+        except (ValueError, AdapterError, StoreError) as err:  # a request's adapter or inputs
+            if len(items) == 1 or any(sink.sent for _, sink in items):
+                return [err] * len(items)
+            # one bad request must not fail its batch-mates: answer each alone (nothing was sent yet)
+            return [res for item in items for res in await self._run_rows(modality, temperature, [item])]
+        for res, (_, sink) in zip(results, items):
+            res.timings["queue_s"] = round(started - sink.enqueued, 4)
+        return results
+
+    def _run_locked(self, modality: str, temperature: float, items: list) -> list[GenerateResult]:
+        with self._lock:
+            return self._run(modality, temperature, [r for r, _ in items], [s for _, s in items])
+
+    def _check(self, i: int | None, r: GenerateRequest) -> None:
+        where = f"request {i}: " if i is not None else ""  # which one, in a list
         if r.modality not in MODALITIES:
-            raise ValueError(f"{where}: modality {r.modality!r}; use one of {list(MODALITIES)}")
+            raise ValueError(f"{where}modality {r.modality!r}; use one of {list(MODALITIES)}")
         if not r.question or not r.question.strip():
-            raise ValueError(f"{where}: the question is empty")
+            raise ValueError(f"{where}the question is empty")
         if r.max_new_tokens < 1:
-            raise ValueError(f"{where}: max_new_tokens is {r.max_new_tokens}; it must be at least 1")
+            raise ValueError(f"{where}max_new_tokens is {r.max_new_tokens}; it must be at least 1")
         if r.temperature < 0:
-            raise ValueError(f"{where}: temperature is {r.temperature}; use 0 (greedy) or more")
+            raise ValueError(f"{where}temperature is {r.temperature}; use 0 (greedy) or more")
         if not isinstance(r.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in r.stop):
-            raise ValueError(f"{where}: stop must be a list of non-empty strings, got {r.stop!r}")
+            raise ValueError(f"{where}stop must be a list of non-empty strings, got {r.stop!r}")
         if r.adapter is not None and r.adapter.modality not in (r.modality, JOINT):
-            raise AdapterError(f"{where}: adapter {r.adapter.ref} is for {r.adapter.modality}, "
+            raise AdapterError(f"{where}adapter {r.adapter.ref} is for {r.adapter.modality}, "
                                f"the request is {r.modality}")
         want = {"image": 3, "video": 4}.get(r.modality)
         if want is None:
             if r.pixels is not None:
-                raise ValueError(f"{where}: a text request carries no pixels")
+                raise ValueError(f"{where}a text request carries no pixels")
         elif not isinstance(r.pixels, np.ndarray) or r.pixels.ndim != want or r.pixels.shape[-1] != 3:
             shape = getattr(r.pixels, "shape", None)
-            raise ValueError(f"{where}: {r.modality} pixels must be a uint8 array shaped "
+            raise ValueError(f"{where}{r.modality} pixels must be a uint8 array shaped "
                              f"{'(H, W, 3)' if want == 3 else '(frames, H, W, 3)'}, got {shape}")
 
     def _chunks(self, idxs: list[int], requests: list[GenerateRequest]):
@@ -313,13 +397,14 @@ class HFEngine(AdapterCache):
                 out = self.model(**inputs)
             return out.logits[:, -1].float().cpu()
 
-    def _run(self, modality: str, temperature: float, reqs: list[GenerateRequest]) -> list[GenerateResult]:
+    def _run(self, modality: str, temperature: float, reqs: list[GenerateRequest],
+             sinks: list[_Sink] | None = None) -> list[GenerateResult]:
         t0 = time.perf_counter()
         inputs, names = self._prepare(modality, reqs)
         t1 = time.perf_counter()
         width = inputs["input_ids"].shape[1]
         tok = self.processor.tokenizer
-        ends = _RowEnds(width, reqs, self.eos_id, tok)
+        ends = _RowEnds(width, reqs, self.eos_id, tok, sinks)
         sampling = ([_RowSampling(temperature, [r.seed for r in reqs], self.device)] if temperature > 0 else [])
         kwargs = dict(inputs, max_new_tokens=max(r.max_new_tokens for r in reqs), pad_token_id=self.pad_id,
                       eos_token_id=self.eos_id, do_sample=False, logits_processor=LogitsProcessorList(sampling),
@@ -339,7 +424,7 @@ class HFEngine(AdapterCache):
             if reason == "stop" and row and row[-1] == self.eos_id:
                 row = row[:-1]
             text = tok.decode(row, skip_special_tokens=True)
-            cut = _first_stop(text, r.stop)
+            cut = first_stop(text, r.stop)
             if cut is not None:
                 text, reason = text[:cut], "stop"
             self._stats["new_tokens"] += n
