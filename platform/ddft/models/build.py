@@ -74,11 +74,12 @@ def _byte_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_tiny(seed: int = 0):
-    """A random 2-layer, width-64 base for tests (well under a second)."""
+    """A random 2-layer, width-64 base for tests (well under a second); heads of 32, the smallest
+    vLLM's CPU attention takes, so the vllm engine serves it too."""
     torch.manual_seed(seed)
     tok = _byte_tokenizer()
     text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                        pad_token_id=tok.pad_token_id)
     return _assemble(text, tok, _vision_config(32, 2, EMBEDDED_PATCH), EMBEDDED_PATCH)
