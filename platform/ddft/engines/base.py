@@ -40,6 +40,7 @@ class GenerateResult:
     base: str  # the base model id
     finish_reason: str = "length"  # "stop" (end of sequence or a stop string) or "length" (max_new_tokens)
     timings: dict[str, Any] = field(default_factory=dict)  # seconds, token counts, batch size
+    token_ids: list[int] = field(default_factory=list)  # the generated tokens (no end-of-sequence token)
 
 
 @dataclass

@@ -319,12 +319,12 @@ class VLLMEngine(AdapterCache):
                     if entry else None)
             params = SamplingParams(**sampling_args(r), output_kind=RequestOutputKind.DELTA)
             t1 = time.perf_counter()
-            text, n_prompt, n_new, reason, first = "", 0, 0, "length", None
+            text, tokens, n_prompt, reason, first = "", [], 0, "length", None
             async for output in self.llm.generate(self._engine_input(r, entry.projector_slot if entry else 0),
                                                   params, f"ddft-{next(self._request_ids)}", lora_request=lora):
                 done = output.outputs[0]
                 n_prompt = len(output.prompt_token_ids or []) or n_prompt
-                n_new += len(done.token_ids)
+                tokens += done.token_ids
                 delta = done.text if text else done.text.lstrip()  # answers are stripped, deltas add up to them
                 text += delta
                 first = first or (time.perf_counter() if done.token_ids else None)
@@ -334,14 +334,15 @@ class VLLMEngine(AdapterCache):
                     put(Chunk(delta, list(done.token_ids)))
             t2 = time.perf_counter()
             with self._lock:
-                for k, n in (("requests", 1), ("prompt_tokens", n_prompt), ("new_tokens", n_new)):
+                for k, n in (("requests", 1), ("prompt_tokens", n_prompt), ("new_tokens", len(tokens))):
                     self._stats[k] += n
             result = GenerateResult(
                 text=text.strip(), adapter=r.adapter.ref if r.adapter else None, base=self.base_id,
                 finish_reason=reason,
                 timings={"adapter_load_s": round(t1 - t0, 4), "generate_s": round(t2 - t1, 4),
                          "first_token_s": round((first or t2) - t1, 4), "prompt_tokens": n_prompt,
-                         "new_tokens": n_new, "engine": "vllm"})
+                         "new_tokens": len(tokens), "engine": "vllm"},
+                token_ids=[t for t in tokens if t != self.tokenizer.eos_token_id])
             put(Chunk("", [], reason, result))
         except Exception as err:  # typed errors travel to the caller, who raises them
             put(err)
