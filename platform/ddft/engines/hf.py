@@ -433,7 +433,7 @@ class HFEngine(AdapterCache):
                 finish_reason=reason,
                 timings={"adapter_load_s": round(t1 - t0, 4), "generate_s": round(t2 - t1, 4),
                          "batch_size": len(reqs), "adapters_in_batch": len(set(names) - {BASE}),
-                         "prompt_tokens": int(n_prompt), "new_tokens": n}))
+                         "prompt_tokens": int(n_prompt), "new_tokens": n}, token_ids=row))
         self._stats["requests"] += len(reqs)
         self._stats["prompt_tokens"] += int(sum(prompt_tokens))
         return results

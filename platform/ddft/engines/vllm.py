@@ -365,7 +365,8 @@ class VLLMEngine(AdapterCache):
         finally:
             task.cancel()  # a consumer that went away: vLLM aborts the request when its generator closes
 
-    async def _collect(self, request: GenerateRequest) -> GenerateResult:
+    async def answer(self, request: GenerateRequest) -> GenerateResult:
+        """The whole answer of one streamed request."""
         async for chunk in self.stream(request):
             if chunk.result is not None:
                 return chunk.result
@@ -377,7 +378,7 @@ class VLLMEngine(AdapterCache):
             check_request(i, r)
 
         async def all_of():
-            return await asyncio.gather(*(self._collect(r) for r in requests))
+            return await asyncio.gather(*(self.answer(r) for r in requests))
 
         return asyncio.run(all_of())
 

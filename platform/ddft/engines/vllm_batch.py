@@ -31,7 +31,7 @@ class BatchJob:
 
 @dataclass
 class BatchOutput:
-    results: list  # GenerateResult, in request order
+    results: list  # GenerateResult (or the exception that request raised), in request order
     load_s: float
     generate_s: float
     raw_generate_s: float | None = None
@@ -67,8 +67,8 @@ def run(job: BatchJob) -> BatchOutput:
         t = time.perf_counter()
         if job.arrivals is not None:
             return asyncio.run(_arrivals(engine, job))
-        if job.concurrent:
-            results = engine.generate(job.requests)
+        if job.concurrent:  # one bad request fails alone: its exception takes its place
+            results = asyncio.run(_all(engine, job.requests))
         else:
             results = [engine.generate([r])[0] for r in job.requests]
         output = BatchOutput(results, engine.load_s, time.perf_counter() - t)
@@ -77,6 +77,12 @@ def run(job: BatchJob) -> BatchOutput:
         return output
     finally:
         engine.close()
+
+
+async def _all(engine, requests) -> list:
+    import asyncio
+
+    return await asyncio.gather(*(engine.answer(r) for r in requests), return_exceptions=True)
 
 
 async def _arrivals(engine, job: BatchJob) -> BatchOutput:
