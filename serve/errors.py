@@ -1,4 +1,7 @@
-"""JSON errors for every route: {"error": <short code>, "detail": <what was wrong and the fix>}."""
+"""JSON errors for every route: {"error": <short code>, "detail": <what was wrong and the fix>}, and
+OpenAI's shape {"error": {"message", "type", "code", "param"}} on the OpenAI routes, so OpenAI
+clients show the message and code. The engines' typed exceptions map to HTTP here, in one table,
+for the plain and the streamed (SSE) answers alike."""
 
 import logging
 
@@ -7,7 +10,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ddft.adapters.registry import AdapterError
+from ddft.engines.base import EngineUnavailable
+from ddft.store import StoreError
+
 log = logging.getLogger("ddft.serve")
+
+# An engine's exception -> (status, code); the first match wins (AdapterError is a ValueError).
+ENGINE_ERRORS = (
+    (AdapterError, 409, "adapter_unusable"),
+    (StoreError, 502, "store_error"),
+    (EngineUnavailable, 503, "engine_unavailable"),
+    (ValueError, 400, "bad_request"),
+)
+OPENAI_ROUTES = ("/v1/chat/completions", "/v1/models")
 
 ROUTES = ("POST /v1/recipes, POST /v1/generate, POST /v1/chat/completions, GET /v1/models, "
           "PUT|GET|DELETE /v1/adapters/{name}, GET /healthz, GET /metrics")
@@ -19,8 +35,34 @@ class ApiError(Exception):
         super().__init__(f"{status} {error}: {detail}")
 
 
-def error_response(status: int, error: str, detail: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
+def from_engine(err: BaseException) -> ApiError:
+    """The HTTP error for what a model replica raised. Ray re-raises a replica's exception as a
+    RayTaskError that is also an instance of the original type; its `cause` is the original,
+    whose message (never the traceback Ray adds) is the detail."""
+    if isinstance(err, ApiError):
+        return err
+    cause = getattr(err, "cause", None) or err
+    for kind, status, code in ENGINE_ERRORS:
+        if isinstance(cause, kind):
+            return ApiError(status, code, str(cause), {"Retry-After": "30"} if status == 503 else None)
+    log.error("generation failed: %s: %s", type(cause).__name__, str(cause)[:2000])
+    return ApiError(500, "generation_failed", f"{type(cause).__name__}: {str(cause)[:300]} (see the replica's log)")
+
+
+def _openai_type(status: int) -> str:
+    return {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error")
+
+
+def body(status: int, error: str, detail: str, path: str = "") -> dict:
+    """The error object for a route: OpenAI's shape on the OpenAI routes, ours elsewhere."""
+    if path.startswith(OPENAI_ROUTES):
+        return {"error": {"message": detail, "type": _openai_type(status), "code": error, "param": None}}
+    return {"error": error, "detail": detail}
+
+
+def error_response(status: int, error: str, detail: str, headers: dict | None = None, path: str = "") -> JSONResponse:
+    return JSONResponse(body(status, error, detail, path), status_code=status, headers=headers)
 
 
 def busy(detail: str, retry_after_s: int = 2) -> ApiError:
@@ -33,20 +75,22 @@ def install(api: FastAPI) -> None:
 
     @api.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        return error_response(exc.status, exc.error, exc.detail, exc.headers)
+        return error_response(exc.status, exc.error, exc.detail, exc.headers, request.url.path)
 
     @api.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         codes = {404: "not_found", 405: "method_not_allowed"}
         detail = (f"no route {request.method} {request.url.path}: the API has {ROUTES}"
                   if exc.status_code in codes else str(exc.detail))
-        return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), detail)
+        return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), detail,
+                              path=request.url.path)
 
     @api.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
-        return error_response(400, "bad_request", str(exc.errors())[:500])
+        return error_response(400, "bad_request", str(exc.errors())[:500], path=request.url.path)
 
     @api.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", f"{type(exc).__name__}: {str(exc)[:300]} (see the replica's log)")
+        return error_response(500, "internal_error", f"{type(exc).__name__}: {str(exc)[:300]} (see the replica's log)",
+                              path=request.url.path)

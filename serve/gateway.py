@@ -10,9 +10,11 @@ decoded here in a child process; adapter uploads are validated here before they 
 """
 
 import asyncio
+import logging
 import re
 import time
 from pathlib import Path
+from typing import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -25,18 +27,19 @@ from ddft import config as ddft_config
 from ddft.adapters import registry
 from ddft.adapters.registry import AdapterError, Manifest
 from ddft.adapters.upload import UploadError, base_spec, publish_upload, unpack
-from ddft.engines.base import GenerateRequest
+from ddft.engines.base import Chunk, GenerateRequest, GenerateResult
 from ddft.prompts import QUESTIONS
 from ddft.recipes import parse_recipe
 from ddft.store import Store, StoreError
 from ddft.tenants import TenantError
-from serve import errors, inputs, openapi_docs
+from serve import errors, inputs, openapi_docs, sse
 from serve.auth import Auth
 from serve.decoder import Decoder
 from serve.errors import ApiError, busy
 from serve import metrics
-from serve.openai import completion, parse_chat
+from serve.openai import ChunkStream, completion, parse_chat
 
+log = logging.getLogger("ddft.serve")
 RESOLVE_TTL_S = 2.0  # other gateways' uploads and deletes show up after this; our own at once
 ARCHIVE_TYPES = ("application/x-tar", "application/gzip", "application/x-gzip", "application/zip",
                  "application/x-zip-compressed", "application/octet-stream")
@@ -127,41 +130,122 @@ class Gateway:
         return {registry.PLATFORM_OWNER} | ({f"tenant-{tenant}"} if tenant else set())
 
     # -- generation on the model replicas ------------------------------------------------------------
-    async def _generate(self, request: GenerateRequest) -> dict:
-        handle = self.model
+    def _handle(self, request: GenerateRequest, **options) -> DeploymentHandle:
         if request.adapter is not None:  # multiplexing: to a replica already holding these weights
-            handle = handle.options(multiplexed_model_id=f"{request.adapter.ref}@{request.adapter.weights_sha256[:8]}")
+            options["multiplexed_model_id"] = f"{request.adapter.ref}@{request.adapter.weights_sha256[:8]}"
+        return self.model.options(**options) if options else self.model
+
+    def _timeout(self) -> ApiError:
+        return ApiError(504, "timeout", f"generation took over {self.s.request_timeout_s:.0f}s; retry, or lower "
+                        "max_new_tokens")
+
+    @staticmethod
+    async def _first(start: Callable[[], Awaitable]):
+        """`start()`'s answer from a replica: retried when the replica died, 503 when every queue is
+        full, the engine's error as an ApiError (serve/errors.py)."""
         for attempt in range(3):
-            metrics.get().queue_depth.inc()
             try:
-                response = handle.generate.remote(request)
-                out = await asyncio.wait_for(response, self.s.request_timeout_s)
-                break
+                return await start()
             except BackPressureError:
                 raise busy("every model replica's queue is full; retry after the Retry-After seconds") from None
             except RayActorError:  # the replica died (killed, OOM): Serve is replacing it; try another
                 if attempt == 2:
                     raise busy("a model replica is being replaced; retry shortly", 5) from None
                 await asyncio.sleep(0.5 * (attempt + 1))
+            except Exception as err:
+                raise errors.from_engine(err) from None
+
+    async def _generate(self, request: GenerateRequest) -> GenerateResult:
+        handle = self._handle(request)
+
+        async def call():
+            response = handle.generate.remote(request)
+            try:
+                return await asyncio.wait_for(response, self.s.request_timeout_s)
             except asyncio.TimeoutError:
                 response.cancel()
-                raise ApiError(504, "timeout", f"generation took over {self.s.request_timeout_s:.0f}s; retry, or "
-                               "lower max_new_tokens") from None
-            finally:
-                metrics.get().queue_depth.dec()
-        if "error" in out:
-            raise ApiError(out["status"], out["error"], out["detail"])
-        metrics.get().replica_stats(out["replica"], out["stats"])
-        result = out["result"]
-        t = result["timings"]
-        metrics.get().count_tokens(request.modality, result["adapter"], t.get("prompt_tokens", 0),
-                                   t.get("new_tokens", 0))
+                raise self._timeout() from None
+
+        metrics.get().queue_depth.inc()
+        try:
+            result = await self._first(call)
+        finally:
+            metrics.get().queue_depth.dec()
+        self._count(request, result)
         return result
 
+    async def _stream(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        """The replica's chunks as they come, the last with the result. Every failure is an ApiError:
+        before the first chunk the route still answers it as JSON; after, as an SSE error event."""
+        handle = self._handle(request, stream=True)
+        deadline = time.monotonic() + self.s.request_timeout_s
+        replies = None
+
+        async def next_chunk() -> Chunk:
+            try:
+                return await asyncio.wait_for(anext(replies), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise self._timeout() from None
+            except StopAsyncIteration:
+                raise ApiError(500, "generation_failed", "the model replica's stream ended without a result") from None
+
+        async def start() -> Chunk:
+            nonlocal replies
+            replies = handle.stream.remote(request)
+            return await next_chunk()
+
+        metrics.get().queue_depth.inc()
+        chunk = None
+        try:
+            chunk = await self._first(start)
+            while chunk.result is None:
+                yield chunk
+                try:
+                    chunk = await next_chunk()
+                except Exception as err:
+                    raise errors.from_engine(err) from None
+            self._count(request, chunk.result)  # before the last yield: the consumer closes us after it
+            yield chunk
+        finally:
+            metrics.get().queue_depth.dec()
+            if replies is not None and (chunk is None or chunk.result is None):
+                replies.cancel()  # timed out, failed or the client left: the replica stops the request
+
     @staticmethod
-    def _engine_timings(result: dict) -> dict:
-        t = result["timings"]
-        return {k: t[k] for k in ("queue_s", "batch_size", "adapters_in_batch", "new_tokens") if k in t}
+    async def _sse(first: Chunk, chunks: AsyncIterator[Chunk], events: Callable[[Chunk], list[str]],
+                   error_event: Callable[[ApiError], str], head: list[str] = ()) -> AsyncIterator[str]:
+        """A streamed answer's SSE body: `head`, events(chunk) for every chunk (the first already
+        read by the route), an error event if the stream fails on the way, then [DONE]."""
+        try:
+            for text in head:
+                yield text
+            chunk = first
+            while True:
+                for text in events(chunk):
+                    yield text
+                if chunk.result is not None:
+                    break
+                chunk = await anext(chunks)
+        except Exception as err:
+            if not isinstance(err, ApiError):
+                log.exception("streamed answer failed")
+                err = ApiError(500, "internal_error", f"{type(err).__name__}: {str(err)[:300]}")
+            yield error_event(err)
+        finally:
+            await chunks.aclose()
+        yield sse.DONE
+
+    @staticmethod
+    def _count(request: GenerateRequest, result: GenerateResult) -> None:
+        if hasattr(result, "replica"):  # a ServedResult: the replica's engine counters
+            metrics.get().replica_stats(result.replica, result.stats)
+        metrics.get().count_tokens(request.modality, result.adapter, result.timings.get("prompt_tokens", 0),
+                                   result.timings.get("new_tokens", 0))
+
+    @staticmethod
+    def _engine_timings(result: GenerateResult) -> dict:
+        return {k: result.timings[k] for k in ("queue_s", "batch_size", "adapters_in_batch", "new_tokens")
+                if k in result.timings}
 
     def _request(self, modality: str, question: str, pixels, manifest, body: dict,
                  tokens_field: str = "max_new_tokens") -> GenerateRequest:
@@ -186,10 +270,12 @@ class Gateway:
     # -- inference routes ----------------------------------------------------------------------------
     @api.post("/v1/recipes", openapi_extra=openapi_docs.RECIPES)
     async def recipes(self, request: Request):
-        """A cooking video (multipart field `video`, or JSON {"video_uri": ...}) -> its recipe."""
+        """A cooking video (multipart field `video`, or JSON {"video_uri": ...}) -> its recipe; with
+        ?stream=true as SSE: `delta` events ({"text"}) as it is written, then a `recipe` event."""
         t0 = time.perf_counter()
         tenant = await self.auth.tenant(request)
         request.state.modality = "video"
+        streaming = inputs.flag(request.query_params.get("stream"), "stream")
         ctype = request.headers.get("content-type", "")
         data = uri = None
         if ctype.startswith("multipart/form-data"):
@@ -214,11 +300,25 @@ class Gateway:
         gen = self._request("video", QUESTIONS["video"], None, manifest, body)
         gen.pixels, decode_s = await self._media_from("video", data, uri)
         t2 = time.perf_counter()
-        result = await self._generate(gen)
+        if not streaming:
+            return self._recipe(await self._generate(gen), decode_s, t0, t2)
+        chunks = self._stream(gen)
+        first = await anext(chunks)  # a failure before the first byte is still a JSON error
+
+        def events(chunk: Chunk) -> list[str]:
+            return ([sse.event({"text": chunk.text}, "delta")] if chunk.text else []) + (
+                [sse.event(self._recipe(chunk.result, decode_s, t0, t2), "recipe")] if chunk.result else [])
+
+        def error_event(err: ApiError) -> str:
+            return sse.event(errors.body(err.status, err.error, err.detail), "error")
+
+        return sse.response(self._sse(first, chunks, events, error_event))
+
+    def _recipe(self, result: GenerateResult, decode_s: float, t0: float, t2: float) -> dict:
         t3 = time.perf_counter()
-        recipe = parse_recipe(result["text"])
-        return {"ingredients": recipe["ingredients"], "steps": recipe["steps"], "text": result["text"],
-                "adapter": result["adapter"], "base": result["base"],
+        recipe = parse_recipe(result.text)
+        return {"ingredients": recipe["ingredients"], "steps": recipe["steps"], "text": result.text,
+                "adapter": result.adapter, "base": result.base,
                 "timings": {"decode_s": round(decode_s, 4), "generate_s": round(t3 - t2, 4),
                             "total_s": round(t3 - t0, 4), **self._engine_timings(result)}}
 
@@ -256,14 +356,15 @@ class Gateway:
         t1 = time.perf_counter()
         result = await self._generate(gen)
         t2 = time.perf_counter()
-        return {"answer": result["text"], "adapter": result["adapter"], "base": result["base"],
-                "finish_reason": result["finish_reason"],
+        return {"answer": result.text, "adapter": result.adapter, "base": result.base,
+                "finish_reason": result.finish_reason,
                 "timings": {"decode_s": round(decode_s, 4), "generate_s": round(t2 - t1, 4),
                             "total_s": round(t2 - t0, 4), **self._engine_timings(result)}}
 
     @api.post("/v1/chat/completions", openapi_extra=openapi_docs.CHAT)
     async def chat_completions(self, request: Request):
-        """OpenAI-compatible; `model` is the base id or "<base>:<adapter>"; text, image_url, video_url."""
+        """OpenAI-compatible; `model` is the base id or "<base>:<adapter>"; text, image_url, video_url;
+        "stream": true answers with chat.completion.chunk events (SSE)."""
         tenant = await self.auth.tenant(request)
         inputs.check_length(request, self._media_limit + MB)
         body = await inputs.json_body(request)
@@ -273,9 +374,23 @@ class Gateway:
         gen = self._request(chat.modality, chat.question, None, manifest, body, tokens_field)
         if chat.modality != "text":
             gen.pixels, _ = await self._media_from(chat.modality, chat.media, chat.media_uri)
-        result = await self._generate(gen)
-        model = f"{self.base_id}:{result['adapter']}" if result["adapter"] else self.base_id
-        return completion(model, result)
+        model = f"{self.base_id}:{manifest.ref}" if manifest else self.base_id
+        if not chat.stream:
+            return completion(model, await self._generate(gen))
+        chunks = self._stream(gen)
+        first = await anext(chunks)  # a failure before the first byte is still a JSON error
+        out = ChunkStream(model, chat.include_usage)
+
+        def events(chunk: Chunk) -> list[str]:
+            if chunk.result is None:
+                return [sse.event(out.delta(chunk.text))] if chunk.text else []
+            return [sse.event(out.delta(chunk.text, chunk.result))] + (
+                [sse.event(out.usage(chunk.result))] if chat.include_usage else [])
+
+        def error_event(err: ApiError) -> str:  # OpenAI's mid-stream error: data {"error": {...}}
+            return sse.event(errors.body(err.status, err.error, err.detail, request.url.path))
+
+        return sse.response(self._sse(first, chunks, events, error_event, head=[sse.event(out.role())]))
 
     @api.get("/v1/models")
     async def models(self, request: Request):

@@ -126,6 +126,15 @@ def seed(value) -> int | None:
     return value
 
 
+def flag(value, field: str) -> bool:
+    """A yes/no query parameter (?stream=true)."""
+    if value is None or value.lower() in ("false", "0", ""):
+        return False
+    if value.lower() in ("true", "1"):
+        return True
+    raise ApiError(400, f"bad_{field}", f"{field} must be true or false")
+
+
 def b64(value, field: str) -> bytes:
     if not isinstance(value, str):
         raise ApiError(400, f"bad_{field}", f"{field} must be a base64 string")

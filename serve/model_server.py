@@ -1,31 +1,41 @@
-"""Model replicas: one engine (one base) each; concurrent calls are batched, mixing adapters.
+"""Model replicas: one engine (one base) each; the engine batches concurrent streams, mixing adapters.
 
 Serve multiplexing (the adapter's ref is the multiplexed model id) sends a request to a replica
-that already holds its adapter; the engine's LRU holds the weights. Errors travel back as data,
-so a bad request is an HTTP error at the gateway and never an exception that could hurt a replica.
+that already holds its adapter; the engine's LRU holds the weights. This file knows no engine:
+`stream` passes the engine's chunks on and `generate` returns the last one's result. Errors are
+the engine's typed exceptions, raised as they are; the gateway maps them to HTTP (serve/errors.py).
 """
 
 import asyncio
 import logging
-import time
-from dataclasses import asdict
+from dataclasses import dataclass, field
+from typing import AsyncIterator
 
 from ray import serve
 
 from ddft.adapters.registry import AdapterError, Manifest
-from ddft.engines.base import GenerateRequest, GenerateResult, make_engine
+from ddft.engines.base import Chunk, EngineUnavailable, GenerateRequest, GenerateResult, make_engine
 from ddft.store import Store, StoreError
-from ddft.engines.batcher import Batcher
 
 log = logging.getLogger("ddft.serve")
+
+
+@dataclass
+class ServedResult(GenerateResult):
+    """A result as a replica answers it: which replica, and its engine's counters (for /metrics)."""
+    replica: str = "local"
+    stats: dict[str, int] = field(default_factory=dict)
 
 
 class ModelServer:
     def __init__(self, store: Store, base_id: str, *, engine: str = "hf", cache_size: int = 8, device: str = "cpu",
                  max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01):
-        self.engine = make_engine(engine, store=store, base_model_id=base_id, cache_size=cache_size, device=device)
+        # hf forms a batch when it is free; vllm adds requests to the running batch every step
+        batching = {"max_batch_size": max_batch_size, "batch_wait_s": batch_wait_timeout_s} if engine == "hf" else {}
+        self.engine = make_engine(engine, store=store, base_model_id=base_id, cache_size=cache_size, device=device,
+                                  **batching)
         self._manifests: dict[str, Manifest] = {}
-        self._batch = Batcher(self._batched, max_batch_size, batch_wait_timeout_s)
+        self._ongoing = 0
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside Serve (unit tests)
@@ -36,45 +46,33 @@ class ModelServer:
         await asyncio.to_thread(self.engine.load_adapter, self._manifests[ref])
         return ref
 
-    async def _batched(self, requests: list[tuple[GenerateRequest, float]]) -> list[GenerateResult | Exception]:
-        started = time.perf_counter()
-        try:
-            results = await asyncio.to_thread(self.engine.generate, [r for r, _ in requests])
-        except (ValueError, AdapterError) as err:
-            if len(requests) == 1:
-                return [err]
-            # one bad request must not fail its batch-mates: answer each alone
-            results = [await self._alone(r) for r, _ in requests]
-        for res, (_, queued) in zip(results, requests):
-            if isinstance(res, GenerateResult):
-                res.timings["queue_s"] = round(started - queued, 4)
-        return results
-
-    async def _alone(self, request: GenerateRequest) -> GenerateResult | Exception:
-        try:
-            return (await asyncio.to_thread(self.engine.generate, [request]))[0]
-        except (ValueError, AdapterError) as err:
-            return err
-
-    async def generate(self, request: GenerateRequest) -> dict:
-        """{"result": GenerateResult as a dict, "stats": ...} or {"status", "error", "detail"}."""
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        """The engine's chunks (a Serve streaming method); the last carries a ServedResult."""
+        self._ongoing += 1
         try:
             if request.adapter is not None:
                 self._manifests[request.adapter.ref] = request.adapter
                 await self.load_adapter(request.adapter.ref)
-            out = await self._batch((request, time.perf_counter()))
-            if isinstance(out, Exception):
-                raise out
-            return {"result": asdict(out), "replica": self.replica, "stats": self.engine.stats()}
-        except AdapterError as err:
-            return {"status": 409, "error": "adapter_unusable", "detail": str(err)}
-        except StoreError as err:
-            return {"status": 502, "error": "store_error", "detail": str(err)}
-        except ValueError as err:
-            return {"status": 400, "error": "bad_request", "detail": str(err)}
-        except Exception as err:
+            async for chunk in self.engine.stream(request):
+                if chunk.result is not None:  # timings include queue_s: the engine knows when its batch began
+                    chunk.result = ServedResult(**vars(chunk.result), replica=self.replica, stats=self.engine.stats())
+                yield chunk
+        except (AdapterError, StoreError, EngineUnavailable, ValueError):
+            raise  # the request's own problem: the gateway says so
+        except Exception:
             log.exception("generation failed")
-            return {"status": 500, "error": "generation_failed", "detail": f"{type(err).__name__}: {str(err)[:300]}"}
+            raise
+        finally:
+            self._ongoing -= 1
+
+    async def generate(self, request: GenerateRequest) -> ServedResult:
+        """The whole answer at once: the stream's last chunk's result."""
+        result = None
+        async for chunk in self.stream(request):
+            result = chunk.result
+        if result is None:
+            raise RuntimeError("the engine's stream ended without a result")
+        return result
 
     def evict(self, ref: str) -> bool:
         """Drop a deleted adapter from this replica's memory."""
@@ -83,4 +81,4 @@ class ModelServer:
 
     def info(self) -> dict:
         return {"base": self.engine.base_id, "replica": self.replica, "loaded_adapters": self.engine.loaded_adapters(),
-                "queued": self._batch.depth(), "stats": self.engine.stats()}
+                "ongoing": self._ongoing, "stats": self.engine.stats()}

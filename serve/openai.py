@@ -1,7 +1,7 @@
 """The OpenAI-compatible chat surface: messages in, a GenerateRequest's parts out, and the
-chat.completion object back. `model` is the base id or `<base>:<adapter>` (Ray Serve LLM's way).
-Content parts: text, image_url and video_url (vLLM's extension), each url a data: URL or a
-store key/URI."""
+chat.completion object back, or with "stream": true its chat.completion.chunk events (SSE).
+`model` is the base id or `<base>:<adapter>` (Ray Serve LLM's way). Content parts: text,
+image_url and video_url (vLLM's extension), each url a data: URL or a store key/URI."""
 
 import base64
 import binascii
@@ -9,6 +9,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from ddft.engines.base import GenerateResult
 from serve.errors import ApiError
 
 MEDIA_PARTS = {"image_url": "image", "video_url": "video"}
@@ -21,6 +22,8 @@ class ChatInput:
     question: str
     media: bytes | None = None  # decoded data: URL
     media_uri: str | None = None  # a store key or URI
+    stream: bool = False  # answer as chat.completion.chunk events
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the token counts
 
 
 def _data_url(url: str, kind: str) -> bytes:
@@ -44,8 +47,7 @@ def parse_chat(body: dict, base_id: str) -> ChatInput:
     adapter = model[len(base_id) + 1:] if model != base_id else None
     if adapter == "":
         raise ApiError(400, "missing_model", f"model {model!r} names no adapter after ':'")
-    if body.get("stream"):
-        raise ApiError(400, "stream_unsupported", "streaming is not supported yet; send \"stream\": false")
+    stream, include_usage = _stream_options(body)
     if body.get("n", 1) != 1:
         raise ApiError(400, "bad_n", "only n=1 is supported")
     messages = body.get("messages")
@@ -79,23 +81,68 @@ def parse_chat(body: dict, base_id: str) -> ChatInput:
     # earlier turns become context before the question (the prompt template has one user turn)
     question = "\n".join(f"{role}: {text}" for role, text in lines[:-1]) + ("\n" if len(lines) > 1 else "")
     question += lines[-1][1]
-    if not media:
-        return ChatInput(adapter, "text", question)
-    kind, url = media[0]
-    if url.startswith("data:"):
-        return ChatInput(adapter, kind, question, media=_data_url(url, kind))
-    return ChatInput(adapter, kind, question, media_uri=url)
+    chat = ChatInput(adapter, "text", question, stream=stream, include_usage=include_usage)
+    if media:
+        chat.modality, url = media[0]
+        if url.startswith("data:"):
+            chat.media = _data_url(url, chat.modality)
+        else:
+            chat.media_uri = url
+    return chat
 
 
-def completion(model: str, result: dict) -> dict:
-    t = result["timings"]
-    prompt, completion_tokens = int(t.get("prompt_tokens", 0)), int(t.get("new_tokens", 0))
+def _stream_options(body: dict) -> tuple[bool, bool]:
+    stream, options = body.get("stream") or False, body.get("stream_options")
+    if not isinstance(stream, bool):
+        raise ApiError(400, "bad_stream", "stream must be true or false")
+    if options is None:
+        return stream, False
+    if not stream:
+        raise ApiError(400, "bad_stream_options", "stream_options is only allowed with \"stream\": true")
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise ApiError(400, "bad_stream_options", "stream_options is {\"include_usage\": true|false}")
+    return stream, options.get("include_usage", False)
+
+
+def _usage(result: GenerateResult) -> dict:
+    prompt, completion_tokens = int(result.timings.get("prompt_tokens", 0)), int(result.timings.get("new_tokens", 0))
+    return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
+
+
+def completion(model: str, result: GenerateResult) -> dict:
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
-                     "finish_reason": result.get("finish_reason", "length")}],
-        "usage": {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt + completion_tokens},
-        "adapter": result["adapter"], "base": result["base"],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                     "finish_reason": result.finish_reason}],
+        "usage": _usage(result), "adapter": result.adapter, "base": result.base,
     }
+
+
+class ChunkStream:
+    """The chat.completion.chunk objects of one streamed answer, as OpenAI sends them: the role
+    first, then content deltas, finish_reason on the last content chunk, then (include_usage) a
+    chunk with no choices and the usage; with include_usage every other chunk has "usage": null."""
+
+    def __init__(self, model: str, include_usage: bool):
+        self.id, self.created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        self.model, self.include_usage = model, include_usage
+
+    def _chunk(self, choices: list, **extra) -> dict:
+        out = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+               "choices": choices, **extra}
+        if self.include_usage:
+            out.setdefault("usage", None)
+        return out
+
+    def role(self) -> dict:
+        return self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+
+    def delta(self, text: str, result: GenerateResult | None = None) -> dict:
+        """Content; with the result, the last content chunk: its finish_reason, adapter and base."""
+        choice = {"index": 0, "delta": {"content": text} if text else {},
+                  "finish_reason": result.finish_reason if result else None}
+        return self._chunk([choice], **({"adapter": result.adapter, "base": result.base} if result else {}))
+
+    def usage(self, result: GenerateResult) -> dict:
+        return self._chunk([], usage=_usage(result))

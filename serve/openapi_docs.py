@@ -7,9 +7,14 @@ ERROR = {"description": "JSON error", "content": {"application/json": {"schema":
     "properties": {"error": {"type": "string", "example": "undecodable_video"},
                    "detail": {"type": "string", "description": "what was wrong and how to fix it"}}}}}}
 
+OPENAI_ERROR = {"description": "OpenAI's error shape (the OpenAI routes)", "content": {"application/json": {"schema": {
+    "type": "object", "required": ["error"], "properties": {"error": {"type": "object", "properties": {
+        "message": {"type": "string"}, "type": {"type": "string", "example": "invalid_request_error"},
+        "code": {"type": "string", "example": "model_not_found"}, "param": {"type": "string", "nullable": True}}}}}}}}
 
-def _errors(*codes: int) -> dict:
-    return {str(c): ERROR for c in codes}
+
+def _errors(*codes: int, shape: dict = ERROR) -> dict:
+    return {str(c): shape for c in codes}
 
 
 def _json(properties: dict, required: list[str]) -> dict:
@@ -20,13 +25,25 @@ GEN = {"adapter": {"type": "string", "description": "name, name/vN, owner/name/v
        "max_new_tokens": {"type": "integer", "minimum": 1}, "temperature": {"type": "number", "minimum": 0},
        "stop": {"type": "array", "items": {"type": "string"}}, "seed": {"type": "integer"}}
 
+
+def _sse(description: str) -> dict:
+    """A 200 that is JSON, or server-sent events when streamed."""
+    return {"200": {"description": "JSON; or, streamed, server-sent events ending with data: [DONE]", "content": {
+        "application/json": {"schema": {"type": "object"}},
+        "text/event-stream": {"schema": {"type": "string", "description": description}}}}}
+
+
 RECIPES = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["video"], "properties": {
         "video": {"type": "string", "format": "binary"}, "adapter": {"type": "string"},
         "max_new_tokens": {"type": "integer"}}}},
     **_json({"video_uri": {"type": "string", "description": "a store key or a URI inside the store"}, **GEN},
             ["video_uri"])}},
-    "responses": _errors(400, 401, 404, 413, 415, 422, 503)}
+    "parameters": [{"name": "stream", "in": "query", "schema": {"type": "boolean", "default": False},
+                    "description": "answer as server-sent events: `delta` events {text} as the recipe is written, "
+                                   "then one `recipe` event (the JSON answer), or an `error` event"}],
+    "responses": {**_sse("event: delta / data: {\"text\"}; event: recipe / data: <the JSON answer>"),
+                  **_errors(400, 401, 404, 413, 415, 422, 503)}}
 
 GENERATE = {"requestBody": {"required": True, "content": _json(
     {"modality": {"type": "string", "enum": ["text", "image"]}, "question": {"type": "string"},
@@ -40,8 +57,12 @@ CHAT = {"requestBody": {"required": True, "content": _json(
          "content": {"description": "a string, or parts: text, image_url {url}, video_url {url}; urls are "
                                     "data: URLs or store keys"}}}},
      "max_tokens": {"type": "integer"}, "temperature": {"type": "number"}, "stop": {"type": "array"},
-     "seed": {"type": "integer"}}, ["model", "messages"])},
-    "responses": _errors(400, 401, 404, 413, 422, 503)}
+     "seed": {"type": "integer"},
+     "stream": {"type": "boolean", "description": "answer as chat.completion.chunk server-sent events"},
+     "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}}},
+    ["model", "messages"])},
+    "responses": {**_sse("data: <chat.completion.chunk>, as OpenAI streams them"),
+                  **_errors(400, 401, 404, 413, 422, 503, shape=OPENAI_ERROR)}}
 
 UPLOAD = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["files", "modality"], "properties": {

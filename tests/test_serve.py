@@ -131,7 +131,8 @@ def test_openai_chat_completions(app_url):
                                  ("tiny:nope", 404, "unknown_adapter")):
         resp = requests.post(f"{url}/v1/chat/completions", json={"model": model, "messages": [
             {"role": "user", "content": "Hi"}]}, timeout=60)  # anonymous: acme's adapter is not visible
-        assert (resp.status_code, resp.json()["error"]) == (status, error), resp.text
+        assert (resp.status_code, resp.json()["error"]["code"]) == (status, error), resp.text  # OpenAI's shape
+        assert resp.json()["error"]["message"], resp.text
 
 
 @pytest.mark.integration
@@ -285,11 +286,12 @@ def test_bad_media_and_requests_are_json_errors_and_the_server_survives(app_url)
                        timeout=60), 400, "adapter_modality"),
         (requests.post(f"{url}/v1/generate", json={"modality": "text", "question": "Hi?", "max_new_tokens": 10**6},
                        timeout=60), 400, "bad_max_new_tokens"),
-        (requests.get(f"{url}/v1/models", headers={"Authorization": "Basic xyz"}, timeout=60), 401, "bad_authorization"),
     ]
     for resp, status, error in checks:
         assert resp.status_code == status, resp.text
         assert resp.json()["detail"] and (error is None or resp.json()["error"] == error), resp.text
+    models = requests.get(f"{url}/v1/models", headers={"Authorization": "Basic xyz"}, timeout=60)
+    assert models.status_code == 401 and models.json()["error"]["code"] == "bad_authorization"  # OpenAI's shape
     with pytest.raises(client.ClientError, match="bad_modality"):
         client.generate(url, "video", "recipe?")
     assert client.health(url)["status"] == "ok"
@@ -327,7 +329,7 @@ def test_lru_eviction_and_reload_and_metrics(app_url):
 
 def test_backpressure_is_503_with_retry_after():
     """The gateway turns Serve's full-queue error into 503 + Retry-After (and a dead replica, after
-    retries, too)."""
+    retries, too), for plain and streamed calls alike."""
     import asyncio
     from types import SimpleNamespace
 
@@ -340,17 +342,64 @@ def test_backpressure_is_503_with_retry_after():
 
     class Handle:
         def __init__(self, exc):
-            self.generate = SimpleNamespace(remote=lambda req: self._fail(exc))
+            self.exc = exc
+            self.generate = SimpleNamespace(remote=lambda req: self._fail())
+            self.stream = SimpleNamespace(remote=lambda req: self)  # a response generator that fails
 
-        @staticmethod
-        async def _fail(exc):
-            raise exc
+        def options(self, **_):
+            return self
+
+        async def _fail(self):
+            raise self.exc
+
+        def __anext__(self):
+            return self._fail()
+
+        def cancel(self):
+            pass
+
+    async def first_chunk(gateway, req):
+        return await anext(gateway._stream(req))
 
     for exc in (BackPressureError(num_queued_requests=9, max_queued_requests=8), RayActorError()):
-        gateway = SimpleNamespace(model=Handle(exc), s=SimpleNamespace(request_timeout_s=5))
-        with pytest.raises(ApiError) as err:
-            asyncio.run(Gateway.func_or_class._generate(gateway, GenerateRequest("text", "hi")))
-        assert err.value.status == 503 and int(err.value.headers["Retry-After"]) > 0
+        for call in (Gateway.func_or_class._generate, first_chunk):
+            gateway = object.__new__(Gateway.func_or_class.__bases__[0])  # our class, without Serve's ingress wrapper
+            gateway.model, gateway.s = Handle(exc), SimpleNamespace(request_timeout_s=5)
+            with pytest.raises(ApiError) as err:
+                asyncio.run(call(gateway, GenerateRequest("text", "hi")))
+            assert err.value.status == 503 and int(err.value.headers["Retry-After"]) > 0
+
+
+def test_engine_errors_map_to_http_from_one_table():
+    """What a replica raises arrives wrapped by Ray (also an instance of the original type): the
+    status and code come from serve/errors.py's table, the detail is the original message only."""
+    from ray.exceptions import RayTaskError
+
+    from ddft.adapters.registry import AdapterError
+    from ddft.engines.base import EngineUnavailable
+    from ddft.store import StoreError
+    from serve import errors
+
+    def raised_in_a_replica(exc):
+        try:
+            raise exc
+        except Exception as err:
+            return RayTaskError("stream", "Traceback (most recent call last): ...", err).as_instanceof_cause()
+
+    for exc, status, code in ((AdapterError("adapter x: wrong base"), 409, "adapter_unusable"),
+                              (StoreError("store down"), 502, "store_error"),
+                              (EngineUnavailable("no GPU"), 503, "engine_unavailable"),
+                              (ValueError("the question is empty"), 400, "bad_request"),
+                              (RuntimeError("CUDA error"), 500, "generation_failed")):
+        wrapped = raised_in_a_replica(exc)
+        assert isinstance(wrapped, type(exc))
+        err = errors.from_engine(wrapped)
+        assert (err.status, err.error) == (status, code) and str(exc) in err.detail and "Traceback" not in err.detail
+    assert errors.from_engine(EngineUnavailable("no GPU")).headers["Retry-After"]
+    assert errors.body(404, "model_not_found", "no such model", "/v1/chat/completions") == {"error": {
+        "message": "no such model", "type": "invalid_request_error", "code": "model_not_found", "param": None}}
+    assert errors.body(404, "unknown_adapter", "no such adapter", "/v1/generate") == {
+        "error": "unknown_adapter", "detail": "no such adapter"}
 
 
 def test_openapi_document_is_current_and_complete():

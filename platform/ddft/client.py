@@ -24,6 +24,9 @@ def _answer(resp: requests.Response) -> dict:
     except ValueError:
         body = None
     if not resp.ok:
+        if isinstance(body, dict) and isinstance(body.get("error"), dict):  # OpenAI's shape, on the OpenAI routes
+            err = body["error"]
+            raise ClientError(resp.status_code, str(err.get("code")), str(err.get("message", "")), resp.url)
         if isinstance(body, dict) and "error" in body:
             raise ClientError(resp.status_code, str(body["error"]), str(body.get("detail", "")), resp.url)
         raise ClientError(resp.status_code, "http_error", resp.text[:300], resp.url)

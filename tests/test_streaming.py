@@ -1,0 +1,147 @@
+"""Streamed answers over real HTTP (the serve fixture's app on 127.0.0.1): chat completions read by
+the official `openai` client, and /v1/recipes?stream=true read as raw server-sent events."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+
+import openai
+import pytest
+import requests
+
+from ddft.engines.base import Chunk
+from tests.serve_fixture import make_mp4, make_png, running_app
+
+QUESTION = [{"role": "user", "content": "How long do I boil an egg?"}]
+
+
+@pytest.fixture(scope="module")
+def app(ray_cluster, tmp_path_factory):
+    with running_app(tmp_path_factory.mktemp("streaming"), max_new_tokens=16) as app:
+        yield app
+
+
+def _openai(app) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{app.url}/v1", api_key=app.keys["acme"], max_retries=0, timeout=120)
+
+
+def _plain_and_streamed(client: openai.OpenAI, **kwargs):
+    plain = client.chat.completions.create(**kwargs, temperature=0)
+    chunks = list(client.chat.completions.create(**kwargs, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    return plain, chunks
+
+
+def _check_stream(plain, chunks) -> str:
+    """The chunks are OpenAI's: role first, finish_reason once on the last content chunk, usage last."""
+    assert {c.id for c in chunks} == {chunks[0].id} and {c.object for c in chunks} == {"chat.completion.chunk"}
+    assert chunks[0].choices[0].delta.role == "assistant" and {c.model for c in chunks} == {plain.model}
+    *content, usage = chunks
+    assert usage.choices == [] and usage.usage.model_dump() == plain.usage.model_dump()
+    assert all(c.usage is None for c in content)
+    assert [c.choices[0].finish_reason for c in content][-1] == plain.choices[0].finish_reason
+    assert all(c.choices[0].finish_reason is None for c in content[:-1])
+    text = "".join(c.choices[0].delta.content or "" for c in content)
+    assert text == plain.choices[0].message.content  # the same greedy answer, streamed
+    return text
+
+
+@pytest.mark.integration
+def test_openai_client_plain_and_streamed(app):
+    client = _openai(app)
+    plain, chunks = _plain_and_streamed(client, model="tiny:ddft/text/v1", messages=QUESTION, max_tokens=16)
+    assert plain.model == "tiny:ddft/text/v1" and plain.usage.completion_tokens <= 16
+    _check_stream(plain, chunks)
+    # the tenant's own adapter by routing (model = the base), and an image through a data: URL
+    mine, chunks = _plain_and_streamed(client, model="tiny", messages=QUESTION, max_tokens=8)
+    assert mine.model == "tiny:tenant-acme/text/v1"
+    _check_stream(mine, chunks)
+    png = base64.b64encode(make_png()).decode()
+    image = [{"role": "user", "content": [{"type": "text", "text": "What dish is this?"},
+                                          {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}]}]
+    plain, chunks = _plain_and_streamed(client, model="tiny:ddft/image/v1", messages=image, max_tokens=12)
+    assert plain.model == "tiny:ddft/image/v1"
+    _check_stream(plain, chunks)
+
+
+@pytest.mark.integration
+def test_openai_client_errors_are_useful(app):
+    client = _openai(app)
+    for stream in (False, True):
+        with pytest.raises(openai.NotFoundError) as err:
+            client.chat.completions.create(model="gpt-4", messages=QUESTION, stream=stream)
+        assert err.value.code == "model_not_found" and "is not served here" in err.value.message
+        with pytest.raises(openai.NotFoundError) as err:
+            client.chat.completions.create(model="tiny:nope", messages=QUESTION, stream=stream)
+        assert err.value.code == "unknown_adapter"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=10**6)
+    assert err.value.code == "bad_max_tokens" and "max_tokens must be" in err.value.message
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=QUESTION, stream_options={"include_usage": True})
+    assert [m.id for m in client.models.list()][0] == "tiny"
+
+
+def _events(resp: requests.Response) -> list[tuple[str | None, str]]:
+    """(event name, data) of a server-sent event stream."""
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream"), resp.text
+    out, name = [], None
+    for line in resp.iter_lines(decode_unicode=True):
+        if line.startswith("event: "):
+            name = line[len("event: "):]
+        elif line.startswith("data: "):
+            out.append((name, line[len("data: "):]))
+            name = None
+    return out
+
+
+@pytest.mark.integration
+def test_recipes_stream_deltas_then_the_recipe(app):
+    url = f"{app.url}/v1/recipes?stream=true"
+    plain = requests.post(f"{app.url}/v1/recipes", json={"video_uri": "datasets/raw/clips/one.mp4"}, timeout=120)
+    for kwargs in ({"files": {"video": ("clip.mp4", make_mp4())}}, {"json": {"video_uri": "datasets/raw/clips/one.mp4"}}):
+        events = _events(requests.post(url, stream=True, timeout=120, **kwargs))
+        assert events[-1] == (None, "[DONE]")
+        deltas = [json.loads(data)["text"] for name, data in events if name == "delta"]
+        (recipe,) = [json.loads(data) for name, data in events if name == "recipe"]
+        assert [name for name, _ in events[:-1]] == ["delta"] * len(deltas) + ["recipe"]
+        assert "".join(deltas) == recipe["text"] == plain.json()["text"]
+        assert set(recipe) == set(plain.json()) and recipe["adapter"] == "ddft/video/v1" and recipe["base"] == "tiny"
+        assert set(recipe["timings"]) >= {"decode_s", "generate_s", "total_s", "batch_size", "queue_s"}
+    # before the first byte an error is still a plain JSON error
+    missing = requests.post(url, json={"video_uri": "datasets/raw/clips/missing.mp4"}, timeout=60)
+    assert (missing.status_code, missing.json()["error"]) == (404, "not_found")
+    bad = requests.post(f"{app.url}/v1/recipes?stream=maybe", json={"video_uri": "x"}, timeout=60)
+    assert (bad.status_code, bad.json()["error"]) == (400, "bad_stream")
+
+
+def test_an_error_mid_stream_is_an_event_then_done():
+    """After the first byte the status is sent: a failure becomes an error event, then [DONE],
+    and the replica's stream is closed."""
+    from serve import errors, sse
+    from serve.errors import ApiError
+    from serve.gateway import Gateway
+
+    closed = []
+
+    async def chunks():
+        try:
+            yield Chunk("Boil ")
+            raise ApiError(502, "store_error", "the store went away")
+        finally:
+            closed.append(True)
+
+    async def body():
+        stream = chunks()
+        first = await anext(stream)
+        events = Gateway.func_or_class._sse(
+            first, stream, lambda c: [sse.event({"text": c.text}, "delta")],
+            lambda err: sse.event(errors.body(err.status, err.error, err.detail, "/v1/chat/completions")))
+        return [e async for e in events]
+
+    assert asyncio.run(body()) == [
+        'event: delta\ndata: {"text":"Boil "}\n\n',
+        'data: {"error":{"message":"the store went away","type":"server_error","code":"store_error","param":null}}\n\n',
+        "data: [DONE]\n\n"]
+    assert closed == [True]
