@@ -102,6 +102,36 @@ class AdapterCache:
         return dict(self._stats)
 
 
+def check_request(r: GenerateRequest, i: int | None = None) -> None:
+    """What every engine checks before a request loads or joins a batch (ValueError for a bad request,
+    AdapterError for an adapter of another modality); `i` names the request in a list."""
+    import numpy as np
+
+    from ddft.adapters.registry import AdapterError
+    from ddft.config import JOINT, MODALITIES
+
+    where = f"request {i}: " if i is not None else ""
+    if r.modality not in MODALITIES:
+        raise ValueError(f"{where}modality {r.modality!r}; use one of {list(MODALITIES)}")
+    if not r.question or not r.question.strip():
+        raise ValueError(f"{where}the question is empty")
+    if r.max_new_tokens < 1:
+        raise ValueError(f"{where}max_new_tokens is {r.max_new_tokens}; it must be at least 1")
+    if r.temperature < 0:
+        raise ValueError(f"{where}temperature is {r.temperature}; use 0 (greedy) or more")
+    if not isinstance(r.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in r.stop):
+        raise ValueError(f"{where}stop must be a list of non-empty strings, got {r.stop!r}")
+    if r.adapter is not None and r.adapter.modality not in (r.modality, JOINT):
+        raise AdapterError(f"{where}adapter {r.adapter.ref} is for {r.adapter.modality}, the request is {r.modality}")
+    want = {"image": 3, "video": 4}.get(r.modality)
+    if want is None:
+        if r.pixels is not None:
+            raise ValueError(f"{where}a text request carries no pixels")
+    elif not isinstance(r.pixels, np.ndarray) or r.pixels.ndim != want or r.pixels.shape[-1] != 3:
+        raise ValueError(f"{where}{r.modality} pixels must be a uint8 array shaped "
+                         f"{'(H, W, 3)' if want == 3 else '(frames, H, W, 3)'}, got {getattr(r.pixels, 'shape', None)}")
+
+
 def check_base(manifest: "Manifest", base_id: str, fingerprint: str) -> None:
     """An adapter is served only on the base it was made for (the weights' fingerprint)."""
     from ddft.adapters.registry import AdapterError

@@ -32,17 +32,15 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import AsyncIterator
 
-import numpy as np
 import torch
 from peft import PeftConfig, PeftModel
 from peft.utils.other import ModulesToSaveWrapper
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from ddft import prompts
-from ddft.config import JOINT, MODALITIES
 from ddft.adapters import registry
 from ddft.adapters.registry import AdapterError, Manifest
-from ddft.engines.base import STATS, AdapterCache, Chunk, check_base, GenerateRequest, GenerateResult
+from ddft.engines.base import STATS, AdapterCache, Chunk, check_base, check_request, GenerateRequest, GenerateResult
 from ddft.engines.batched_lora import BASE, AdapterBank, unsupported
 from ddft.engines.batcher import Batcher
 from ddft.engines.detok import TextStream, first_stop
@@ -258,7 +256,7 @@ class HFEngine(AdapterCache):
     # -- generation --------------------------------------------------------------------------------
     def generate(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
         for i, r in enumerate(requests):
-            self._check(i, r)
+            check_request(r, i)
         results: list[GenerateResult | None] = [None] * len(requests)
         with self._lock:
             for modality, temperature, idxs in self._plan(requests):
@@ -279,7 +277,7 @@ class HFEngine(AdapterCache):
     async def stream(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         """One request, batched with the streams waiting when the engine is next free; its text
         arrives as it is generated (detok.py), the whole result on the last chunk."""
-        self._check(None, request)  # a bad request fails alone, before it joins a batch
+        check_request(request)  # a bad request fails alone, before it joins a batch
         sink = _Sink(asyncio.get_running_loop())
         done = asyncio.ensure_future(self._batcher((request, sink)))
         # after the batch's last token (pushed earlier through the same loop) comes this end mark
@@ -325,30 +323,6 @@ class HFEngine(AdapterCache):
     def _run_locked(self, modality: str, temperature: float, items: list) -> list[GenerateResult]:
         with self._lock:
             return self._run(modality, temperature, [r for r, _ in items], [s for _, s in items])
-
-    def _check(self, i: int | None, r: GenerateRequest) -> None:
-        where = f"request {i}: " if i is not None else ""  # which one, in a list
-        if r.modality not in MODALITIES:
-            raise ValueError(f"{where}modality {r.modality!r}; use one of {list(MODALITIES)}")
-        if not r.question or not r.question.strip():
-            raise ValueError(f"{where}the question is empty")
-        if r.max_new_tokens < 1:
-            raise ValueError(f"{where}max_new_tokens is {r.max_new_tokens}; it must be at least 1")
-        if r.temperature < 0:
-            raise ValueError(f"{where}temperature is {r.temperature}; use 0 (greedy) or more")
-        if not isinstance(r.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in r.stop):
-            raise ValueError(f"{where}stop must be a list of non-empty strings, got {r.stop!r}")
-        if r.adapter is not None and r.adapter.modality not in (r.modality, JOINT):
-            raise AdapterError(f"{where}adapter {r.adapter.ref} is for {r.adapter.modality}, "
-                               f"the request is {r.modality}")
-        want = {"image": 3, "video": 4}.get(r.modality)
-        if want is None:
-            if r.pixels is not None:
-                raise ValueError(f"{where}a text request carries no pixels")
-        elif not isinstance(r.pixels, np.ndarray) or r.pixels.ndim != want or r.pixels.shape[-1] != 3:
-            shape = getattr(r.pixels, "shape", None)
-            raise ValueError(f"{where}{r.modality} pixels must be a uint8 array shaped "
-                             f"{'(H, W, 3)' if want == 3 else '(frames, H, W, 3)'}, got {shape}")
 
     def _chunks(self, idxs: list[int], requests: list[GenerateRequest]):
         """Split a group so no chunk needs more distinct adapters than the cache holds."""

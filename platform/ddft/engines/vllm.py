@@ -33,9 +33,9 @@ from ddft import prompts
 from ddft.adapters import registry
 from ddft.adapters.files import CONFIG, WEIGHTS
 from ddft.adapters.registry import AdapterError, Manifest
-from ddft.config import JOINT, MODALITIES
 from ddft.engines.base import (STATS, AdapterCache, Chunk, EngineUnavailable, GenerateRequest, GenerateResult,
-                               check_base)
+                               check_base, check_request)
+from ddft.engines.detok import TextStream, first_stop
 from ddft.engines.vllm_plugin import ARCHITECTURE, PROJECTOR_DIR_ENV, PROJECTOR_KWARG
 from ddft.models.load import base_info, local_base_dir, model_key
 from ddft.store import Store
@@ -56,32 +56,6 @@ def check_architecture(arch: str, base_model_id: str) -> None:
     if arch != ARCHITECTURE:
         raise EngineUnavailable(f"base {base_model_id!r} has architecture {arch!r}; the vllm engine serves "
                                 f"Video-LLaVA bases ({ARCHITECTURE}): serve this one with engine 'hf'")
-
-
-def check_request(i: int, r: GenerateRequest) -> None:
-    """The checks both engines make before anything loads (ValueError / AdapterError name the request)."""
-    where = f"request {i}"
-    if r.modality not in MODALITIES:
-        raise ValueError(f"{where}: modality {r.modality!r}; use one of {list(MODALITIES)}")
-    if not r.question or not r.question.strip():
-        raise ValueError(f"{where}: the question is empty")
-    if r.max_new_tokens < 1:
-        raise ValueError(f"{where}: max_new_tokens is {r.max_new_tokens}; it must be at least 1")
-    if r.temperature < 0:
-        raise ValueError(f"{where}: temperature is {r.temperature}; use 0 (greedy) or more")
-    if not isinstance(r.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in r.stop):
-        raise ValueError(f"{where}: stop must be a list of non-empty strings, got {r.stop!r}")
-    if r.adapter is not None and r.adapter.modality not in (r.modality, JOINT):
-        raise AdapterError(f"{where}: adapter {r.adapter.ref} is for {r.adapter.modality}, the request is {r.modality}")
-    want = {"image": 3, "video": 4}.get(r.modality)
-    import numpy as np
-
-    if want is None:
-        if r.pixels is not None:
-            raise ValueError(f"{where}: a text request carries no pixels")
-    elif not isinstance(r.pixels, np.ndarray) or r.pixels.ndim != want or r.pixels.shape[-1] != 3:
-        raise ValueError(f"{where}: {r.modality} pixels must be a uint8 array shaped "
-                         f"{'(H, W, 3)' if want == 3 else '(frames, H, W, 3)'}, got {getattr(r.pixels, 'shape', None)}")
 
 
 def sampling_args(request: GenerateRequest) -> dict:
@@ -319,31 +293,37 @@ class VLLMEngine(AdapterCache):
                     if entry else None)
             params = SamplingParams(**sampling_args(r), output_kind=RequestOutputKind.DELTA)
             t1 = time.perf_counter()
-            text, tokens, n_prompt, reason, first = "", [], 0, "length", None
+            # Text deltas follow the hf engine's rules (detok.TextStream over the token ids), so both
+            # engines stream alike and the deltas add up to the answer, decoded as hf decodes it.
+            text, tokens, n_prompt, reason, first = TextStream(self.tokenizer, r.stop), [], 0, "length", None
             async for output in self.llm.generate(self._engine_input(r, entry.projector_slot if entry else 0),
                                                   params, f"ddft-{next(self._request_ids)}", lora_request=lora):
                 done = output.outputs[0]
                 n_prompt = len(output.prompt_token_ids or []) or n_prompt
-                tokens += done.token_ids
-                delta = done.text if text else done.text.lstrip()  # answers are stripped, deltas add up to them
-                text += delta
+                ids = [t for t in done.token_ids if t != self.tokenizer.eos_token_id]
+                tokens += ids
                 first = first or (time.perf_counter() if done.token_ids else None)
                 if done.finish_reason is not None:
                     reason = "length" if done.finish_reason == "length" else "stop"
-                if delta or done.token_ids:
-                    put(Chunk(delta, list(done.token_ids)))
+                delta = text.add(ids)
+                if delta or ids:
+                    put(Chunk(delta, ids))
             t2 = time.perf_counter()
+            answer = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            cut = first_stop(answer, r.stop)
+            answer = (answer[:cut] if cut is not None else answer).strip()
+            rest = text.finish(answer)
             with self._lock:
                 for k, n in (("requests", 1), ("prompt_tokens", n_prompt), ("new_tokens", len(tokens))):
                     self._stats[k] += n
             result = GenerateResult(
-                text=text.strip(), adapter=r.adapter.ref if r.adapter else None, base=self.base_id,
+                text=answer, adapter=r.adapter.ref if r.adapter else None, base=self.base_id,
                 finish_reason=reason,
                 timings={"adapter_load_s": round(t1 - t0, 4), "generate_s": round(t2 - t1, 4),
                          "first_token_s": round((first or t2) - t1, 4), "prompt_tokens": n_prompt,
                          "new_tokens": len(tokens), "engine": "vllm"},
-                token_ids=[t for t in tokens if t != self.tokenizer.eos_token_id])
-            put(Chunk("", [], reason, result))
+                token_ids=tokens)
+            put(Chunk(rest, [], reason, result))
         except Exception as err:  # typed errors travel to the caller, who raises them
             put(err)
         finally:
@@ -351,7 +331,7 @@ class VLLMEngine(AdapterCache):
                 self._release(entry)
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
-        check_request(0, request)
+        check_request(request)
         out: asyncio.Queue = asyncio.Queue()
         task = asyncio.run_coroutine_threadsafe(self._pump(request, out, asyncio.get_running_loop()), self._loop)
         try:
@@ -375,7 +355,7 @@ class VLLMEngine(AdapterCache):
     def generate(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
         """Every request at once (vLLM batches them), answered in order; from any thread."""
         for i, r in enumerate(requests):  # every request is checked before anything runs
-            check_request(i, r)
+            check_request(r, i)
 
         async def all_of():
             return await asyncio.gather(*(self.answer(r) for r in requests))
