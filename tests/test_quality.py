@@ -4,10 +4,14 @@ modalities mixed, the paper's baseline) is scored beside them.
 
 It runs on the embedded base (SmolLM2-135M + small random CLIP towers, the demo's): the 2-layer
 random test base has no language to start from and learns too little in minutes to say anything.
-The table is printed (pytest -s) and saved into the store as `ddft eval` does."""
+The table is printed (pytest -s) and saved into the store as `ddft eval` does. The same trained
+adapters then check that the vllm engine (real vLLM, in its own venv) answers like the hf engine."""
+from pathlib import Path
+
+import numpy as np
 import pytest
 
-from ddft.config import PipelineConfig, validate
+from ddft.config import PipelineConfig, ServeSettings, validate
 from ddft.store import Store
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -36,10 +40,10 @@ def quality_config(store_uri: str) -> PipelineConfig:
         "jobs": [job(m, b, s) for m, (b, s) in BUDGET.items()] + [job("joint", joint_batch, joint_steps)]})
 
 
-def test_ddft_adapters_beat_the_base_on_their_own_modality(ray_cluster, tmp_path_factory):
-    from ddft.adapters.registry import read_manifest
+@pytest.fixture(scope="module")
+def trained(ray_cluster, tmp_path_factory):
+    """The kitchen prepared and the four adapters trained, once for this module."""
     from ddft.data.prepare import prepare_all
-    from ddft.train import evaluate
     from ddft.train.launcher import run_all, table
 
     cfg = quality_config(str(tmp_path_factory.mktemp("quality-store")))
@@ -47,7 +51,14 @@ def test_ddft_adapters_beat_the_base_on_their_own_modality(ray_cluster, tmp_path
     results = run_all(cfg)
     print("\n" + table(results))
     assert [r.status for r in results] == ["succeeded"] * 4, [r.error for r in results]
+    return cfg
 
+
+def test_ddft_adapters_beat_the_base_on_their_own_modality(trained):
+    from ddft.adapters.registry import read_manifest
+    from ddft.train import evaluate
+
+    cfg = trained
     store = Store.from_config(cfg.store)
     joint = read_manifest(store, "ddft", "joint")
     scores = evaluate.evaluate(store, cfg.base.id, max_new_tokens=MAX_NEW_TOKENS)
@@ -61,3 +72,60 @@ def test_ddft_adapters_beat_the_base_on_their_own_modality(ray_cluster, tmp_path
     for (modality, metric), margin in MARGINS.items():
         base, ddft = by[("held-out", modality, "base")][metric], by[("held-out", modality, modality)][metric]
         assert ddft >= base + margin, f"{modality} {metric}: DDFT {ddft:.3f} vs base {base:.3f} (+{margin} expected)"
+
+
+# Answers long enough to tell the engines apart: a dish name, a QA answer, the start of a recipe.
+EQUAL_TOKENS = {"image": 16, "text": 48, "video": 96}
+EQUAL_PER_MODALITY = 20
+
+
+def _equality_requests(store: Store, cfg: PipelineConfig) -> list:
+    """20 prompts per modality from the prepared data (every split; videos also played backwards to
+    reach 20), each asked of the base and of that modality's DDFT adapter."""
+    from ddft.adapters.registry import read_manifest
+    from ddft.data.prepare import good_rows, latest_version
+    from ddft.engines.base import GenerateRequest
+
+    requests = []
+    for modality in ("image", "video", "text"):
+        rows = good_rows(store, modality, latest_version(store, modality), ("train", "val", "test"),
+                         ("id", "question", "pixels", "pixel_shape"))
+        inputs = []
+        for r in sorted(rows, key=lambda r: r["id"]):
+            pixels = (np.frombuffer(r["pixels"], np.uint8).reshape(r["pixel_shape"]).copy()
+                      if modality != "text" else None)
+            inputs.append((r["question"], pixels))
+            if modality == "video":
+                inputs.append((r["question"], pixels[::-1].copy()))
+        adapter = read_manifest(store, "ddft", modality)
+        for question, pixels in inputs[:EQUAL_PER_MODALITY]:
+            for a in (None, adapter):
+                requests.append(GenerateRequest(modality, question, pixels, a, EQUAL_TOKENS[modality]))
+    return requests
+
+
+def test_vllm_and_hf_give_the_same_greedy_tokens_for_the_base_and_every_ddft_adapter(trained):
+    """Issue 11's bar: first token identical on all, whole answer identical on at least 90%."""
+    from ddft.engines.hf import HFEngine
+    from ddft.engines.vllm_batch import BatchJob, generate_in
+
+    cfg = trained
+    store = Store.from_config(cfg.store)
+    requests = _equality_requests(store, cfg)
+    assert len(requests) == 2 * 3 * EQUAL_PER_MODALITY
+    vllm = generate_in(Path(ServeSettings().vllm.python), BatchJob(store.url(""), cfg.base.id, requests,
+                                                                   {"max_model_len": 1024, "cache_size": 4}))
+    engine = HFEngine(store, cfg.base.id, cache_size=4)
+    hf = [res for i in range(0, len(requests), 8) for res in engine.generate(requests[i:i + 8])]
+    rows = []
+    for key in sorted({(r.modality, r.adapter.ref if r.adapter else "base") for r in requests}):
+        pairs = [(v, h) for r, v, h in zip(requests, vllm.results, hf)
+                 if (r.modality, r.adapter.ref if r.adapter else "base") == key]
+        assert all(not isinstance(v, Exception) for v, _ in pairs), [v for v, _ in pairs if isinstance(v, Exception)]
+        first = sum(v.token_ids[:1] == h.token_ids[:1] for v, h in pairs)
+        whole = sum(v.token_ids == h.token_ids for v, h in pairs)
+        rows.append((key, len(pairs), first, whole))
+    print("\n".join(f"{m:6} {a:16} n={n} first-token equal {f}/{n}, whole answer equal {w}/{n}"
+                    for (m, a), n, f, w in rows))
+    assert all(f == n for _, n, f, _ in rows), rows
+    assert all(w >= 0.9 * n for _, n, _, w in rows), rows
