@@ -1,12 +1,16 @@
-"""make bench-serve: multi-LoRA serving on the embedded base (the demo's), all in one run.
+"""make bench-serve: multi-LoRA serving on the embedded base (the demo's), both engines, one run.
 
-  engine   (bench/serve_engine.py, before any Ray process exists) 8 requests x 64 new tokens:
-           the batch on the base alone, the batch mixing 8 different adapters (batched LoRA),
-           and the same 8 one at a time switching the adapter -> mixed_vs_base, mixed_vs_switching.
-  http     the Serve app (one ModelServer replica) on a local Ray cluster, over 127.0.0.1:
-           hot_load_ms: a tenant's upload accepted (PUT /v1/adapters answered) -> the answer of
-           a request using it with max_tokens 1 (its first token), for --uploads fresh adapters;
-           recipe_ms: POST /v1/recipes (a video upload) with 8 concurrent clients.
+  engine   (before any Ray process exists) 8 requests x 64 new tokens, 8 different r-8 adapters:
+           hf (bench/serve_engine.py): the batch on the base alone, mixing the 8 adapters (batched
+           LoRA), and one at a time switching adapter -> mixed_vs_base, mixed_vs_switching;
+           vllm (in its own venv): the base alone and mixed -> vllm_mixed_vs_base, and the base
+           requests straight into vLLM's engine (the floor for vllm_served_vs_raw).
+  http     the Serve app (one ModelServer replica) on a local Ray cluster over 127.0.0.1, once per
+           engine: ttft: time to the first streamed token of 8 concurrent chat streams;
+           served: generated tokens/s of 8 concurrent chat completions on the base (vllm: against
+           the engine-direct floor); recipe: POST /v1/recipes alone, then with 8 concurrent
+           clients (p50 / alone); hot_load: a tenant's upload accepted -> the first token of a
+           request using it, for --uploads fresh adapters.
 The last stdout line is one JSON object.
 """
 from __future__ import annotations
@@ -25,6 +29,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "platform"), str(REPO)]
 
+from bench.serve_engine import PROMPT  # noqa: E402
 from ddft import client, config  # noqa: E402
 from ddft.store import Store  # noqa: E402
 
@@ -69,7 +74,39 @@ def video_bytes() -> bytes:
     return encode_mp4([rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(16)], fps=8)
 
 
-def http_bench(cfg_path: Path, store: Store, base_id: str, uploads: int, recipes: int, clients: int) -> dict:
+def _stream_ttft_ms(url: str, max_tokens: int) -> float:
+    """Milliseconds to the first content delta of a streamed chat completion on the base."""
+    import requests
+
+    t = time.perf_counter()
+    body = {"model": _base_id(url), "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True}
+    with requests.post(f"{url}/v1/chat/completions", json=body, stream=True, timeout=600) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines(decode_unicode=True):
+            if line.startswith("data: {") and '"content"' in line:
+                return (time.perf_counter() - t) * 1000
+    raise RuntimeError("the stream sent no content")
+
+
+def _chat_tokens(url: str, max_tokens: int) -> int:
+    import requests
+
+    body = {"model": _base_id(url), "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
+            "temperature": 0}
+    resp = requests.post(f"{url}/v1/chat/completions", json=body, timeout=600)
+    resp.raise_for_status()
+    return resp.json()["usage"]["completion_tokens"]
+
+
+def _base_id(url: str) -> str:
+    import requests
+
+    return requests.get(f"{url}/v1/models", timeout=60).json()["data"][0]["id"]
+
+
+def http_bench(cfg_path: Path, store: Store, base_id: str, uploads: int, recipes: int, clients: int,
+               new_tokens: int) -> dict:
     from ray import serve
 
     from ddft.cluster import ray_session
@@ -83,10 +120,16 @@ def http_bench(cfg_path: Path, store: Store, base_id: str, uploads: int, recipes
         finally:
             del os.environ["DDFT_ADMIN_KEY"]
         try:
+            client.generate(url, "text", "Warm up?", max_new_tokens=1)
+            with ThreadPoolExecutor(clients) as pool:
+                list(pool.map(lambda _: _stream_ttft_ms(url, 4), range(clients)))  # warm up
+                ttft = list(pool.map(lambda _: _stream_ttft_ms(url, new_tokens), range(clients)))
+                t = time.perf_counter()
+                served = sum(pool.map(lambda _: _chat_tokens(url, new_tokens), range(clients)))
+                served_tokens_per_s = served / (time.perf_counter() - t)
             tenant = f"bench{int(time.time())}"
             key = client.add_tenant(url, tenant, admin_key=ADMIN_KEY)
             folders = fresh_adapters(store, base_id, Path(tmp), uploads)
-            client.generate(url, "text", "Warm up?", max_new_tokens=1)
             hot = []
             for i, folder in enumerate(folders):
                 client.upload_adapter(url, f"hot{i}", folder, "text", api_key=key)
@@ -105,13 +148,36 @@ def http_bench(cfg_path: Path, store: Store, base_id: str, uploads: int, recipes
                 client.post_recipe(url, video)
                 return (time.perf_counter() - t) * 1000
 
+            single = statistics.median(one(i) for i in range(3))
             with ThreadPoolExecutor(clients) as pool:
                 times = list(pool.map(one, range(recipes)))
         finally:
             serve.shutdown()
-    return {"hot_load_p50_ms": round(statistics.median(hot), 1), "hot_load_max_ms": round(max(hot), 1),
-            "recipe_p50_ms": round(pct(times, 0.5), 1), "recipe_p99_ms": round(pct(times, 0.99), 1),
+    p50 = pct(times, 0.5)
+    return {"ttft_p50_ms": round(statistics.median(ttft), 1), "served_tokens_per_s": round(served_tokens_per_s, 1),
+            "hot_load_p50_ms": round(statistics.median(hot), 1), "hot_load_max_ms": round(max(hot), 1),
+            "recipe_single_ms": round(single, 1), "recipe_p50_ms": round(p50, 1),
+            "recipe_p99_ms": round(pct(times, 0.99), 1), "recipe_p50_vs_single": round(p50 / single, 2),
             "recipe_requests": len(times), "recipe_clients": clients}
+
+
+def vllm_engine_bench(store: Store, base_id: str, python: str, adapters: int, batch: int, new_tokens: int,
+                      engine: dict) -> dict:
+    """vLLM's side of the engine bench, in its own interpreter: base, mixed, and engine-direct."""
+    from bench.serve_engine import PROMPT, _adapters
+    from ddft.engines.base import GenerateRequest
+    from ddft.engines.vllm_batch import BatchJob, generate_in
+
+    manifests = _adapters(store, base_id, adapters, 8)
+    mixed = [GenerateRequest("text", PROMPT, None, manifests[i % adapters], new_tokens) for i in range(batch)]
+    bare = [GenerateRequest("text", PROMPT, None, None, new_tokens) for _ in range(batch)]
+    out = generate_in(python, BatchJob(store.url(""), base_id, bare, engine, raw=True,
+                                       rounds={"base": bare, "mixed": mixed}))
+    raw_tokens = sum(len(ids) for ids in out.raw_token_ids)
+    rates = out.tokens_per_s
+    return {"vllm_base_tokens_per_s": round(rates["base"], 1), "vllm_mixed_tokens_per_s": round(rates["mixed"], 1),
+            "vllm_mixed_vs_base": round(rates["mixed"] / rates["base"], 3),
+            "vllm_raw_tokens_per_s": round(raw_tokens / out.raw_generate_s, 1), "vllm_start_s": round(out.load_s, 1)}
 
 
 def main(argv=None) -> int:
@@ -121,24 +187,41 @@ def main(argv=None) -> int:
     ap.add_argument("--uploads", type=int, default=7)
     ap.add_argument("--recipes", type=int, default=24, help="recipe requests in all, over --clients clients")
     ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--engines", default="hf,vllm", help="which engines' HTTP runs (both by default)")
     args = ap.parse_args(argv)
     cfg = config.load(Path(args.config))
     store = Store.from_config(cfg.store)
+    from ddft.engines.base import serve_options
     from ddft.models.load import ensure_base
 
     ensure_base(store, cfg.base.id, build=cfg.base.build, source=cfg.base.source)
     from bench.serve_engine import engine_bench
 
-    engine = engine_bench(store, cfg.base.id, adapters=8, batch=8, new_tokens=args.new_tokens)
-    print("engine:", json.dumps(engine), flush=True)
-    with tempfile.TemporaryDirectory(prefix="ddft-bench-cfg-") as tmp:
-        doc = cfg.model_dump(mode="json")
-        doc["store"]["uri"] = store.uri
-        doc["serve"].update(port=_free_port(), max_new_tokens=max(args.new_tokens, 96), num_replicas=1)
-        cfg_path = Path(tmp) / "bench.yaml"
-        cfg_path.write_text(json.dumps(doc))
-        http = http_bench(cfg_path, store, cfg.base.id, args.uploads, args.recipes, args.clients)
-    print(json.dumps({"base": cfg.base.id, **engine, **http}))
+    engines = args.engines.split(",")
+    result = {"base": cfg.base.id, **engine_bench(store, cfg.base.id, adapters=8, batch=8, new_tokens=args.new_tokens)}
+    print("engine hf:", json.dumps(result), flush=True)
+    vllm_settings = cfg.serve.model_copy(update={"engine": "vllm"})
+    if "vllm" in engines:
+        result.update(vllm_engine_bench(store, cfg.base.id, cfg.serve.vllm.python, 8, 8, args.new_tokens,
+                                        serve_options(vllm_settings)))
+        print("engine vllm:", json.dumps(result), flush=True)
+    for engine in engines:
+        with tempfile.TemporaryDirectory(prefix="ddft-bench-cfg-") as tmp:
+            doc = cfg.model_dump(mode="json")
+            doc["store"]["uri"] = store.uri
+            doc["serve"].update(port=_free_port(), max_new_tokens=max(args.new_tokens, 96), num_replicas=1,
+                                engine=engine)
+            cfg_path = Path(tmp) / "bench.yaml"
+            cfg_path.write_text(json.dumps(doc))
+            http = http_bench(cfg_path, store, cfg.base.id, args.uploads, args.recipes, args.clients, args.new_tokens)
+        prefix = "" if engine == "hf" else "vllm_"
+        result.update({f"{prefix}{k}": v for k, v in http.items()})
+        result[f"{engine}_ttft_p50_ms"] = http["ttft_p50_ms"]
+        result[f"{engine}_recipe_p50_vs_single"] = http["recipe_p50_vs_single"]
+        print(f"http {engine}:", json.dumps(http), flush=True)
+    if "vllm" in engines:
+        result["vllm_served_vs_raw"] = round(result["vllm_served_tokens_per_s"] / result["vllm_raw_tokens_per_s"], 3)
+    print(json.dumps(result))
     return 0
 
 

@@ -91,11 +91,12 @@ def submit_training(config_path: str, store: Store, retrain: bool = False) -> li
     return results
 
 
-def try_it(cfg: config.PipelineConfig, store: Store, config_path: Path) -> dict:
+def try_it(cfg: config.PipelineConfig, store: Store, config_path: Path, engine: str | None = None) -> dict:
     """Start the Serve app and ask it one recipe, one dish and one cooking question over HTTP."""
     from serve.app import run
 
-    url = run(config_path)
+    url = run(config_path, engine=engine)
+    print(f"\nserving on engine {engine or cfg.serve.engine} at {url}")
     raw = cfg.data.raw_prefix
     held_out = [r for r in formats.read_tasty(store, f"{raw}/{cfg.data.tasty}", split_set=cfg.data.tasty_split)
                 if r.split == "test"][0]
@@ -125,14 +126,17 @@ def main() -> int | str:
     ap.add_argument("--keep-serving", action="store_true", help="leave the cluster and the app running")
     ap.add_argument("--retrain", action="store_true",
                     help="train again even when the adapters were published from the same settings and data")
+    ap.add_argument("--engine", choices=("hf", "vllm"), help="serve with this engine (default: the config's "
+                    "serve.engine); vllm runs in its own venv (make venv-vllm)")
     args = ap.parse_args()
     try:
-        return run(Path(args.config).resolve(), args.num_cpus, args.keep_serving, args.retrain)
+        return run(Path(args.config).resolve(), args.num_cpus, args.keep_serving, args.retrain, args.engine)
     except (config.ConfigError, StoreError, PrepareError, client.ClientError) as err:
         return f"demo stopped: {err}"  # a clear message, not a traceback from deep inside Ray
 
 
-def run(config_path: Path, num_cpus: int, keep_serving: bool, retrain: bool = False) -> int:
+def run(config_path: Path, num_cpus: int, keep_serving: bool, retrain: bool = False,
+        engine: str | None = None) -> int:
     cfg = config.load(config_path)
     store = Store.from_config(cfg.store)
     os.environ.update(RAY_AUTH)
@@ -153,7 +157,7 @@ def run(config_path: Path, num_cpus: int, keep_serving: bool, retrain: bool = Fa
         times["train (ray job submit)"] = time.time() - t
         with ray_session(address=ADDRESS, runtime_env=RUNTIME_ENV):
             t = time.time()
-            answers = try_it(cfg, store, config_path)
+            answers = try_it(cfg, store, config_path, engine)
             times["serve + requests"] = time.time() - t
             if not keep_serving:
                 from ray import serve
@@ -170,7 +174,8 @@ def run(config_path: Path, num_cpus: int, keep_serving: bool, retrain: bool = Fa
     for r in results:
         print(f"  job {r['name']:6} {r['status']:9} steps {r['steps']:3}  loss {r['losses'][0]:.3f} -> "
               f"{r['losses'][-1]:.3f}  {r['tokens_per_s']:.0f} tokens/s  adapter {r['adapter']}")
-    print(f"  recipe answered by {answers['recipe']['adapter']}; base {store.url('models/' + cfg.base.id)}")
+    print(f"  recipe answered by {answers['recipe']['adapter']} on engine {engine or cfg.serve.engine}; "
+          f"base {store.url('models/' + cfg.base.id)}")
     if keep_serving:
         print(f"  serving at http://{cfg.serve.host}:{cfg.serve.port} (stop it: make cluster-down)")
     return 0

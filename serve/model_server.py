@@ -28,12 +28,10 @@ class ServedResult(GenerateResult):
 
 
 class ModelServer:
-    def __init__(self, store: Store, base_id: str, *, engine: str = "hf", cache_size: int = 8, device: str = "cpu",
-                 max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01):
-        # hf forms a batch when it is free; vllm adds requests to the running batch every step
-        batching = {"max_batch_size": max_batch_size, "batch_wait_s": batch_wait_timeout_s} if engine == "hf" else {}
-        self.engine = make_engine(engine, store=store, base_model_id=base_id, cache_size=cache_size, device=device,
-                                  **batching)
+    def __init__(self, store: Store, base_id: str, *, engine: str = "hf", device: str = "cpu", **options):
+        """`options`: the engine's own keywords (engines.base.serve_options of the serve config); hf forms
+        a batch when it is free, vllm adds requests to the running batch at every step."""
+        self.engine = make_engine(engine, store=store, base_model_id=base_id, device=device, **options)
         self._manifests: dict[str, Manifest] = {}
         self._ongoing = 0
         try:

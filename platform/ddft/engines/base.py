@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from ddft.adapters.registry import Manifest
+    from ddft.config import ServeSettings
 
 
 @dataclass
@@ -146,9 +147,24 @@ def check_base(manifest: "Manifest", base_id: str, fingerprint: str) -> None:
 ENGINES = {"hf": "ddft.engines.hf:HFEngine", "vllm": "ddft.engines.vllm:VLLMEngine"}
 
 
+def serve_options(s: "ServeSettings") -> dict:
+    """The engine keywords a serve config sets (besides store, base and device): one place for both
+    engines, used by the app and the benchmarks alike."""
+    if s.engine == "hf":
+        return {"cache_size": s.adapter_cache_size, "max_batch_size": s.max_batch_size,
+                "batch_wait_s": s.batch_wait_timeout_s}
+    from ddft.engines.vllm import LORA_RANKS  # no vLLM import
+
+    rank = next((r for r in LORA_RANKS if r >= s.max_lora_rank), LORA_RANKS[-1])  # uploads are capped at max_lora_rank
+    v = s.vllm
+    return {"cache_size": s.adapter_cache_size, "max_lora_rank": rank, "kv_cache_gib": v.kv_cache_gib,
+            "gpu_memory_utilization": v.gpu_memory_utilization, "max_model_len": v.max_model_len,
+            "max_num_seqs": v.max_num_seqs}
+
+
 def make_engine(kind: str, **kwargs) -> Engine:
     """Build an engine by name, importing its module only now: 'hf' (transformers + PEFT) or
-    'vllm' (GPU only, in its own environment; it refuses to start, saying why, where it can't)."""
+    'vllm' (in vLLM's own environment; it refuses to start, saying why, where it can't)."""
     if kind not in ENGINES:
         raise ValueError(f"unknown engine {kind!r}: choose one of {sorted(ENGINES)}")
     module, cls = ENGINES[kind].split(":")

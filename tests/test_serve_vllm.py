@@ -1,0 +1,76 @@
+"""The app with `serve.engine: vllm`: the model replicas run on vLLM's own interpreter (Ray's
+py_executable) with real vLLM, and the same HTTP contract holds, read by the official openai client:
+plain and streamed chat with `<base>:<adapter>` models and an image part, recipes streamed, the
+answers the same as the hf engine's, and a bad vLLM environment refused before anything starts."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import requests
+
+from ddft.config import ConfigError, ServeSettings
+from tests.serve_fixture import make_png, running_app
+from tests.test_streaming import QUESTION, _check_stream, _events, _openai, _plain_and_streamed
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def app(ray_cluster, tmp_path_factory):
+    with running_app(tmp_path_factory.mktemp("serve-vllm"), max_new_tokens=16, engine="vllm",
+                     vllm={"max_model_len": 1024, "kv_cache_gib": 1}) as app:
+        yield app
+
+
+def test_openai_client_plain_and_streamed_on_vllm(app):
+    import base64
+
+    client = _openai(app)
+    plain, chunks = _plain_and_streamed(client, model="tiny:ddft/text/v1", messages=QUESTION, max_tokens=16)
+    assert plain.model == "tiny:ddft/text/v1" and 0 < plain.usage.completion_tokens <= 16
+    _check_stream(plain, chunks)
+    png = base64.b64encode(make_png()).decode()
+    image = [{"role": "user", "content": [{"type": "text", "text": "What dish is this?"},
+                                          {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}]}]
+    plain, chunks = _plain_and_streamed(client, model="tiny:ddft/image/v1", messages=image, max_tokens=12)
+    assert plain.model == "tiny:ddft/image/v1"
+    _check_stream(plain, chunks)
+    health = requests.get(f"{app.url}/healthz", timeout=30).json()
+    assert health["status"] == "ok" and "ddft/image/v1" in health["loaded_adapters"]
+
+
+def test_recipes_on_vllm_stream_and_answer_like_the_hf_engine(app):
+    """The same routing and the same greedy recipe as the hf engine gives for that video."""
+    import numpy as np
+
+    from ddft.adapters.registry import read_manifest
+    from ddft.data.media import sample_frames
+    from ddft.engines.base import GenerateRequest
+    from ddft.engines.hf import HFEngine
+    from ddft.prompts import QUESTIONS
+
+    uri = "datasets/raw/clips/one.mp4"
+    plain = requests.post(f"{app.url}/v1/recipes", json={"video_uri": uri}, timeout=120).json()
+    events = _events(requests.post(f"{app.url}/v1/recipes?stream=true", json={"video_uri": uri}, stream=True,
+                                   timeout=120))
+    deltas = [json.loads(data)["text"] for name, data in events if name == "delta"]
+    (recipe,) = [json.loads(data) for name, data in events if name == "recipe"]
+    assert "".join(deltas) == recipe["text"] == plain["text"] and plain["adapter"] == "ddft/video/v1"
+    frames = sample_frames(app.store.read_bytes(uri), 8)
+    hf = HFEngine(app.store, "tiny").generate([GenerateRequest(
+        "video", QUESTIONS["video"], np.asarray(frames), read_manifest(app.store, "ddft", "video"), 16)])[0]
+    assert plain["text"] == hf.text
+
+
+def test_a_vllm_environment_that_is_missing_or_wrong_is_refused_with_the_fix(tmp_path):
+    from serve.app import vllm_python
+
+    with pytest.raises(ConfigError, match="make venv-vllm"):
+        vllm_python(ServeSettings(engine="vllm", vllm={"python": str(tmp_path / "nope/bin/python")}))
+    import sys
+
+    with pytest.raises(ConfigError, match="vLLM no"):  # the project's own venv: Ray, no vLLM
+        vllm_python(ServeSettings(engine="vllm", vllm={"python": sys.executable}))
+    assert Path(vllm_python(ServeSettings(engine="vllm"))).exists()
