@@ -150,3 +150,17 @@ def test_a_request_that_arrives_mid_generation_joins_the_running_batch(tiny):
     assert long_result.finish_reason == "length" and len(long_result.token_ids) == 400, long_result
     assert out.first_token_at[1] < out.finished_at[0]  # it started while the long one ran
     assert out.finished_at[1] < out.finished_at[0]  # and finished first
+
+
+def test_every_upload_the_gateway_accepts_fits_the_vllm_engine():
+    """Uploads are plain LoRA on language-model Linears (adapters/upload.py refuses the variants vLLM
+    refuses) up to serve.max_lora_rank; the engine's max_lora_rank covers it, or the config is refused."""
+    from ddft.config import ConfigError, PipelineConfig, validate
+    from ddft.engines.base import serve_options
+
+    for rank in (8, 48, 64, 200, 512):
+        s = ServeSettings(engine="vllm", max_lora_rank=rank)
+        assert serve_options(s)["max_lora_rank"] >= rank
+    with pytest.raises(ConfigError, match="up to 512"):
+        validate(PipelineConfig, {"base": {"id": "tiny"}, "jobs": [{"name": "t", "modality": "text"}],
+                                  "serve": {"engine": "vllm", "max_lora_rank": 1024}})

@@ -183,6 +183,14 @@ class ServeSettings(Strict):
     admin_key_env: str = Field("DDFT_ADMIN_KEY", description="environment variable holding the admin key "
                                "(manages tenants); unset: tenant management is off")
 
+    @model_validator(mode="after")
+    def _vllm_rank(self):
+        # every upload the gateway accepts must be one the engine can apply (vLLM's LoRA ranks stop at 512)
+        if self.engine == "vllm" and self.max_lora_rank > 512:
+            raise ValueError(f"serve.max_lora_rank {self.max_lora_rank}: the vllm engine serves LoRA ranks up to "
+                             "512; lower it")
+        return self
+
 
 class PipelineConfig(Strict):
     """The whole DDFT loop: store, base, data, the training jobs and the serve app."""
