@@ -214,7 +214,7 @@ def test_serve_checks_the_base_then_serves_blocking(capsys, tmp_path, monkeypatc
         yield None
 
     monkeypatch.setattr(ddft.cluster, "ray_session", fake_session)
-    monkeypatch.setattr(pipeline, "serve_blocking", lambda config: calls.append(("serve", config)))
+    monkeypatch.setattr(pipeline, "serve_blocking", lambda config, engine: calls.append(("serve", config, engine)))
     config = good_config(tmp_path)
     code, _, err = run(capsys, "serve", "--config", config)
     assert code == 1 and "tiny" in err and "base" in err and not calls  # no base yet: nothing started
@@ -226,7 +226,9 @@ def test_serve_checks_the_base_then_serves_blocking(capsys, tmp_path, monkeypatc
     code, _, err = run(capsys, "serve", "--config", config)
     assert code == 0 and "127.0.0.1:8000" in err
     assert calls[0][0] == "ray" and str(REPO) in calls[0][2]["env_vars"]["PYTHONPATH"]
-    assert calls[1] == ("serve", config)
+    assert calls[1] == ("serve", config, None)
+    code, _, _ = run(capsys, "serve", "--config", config, "--engine", "vllm")
+    assert code == 0 and calls[-1] == ("serve", config, "vllm")
 
 
 def test_render_recipe():

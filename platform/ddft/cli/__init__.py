@@ -101,6 +101,8 @@ def parser() -> argparse.ArgumentParser:
                     "unless --address (or RAY_ADDRESS) names one. Tenant management needs DDFT_ADMIN_KEY set "
                     "here (the env var named by serve.admin_key_env).", config="jobs/configs/demo.yaml")
     serve.add_argument("--address", help="a running Ray cluster (GCS address, e.g. 127.0.0.1:6380) to serve on")
+    serve.add_argument("--engine", choices=("hf", "vllm"),
+                       help="the serving engine, instead of the config's serve.engine (vllm: make venv-vllm first)")
 
     adapters = group(sub, "adapters", "adapters: the store's registry, or your own on a server",
                      "  ddft adapters list --config jobs/configs/demo.yaml\n"

@@ -141,10 +141,10 @@ def cmd_eval(args) -> int:
 
 # -- serving -------------------------------------------------------------------------------------
 
-def serve_blocking(config: str) -> None:
+def serve_blocking(config: str, engine: str | None = None) -> None:
     from serve.app import run
 
-    run(config, blocking=True)
+    run(config, blocking=True, engine=engine)
 
 
 def cmd_serve(args) -> int:
@@ -163,7 +163,7 @@ def cmd_serve(args) -> int:
     with ray_session(address=args.address, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}):
         print(f"serving {cfg.base.id} on http://{cfg.serve.host}:{cfg.serve.port} (Ctrl-C stops)", file=sys.stderr)
         try:
-            serve_blocking(str(args.config))
+            serve_blocking(str(args.config), args.engine)
         except KeyboardInterrupt:
             pass
     return OK
