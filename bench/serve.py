@@ -200,10 +200,9 @@ def main(argv=None) -> int:
     engines = args.engines.split(",")
     result = {"base": cfg.base.id, **engine_bench(store, cfg.base.id, adapters=8, batch=8, new_tokens=args.new_tokens)}
     print("engine hf:", json.dumps(result), flush=True)
-    vllm_settings = cfg.serve.model_copy(update={"engine": "vllm"})
     if "vllm" in engines:
         result.update(vllm_engine_bench(store, cfg.base.id, cfg.serve.vllm.python, 8, 8, args.new_tokens,
-                                        serve_options(vllm_settings)))
+                                        serve_options(cfg, "vllm")))
         print("engine vllm:", json.dumps(result), flush=True)
     for engine in engines:
         with tempfile.TemporaryDirectory(prefix="ddft-bench-cfg-") as tmp:

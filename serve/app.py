@@ -88,7 +88,7 @@ def build_app(args: dict):
     s = cfg.serve
     admin_key = os.environ.get(s.admin_key_env)
     model = model_deployment(cfg).bind(store, cfg.base.id, engine=s.engine,
-                                       device="cuda" if s.gpus_per_replica > 0 else "cpu", **serve_options(s))
+                                       device="cuda" if s.gpus_per_replica > 0 else "cpu", **serve_options(cfg))
     return Gateway.bind(model, cfg, store, sha256(admin_key) if admin_key else None)
 
 

@@ -158,9 +158,13 @@ def test_every_upload_the_gateway_accepts_fits_the_vllm_engine():
     from ddft.config import ConfigError, PipelineConfig, validate
     from ddft.engines.base import serve_options
 
+    def cfg(max_lora_rank, job_rank=8):
+        return validate(PipelineConfig, {"base": {"id": "tiny"}, "jobs": [
+            {"name": "t", "modality": "text", "lora": {"r": job_rank}}],
+            "serve": {"engine": "vllm", "max_lora_rank": max_lora_rank}})
+
     for rank in (8, 48, 64, 200, 512):
-        s = ServeSettings(engine="vllm", max_lora_rank=rank)
-        assert serve_options(s)["max_lora_rank"] >= rank
+        assert serve_options(cfg(rank))["max_lora_rank"] >= rank
+    assert serve_options(cfg(64, job_rank=128))["max_lora_rank"] == 128  # the platform's own adapters fit too
     with pytest.raises(ConfigError, match="up to 512"):
-        validate(PipelineConfig, {"base": {"id": "tiny"}, "jobs": [{"name": "t", "modality": "text"}],
-                                  "serve": {"engine": "vllm", "max_lora_rank": 1024}})
+        cfg(1024)

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from ddft.adapters.registry import Manifest
-    from ddft.config import ServeSettings
+    from ddft.config import PipelineConfig
 
 
 @dataclass
@@ -147,15 +147,18 @@ def check_base(manifest: "Manifest", base_id: str, fingerprint: str) -> None:
 ENGINES = {"hf": "ddft.engines.hf:HFEngine", "vllm": "ddft.engines.vllm:VLLMEngine"}
 
 
-def serve_options(s: "ServeSettings") -> dict:
-    """The engine keywords a serve config sets (besides store, base and device): one place for both
-    engines, used by the app and the benchmarks alike."""
-    if s.engine == "hf":
+def serve_options(cfg: "PipelineConfig", engine: str | None = None) -> dict:
+    """The engine keywords a config sets (besides store, base and device), for its serve.engine or
+    `engine`: one place for both engines, used by the app and the benchmarks alike."""
+    s = cfg.serve
+    if (engine or s.engine) == "hf":
         return {"cache_size": s.adapter_cache_size, "max_batch_size": s.max_batch_size,
                 "batch_wait_s": s.batch_wait_timeout_s}
     from ddft.engines.vllm import LORA_RANKS  # no vLLM import
 
-    rank = next((r for r in LORA_RANKS if r >= s.max_lora_rank), LORA_RANKS[-1])  # uploads are capped at max_lora_rank
+    # tenant uploads are capped at serve.max_lora_rank; the platform's adapters have their jobs' ranks
+    need = max([s.max_lora_rank] + [j.lora.r for j in cfg.jobs])
+    rank = next((r for r in LORA_RANKS if r >= need), LORA_RANKS[-1])
     v = s.vllm
     return {"cache_size": s.adapter_cache_size, "max_lora_rank": rank, "kv_cache_gib": v.kv_cache_gib,
             "gpu_memory_utilization": v.gpu_memory_utilization, "max_model_len": v.max_model_len,
