@@ -11,8 +11,8 @@ import pytest
 import requests
 
 from ddft.config import ConfigError, ServeSettings
-from tests.serve_fixture import make_png, running_app
-from tests.test_streaming import QUESTION, _check_stream, _events, _openai, _plain_and_streamed
+from tests.serve_fixture import running_app
+from tests.test_streaming import QUESTION, _check_stream, _events, _openai, _plain_and_streamed, image_question
 
 pytestmark = pytest.mark.integration
 
@@ -25,16 +25,11 @@ def app(ray_cluster, tmp_path_factory):
 
 
 def test_openai_client_plain_and_streamed_on_vllm(app):
-    import base64
-
     client = _openai(app)
     plain, chunks = _plain_and_streamed(client, model="tiny:ddft/text/v1", messages=QUESTION, max_tokens=16)
     assert plain.model == "tiny:ddft/text/v1" and 0 < plain.usage.completion_tokens <= 16
     _check_stream(plain, chunks)
-    png = base64.b64encode(make_png()).decode()
-    image = [{"role": "user", "content": [{"type": "text", "text": "What dish is this?"},
-                                          {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}]}]
-    plain, chunks = _plain_and_streamed(client, model="tiny:ddft/image/v1", messages=image, max_tokens=12)
+    plain, chunks = _plain_and_streamed(client, model="tiny:ddft/image/v1", messages=image_question(), max_tokens=12)
     assert plain.model == "tiny:ddft/image/v1"
     _check_stream(plain, chunks)
     health = requests.get(f"{app.url}/healthz", timeout=30).json()

@@ -33,6 +33,13 @@ def _plain_and_streamed(client: openai.OpenAI, **kwargs):
     return plain, chunks
 
 
+def image_question() -> list[dict]:
+    """A chat with one image part, as a data: URL."""
+    png = base64.b64encode(make_png()).decode()
+    return [{"role": "user", "content": [{"type": "text", "text": "What dish is this?"},
+                                         {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}]}]
+
+
 def _check_stream(plain, chunks) -> str:
     """The chunks are OpenAI's: role first, finish_reason once on the last content chunk, usage last."""
     assert {c.id for c in chunks} == {chunks[0].id} and {c.object for c in chunks} == {"chat.completion.chunk"}
@@ -57,10 +64,7 @@ def test_openai_client_plain_and_streamed(app):
     mine, chunks = _plain_and_streamed(client, model="tiny", messages=QUESTION, max_tokens=8)
     assert mine.model == "tiny:tenant-acme/text/v1"
     _check_stream(mine, chunks)
-    png = base64.b64encode(make_png()).decode()
-    image = [{"role": "user", "content": [{"type": "text", "text": "What dish is this?"},
-                                          {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}]}]
-    plain, chunks = _plain_and_streamed(client, model="tiny:ddft/image/v1", messages=image, max_tokens=12)
+    plain, chunks = _plain_and_streamed(client, model="tiny:ddft/image/v1", messages=image_question(), max_tokens=12)
     assert plain.model == "tiny:ddft/image/v1"
     _check_stream(plain, chunks)
 
