@@ -225,6 +225,11 @@ def read_prepared(store: Store, modality: str, version: str | None = None, split
     if not store.exists(f"{key}/manifest.json"):
         raise StoreError(f"prepared {modality} version {version} not found at {store.url(key)}")
     fs, path = store.fs_path(key)
+    # Ray Data 2.60's parquet reader V2 starts 32 FooterReader actors (processes) per read: with
+    # several jobs reading train and val at once on a small machine that is hundreds of workers
+    # started and killed (load average > 100 on 2 cores). Prepared versions are a few shards, which
+    # the V1 reader's tasks read on pooled workers.
+    ray.data.DataContext.get_current().use_datasource_v2 = False
     ds = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"]).filter(expr=col("error") == "")
     return ds.filter(expr=col("split") == split) if split else ds
 
