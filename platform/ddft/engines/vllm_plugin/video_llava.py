@@ -25,6 +25,7 @@ the request. Slot 0 is the base's own projector; slot ids are never reused for o
 from __future__ import annotations
 
 import json
+from functools import cached_property
 import os
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -78,6 +79,7 @@ class VideoLlavaProcessingInfo(BaseProcessingInfo):
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
         return {"image": 1, "video": 1}
 
+    @cached_property  # read once, not on every request's pixels
     def pixel_config(self) -> dict:
         """image_mean, image_std and the crop size of the base's image processor: in processor_config.json
         (transformers 5 saves the processors together) or preprocessor_config.json (older checkpoints)."""
@@ -123,7 +125,7 @@ class VideoLlavaDummyInputsBuilder(BaseDummyInputsBuilder[VideoLlavaProcessingIn
 class VideoLlavaMultiModalProcessor(BaseMultiModalProcessor[VideoLlavaProcessingInfo]):
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
         slot = int(hf_kwargs.get(PROJECTOR_KWARG, 0) or 0)
-        px = self.info.pixel_config()
+        px = self.info.pixel_config
         out = {}
         images = hf_data.get("images") or []
         if images:
