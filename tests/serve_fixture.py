@@ -93,11 +93,11 @@ def running_app(tmp: Path, **serve_settings):
     store = seed_store(tmp)
     config = write_config(tmp, store.uri, free_port(), **serve_settings)
     os.environ["DDFT_ADMIN_KEY"] = ADMIN_KEY  # build_app reads it here, in the driver
-    try:
-        url = run(config)
-    finally:
-        del os.environ["DDFT_ADMIN_KEY"]
-    try:
+    try:  # Serve is shut down even when the start fails: one left up would keep its port for later tests
+        try:
+            url = run(config)
+        finally:
+            del os.environ["DDFT_ADMIN_KEY"]
         keys = {t: client.add_tenant(url, t, admin_key=ADMIN_KEY) for t in ("acme", "beta")}
         yield App(url, store, keys, tmp, config)
     finally:

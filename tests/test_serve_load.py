@@ -34,7 +34,8 @@ def _deploy_from_serve_yaml(pipeline_yaml: str, port: int) -> None:
     model = {d["name"]: d for d in app["deployments"]}["ModelServer"]
     model["autoscaling_config"].update(min_replicas=2, initial_replicas=2, max_replicas=2)
     serve_client = serve_start(http_options=doc["http_options"])
-    serve_client.deploy_apps(ServeDeploySchema.model_validate(doc), _blocking=True)
+    # not _blocking=True: that waits a fixed 60 s, too short for two replicas on a busy 2-core machine
+    serve_client.deploy_apps(ServeDeploySchema.model_validate(doc))
     serve_client._wait_for_application_running("ddft", timeout_s=300)
 
 
@@ -58,7 +59,6 @@ def test_load_with_a_replica_killed(ray_cluster, tmp_path):
     for seed, modality in enumerate(("image", "video", "text")):
         make_adapter(store, base, modality, seed, tmp_path)
     port = free_port()
-    _deploy_from_serve_yaml(write_config(tmp_path, store.uri, port, max_queued_requests=4), port)
     url = f"http://127.0.0.1:{port}"
     mp4, png = make_mp4(), make_png()
     png_b64 = base64.b64encode(png).decode()
@@ -66,7 +66,6 @@ def test_load_with_a_replica_killed(ray_cluster, tmp_path):
     bad: list[str] = []
     after_kill_ok = threading.Event()
     killed_at: list[float] = []
-    stop_at = time.monotonic() + SECONDS
 
     def one(rng: random.Random) -> requests.Response:
         kind = rng.choice(("text", "text", "image", "recipe"))
@@ -94,7 +93,9 @@ def test_load_with_a_replica_killed(ray_cluster, tmp_path):
             elif killed_at and time.monotonic() > killed_at[0] + 1:
                 after_kill_ok.set()
 
-    try:
+    try:  # a failed deploy shuts Serve down too: a Serve left up would keep its port for later tests
+        _deploy_from_serve_yaml(write_config(tmp_path, store.uri, port, max_queued_requests=4), port)
+        stop_at = time.monotonic() + SECONDS
         threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(CLIENTS)]
         for t in threads:
             t.start()

@@ -59,6 +59,14 @@ def generate_in(python: str | Path, job: BatchJob, timeout: float = 1800, env: d
         return pickle.loads(out.read_bytes())
 
 
+def portable(result):
+    """A result the caller's interpreter can unpickle: an exception of a class defined by vLLM (or
+    anything the caller's venv lacks) becomes a RuntimeError naming that class and its message."""
+    if isinstance(result, BaseException) and type(result).__module__.split(".")[0] not in ("builtins", "ddft"):
+        return RuntimeError(f"{type(result).__module__}.{type(result).__qualname__}: {result}")
+    return result
+
+
 def run(job: BatchJob) -> BatchOutput:
     import asyncio
     import time
@@ -154,4 +162,6 @@ if __name__ == "__main__":  # vLLM spawns its engine core: the work must not run
     from ddft.engines import vllm_batch  # the module's own classes, so the caller can unpickle them
 
     job = pickle.loads(Path(sys.argv[1]).read_bytes())
-    Path(sys.argv[2]).write_bytes(pickle.dumps(vllm_batch.run(job)))
+    output = vllm_batch.run(job)
+    output.results = [vllm_batch.portable(r) for r in output.results]
+    Path(sys.argv[2]).write_bytes(pickle.dumps(output))
