@@ -184,3 +184,23 @@ def test_s3_env_fallback(s3_endpoint, s3_store, monkeypatch):
     assert s.read_text("k.txt") == "v"
     fs, root = s.pyarrow_fs()
     assert fs.get_file_info(f"{root}/k.txt").size == 1
+
+
+def test_create_bytes_has_one_winner_among_concurrent_creators(store):
+    """The store's compare-and-set: of 16 threads creating one key, exactly one writes it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(16) as pool:
+        won = list(pool.map(lambda i: store.create_bytes("locks/one", f"writer {i}".encode()), range(16)))
+    assert won.count(True) == 1
+    assert store.read_bytes("locks/one") == f"writer {won.index(True)}".encode()
+    assert store.create_bytes("locks/one", b"again") is False and store.list("locks") == ["locks/one"]
+    assert store.create_json("locks/two", {"a": 1}) and store.read_json("locks/two") == {"a": 1}
+
+
+def test_delete_leaves_no_empty_folders_on_file_stores(tmp_path):
+    store = Store(str(tmp_path / "store"))
+    store.write_bytes("a/b/c/d.txt", b"x")
+    store.write_bytes("a/keep.txt", b"y")
+    store.delete("a/b/c")
+    assert not (tmp_path / "store" / "a" / "b").exists() and (tmp_path / "store" / "a" / "keep.txt").exists()

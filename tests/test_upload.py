@@ -258,10 +258,32 @@ def test_store_failure_mid_publish_leaves_nothing(tiny, store, monkeypatch):
     def broken(self, key, obj):
         raise StoreError(f"{key}: disk full")
 
-    monkeypatch.setattr(Store, "write_json", broken)  # the manifest, written last, fails
+    monkeypatch.setattr(Store, "create_json", broken)  # the manifest, written last, fails
     with pytest.raises(StoreError, match="disk full"):
         _publish(store, tiny["good"], tiny)
     assert store.list("adapters") == []
+
+
+@pytest.mark.parametrize("kind", ["file", pytest.param("s3", marks=pytest.mark.integration)])
+def test_parallel_uploads_of_one_name_each_get_their_own_version(tiny, kind, tmp_path, request):
+    """16 PUTs of one name at once: 16 distinct versions, each holding exactly the weights its
+    publish reported (issue 12: several used to share a version, and the others were lost)."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = Store(str(tmp_path / "store")) if kind == "file" else request.getfixturevalue("s3_store")
+    uploads = [_with(tiny["good"], {k: v + i / 64 for k, v in _tensors(tiny["good"]).items()}) for i in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        manifests = list(pool.map(lambda files: _publish(store, files, tiny), uploads))
+    assert sorted(m.version for m in manifests) == list(range(1, 17))
+    assert registry.versions(store, "tenant-acme", "mine") == list(range(1, 17))
+    for files, m in zip(uploads, manifests):
+        assert m.weights_sha256 == hashlib.sha256(files[ST]).hexdigest()
+        assert store.read_bytes(f"{m.key}/{ST}") == files[ST]
+        assert registry.read_manifest(store, "tenant-acme", "mine", m.version) == m
+    assert not [k for k in store.list("adapters") if "/.staging/" in k]
+    if kind == "file":
+        assert not (tmp_path / "store" / "adapters" / "tenant-acme" / "mine" / ".staging").exists()
 
 
 def test_published_config_spells_out_the_modules(tiny, store):

@@ -35,6 +35,17 @@ def _join(*parts: str) -> str:
     return "/".join(p for p in parts if p)
 
 
+def _in_flight(name: str) -> bool:
+    """A temp file of _Local's atomic writes (".<name>.<random>.tmp"): not an object yet."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def _gone_is_fine(func, path, exc_info) -> None:
+    """rmtree's error hook: a file a concurrent delete already removed is no error."""
+    if not issubclass(exc_info[0], FileNotFoundError):
+        raise exc_info[1]
+
+
 def _under(key: str, prefix: str) -> bool:
     return not prefix or key == prefix or key.startswith(prefix + "/")
 
@@ -58,10 +69,20 @@ class _Local:
     def get(self, key: str) -> bytes:
         return self.path(key).read_bytes()
 
+    @staticmethod
+    def _tempfile(dst: pathlib.Path) -> tuple[int, str]:
+        """A temp file beside dst; its folder is made again if a concurrent delete pruned it."""
+        for attempt in range(5):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                return tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+            except FileNotFoundError:
+                if attempt == 4:
+                    raise
+
     def _atomic(self, key: str, fill) -> None:
         dst = self.path(key)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+        fd, tmp = self._tempfile(dst)
         try:
             with os.fdopen(fd, "wb") as f:
                 fill(f)
@@ -72,6 +93,21 @@ class _Local:
 
     def put(self, key: str, data: bytes) -> None:
         self._atomic(key, lambda f: f.write(data))
+
+    def create(self, key: str, data: bytes) -> bool:
+        """Write only if nothing is there: a hard link of a finished temp file is atomic and
+        fails when the name exists, so a reader never sees half a file and two creators never both win."""
+        dst = self.path(key)
+        fd, tmp = self._tempfile(dst)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.link(tmp, dst)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            pathlib.Path(tmp).unlink(missing_ok=True)
 
     def put_file(self, src: pathlib.Path, key: str) -> None:
         def fill(f):
@@ -87,27 +123,36 @@ class _Local:
         p = self.path(prefix)
         if p.is_file():
             return [prefix]
-        if not p.is_dir():
-            return []
-        return [q.relative_to(self.root).as_posix() for q in p.rglob("*") if q.is_file()]
+        # os.walk skips folders that vanish mid-walk (a concurrent delete), where rglob raises
+        return [(pathlib.Path(d) / f).relative_to(self.root).as_posix()
+                for d, _, files in os.walk(p) for f in files if not _in_flight(f)]
 
     def entries(self, prefix: str) -> list[tuple[str, int, str]]:
         out = []
         for key in self.keys(prefix):
-            st = self.path(key).stat()
+            try:
+                st = self.path(key).stat()
+            except FileNotFoundError:  # deleted since it was listed
+                continue
             out.append((key, st.st_size, str(st.st_mtime_ns)))
         return out
 
     def exists(self, key: str) -> bool:
-        p = self.path(key)
-        return p.is_file() or (p.is_dir() and any(q.is_file() for q in p.rglob("*")))
+        return bool(self.keys(key))
 
     def delete(self, prefix: str) -> None:
         p = self.path(prefix)
         if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
+            shutil.rmtree(p, onerror=_gone_is_fine)
         elif p.exists() or p.is_symlink():
-            p.unlink()
+            p.unlink(missing_ok=True)
+        for parent in p.parents:  # no empty folders left behind (S3 has none to leave)
+            if parent == self.root or self.root not in parent.parents:
+                break
+            try:
+                parent.rmdir()
+            except OSError:  # not empty (or already gone): stop here
+                break
 
     def copy(self, src: str, dst: str) -> None:
         self.put_file(self.path(src), dst)
@@ -180,6 +225,19 @@ class _S3:
 
     def put(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self.full(key), Body=data)
+
+    def create(self, key: str, data: bytes) -> bool:
+        """S3's conditional write (If-None-Match: *): 412 when the key exists, 409 when another
+        conditional write to it is in flight; either way this one lost."""
+        from botocore.exceptions import ClientError
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.full(key), Body=data, IfNoneMatch="*")
+            return True
+        except ClientError as e:
+            if str(e.response.get("Error", {}).get("Code")) in ("PreconditionFailed", "412",
+                                                                 "ConditionalRequestConflict", "409"):
+                return False
+            raise
 
     def put_file(self, src: pathlib.Path, key: str) -> None:
         self.client.upload_file(str(src), self.bucket, self.full(key))
@@ -280,6 +338,18 @@ class Store:
             raise StoreError(f"cannot write to the store root {self.uri}: give a key")
         with self._b.errors(self.url(k)):
             self._b.put(k, bytes(data))
+
+    def create_bytes(self, key: str, data: bytes) -> bool:
+        """Write `key` only if it does not exist, atomically against every other writer; False
+        when it already existed (nothing written). The store's one compare-and-set."""
+        k = _clean_key(key)
+        if not k:
+            raise StoreError(f"cannot write to the store root {self.uri}: give a key")
+        with self._b.errors(self.url(k)):
+            return self._b.create(k, bytes(data))
+
+    def create_json(self, key: str, obj: Any) -> bool:
+        return self.create_bytes(key, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
     def read_text(self, key: str) -> str:
         return self.read_bytes(key).decode("utf-8")

@@ -1,7 +1,9 @@
 """Adapter registry: adapters/<owner>/<name>/v<N>/ holding PEFT files + manifest.json.
 
-Publishing is atomic: files go to a staging prefix, are validated, copied to v<N>, and the
-manifest is written last; a version without a manifest does not exist. Weights are
+Publishing is atomic and linearizable: files go to a staging prefix and are validated; the
+version number is taken by a conditional create of v<N>/.claim (one winner per N, however many
+publish at once), the files are copied to v<N>, and the manifest is written last; a version
+without a manifest does not exist. Weights are
 safetensors only: pickle formats are refused, never loaded.
 """
 from __future__ import annotations
@@ -102,13 +104,29 @@ def _sha256(path: Path) -> str:
 
 def versions(store: Store, owner: str, name: str) -> list[int]:
     """Published versions (those with a manifest), ascending."""
+    return sorted(v for v, what in _markers(store, owner, name) if what == "manifest.json")
+
+
+def _markers(store: Store, owner: str, name: str) -> set[tuple[int, str]]:
+    """(version, "manifest.json" or ".claim") for every version marker under the adapter."""
     prefix = adapter_prefix(owner, name)
-    found = set()
-    for key in store.list(prefix):
-        m = re.fullmatch(rf"{re.escape(prefix)}/v(\d+)/manifest\.json", key)
-        if m:
-            found.add(int(m.group(1)))
-    return sorted(found)
+    return {(int(m.group(1)), m.group(2)) for key in store.list(prefix)
+            if (m := re.fullmatch(rf"{re.escape(prefix)}/v(\d+)/(manifest\.json|\.claim)", key))}
+
+
+MAX_CLAIM_TRIES = 100
+
+
+def _claim_version(store: Store, owner: str, name: str, token: str) -> int:
+    """The next version number, taken by a conditional create of v<N>/.claim: of any number of
+    concurrent publishers exactly one wins each N, and the others move on to N+1."""
+    prefix = adapter_prefix(owner, name)
+    for _ in range(MAX_CLAIM_TRIES):
+        version = max((v for v, _ in _markers(store, owner, name)), default=0) + 1
+        if store.create_bytes(f"{prefix}/v{version}/.claim", token.encode()):
+            return version
+    raise AdapterError(f"{owner}/{name}: {MAX_CLAIM_TRIES} concurrent publishes took every version "
+                       "this one tried; publish again")
 
 
 def read_manifest(store: Store, owner: str, name: str, version: int | None = None) -> Manifest | None:
@@ -136,10 +154,11 @@ def publish(store: Store, local_dir: Path, *, owner: str, name: str, modality: s
     staging = f"{prefix}/.staging/{uuid.uuid4().hex}"
     files = [p for p in Path(local_dir).iterdir() if p.is_file() and p.name in
              (*REQUIRED, "README.md")]
+    version = None
     try:
         for p in files:
             store.write_bytes(f"{staging}/{p.name}", p.read_bytes())
-        version = (versions(store, owner, name) or [0])[-1] + 1
+        version = _claim_version(store, owner, name, staging)
         manifest = Manifest(
             name=name, owner=owner, version=version, modality=modality, base_model_id=base.id,
             base_fingerprint=base.fingerprint, rank=cfg["r"], alpha=cfg.get("lora_alpha", cfg["r"]),
@@ -148,9 +167,15 @@ def publish(store: Store, local_dir: Path, *, owner: str, name: str, modality: s
             source=source, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             metrics=metrics or {}, modules_to_save=list(cfg.get("modules_to_save") or []))
         store.copy_prefix(staging, manifest.key)
-        store.write_json(f"{manifest.key}/manifest.json", asdict(manifest))  # last: now it exists
+        if not store.create_json(f"{manifest.key}/manifest.json", asdict(manifest)):  # last: now it exists
+            version = None  # not ours to clean up
+            raise AdapterError(f"{manifest.ref} was published by someone else while this publish held "
+                               "its claim; publish again")
+        version = None  # published: nothing of it to clean up
         return manifest
     finally:
+        if version is not None:  # claimed but not published: its files must not stay behind
+            store.delete(f"{prefix}/v{version}")
         store.delete(staging)
 
 

@@ -7,7 +7,6 @@ Every refusal is an UploadError carrying the HTTP status, a short code and how t
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import math
@@ -414,26 +413,18 @@ def publish_upload(store: Store, files: dict[str, bytes], *, tenant: str, name: 
     """Validate, then publish as the next version of adapters/tenant-<tenant>/<name>/."""
     owner = f"tenant-{tenant}"
     try:
-        prefix = registry.adapter_prefix(owner, name)
+        registry.adapter_prefix(owner, name)  # checks the name
     except AdapterError as err:
         raise UploadError(400, "bad_name", str(err)) from None
     if modality not in MODALITIES:
         raise UploadError(400, "bad_modality", f"modality {modality!r} is not one of {list(MODALITIES)}")
     cfg, header = _validate(files, spec, max_rank=max_rank, max_bytes=max_bytes)
     files = {**files, "adapter_config.json": json.dumps(served_config(cfg, header, spec), indent=2).encode()}
-    # the version publish() will take; if it fails after copying, its files must not stay behind
-    # (two uploads of the same name at once would race here -- and in publish() itself)
-    version = (registry.versions(store, owner, name) or [0])[-1] + 1
     with tempfile.TemporaryDirectory(prefix="ddft-upload-") as tmp:
         for fname in REQUIRED:
             (Path(tmp) / fname).write_bytes(files[fname])
-        try:
+        try:  # publish() takes the next version atomically and cleans up after itself on failure
             return registry.publish(store, Path(tmp), owner=owner, name=name, modality=modality, source="uploaded",
                                     base=BaseInfo(spec.id, spec.fingerprint, ""))
-        except BaseException as err:
-            with contextlib.suppress(Exception):  # best effort: don't hide the real error
-                if not store.exists(f"{prefix}/v{version}/manifest.json"):
-                    store.delete(f"{prefix}/v{version}")
-            if isinstance(err, AdapterError):
-                raise UploadError(422, "invalid_adapter", str(err)) from None
-            raise
+        except AdapterError as err:
+            raise UploadError(422, "invalid_adapter", str(err)) from None
