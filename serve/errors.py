@@ -19,7 +19,6 @@ log = logging.getLogger("ddft.serve")
 # An engine's exception -> (status, code); the first match wins (AdapterError is a ValueError).
 ENGINE_ERRORS = (
     (AdapterError, 409, "adapter_unusable"),
-    (StoreError, 502, "store_error"),
     (EngineUnavailable, 503, "engine_unavailable"),
     (ValueError, 400, "bad_request"),
 )
@@ -35,6 +34,13 @@ class ApiError(Exception):
         super().__init__(f"{status} {error}: {detail}")
 
 
+def store_unreadable(err: StoreError) -> ApiError:
+    """A store failure as a client sees it: the details (URIs, endpoints, buckets) go to the log only."""
+    log.error("store error: %s", err)
+    return ApiError(502, "store_error", "the server could not use its store; try again, or ask the operator "
+                    "(the server's log has the details)")
+
+
 def from_engine(err: BaseException) -> ApiError:
     """The HTTP error for what a model replica raised. Ray re-raises a replica's exception as a
     RayTaskError that is also an instance of the original type; its `cause` is the original,
@@ -42,6 +48,8 @@ def from_engine(err: BaseException) -> ApiError:
     if isinstance(err, ApiError):
         return err
     cause = getattr(err, "cause", None) or err
+    if isinstance(cause, StoreError):
+        return store_unreadable(cause)
     for kind, status, code in ENGINE_ERRORS:
         if isinstance(cause, kind):
             return ApiError(status, code, str(cause), {"Retry-After": "30"} if status == 503 else None)

@@ -100,7 +100,9 @@ class Gateway:
                 manifest = await asyncio.to_thread(self._lookup, modality, tenant, explicit)
             except AdapterError as err:
                 raise ApiError(404, "unknown_adapter", str(err)) from None
-            except (StoreError, ValueError) as err:
+            except StoreError as err:
+                raise errors.store_unreadable(err) from None
+            except ValueError as err:
                 raise ApiError(400, "bad_adapter", str(err)) from None
             if manifest is not None and manifest.base_fingerprint != self.spec.fingerprint:
                 raise ApiError(409, "adapter_other_base", f"adapter {manifest.ref} was made for base "
@@ -127,7 +129,7 @@ class Gateway:
 
     @staticmethod
     def _owners(tenant: str | None) -> set[str]:
-        return {registry.PLATFORM_OWNER} | ({f"tenant-{tenant}"} if tenant else set())
+        return {registry.PLATFORM_OWNER} | ({registry.tenant_owner(tenant)} if tenant else set())
 
     # -- generation on the model replicas ------------------------------------------------------------
     def _handle(self, request: GenerateRequest, **options) -> DeploymentHandle:
@@ -261,7 +263,7 @@ class Gateway:
     async def _media_from(self, kind: str, data: bytes | None, uri) -> tuple:
         """Decoded pixels and the decode seconds, from bytes or a store key/URI."""
         if data is None:
-            data = await inputs.read_store(self.store, uri, self._media_limit)
+            data = await inputs.read_store(self.store, uri, self._media_limit, self.s.media_prefixes)
         inputs.check_size(data, self._media_limit, kind)
         t = time.perf_counter()
         pixels = await self.decode(kind, data)
@@ -399,7 +401,7 @@ class Gateway:
         try:
             manifests = await asyncio.to_thread(registry.list_adapters, self.store)
         except StoreError as err:
-            raise ApiError(502, "store_error", str(err)) from None
+            raise errors.store_unreadable(err) from None
         data = [{"id": self.base_id, "object": "model", "owned_by": registry.PLATFORM_OWNER, "root": self.base_id}]
         for m in manifests:
             if m.owner in owners and m.base_fingerprint == self.spec.fingerprint:
@@ -460,7 +462,7 @@ class Gateway:
     @api.get("/v1/adapters")
     async def list_adapters(self, request: Request):
         tenant = await self.auth.tenant(request, required=True)
-        mine = await asyncio.to_thread(registry.list_adapters, self.store, f"tenant-{tenant}")
+        mine = await asyncio.to_thread(registry.list_adapters, self.store, registry.tenant_owner(tenant))
         return {"adapters": [self._adapter_view(m) for m in mine]}
 
     @api.get("/v1/adapters/{name:path}")
@@ -469,12 +471,12 @@ class Gateway:
         tenant = await self.auth.tenant(request, required=True)
         name, version = self._name_version(name)
         manifest = await asyncio.to_thread(self._own_manifest, tenant, name, version)
-        versions = await asyncio.to_thread(registry.versions, self.store, f"tenant-{tenant}", name)
+        versions = await asyncio.to_thread(registry.versions, self.store, registry.tenant_owner(tenant), name)
         return {**self._adapter_view(manifest), "versions": versions, "metrics": manifest.metrics}
 
     def _own_manifest(self, tenant: str, name: str, version: int | None) -> Manifest:
         try:
-            manifest = registry.read_manifest(self.store, f"tenant-{tenant}", name, version)
+            manifest = registry.read_manifest(self.store, registry.tenant_owner(tenant), name, version)
         except AdapterError:
             manifest = None
         if manifest is None:  # the same answer whether it is someone else's or nobody's
@@ -488,9 +490,9 @@ class Gateway:
         tenant = await self.auth.tenant(request, required=True)
         name, version = self._name_version(name)
         await asyncio.to_thread(self._own_manifest, tenant, name, version)
-        deleted = await asyncio.to_thread(registry.delete, self.store, f"tenant-{tenant}", name, version)
+        deleted = await asyncio.to_thread(registry.delete, self.store, registry.tenant_owner(tenant), name, version)
         self._resolved.clear()
-        return {"deleted": [f"tenant-{tenant}/{name}/v{v}" for v in deleted]}
+        return {"deleted": [f"{registry.tenant_owner(tenant)}/{name}/v{v}" for v in deleted]}
 
     # -- tenants (admin key) -------------------------------------------------------------------------
     @api.post("/v1/tenants", openapi_extra=openapi_docs.TENANT)

@@ -8,7 +8,7 @@ import binascii
 from fastapi import Request
 
 from ddft.store import Store, StoreError
-from serve.errors import ApiError
+from serve.errors import ApiError, store_unreadable
 
 MB = 2**20
 
@@ -51,36 +51,54 @@ async def json_body(request: Request) -> dict:
     return body
 
 
-def store_key(store: Store, uri) -> str:
-    """A store key from a key or a URI inside the server's store; anything else is refused."""
+def _has_control(text: str) -> bool:
+    return any(ord(c) < 32 or ord(c) == 127 for c in text)
+
+
+def store_key(store: Store, uri, prefixes: list[str]) -> str:
+    """The store key a request's media URI names: a key (or a URI inside the server's store) under
+    one of `prefixes`. A key outside them answers exactly as a missing one does, so a request can
+    never learn what else the store holds; no error names the store's location."""
     if not isinstance(uri, str) or not uri.strip():
-        raise ApiError(400, "bad_uri", f"give the media as a store key (datasets/raw/...) or a URI inside the store "
-                       f"{store.uri}")
-    uri = uri.strip()
-    if "://" in uri:
+        raise ApiError(400, "bad_uri", f"give the media as a store key under {prefixes} "
+                       "(e.g. datasets/raw/clips/one.mp4), or upload the file")
+    if _has_control(uri):
+        raise ApiError(400, "bad_uri", "the media URI holds control characters (a NUL byte, a newline...): "
+                       "send the key as plain text")
+    key = uri.strip()
+    if "://" in key:
         root = store.uri.rstrip("/") + "/"
-        if not uri.startswith(root):
-            raise ApiError(400, "uri_outside_store", f"{uri[:200]} is outside this server's store {store.uri}: "
-                           "upload the file instead, or copy it into the store and send its key")
-        uri = uri[len(root):]
+        if not key.startswith(root):
+            raise ApiError(400, "uri_outside_store", f"{key[:200]!r} is not in this server's store: give a store "
+                           f"key under {prefixes}, or upload the file")
+        key = key[len(root):]
     try:
-        store.url(uri)  # validates the key
-    except StoreError as err:
-        raise ApiError(400, "bad_uri", str(err)) from None
-    return uri
+        store.url(key)  # validates the key
+    except StoreError:
+        raise ApiError(400, "bad_uri", f"{uri[:200]!r} is not a store key: give a relative key under {prefixes} "
+                       "without '..'") from None
+    if not any(key.startswith(p) for p in prefixes):
+        raise _no_media(key, prefixes)
+    return key
 
 
-async def read_store(store: Store, uri, limit: int) -> bytes:
-    key = store_key(store, uri)
-    local = store.local_path(key)
-    if local is not None and local.is_file() and local.stat().st_size > limit:
-        raise ApiError(413, "too_large", f"{store.url(key)} is over {limit / MB:.0f} MB")
+def _no_media(key: str, prefixes: list[str]) -> ApiError:
+    return ApiError(404, "not_found", f"no media at {key[:200]!r}: media URIs name files under {prefixes}; "
+                    "check the key, or upload the file")
+
+
+async def read_store(store: Store, uri, limit: int, prefixes: list[str]) -> bytes:
+    """The media's bytes: its size is checked first (a HEAD on S3), so nothing over `limit` is fetched."""
+    key = store_key(store, uri, prefixes)
     try:
+        size = await asyncio.to_thread(store.size, key)
+        if size is None:
+            raise _no_media(key, prefixes)
+        if size > limit:
+            raise ApiError(413, "too_large", f"{key[:200]!r} is {size / MB:.1f} MB; the limit is {limit / MB:.0f} MB")
         data = await asyncio.to_thread(store.read_bytes, key)
     except StoreError as err:
-        if "not found" in str(err):
-            raise ApiError(404, "not_found", str(err)) from None
-        raise ApiError(502, "store_error", str(err)) from None
+        raise store_unreadable(err) from None
     return check_size(data, limit, "file")
 
 

@@ -37,32 +37,33 @@ RECIPES = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["video"], "properties": {
         "video": {"type": "string", "format": "binary"}, "adapter": {"type": "string"},
         "max_new_tokens": {"type": "integer"}}}},
-    **_json({"video_uri": {"type": "string", "description": "a store key or a URI inside the store"}, **GEN},
+    **_json({"video_uri": {"type": "string", "description": "a store key (or a URI inside the server's "
+                                                     "store) under serve.media_prefixes, e.g. datasets/raw/clip.mp4"}, **GEN},
             ["video_uri"])}},
     "parameters": [{"name": "stream", "in": "query", "schema": {"type": "boolean", "default": False},
                     "description": "answer as server-sent events: `delta` events {text} as the recipe is written, "
                                    "then one `recipe` event (the JSON answer), or an `error` event"}],
     "responses": {**_sse("event: delta / data: {\"text\"}; event: recipe / data: <the JSON answer>"),
-                  **_errors(400, 401, 404, 413, 415, 422, 503)}}
+                  **_errors(400, 401, 404, 413, 415, 422, 502, 503)}}
 
 GENERATE = {"requestBody": {"required": True, "content": _json(
     {"modality": {"type": "string", "enum": ["text", "image"]}, "question": {"type": "string"},
-     "image_b64": {"type": "string", "format": "byte"}, "image_uri": {"type": "string"}, **GEN}, ["modality"])},
-    "responses": _errors(400, 401, 404, 413, 422, 503)}
+     "image_b64": {"type": "string", "format": "byte"}, "image_uri": {"type": "string", "description": "a store key under serve.media_prefixes"}, **GEN}, ["modality"])},
+    "responses": _errors(400, 401, 404, 413, 422, 502, 503)}
 
 CHAT = {"requestBody": {"required": True, "content": _json(
     {"model": {"type": "string", "description": "the base id or <base>:<adapter> (GET /v1/models)"},
      "messages": {"type": "array", "items": {"type": "object", "properties": {
          "role": {"type": "string", "enum": ["system", "user", "assistant"]},
          "content": {"description": "a string, or parts: text, image_url {url}, video_url {url}; urls are "
-                                    "data: URLs or store keys"}}}},
+                                    "data: URLs or store keys under serve.media_prefixes"}}}},
      "max_tokens": {"type": "integer"}, "temperature": {"type": "number"}, "stop": {"type": "array"},
      "seed": {"type": "integer"},
      "stream": {"type": "boolean", "description": "answer as chat.completion.chunk server-sent events"},
      "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}}},
     ["model", "messages"])},
     "responses": {**_sse("data: <chat.completion.chunk>, as OpenAI streams them"),
-                  **_errors(400, 401, 404, 413, 422, 503, shape=OPENAI_ERROR)}}
+                  **_errors(400, 401, 404, 413, 422, 502, 503, shape=OPENAI_ERROR)}}
 
 UPLOAD = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["files", "modality"], "properties": {

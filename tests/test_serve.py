@@ -277,6 +277,13 @@ def test_bad_media_and_requests_are_json_errors_and_the_server_survives(app_url)
          404, "not_found"),
         (requests.post(f"{url}/v1/recipes", json={"video_uri": "file:///etc/passwd"}, timeout=60),
          400, "uri_outside_store"),
+        (requests.post(f"{url}/v1/recipes", json={"video_uri": "datasets/raw/clips/one.mp4\0"}, timeout=60),
+         400, "bad_uri"),  # a NUL byte used to be a 500
+        (requests.post(f"{url}/v1/generate", json={"modality": "image", "image_uri": "datasets/\x00a.png"},
+                       timeout=60), 400, "bad_uri"),
+        (requests.post(f"{url}/v1/recipes", json={"video_uri": "adapters/tenant-acme/text/v1/adapter_config.json"},
+                       timeout=60), 404, "not_found"),  # another tenant's adapter is not media, nor learnable
+        (requests.post(f"{url}/v1/recipes", json={"video_uri": "tenants.json"}, timeout=60), 404, "not_found"),
         (requests.post(f"{url}/v1/generate", json={"modality": "text", "question": "Hi?", "adapter": "nope"},
                        timeout=60), 404, "unknown_adapter"),
         (requests.post(f"{url}/v1/generate", data=b"{not json", headers={"Content-Type": "application/json"},
@@ -290,6 +297,12 @@ def test_bad_media_and_requests_are_json_errors_and_the_server_survives(app_url)
     for resp, status, error in checks:
         assert resp.status_code == status, resp.text
         assert resp.json()["detail"] and (error is None or resp.json()["error"] == error), resp.text
+    for resp, _, _ in checks:
+        assert "/store" not in resp.text and "file://" not in resp.text, resp.text  # no store location
+    chat = requests.post(f"{url}/v1/chat/completions", timeout=60, json={"model": "tiny", "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                     {"type": "image_url", "image_url": {"url": "datasets/raw/x\0.png"}}]}]})
+    assert chat.status_code == 400 and chat.json()["error"]["code"] == "bad_uri", chat.text
     models = requests.get(f"{url}/v1/models", headers={"Authorization": "Basic xyz"}, timeout=60)
     assert models.status_code == 401 and models.json()["error"]["code"] == "bad_authorization"  # OpenAI's shape
     with pytest.raises(client.ClientError, match="bad_modality"):

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Modality = Literal["image", "video", "text"]
 MODALITIES: tuple[str, ...] = ("image", "video", "text")
@@ -180,8 +180,25 @@ class ServeSettings(Strict):
     max_lora_rank: int = Field(64, ge=1, description="tenant uploads with a higher rank are refused")
     max_adapter_mb: float = Field(256.0, gt=0, description="size limit of a tenant adapter upload")
     max_media_mb: float = Field(200.0, gt=0, description="size limit of a video or image, uploaded or by URI")
+    media_prefixes: list[str] = Field(["datasets/raw/"], min_length=1,
+                                      description="store folders that requests may name media in (video_uri, "
+                                      "image_uri, chat image_url); adapters/, models/, runs/ and tenants.json never")
     admin_key_env: str = Field("DDFT_ADMIN_KEY", description="environment variable holding the admin key "
                                "(manages tenants); unset: tenant management is off")
+
+    @field_validator("media_prefixes")
+    @classmethod
+    def _public_prefixes(cls, prefixes: list[str]) -> list[str]:
+        from ddft.store import PRIVATE_KEYS
+
+        for p in prefixes:
+            if not p.endswith("/") or p.startswith("/") or "://" in p or ".." in p.split("/"):
+                raise ValueError(f"media prefix {p!r}: give a folder key relative to the store, ending in '/' "
+                                 "(e.g. datasets/raw/)")
+            if any(p.startswith(k) or k.startswith(p) for k in PRIVATE_KEYS):
+                raise ValueError(f"media prefix {p!r} overlaps the store's private keys {list(PRIVATE_KEYS)}: "
+                                 "requests never read those as media")
+        return prefixes
 
     @model_validator(mode="after")
     def _vllm_rank(self):

@@ -12,8 +12,13 @@ import shutil
 import tempfile
 import urllib.parse
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Callable
 
+# What only the platform reads (DESIGN.md's store layout): adapters (tenants' included), bases,
+# training runs and the tenants' hashed keys. Nothing a request names is ever read from here.
+PRIVATE_KEYS = ("adapters/", "models/", "runs/", "tenants.json")
+# S3's answers to a conditional write that another writer won: 412, or 409 while one is in flight
+_LOST_RACE = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
 NOT_FOUND_HINT = "check the URI, or create it first (e.g. run `make demo`)"
 
 
@@ -35,9 +40,10 @@ def _join(*parts: str) -> str:
     return "/".join(p for p in parts if p)
 
 
-def _in_flight(name: str) -> bool:
-    """A temp file of _Local's atomic writes (".<name>.<random>.tmp"): not an object yet."""
-    return name.startswith(".") and name.endswith(".tmp")
+def _bookkeeping(name: str) -> bool:
+    """_Local's own files, never objects: temp files of atomic writes (".<name>.<random>.tmp") and
+    the lock files of updates (".<name>.lock")."""
+    return name.startswith(".") and name.endswith((".tmp", ".lock"))
 
 
 def _gone_is_fine(func, path, exc_info) -> None:
@@ -109,6 +115,26 @@ class _Local:
         finally:
             pathlib.Path(tmp).unlink(missing_ok=True)
 
+    def update(self, key: str, change) -> bytes:
+        """Read-change-write under an exclusive flock of a lock file beside the object: writers in
+        any process on this file system take turns; readers see the old or the new object whole."""
+        import fcntl
+
+        dst = self.path(key)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with open(dst.parent / f".{dst.name}.lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                new = change(dst.read_bytes() if dst.is_file() else None)
+                self.put(key, new)
+                return new
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def size(self, key: str) -> int | None:
+        p = self.path(key)
+        return p.stat().st_size if p.is_file() else None
+
     def put_file(self, src: pathlib.Path, key: str) -> None:
         def fill(f):
             with open(src, "rb") as s:
@@ -125,7 +151,7 @@ class _Local:
             return [prefix]
         # os.walk skips folders that vanish mid-walk (a concurrent delete), where rglob raises
         return [(pathlib.Path(d) / f).relative_to(self.root).as_posix()
-                for d, _, files in os.walk(p) for f in files if not _in_flight(f)]
+                for d, _, files in os.walk(p) for f in files if not _bookkeeping(f)]
 
     def entries(self, prefix: str) -> list[tuple[str, int, str]]:
         out = []
@@ -146,6 +172,7 @@ class _Local:
             shutil.rmtree(p, onerror=_gone_is_fine)
         elif p.exists() or p.is_symlink():
             p.unlink(missing_ok=True)
+            (p.parent / f".{p.name}.lock").unlink(missing_ok=True)
         for parent in p.parents:  # no empty folders left behind (S3 has none to leave)
             if parent == self.root or self.root not in parent.parents:
                 break
@@ -234,9 +261,39 @@ class _S3:
             self.client.put_object(Bucket=self.bucket, Key=self.full(key), Body=data, IfNoneMatch="*")
             return True
         except ClientError as e:
-            if str(e.response.get("Error", {}).get("Code")) in ("PreconditionFailed", "412",
-                                                                 "ConditionalRequestConflict", "409"):
+            if str(e.response.get("Error", {}).get("Code")) in _LOST_RACE:
                 return False
+            raise
+
+    def update(self, key: str, change) -> bytes:
+        """Optimistic read-change-write: the write is conditional on the ETag that was read (or on
+        there being no object), and a lost race reads again and retries."""
+        from botocore.exceptions import ClientError
+
+        for _ in range(50):
+            try:
+                got = self.client.get_object(Bucket=self.bucket, Key=self.full(key))
+                old, condition = got["Body"].read(), {"IfMatch": got["ETag"]}
+            except ClientError as e:
+                if str(e.response.get("Error", {}).get("Code")) not in ("NoSuchKey", "404", "NotFound"):
+                    raise
+                old, condition = None, {"IfNoneMatch": "*"}
+            new = change(old)
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=self.full(key), Body=new, **condition)
+                return new
+            except ClientError as e:
+                if str(e.response.get("Error", {}).get("Code")) not in _LOST_RACE:
+                    raise
+        raise StoreError(f"{self.full(key)}: 50 concurrent writers in a row won over this one; try again")
+
+    def size(self, key: str) -> int | None:
+        from botocore.exceptions import ClientError
+        try:
+            return int(self.client.head_object(Bucket=self.bucket, Key=self.full(key))["ContentLength"])
+        except ClientError as e:
+            if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                return None
             raise
 
     def put_file(self, src: pathlib.Path, key: str) -> None:
@@ -332,6 +389,12 @@ class Store:
         with self._b.errors(self.url(k)):
             return self._b.get(k)
 
+    def size(self, key: str) -> int | None:
+        """The object's size in bytes (a HEAD on S3: nothing fetched), None when there is none."""
+        k = _clean_key(key)
+        with self._b.errors(self.url(k)):
+            return self._b.size(k) if k else None
+
     def write_bytes(self, key: str, data: bytes) -> None:
         k = _clean_key(key)
         if not k:
@@ -350,6 +413,22 @@ class Store:
 
     def create_json(self, key: str, obj: Any) -> bool:
         return self.create_bytes(key, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+    def update_json(self, key: str, change: Callable[[Any], Any]) -> Any:
+        """Apply `change` (None when there is no object -> the new value) to the JSON at `key` as
+        one atomic step against every other writer, in any process: none of them loses an update.
+        `change` may run more than once (a lost race re-reads); an exception in it writes nothing."""
+        k = _clean_key(key)
+
+        def on_bytes(old: bytes | None) -> bytes:
+            try:
+                value = None if old is None else json.loads(old)
+            except json.JSONDecodeError as e:
+                raise StoreError(f"{self.url(k)} is not valid JSON: {e}") from None
+            return (json.dumps(change(value), indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+        with self._b.errors(self.url(k)):
+            return json.loads(self._b.update(k, on_bytes))
 
     def read_text(self, key: str) -> str:
         return self.read_bytes(key).decode("utf-8")
