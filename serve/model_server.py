@@ -8,16 +8,19 @@ the engine's typed exceptions, raised as they are; the gateway maps them to HTTP
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from ray import serve
 
+from ddft.adapters import registry
 from ddft.adapters.registry import AdapterError, Manifest
 from ddft.engines.base import Chunk, EngineUnavailable, GenerateRequest, GenerateResult, make_engine
 from ddft.store import Store, StoreError
 
 log = logging.getLogger("ddft.serve")
+SWEEP_EVERY_S = 10.0  # how often a replica looks for resident adapters that were deleted
 
 
 @dataclass
@@ -32,8 +35,11 @@ class ModelServer:
         """`options`: the engine's own keywords (engines.base.serve_options of the serve config); hf forms
         a batch when it is free, vllm adds requests to the running batch at every step."""
         self.engine = make_engine(engine, store=store, base_model_id=base_id, device=device, **options)
+        self.store = store
         self._manifests: dict[str, Manifest] = {}
         self._ongoing = 0
+        self._sweep: asyncio.Task | None = None
+        self._swept_at = float("-inf")
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside Serve (unit tests)
@@ -76,6 +82,34 @@ class ModelServer:
         """Drop a deleted adapter from this replica's memory."""
         self._manifests.pop(ref, None)
         return self.engine.evict_adapter(ref)
+
+    async def check_health(self) -> None:
+        """Serve calls this on every replica every few seconds (idle ones too): the moment to drop
+        adapters deleted from the store since they were loaded. The sweep runs in the background,
+        so a slow store never fails a health check."""
+        if (self._sweep is None or self._sweep.done()) and time.monotonic() - self._swept_at >= SWEEP_EVERY_S:
+            self._swept_at = time.monotonic()
+            self._sweep = asyncio.create_task(asyncio.to_thread(self.drop_deleted))
+
+    def drop_deleted(self) -> list[str]:
+        """Evict every resident adapter whose version is gone from the store (or was republished with
+        other weights); returns their refs."""
+        resident, dropped = set(self.engine.loaded_adapters()), []
+        for ref, m in list(self._manifests.items()):
+            if ref not in resident:
+                self._manifests.pop(ref, None)
+                continue
+            try:
+                now = registry.read_manifest(self.store, m.owner, m.name, m.version)
+            except (StoreError, AdapterError) as err:  # the store is unreachable: keep it, try next time
+                log.warning("adapter sweep: %s", err)
+                continue
+            if now is None or now.weights_sha256 != m.weights_sha256:
+                self.evict(ref)
+                dropped.append(ref)
+        if dropped:
+            log.info("dropped deleted adapters %s", dropped)
+        return dropped
 
     def info(self) -> dict:
         return {"base": self.engine.base_id, "replica": self.replica, "loaded_adapters": self.engine.loaded_adapters(),

@@ -204,3 +204,23 @@ def test_delete_leaves_no_empty_folders_on_file_stores(tmp_path):
     store.write_bytes("a/keep.txt", b"y")
     store.delete("a/b/c")
     assert not (tmp_path / "store" / "a" / "b").exists() and (tmp_path / "store" / "a" / "keep.txt").exists()
+
+
+def test_update_json_never_loses_a_concurrent_update(store):
+    """16 writers incrementing one counter at once, each a read-change-write: the count is 16."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def bump(_):
+        return store.update_json("state/counter.json", lambda doc: {"n": (doc or {"n": 0})["n"] + 1})
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(bump, range(16)))
+    assert store.read_json("state/counter.json") == {"n": 16}
+    assert store.list("state") == ["state/counter.json"]  # no lock or temp files among the objects
+
+    def refuse(doc):
+        raise ValueError("no")
+
+    with pytest.raises(ValueError):
+        store.update_json("state/counter.json", refuse)
+    assert store.read_json("state/counter.json") == {"n": 16}

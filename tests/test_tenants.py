@@ -7,9 +7,11 @@ from ddft.store import Store
 from ddft.tenants import TENANTS_KEY, TenantError, Tenants, check_admin
 
 
-@pytest.fixture
-def store(tmp_path):
-    return Store(str(tmp_path / "store"))
+@pytest.fixture(params=["file", pytest.param("s3", marks=pytest.mark.integration)])
+def store(request, tmp_path):
+    if request.param == "file":
+        return Store(str(tmp_path / "store"))
+    return request.getfixturevalue("s3_store")
 
 
 def test_add_authenticate_rotate_remove(store):
@@ -66,3 +68,32 @@ def test_check_admin():
     assert not check_admin("s3cret-admin ", "s3cret-admin")
     assert not check_admin("", "s3cret-admin") and not check_admin(None, "s3cret-admin")
     assert not check_admin("", "") and not check_admin("anything", None)  # no admin key: no admin
+
+
+def test_two_admins_at_once_never_lose_a_change(store):
+    """16 adds through two instances (two replicas' gateways) at once: every tenant is there."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    a, b = Tenants(store), Tenants(store)
+    names = [f"t{i}" for i in range(16)]
+    with ThreadPoolExecutor(8) as pool:
+        keys = dict(zip(names, pool.map(lambda i: (a, b)[i % 2].add(names[i]), range(16))))
+    assert Tenants(store).names() == sorted(names)
+    assert all(Tenants(store).authenticate(k) == n for n, k in keys.items())
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(lambda i: (a, b)[i % 2].remove(names[i]), range(0, 16, 2)))
+    assert Tenants(store).names() == sorted(names[1::2])
+
+
+def test_removing_a_tenant_removes_its_adapters_and_a_new_one_inherits_nothing(store):
+    tenants = Tenants(store)
+    tenants.add("acme")
+    tenants.add("bistro")
+    for owner in ("tenant-acme", "tenant-bistro"):
+        store.write_json(f"adapters/{owner}/mine/v1/manifest.json", {})
+        store.write_bytes(f"adapters/{owner}/mine/v1/adapter_model.safetensors", b"w")
+    assert tenants.remove("acme")
+    assert store.list("adapters/tenant-acme") == [] and store.list("adapters/tenant-bistro")
+    store.write_bytes("adapters/tenant-acme/left/v1/manifest.json", b"{}")  # an interrupted removal's leftover
+    tenants.add("acme")
+    assert store.list("adapters/tenant-acme") == []

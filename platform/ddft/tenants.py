@@ -8,10 +8,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import threading
 import time
 from datetime import datetime, timezone
 
+from ddft.adapters import registry
 from ddft.adapters.registry import _NAME
 from ddft.store import Store
 
@@ -45,14 +45,12 @@ def check_admin(key: str | None, admin_key: str | None) -> bool:
 class Tenants:
     """tenants.json: {"tenants": {name: {"key_sha256": hex, "created_at": iso}}}.
 
-    Writes are whole-file read-modify-write under a lock, which is enough inside one process; two
-    processes (e.g. two serve replicas) writing at once can lose one write -- admin calls are rare,
-    so we accept that rather than add a locking protocol to the store.
+    Every change is one Store.update_json: atomic against every other writer (two admins, two
+    replicas, two processes), so none loses another's add, rotate or remove.
     """
 
     def __init__(self, store: Store, cache_ttl_s: float = 2.0):
         self.store, self.cache_ttl_s = store, cache_ttl_s
-        self._lock = threading.Lock()
         self._cached: dict | None = None
         self._read_at = float("-inf")
 
@@ -62,43 +60,63 @@ class Tenants:
         self._cached, self._read_at = data, time.monotonic()
         return data
 
-    def _save(self, data: dict) -> None:
-        self.store.write_json(TENANTS_KEY, data)
-        self._cached, self._read_at = data, time.monotonic()
+    def _update(self, change) -> dict:
+        """Apply change(tenants dict) atomically; the new document (cached here at once)."""
+        def on_doc(doc: dict | None) -> dict:
+            doc = doc or {}
+            change(doc.setdefault("tenants", {}))
+            return doc
 
-    def _new_key(self, data: dict, name: str, created_at: str) -> str:
+        data = self.store.update_json(TENANTS_KEY, on_doc)
+        self._cached, self._read_at = data, time.monotonic()
+        return data
+
+    @staticmethod
+    def _new_key(tenants: dict, name: str, created_at: str) -> str:
         key = KEY_PREFIX + secrets.token_urlsafe(32)
-        data["tenants"][name] = {"key_sha256": _digest(key).hex(), "created_at": created_at}
-        self._save(data)
+        tenants[name] = {"key_sha256": _digest(key).hex(), "created_at": created_at}
         return key
 
     def add(self, name: str) -> str:
         """Create a tenant; returns its key (the only time it is shown)."""
         # the owner "tenant-<name>" must itself be a valid registry name
-        if not isinstance(name, str) or not _NAME.match(name) or not _NAME.match(f"tenant-{name}"):
+        if not isinstance(name, str) or not _NAME.match(name) or not _NAME.match(registry.tenant_owner(name)):
             raise TenantError(400, f"tenant name {name!r} is not allowed: use 1-57 lowercase letters, digits, "
                                    "'.', '_' or '-', starting with a letter or digit")
-        with self._lock:
-            data = self._load()
-            if name in data["tenants"]:
+        keys = []
+
+        def change(tenants: dict) -> None:
+            if name in tenants:
                 raise TenantError(409, f"tenant {name!r} already exists: rotate its key or remove it first")
-            return self._new_key(data, name, _now())
+            # what an interrupted removal left is no new tenant's (no key can write there meanwhile)
+            registry.delete_owner(self.store, registry.tenant_owner(name))
+            keys[:] = [self._new_key(tenants, name, _now())]
+
+        self._update(change)
+        return keys[0]
 
     def rotate(self, name: str) -> str:
         """A new key for the tenant; the old one stops working at once (after the cache TTL elsewhere)."""
-        with self._lock:
-            data = self._load()
-            if name not in data["tenants"]:
+        keys = []
+
+        def change(tenants: dict) -> None:
+            if name not in tenants:
                 raise TenantError(404, f"no tenant {name!r}: add it first")
-            return self._new_key(data, name, data["tenants"][name].get("created_at", _now()))
+            keys[:] = [self._new_key(tenants, name, tenants[name].get("created_at", _now()))]
+
+        self._update(change)
+        return keys[0]
 
     def remove(self, name: str) -> bool:
-        with self._lock:
-            data = self._load()
-            if data["tenants"].pop(name, None) is None:
-                return False
-            self._save(data)
-            return True
+        """Remove the tenant and every adapter it uploaded; False if there was no such tenant."""
+        removed = []
+
+        def change(tenants: dict) -> None:
+            removed[:] = [tenants.pop(name, None) is not None]
+
+        self._update(change)  # first: its key stops working, so nothing new lands under its adapters
+        registry.delete_owner(self.store, registry.tenant_owner(name))
+        return removed[0]
 
     def names(self) -> list[str]:
         return sorted(self._load()["tenants"])

@@ -21,6 +21,7 @@ from ddft.models.load import BaseInfo
 from ddft.store import Store
 
 PLATFORM_OWNER = "ddft"
+TENANT_OWNER_PREFIX = "tenant-"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
 
@@ -52,6 +53,11 @@ class Manifest:
     @property
     def ref(self) -> str:  # how responses and /v1/models name it
         return f"{self.owner}/{self.name}/v{self.version}"
+
+
+def tenant_owner(tenant: str) -> str:
+    """The registry owner of a tenant's adapters (adapters/tenant-<tenant>/...)."""
+    return TENANT_OWNER_PREFIX + tenant
 
 
 def adapter_prefix(owner: str, name: str) -> str:
@@ -191,6 +197,18 @@ def delete(store: Store, owner: str, name: str, version: int | None = None) -> l
     return doomed
 
 
+def delete_owner(store: Store, owner: str) -> list[str]:
+    """Remove every adapter of an owner (a removed tenant's); returns the refs deleted. Manifests
+    go first, so each version stops existing at once."""
+    prefix = adapter_prefix(owner, "x").rsplit("/", 1)[0]
+    keys = store.list(prefix)
+    manifests = sorted(k for k in keys if k.endswith("/manifest.json"))
+    for key in manifests:
+        store.delete(key)
+    store.delete(prefix)
+    return [k[len("adapters/"):-len("/manifest.json")] for k in manifests]
+
+
 def download(store: Store, manifest: Manifest, local_dir: Path) -> Path:
     """Fetch an adapter's files and check them against the manifest's hash."""
     local_dir = Path(local_dir)
@@ -208,7 +226,7 @@ def resolve(store: Store, modality: str, tenant: str | None = None, explicit: st
     explicit (owned by the tenant or the platform) -> the tenant's adapter for the modality ->
     the platform's DDFT adapter for the modality -> the base.
     """
-    owners = ([f"tenant-{tenant}"] if tenant else []) + [PLATFORM_OWNER]
+    owners = ([tenant_owner(tenant)] if tenant else []) + [PLATFORM_OWNER]
     if explicit:
         name, _, ver = explicit.partition("/v") if "/v" in explicit else (explicit, "", "")
         for owner in owners:

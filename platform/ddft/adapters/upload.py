@@ -411,7 +411,7 @@ def _safe_open(data: bytes, keys: set[str]) -> None:
 def publish_upload(store: Store, files: dict[str, bytes], *, tenant: str, name: str, modality: str,
                    spec: BaseSpec, max_rank: int, max_bytes: int) -> Manifest:
     """Validate, then publish as the next version of adapters/tenant-<tenant>/<name>/."""
-    owner = f"tenant-{tenant}"
+    owner = registry.tenant_owner(tenant)
     try:
         registry.adapter_prefix(owner, name)  # checks the name
     except AdapterError as err:
