@@ -54,6 +54,15 @@ class Auth:
                            "ask your admin for a key")
         return tenant
 
+    def is_admin(self, request: Request) -> bool:
+        """Whether the caller sent the admin key (no error either way: for routes open to all that
+        show the admin more)."""
+        try:
+            key = self._key(request)
+        except ApiError:
+            return False
+        return key is not None and self._is_admin(key)
+
     async def admin(self, request: Request) -> None:
         key = self._key(request)
         if key is None:

@@ -22,9 +22,10 @@ ENGINE_ERRORS = (
     (EngineUnavailable, 503, "engine_unavailable"),
     (ValueError, 400, "bad_request"),
 )
-OPENAI_ROUTES = ("/v1/chat/completions", "/v1/models")
+OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models")
 
-ROUTES = ("POST /v1/recipes, POST /v1/generate, POST /v1/chat/completions, GET /v1/models, "
+ROUTES = ("POST /v1/recipes, POST /v1/generate, POST /v1/chat/completions, POST /v1/completions, "
+          "GET /v1/models[/{id}], "
           "PUT|GET|DELETE /v1/adapters/{name}, GET /healthz, GET /metrics")
 
 

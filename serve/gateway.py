@@ -37,7 +37,7 @@ from serve.auth import Auth
 from serve.decoder import Decoder
 from serve.errors import ApiError, busy
 from serve import metrics
-from serve.openai import ChunkStream, completion, parse_chat
+from serve.openai import ChunkStream, chat_choices, completion, parse_chat, parse_completion, text_completion
 
 log = logging.getLogger("ddft.serve")
 RESOLVE_TTL_S = 2.0  # other gateways' uploads and deletes show up after this; our own at once
@@ -281,7 +281,7 @@ class Gateway:
         ctype = request.headers.get("content-type", "")
         data = uri = None
         if ctype.startswith("multipart/form-data"):
-            inputs.check_length(request, self._media_limit + MB, "video")
+            await inputs.bounded(request, self._media_limit + MB, "video")
             form = await request.form(max_files=1, max_fields=8)
             upload = form.get("video")
             if upload is None or isinstance(upload, str):
@@ -290,7 +290,7 @@ class Gateway:
             data = inputs.check_size(await upload.read(), self._media_limit, "video")
             body = {k: v for k, v in form.items() if isinstance(v, str)}
         elif ctype.startswith("application/json"):
-            body = await inputs.json_body(request)
+            body = await inputs.json_body(request)  # a URI: no media in the body, so the small cap
             if "video_uri" not in body:
                 raise ApiError(400, "missing_video", "JSON requests give {\"video_uri\": \"<store key or URI>\"}; "
                                "or upload the file as multipart field 'video'")
@@ -329,8 +329,7 @@ class Gateway:
         """{"modality": "text"|"image", "question", "image_b64" | "image_uri"} -> the answer."""
         t0 = time.perf_counter()
         tenant = await self.auth.tenant(request)
-        inputs.check_length(request, self._media_limit + MB)
-        body = await inputs.json_body(request)
+        body = await inputs.json_body(request, self._media_limit * 4 // 3 + MB)  # base64 media inside
         modality = body.get("modality")
         if modality == "video":
             raise ApiError(400, "bad_modality", "videos go to POST /v1/recipes (multipart 'video' or video_uri)")
@@ -368,9 +367,8 @@ class Gateway:
         """OpenAI-compatible; `model` is the base id or "<base>:<adapter>"; text, image_url, video_url;
         "stream": true answers with chat.completion.chunk events (SSE)."""
         tenant = await self.auth.tenant(request)
-        inputs.check_length(request, self._media_limit + MB)
-        body = await inputs.json_body(request)
-        chat = parse_chat(body, self.base_id)
+        body = await inputs.json_body(request, self._media_limit * 4 // 3 + MB)  # data: URLs inside
+        chat = parse_chat(body, self.base_id, self.s.max_n)
         manifest = await self._resolve(request, chat.modality, tenant, chat.adapter)
         tokens_field = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
         gen = self._request(chat.modality, chat.question, None, manifest, body, tokens_field)
@@ -378,25 +376,44 @@ class Gateway:
             gen.pixels, _ = await self._media_from(chat.modality, chat.media, chat.media_uri)
         model = f"{self.base_id}:{manifest.ref}" if manifest else self.base_id
         if not chat.stream:
-            return completion(model, await self._generate(gen))
+            return completion(model, await asyncio.gather(*(self._generate(g) for g in chat_choices(gen, chat.n))))
+        out = ChunkStream(model, chat.include_usage)
+        return await self._openai_stream(request, gen, out, head=[sse.event(out.role())])
+
+    @api.post("/v1/completions", openapi_extra=openapi_docs.COMPLETIONS)
+    async def completions(self, request: Request):
+        """OpenAI-compatible text completions: the prompt is continued as it is (no chat template);
+        `model` is the base id or "<base>:<adapter>" (a text adapter); "stream": true as OpenAI streams."""
+        tenant = await self.auth.tenant(request)
+        body = await inputs.json_body(request, MB)
+        req = parse_completion(body, self.base_id, self.s.max_n)
+        manifest = await self._resolve(request, "text", tenant, req.adapter)
+        gen = self._request("text", req.prompt, None, manifest, body, "max_tokens")
+        gen.raw = True
+        model = f"{self.base_id}:{manifest.ref}" if manifest else self.base_id
+        if not req.stream:
+            return text_completion(model, await asyncio.gather(*(self._generate(g) for g in chat_choices(gen, req.n))))
+        return await self._openai_stream(request, gen, ChunkStream(model, req.include_usage, text=True))
+
+    async def _openai_stream(self, request: Request, gen: GenerateRequest, out: ChunkStream, head: list[str] = ()):
+        """An OpenAI streamed answer: `out`'s chunks as SSE (errors after the first byte as events)."""
         chunks = self._stream(gen)
         first = await anext(chunks)  # a failure before the first byte is still a JSON error
-        out = ChunkStream(model, chat.include_usage)
+        include_usage = out.include_usage
 
         def events(chunk: Chunk) -> list[str]:
             if chunk.result is None:
                 return [sse.event(out.delta(chunk.text))] if chunk.text else []
             return [sse.event(out.delta(chunk.text, chunk.result))] + (
-                [sse.event(out.usage(chunk.result))] if chat.include_usage else [])
+                [sse.event(out.usage(chunk.result))] if include_usage else [])
 
         def error_event(err: ApiError) -> str:  # OpenAI's mid-stream error: data {"error": {...}}
             return sse.event(errors.body(err.status, err.error, err.detail, request.url.path))
 
-        return sse.response(self._sse(first, chunks, events, error_event, head=[sse.event(out.role())]))
+        return sse.response(self._sse(first, chunks, events, error_event, head=head))
 
-    @api.get("/v1/models")
-    async def models(self, request: Request):
-        """OpenAI-style: the base, and `<base>:<adapter ref>` for each adapter the caller may use."""
+    async def _model_objects(self, request: Request) -> list[dict]:
+        """OpenAI model objects: the base, and `<base>:<adapter ref>` for each adapter the caller may use."""
         owners = self._owners(await self.auth.tenant(request))
         try:
             manifests = await asyncio.to_thread(registry.list_adapters, self.store)
@@ -408,7 +425,21 @@ class Gateway:
                 data.append({"id": f"{self.base_id}:{m.ref}", "object": "model", "owned_by": m.owner,
                              "root": self.base_id, "parent": self.base_id, "modality": m.modality,
                              "adapter": m.ref, "created_at": m.created_at})
-        return {"object": "list", "data": data}
+        return data
+
+    @api.get("/v1/models")
+    async def models(self, request: Request):
+        """OpenAI-style: the base, and `<base>:<adapter ref>` for each adapter the caller may use."""
+        return {"object": "list", "data": await self._model_objects(request)}
+
+    @api.get("/v1/models/{model_id:path}")
+    async def get_model(self, model_id: str, request: Request):
+        """One model object; 404 for a model that isn't served or the caller may not use (the same)."""
+        for obj in await self._model_objects(request):
+            if obj["id"] == model_id:
+                return obj
+        raise ApiError(404, "model_not_found", f"model {model_id[:100]!r} is not served here for this caller; "
+                       "GET /v1/models lists them")
 
     # -- tenant adapters -----------------------------------------------------------------------------
     @api.put("/v1/adapters/{name:path}", openapi_extra=openapi_docs.UPLOAD)
@@ -421,7 +452,7 @@ class Gateway:
         modality = request.query_params.get("modality")
         try:
             if ctype == "multipart/form-data":
-                inputs.check_length(request, limit + MB, "adapter upload")
+                await inputs.bounded(request, limit + MB, "adapter upload")
                 form = await request.form(max_files=8, max_fields=8)
                 modality = form.get("modality") if isinstance(form.get("modality"), str) else modality
                 files = {}
@@ -525,13 +556,16 @@ class Gateway:
         return HTMLResponse(WEB_PAGE.read_text(encoding="utf-8"))
 
     @api.get("/healthz")
-    async def healthz(self):
+    async def healthz(self, request: Request):
+        """For probes: the status only. With the admin key, also a replica's details (its loaded
+        adapters, counters), which name tenants' adapters."""
         try:
             info = await asyncio.wait_for(self.model.info.remote(), 10)
         except Exception as err:
-            return errors.error_response(503, "unhealthy", f"no model replica answered: {type(err).__name__}: "
-                                         f"{str(err)[:200]}", {"Retry-After": "5"})
-        return {"status": "ok", **info}
+            log.warning("health: no model replica answered: %s: %s", type(err).__name__, err)
+            return errors.error_response(503, "unhealthy", "no model replica answered; retry shortly",
+                                         {"Retry-After": "5"})
+        return {"status": "ok", **(info if self.auth.is_admin(request) else {})}
 
     @api.get("/metrics")
     async def prometheus(self):

@@ -40,7 +40,18 @@ async def read_body(request: Request, limit: int, what: str) -> bytes:
     return b"".join(chunks)
 
 
-async def json_body(request: Request) -> dict:
+async def bounded(request: Request, limit: int, what: str = "request") -> bytes:
+    """Read the body through the cap (chunked or not, whatever Content-Length says), then leave it
+    where Starlette's request.json() and request.form() read from (its cached `_body`), so no parser
+    ever pulls more than `limit` bytes off the socket."""
+    body = await read_body(request, limit, what)
+    request._body = body
+    return body
+
+
+async def json_body(request: Request, limit: int = 64 * 2**10) -> dict:
+    """The JSON object a request sends, read through a cap (`limit` bytes)."""
+    await bounded(request, limit)
     try:
         body = await request.json()
     except ValueError:

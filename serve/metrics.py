@@ -1,13 +1,18 @@
 """Prometheus metrics of the gateway (GET /metrics).
 
-Requests, latency and tokens are counted here by endpoint, adapter and modality. The engines'
+Requests, latency and tokens are counted here by endpoint, adapter and modality (tenants'
+adapters by an opaque hash: adapter_label). The engines'
 adapter counters (loads, hits, misses, evictions) come back with every answer from a model
 replica; the latest snapshot of each replica is kept and summed, so the totals survive a
 replica being replaced (its last snapshot stays counted).
 """
 
+import hashlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
+
+from ddft.adapters.registry import TENANT_OWNER_PREFIX
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 ENGINE_COUNTERS = {
@@ -16,6 +21,17 @@ ENGINE_COUNTERS = {
     "adapter_misses": "requests whose adapter had to be loaded",
     "adapter_evictions": "adapters evicted from a replica's cache (LRU or deleted)",
 }
+
+
+def adapter_label(ref: str | None) -> str:
+    """How /metrics names an adapter: the platform's by ref; a tenant's by an opaque hash of its ref
+    ("tenant:<12 hex>"), so an anonymous scrape learns no tenant's names. The owner finds theirs
+    by hashing their ref the same way."""
+    if not ref:
+        return "base"
+    if ref.startswith(TENANT_OWNER_PREFIX):
+        return "tenant:" + hashlib.sha256(ref.encode()).hexdigest()[:12]
+    return ref
 
 
 class _EngineCollector:
@@ -45,13 +61,13 @@ class Metrics:
         r.register(self.engines)
 
     def observe(self, endpoint: str, modality: str, adapter: str | None, status: int, seconds: float) -> None:
-        adapter = adapter or "base"
+        adapter = adapter_label(adapter)
         self.requests.labels(endpoint, modality, adapter, str(status)).inc()
         self.latency.labels(endpoint, modality, adapter).observe(seconds)
 
     def count_tokens(self, modality: str, adapter: str | None, prompt: int, completion: int) -> None:
-        self.tokens.labels(modality, adapter or "base", "prompt").inc(prompt)
-        self.tokens.labels(modality, adapter or "base", "completion").inc(completion)
+        self.tokens.labels(modality, adapter_label(adapter), "prompt").inc(prompt)
+        self.tokens.labels(modality, adapter_label(adapter), "completion").inc(completion)
 
     def replica_stats(self, replica: str, stats: dict) -> None:
         self.engines.snapshots[replica] = stats

@@ -15,6 +15,7 @@ from ddft import client
 from ddft.config import ConfigError
 from ddft.models.load import ensure_base
 from ddft.store import Store
+from serve.metrics import adapter_label
 from tests.serve_fixture import ADMIN_KEY, make_mp4, make_png, running_app, write_config
 from tests.test_engine_hf import lora_folder
 
@@ -259,7 +260,7 @@ def test_bad_uploads_and_keys_are_refused_and_leave_nothing(app_url):
 
 @pytest.mark.integration
 def test_bad_media_and_requests_are_json_errors_and_the_server_survives(app_url):
-    url, _, _, _ = app_url
+    url, store, _, _ = app_url
     zero_frames = make_mp4(frames=0)
     checks = [
         (requests.post(f"{url}/v1/recipes", files={"video": ("x.mp4", make_mp4()[:3000])}, timeout=60),
@@ -298,7 +299,7 @@ def test_bad_media_and_requests_are_json_errors_and_the_server_survives(app_url)
         assert resp.status_code == status, resp.text
         assert resp.json()["detail"] and (error is None or resp.json()["error"] == error), resp.text
     for resp, _, _ in checks:
-        assert "/store" not in resp.text and "file://" not in resp.text, resp.text  # no store location
+        assert store.uri not in resp.text and str(store.local_path()) not in resp.text, resp.text  # no store location
     chat = requests.post(f"{url}/v1/chat/completions", timeout=60, json={"model": "tiny", "messages": [
         {"role": "user", "content": [{"type": "text", "text": "What is this?"},
                                      {"type": "image_url", "image_url": {"url": "datasets/raw/x\0.png"}}]}]})
@@ -307,6 +308,40 @@ def test_bad_media_and_requests_are_json_errors_and_the_server_survives(app_url)
     assert models.status_code == 401 and models.json()["error"]["code"] == "bad_authorization"  # OpenAI's shape
     with pytest.raises(client.ClientError, match="bad_modality"):
         client.generate(url, "video", "recipe?")
+    assert client.health(url)["status"] == "ok"
+    assert client.generate(url, "text", "Still there?")["adapter"] == "ddft/text/v1"
+
+
+@pytest.mark.integration
+def test_chunked_bodies_over_the_limit_are_refused_on_every_body_route(app_url):
+    """No Content-Length (chunked): the cap still holds on each route that reads a body (the app's
+    limits: media 1 MB, adapters 2 MB), and the server is fine afterwards."""
+    url, _, keys, _ = app_url
+
+    def chunked(first: bytes = b"", mb: int = 4):
+        yield first
+        for _ in range(mb * 16):
+            yield b"0" * 65536
+
+    boundary = "ddftboundary"
+    multipart = f"multipart/form-data; boundary={boundary}"
+    part = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{{}}\"; filename=\"f\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n")
+    acme = {"Authorization": f"Bearer {keys['acme']}"}
+    cases = [
+        ("POST", "/v1/recipes", multipart, part.format("video").encode(), {}),
+        ("POST", "/v1/recipes", "application/json", b'{"video_uri": "', {}),
+        ("POST", "/v1/generate", "application/json", b'{"modality": "image", "image_b64": "', {}),
+        ("POST", "/v1/chat/completions", "application/json", b'{"model": "tiny", "messages": "', {}),
+        ("PUT", "/v1/adapters/big", multipart, part.format("adapter_model.safetensors").encode(), acme),
+        ("PUT", "/v1/adapters/big?modality=text", "application/x-tar", b"", acme),
+    ]
+    for method, path, ctype, first, headers in cases:
+        resp = requests.request(method, f"{url}{path}", data=chunked(first), timeout=60,
+                                headers={"Content-Type": ctype, **headers})
+        assert resp.status_code == 413, (path, resp.status_code, resp.text[:300])
+        error = resp.json()["error"]
+        assert (error["code"] if isinstance(error, dict) else error) == "too_large", resp.text
     assert client.health(url)["status"] == "ok"
     assert client.generate(url, "text", "Still there?")["adapter"] == "ddft/text/v1"
 
@@ -325,8 +360,10 @@ def test_lru_eviction_and_reload_and_metrics(app_url):
     client.post_recipe(url, make_mp4())
     again = client.generate(url, "text", "Boil an egg?", api_key=keys["beta"], adapter="lru0")
     assert again["answer"] == first["answer"] and again["adapter"] == "tenant-beta/lru0/v1"
-    assert len(client.health(url)["loaded_adapters"]) <= 4
+    assert client.health(url) == {"status": "ok"}  # probes see no tenant's adapters
+    assert len(client.health(url, admin_key=ADMIN_KEY)["loaded_adapters"]) <= 4
     metrics = requests.get(f"{url}/metrics", timeout=60).text
+    assert "tenant-" not in metrics  # nor does a scrape: tenants' adapters are opaque hashes
 
     def value(name: str) -> float:
         return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(name + " ")
@@ -334,9 +371,10 @@ def test_lru_eviction_and_reload_and_metrics(app_url):
 
     assert value("ddft_adapter_evictions_total") >= 1 and value("ddft_adapter_loads_total") >= 6
     assert value("ddft_adapter_misses_total") >= 6 and value("ddft_adapter_hits_total") >= 1
-    assert 'adapter="tenant-beta/lru0/v1"' in metrics and 'modality="text"' in metrics
+    lru0 = adapter_label("tenant-beta/lru0/v1")
+    assert f'adapter="{lru0}"' in metrics and 'modality="text"' in metrics and 'adapter="ddft/text/v1"' in metrics
     assert "ddft_queue_depth" in metrics and "ddft_request_latency_seconds_bucket" in metrics
-    assert value('ddft_tokens_total{adapter="tenant-beta/lru0/v1",kind="completion",modality="text"}') > 0
+    assert value(f'ddft_tokens_total{{adapter="{lru0}",kind="completion",modality="text"}}') > 0
     client.delete_adapter(url, "lru0", api_key=keys["beta"])
 
 
@@ -399,8 +437,10 @@ def test_engine_errors_map_to_http_from_one_table():
         except Exception as err:
             return RayTaskError("stream", "Traceback (most recent call last): ...", err).as_instanceof_cause()
 
+    store_down = errors.from_engine(raised_in_a_replica(StoreError("s3://bucket/adapters at http://10.0.0.5:9000 down")))
+    assert (store_down.status, store_down.error) == (502, "store_error")  # no store location reaches a client
+    assert "bucket" not in store_down.detail and "10.0.0.5" not in store_down.detail and "log" in store_down.detail
     for exc, status, code in ((AdapterError("adapter x: wrong base"), 409, "adapter_unusable"),
-                              (StoreError("store down"), 502, "store_error"),
                               (EngineUnavailable("no GPU"), 503, "engine_unavailable"),
                               (ValueError("the question is empty"), 400, "bad_request"),
                               (RuntimeError("CUDA error"), 500, "generation_failed")):

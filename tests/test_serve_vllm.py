@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from ddft.config import ConfigError, ServeSettings
-from tests.serve_fixture import running_app
+from tests.serve_fixture import ADMIN_KEY, running_app
 from tests.test_streaming import QUESTION, _check_stream, _events, _openai, _plain_and_streamed, image_question
 
 pytestmark = pytest.mark.integration
@@ -32,7 +32,7 @@ def test_openai_client_plain_and_streamed_on_vllm(app):
     plain, chunks = _plain_and_streamed(client, model="tiny:ddft/image/v1", messages=image_question(), max_tokens=12)
     assert plain.model == "tiny:ddft/image/v1"
     _check_stream(plain, chunks)
-    health = requests.get(f"{app.url}/healthz", timeout=30).json()
+    health = requests.get(f"{app.url}/healthz", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30).json()
     assert health["status"] == "ok" and "ddft/image/v1" in health["loaded_adapters"]
 
 

@@ -94,6 +94,10 @@ def test_removing_a_tenant_removes_its_adapters_and_a_new_one_inherits_nothing(s
         store.write_bytes(f"adapters/{owner}/mine/v1/adapter_model.safetensors", b"w")
     assert tenants.remove("acme")
     assert store.list("adapters/tenant-acme") == [] and store.list("adapters/tenant-bistro")
-    store.write_bytes("adapters/tenant-acme/left/v1/manifest.json", b"{}")  # an interrupted removal's leftover
     tenants.add("acme")
-    assert store.list("adapters/tenant-acme") == []
+    assert store.list("adapters/tenant-acme") == []  # the new acme starts with nothing
+    tenants.remove("acme")
+    # a removal whose adapter deletion broke off: removing again finishes it, even with the tenant gone
+    store.write_json("adapters/tenant-acme/left/v1/manifest.json", {})
+    assert tenants.remove("acme") is True and store.list("adapters/tenant-acme") == []
+    assert tenants.remove("acme") is False and tenants.remove("../x") is False

@@ -78,8 +78,9 @@ def models(url: str, *, api_key: str | None = None, timeout=(5, 30)) -> list[str
     return [m["id"] for m in _answer(resp)["data"]]
 
 
-def health(url: str, timeout=(5, 30)) -> dict:
-    return _answer(requests.get(url.rstrip("/") + "/healthz", timeout=timeout))
+def health(url: str, *, admin_key: str | None = None, timeout=(5, 30)) -> dict:
+    """GET /healthz: {"status"}; with the admin key also a replica's loaded adapters and counters."""
+    return _answer(requests.get(url.rstrip("/") + "/healthz", headers=_headers(admin_key), timeout=timeout))
 
 
 def chat(url: str, model: str, messages: list[dict], *, api_key: str | None = None, timeout=TIMEOUT,

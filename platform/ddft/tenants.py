@@ -88,8 +88,6 @@ class Tenants:
         def change(tenants: dict) -> None:
             if name in tenants:
                 raise TenantError(409, f"tenant {name!r} already exists: rotate its key or remove it first")
-            # what an interrupted removal left is no new tenant's (no key can write there meanwhile)
-            registry.delete_owner(self.store, registry.tenant_owner(name))
             keys[:] = [self._new_key(tenants, name, _now())]
 
         self._update(change)
@@ -108,15 +106,19 @@ class Tenants:
         return keys[0]
 
     def remove(self, name: str) -> bool:
-        """Remove the tenant and every adapter it uploaded; False if there was no such tenant."""
+        """Remove the tenant and every adapter it uploaded; False if there was neither. Idempotent:
+        if deleting the adapters fails part way, removing again finishes it, so a new tenant of
+        the same name never inherits them."""
+        if not isinstance(name, str) or not _NAME.match(registry.tenant_owner(name)):
+            return False
         removed = []
 
         def change(tenants: dict) -> None:
             removed[:] = [tenants.pop(name, None) is not None]
 
         self._update(change)  # first: its key stops working, so nothing new lands under its adapters
-        registry.delete_owner(self.store, registry.tenant_owner(name))
-        return removed[0]
+        leftover = registry.delete_owner(self.store, registry.tenant_owner(name))
+        return removed[0] or bool(leftover)
 
     def names(self) -> list[str]:
         return sorted(self._load()["tenants"])
