@@ -7,9 +7,9 @@ import base64
 import binascii
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from ddft.engines.base import GenerateResult
+from ddft.engines.base import GenerateRequest, GenerateResult
 from serve.errors import ApiError
 
 MEDIA_PARTS = {"image_url": "image", "video_url": "video"}
@@ -22,6 +22,7 @@ class ChatInput:
     question: str
     media: bytes | None = None  # decoded data: URL
     media_uri: str | None = None  # a store key or URI
+    n: int = 1  # choices to generate
     stream: bool = False  # answer as chat.completion.chunk events
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the token counts
 
@@ -36,7 +37,8 @@ def _data_url(url: str, kind: str) -> bytes:
         raise ApiError(400, "bad_data_url", f"the {kind} data URL is not valid base64") from None
 
 
-def parse_chat(body: dict, base_id: str) -> ChatInput:
+def _adapter_of(body: dict, base_id: str) -> str | None:
+    """The adapter a request's `model` names: None for the bare base id (routing decides)."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "missing_model", f"give \"model\": {base_id!r} (routing picks the adapter) or "
@@ -47,9 +49,24 @@ def parse_chat(body: dict, base_id: str) -> ChatInput:
     adapter = model[len(base_id) + 1:] if model != base_id else None
     if adapter == "":
         raise ApiError(400, "missing_model", f"model {model!r} names no adapter after ':'")
+    return adapter
+
+
+def _n(body: dict, max_n: int, stream: bool) -> int:
+    n = body.get("n", 1)
+    if n is None:
+        n = 1
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= max_n:
+        raise ApiError(400, "bad_n", f"n must be an integer from 1 to {max_n} (serve.max_n)")
+    if n > 1 and stream:
+        raise ApiError(400, "bad_n", "n > 1 is answered whole: drop \"stream\", or stream with n=1")
+    return n
+
+
+def parse_chat(body: dict, base_id: str, max_n: int = 1) -> ChatInput:
+    adapter = _adapter_of(body, base_id)
     stream, include_usage = _stream_options(body)
-    if body.get("n", 1) != 1:
-        raise ApiError(400, "bad_n", "only n=1 is supported")
+    n = _n(body, max_n, stream)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "missing_messages", "give \"messages\": a non-empty list of {role, content}")
@@ -81,7 +98,7 @@ def parse_chat(body: dict, base_id: str) -> ChatInput:
     # earlier turns become context before the question (the prompt template has one user turn)
     question = "\n".join(f"{role}: {text}" for role, text in lines[:-1]) + ("\n" if len(lines) > 1 else "")
     question += lines[-1][1]
-    chat = ChatInput(adapter, "text", question, stream=stream, include_usage=include_usage)
+    chat = ChatInput(adapter, "text", question, n=n, stream=stream, include_usage=include_usage)
     if media:
         chat.modality, url = media[0]
         if url.startswith("data:"):
@@ -89,6 +106,46 @@ def parse_chat(body: dict, base_id: str) -> ChatInput:
         else:
             chat.media_uri = url
     return chat
+
+
+@dataclass
+class CompletionInput:
+    adapter: str | None
+    prompt: str  # the whole prompt: no chat template (GenerateRequest.raw)
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
+
+
+# OpenAI completion fields this server does not compute: refused unless absent or at their defaults
+_UNSUPPORTED = {"echo": (None, False), "logprobs": (None, 0), "suffix": (None, ""), "best_of": (None, 1),
+                "logit_bias": (None, {})}
+
+
+def parse_completion(body: dict, base_id: str, max_n: int = 1) -> CompletionInput:
+    """POST /v1/completions: one text prompt (a string, or a list holding one), continued as it is."""
+    adapter = _adapter_of(body, base_id)
+    stream, include_usage = _stream_options(body)
+    n = _n(body, max_n, stream)
+    for key, defaults in _UNSUPPORTED.items():
+        if body.get(key) not in defaults:
+            raise ApiError(400, f"unsupported_{key}", f"{key} is not supported here; leave it out")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ApiError(400, "bad_prompt", "prompt must be a non-empty string (or a list of exactly one); "
+                       "send several prompts as several requests")
+    return CompletionInput(adapter, prompt, n, stream, include_usage)
+
+
+def text_completion(model: str, results: list[GenerateResult]) -> dict:
+    """The text_completion object of one or more choices."""
+    out = completion(model, results)
+    out.update(id=out["id"].replace("chatcmpl-", "cmpl-"), object="text_completion",
+               choices=[{"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
+                        for i, r in enumerate(results)])
+    return out
 
 
 def _stream_options(body: dict) -> tuple[bool, bool]:
@@ -109,28 +166,42 @@ def _usage(result: GenerateResult) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
 
 
-def completion(model: str, result: GenerateResult) -> dict:
+def chat_choices(request: GenerateRequest, n: int) -> list[GenerateRequest]:
+    """The n requests of n choices: with a seed, seeds seed..seed+n-1, so each choice is its own
+    sample and the whole answer is reproducible."""
+    if n == 1:
+        return [request]
+    return [replace(request, seed=None if request.seed is None else (request.seed + i) % 2**63) for i in range(n)]
+
+
+def completion(model: str, results: list[GenerateResult]) -> dict:
+    """The chat.completion object of one or more choices (one prompt: its tokens are counted once)."""
+    usage = _usage(results[0])
+    usage["completion_tokens"] = sum(_usage(r)["completion_tokens"] for r in results)
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                     "finish_reason": result.finish_reason}],
-        "usage": _usage(result), "adapter": result.adapter, "base": result.base,
+        "choices": [{"index": i, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason}
+                    for i, r in enumerate(results)],
+        "usage": usage, "adapter": results[0].adapter, "base": results[0].base,
     }
 
 
 class ChunkStream:
     """The chat.completion.chunk objects of one streamed answer, as OpenAI sends them: the role
     first, then content deltas, finish_reason on the last content chunk, then (include_usage) a
-    chunk with no choices and the usage; with include_usage every other chunk has "usage": null."""
+    chunk with no choices and the usage; with include_usage every other chunk has "usage": null.
+    With `text=True`, /v1/completions' text_completion chunks ({"text"} choices, no role chunk)."""
 
-    def __init__(self, model: str, include_usage: bool):
-        self.id, self.created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        self.model, self.include_usage = model, include_usage
+    def __init__(self, model: str, include_usage: bool, text: bool = False):
+        prefix = "cmpl-" if text else "chatcmpl-"
+        self.id, self.created = f"{prefix}{uuid.uuid4().hex[:24]}", int(time.time())
+        self.model, self.include_usage, self.text = model, include_usage, text
 
     def _chunk(self, choices: list, **extra) -> dict:
-        out = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-               "choices": choices, **extra}
+        out = {"id": self.id, "object": "text_completion" if self.text else "chat.completion.chunk",
+               "created": self.created, "model": self.model, "choices": choices, **extra}
         if self.include_usage:
             out.setdefault("usage", None)
         return out
@@ -140,8 +211,8 @@ class ChunkStream:
 
     def delta(self, text: str, result: GenerateResult | None = None) -> dict:
         """Content; with the result, the last content chunk: its finish_reason, adapter and base."""
-        choice = {"index": 0, "delta": {"content": text} if text else {},
-                  "finish_reason": result.finish_reason if result else None}
+        choice = {"index": 0, "finish_reason": result.finish_reason if result else None,
+                  **({"text": text, "logprobs": None} if self.text else {"delta": {"content": text} if text else {}})}
         return self._chunk([choice], **({"adapter": result.adapter, "base": result.base} if result else {}))
 
     def usage(self, result: GenerateResult) -> dict:

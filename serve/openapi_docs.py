@@ -58,12 +58,25 @@ CHAT = {"requestBody": {"required": True, "content": _json(
          "content": {"description": "a string, or parts: text, image_url {url}, video_url {url}; urls are "
                                     "data: URLs or store keys under serve.media_prefixes"}}}},
      "max_tokens": {"type": "integer"}, "temperature": {"type": "number"}, "stop": {"type": "array"},
-     "seed": {"type": "integer"},
+     "seed": {"type": "integer"}, "n": {"type": "integer", "minimum": 1, "description": "choices, up to serve.max_n"},
      "stream": {"type": "boolean", "description": "answer as chat.completion.chunk server-sent events"},
      "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}}},
     ["model", "messages"])},
     "responses": {**_sse("data: <chat.completion.chunk>, as OpenAI streams them"),
                   **_errors(400, 401, 404, 413, 422, 502, 503, shape=OPENAI_ERROR)}}
+
+COMPLETIONS = {"requestBody": {"required": True, "content": _json(
+    {"model": {"type": "string", "description": "the base id or <base>:<adapter> (a text adapter)"},
+     "prompt": {"description": "the whole prompt, continued as it is (no chat template): a string, or a list "
+                               "of one", "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"},
+                                                                       "minItems": 1, "maxItems": 1}]},
+     "max_tokens": {"type": "integer"}, "temperature": {"type": "number"}, "stop": {"type": "array"},
+     "seed": {"type": "integer"}, "n": {"type": "integer", "minimum": 1},
+     "stream": {"type": "boolean", "description": "answer as text_completion server-sent events"},
+     "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}}},
+    ["model", "prompt"])},
+    "responses": {**_sse("data: <text_completion chunk>, as OpenAI streams them"),
+                  **_errors(400, 401, 404, 409, 502, 503, shape=OPENAI_ERROR)}}
 
 UPLOAD = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["files", "modality"], "properties": {

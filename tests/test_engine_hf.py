@@ -168,6 +168,23 @@ def test_rejects_malformed_requests(engine, served):
         engine.generate([GenerateRequest("text", "Dish?", None, manifests["video"], 2)])
 
 
+def test_a_raw_prompt_is_the_whole_prompt(engine, served):
+    """/v1/completions' raw text: the rendered chat prompt sent raw answers as the question does,
+    in one mixed batch with templated requests; raw media requests are refused."""
+    from ddft import prompts
+
+    _, _, manifests = served
+    question = "How long do I boil an egg?"
+    rendered = prompts.prompt_text(engine.processor.tokenizer, "text", question)
+    asked, raw, other = engine.generate([GenerateRequest("text", question, None, manifests["text"], 8),
+                                         GenerateRequest("text", rendered, None, manifests["text"], 8, raw=True),
+                                         GenerateRequest("text", "Once upon a time", None, None, 8, raw=True)])
+    assert raw.token_ids == asked.token_ids and raw.adapter == "ddft/text/v1"
+    assert other.token_ids  # a plain continuation
+    with pytest.raises(ValueError, match="text only"):
+        engine.generate([GenerateRequest("image", "Dish?", _media(0)[0], None, 2, raw=True)])
+
+
 # -- streaming ---------------------------------------------------------------------------------------
 async def _collect(stream, stop_after: int | None = None):
     """Every chunk of a stream (or the first `stop_after`, then the consumer goes away)."""

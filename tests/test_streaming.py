@@ -87,6 +87,75 @@ def test_openai_client_errors_are_useful(app):
     assert [m.id for m in client.models.list()][0] == "tiny"
 
 
+@pytest.mark.integration
+def test_openai_client_retrieves_models_and_takes_n(app):
+    client = _openai(app)
+    mine = client.models.retrieve("tiny:tenant-acme/text/v1")
+    assert (mine.id, mine.owned_by) == ("tiny:tenant-acme/text/v1", "tenant-acme")
+    assert client.models.retrieve("tiny").id == "tiny"
+    # another's adapter and one that doesn't exist: the same 404
+    for who, model in ((_openai_without_key(app), "tiny:tenant-acme/text/v1"), (client, "tiny:tenant-acme/none/v1")):
+        with pytest.raises(openai.NotFoundError) as err:
+            who.models.retrieve(model)
+        assert err.value.code == "model_not_found", model
+
+    kw = dict(model="tiny:ddft/text/v1", messages=QUESTION, max_tokens=8, temperature=1.0)
+    three = client.chat.completions.create(n=3, seed=7, **kw)
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    singles = [client.chat.completions.create(seed=7 + i, **kw) for i in range(3)]  # choice i is seed + i
+    assert [c.message.content for c in three.choices] == [one.choices[0].message.content for one in singles]
+    assert three.usage.prompt_tokens == singles[0].usage.prompt_tokens
+    assert three.usage.completion_tokens == sum(one.usage.completion_tokens for one in singles)
+    for bad in ({"n": 0}, {"n": 99}, {"n": 2, "stream": True}):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=4, **bad)
+        assert err.value.code == "bad_n", bad
+
+
+@pytest.mark.integration
+def test_openai_client_completions_plain_and_streamed(app):
+    """/v1/completions continues the prompt as it is: sent the chat prompt rendered, it answers as
+    chat does; streamed, the text chunks add up to the plain answer."""
+    from transformers import AutoTokenizer
+
+    from ddft import prompts
+    from ddft.models.load import local_base_dir
+
+    client = _openai(app)
+    kw = dict(model="tiny:ddft/text/v1", max_tokens=12, temperature=0)
+    plain = client.completions.create(prompt="Once upon a time", **kw)
+    assert plain.object == "text_completion" and plain.model == "tiny:ddft/text/v1"
+    assert plain.choices[0].text and 0 < plain.usage.completion_tokens <= 12
+    chunks = list(client.completions.create(prompt="Once upon a time", stream=True,
+                                            stream_options={"include_usage": True}, **kw))
+    *content, usage = chunks
+    assert "".join(c.choices[0].text for c in content) == plain.choices[0].text
+    assert content[-1].choices[0].finish_reason == plain.choices[0].finish_reason
+    assert usage.usage.completion_tokens == plain.usage.completion_tokens
+
+    question = QUESTION[0]["content"]
+    rendered = prompts.prompt_text(AutoTokenizer.from_pretrained(local_base_dir(app.store, "tiny")), "text", question)
+    chat = client.chat.completions.create(messages=QUESTION, **kw)
+    assert client.completions.create(prompt=[rendered], **kw).choices[0].text == chat.choices[0].message.content
+    for bad, code in (({"echo": True}, "unsupported_echo"), ({"prompt": ["a", "b"]}, "bad_prompt"),
+                      ({"prompt": ""}, "bad_prompt")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(**{"prompt": "x", **kw, **bad})
+        assert err.value.code == code, bad
+
+
+def _openai_without_key(app) -> openai.OpenAI:
+    """The official client sending no Authorization header (an anonymous caller)."""
+    import httpx
+
+    class NoAuth(httpx.Client):
+        def send(self, request, **kwargs):
+            request.headers.pop("Authorization", None)
+            return super().send(request, **kwargs)
+
+    return openai.OpenAI(base_url=f"{app.url}/v1", api_key="-", max_retries=0, timeout=60, http_client=NoAuth())
+
+
 def _events(resp: requests.Response) -> list[tuple[str | None, str]]:
     """(event name, data) of a server-sent event stream."""
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream"), resp.text

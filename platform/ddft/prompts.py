@@ -23,8 +23,11 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
 
 
-def prompt_text(tokenizer, modality: str, question: str) -> str:
-    """`USER: <video>\n<question> ASSISTANT:`, rendered with the chat template."""
+def prompt_text(tokenizer, modality: str, question: str, raw: bool = False) -> str:
+    """`USER: <video>\n<question> ASSISTANT:`, rendered with the chat template; with `raw` (text
+    only: OpenAI's /v1/completions) the question is the whole prompt."""
+    if raw:
+        return question
     content = ([{"type": modality}] if modality != "text" else []) + [{"type": "text", "text": question}]
     return tokenizer.apply_chat_template([{"role": "user", "content": content}], chat_template=CHAT_TEMPLATE,
                                                    tokenize=False, add_generation_prompt=True)
@@ -42,11 +45,12 @@ def media_token_count(processor, modality: str, frames: int = 1) -> int:
     return per_frame * frames
 
 
-def encode(processor, modality: str, question: str, answer: str | None = None, frames: int = 1) -> dict:
+def encode(processor, modality: str, question: str, answer: str | None = None, frames: int = 1,
+           raw: bool = False) -> dict:
     """Token ids (media placeholders expanded) and labels with the prompt masked to -100."""
     tok = processor.tokenizer
     media = {"image": processor.image_token, "video": processor.video_token}.get(modality, "")
-    text = prompt_text(tok, modality, question)
+    text = prompt_text(tok, modality, question, raw)
     if media:
         text = text.replace(media, media * media_token_count(processor, modality, frames), 1)
     prompt_ids = tok(text, add_special_tokens=False).input_ids
@@ -56,10 +60,10 @@ def encode(processor, modality: str, question: str, answer: str | None = None, f
     return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE] * len(prompt_ids) + answer_ids}
 
 
-def prompt_ids(tokenizer, modality: str, question: str) -> list[int]:
+def prompt_ids(tokenizer, modality: str, question: str, raw: bool = False) -> list[int]:
     """The prompt's token ids with one placeholder per image or video, unexpanded: what engines that
     expand placeholders themselves (vLLM) take; `encode` gives the same ids expanded."""
-    return tokenizer(prompt_text(tokenizer, modality, question), add_special_tokens=False).input_ids
+    return tokenizer(prompt_text(tokenizer, modality, question, raw), add_special_tokens=False).input_ids
 
 
 def pixel_inputs(processor, modality: str, pixels: list[np.ndarray]) -> dict:

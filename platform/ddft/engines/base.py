@@ -32,6 +32,7 @@ class GenerateRequest:
     temperature: float = 0.0  # 0: greedy
     stop: list[str] = field(default_factory=list)  # generation ends at the first of these (not returned)
     seed: int | None = None  # sampled decoding is reproducible with a seed
+    raw: bool = False  # text only: the question is the whole prompt, no chat template (/v1/completions)
 
 
 @dataclass
@@ -118,6 +119,8 @@ def check_request(r: GenerateRequest, i: int | None = None) -> None:
         raise ValueError(f"{where}the question is empty")
     if r.max_new_tokens < 1:
         raise ValueError(f"{where}max_new_tokens is {r.max_new_tokens}; it must be at least 1")
+    if r.raw and r.modality != "text":
+        raise ValueError(f"{where}a raw prompt is text only; {r.modality} questions go through the chat template")
     if r.temperature < 0:
         raise ValueError(f"{where}temperature is {r.temperature}; use 0 (greedy) or more")
     if not isinstance(r.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in r.stop):

@@ -343,8 +343,8 @@ class HFEngine(AdapterCache):
         """Model inputs (left-padded, pixels included) and the per-row PEFT adapter names."""
         needed = frozenset(_peft_name(r.adapter) for r in reqs if r.adapter)
         names = [self.load_adapter(r.adapter, pinned=needed) if r.adapter else BASE for r in reqs]
-        rows = [prompts.encode(self.processor, modality, r.question,
-                               frames=len(r.pixels) if modality == "video" else 1) for r in reqs]
+        rows = [prompts.encode(self.processor, modality, r.question, frames=len(r.pixels) if modality == "video" else 1,
+                               raw=r.raw) for r in reqs]
         batch = prompts.pad_batch(rows, self.pad_id)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         if modality != "text":

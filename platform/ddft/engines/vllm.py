@@ -262,7 +262,7 @@ class VLLMEngine(AdapterCache):
 
     # -- generation ----------------------------------------------------------------------------------
     def _engine_input(self, r: GenerateRequest, slot: int) -> dict:
-        ids = prompts.prompt_ids(self.tokenizer, r.modality, r.question)
+        ids = prompts.prompt_ids(self.tokenizer, r.modality, r.question, r.raw)
         if r.modality == "text":
             return {"prompt_token_ids": ids}
         import numpy as np
