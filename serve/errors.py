@@ -79,6 +79,16 @@ def busy(detail: str, retry_after_s: int = 2) -> ApiError:
     return ApiError(503, "overloaded", detail, headers={"Retry-After": str(retry_after_s)})
 
 
+def _methods(request: Request) -> list[str]:
+    from starlette.routing import Match
+
+    methods = set()
+    for route in request.app.routes:
+        if getattr(route, "methods", None) and route.matches(request.scope)[0] != Match.NONE:
+            methods |= set(route.methods)
+    return sorted(methods)
+
+
 def install(api: FastAPI) -> None:
     """Every error leaves the app as JSON, never as an HTML page or a stack trace."""
 
@@ -91,8 +101,11 @@ def install(api: FastAPI) -> None:
         codes = {404: "not_found", 405: "method_not_allowed"}
         detail = (f"no route {request.method} {request.url.path}: the API has {ROUTES}"
                   if exc.status_code in codes else str(exc.detail))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # Allow: every method of the path (Starlette names only one route's)
+            headers = {**(headers or {}), "Allow": ", ".join(_methods(request))}
         return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), detail,
-                              path=request.url.path)
+                              headers=headers, path=request.url.path)
 
     @api.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
@@ -101,5 +114,5 @@ def install(api: FastAPI) -> None:
     @api.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", f"{type(exc).__name__}: {str(exc)[:300]} (see the replica's log)",
-                              path=request.url.path)
+        return error_response(500, "internal_error", f"an unexpected {type(exc).__name__} (the server's log has "
+                              "the details)", path=request.url.path)

@@ -51,6 +51,20 @@ api = FastAPI(title="ddft", description="Directed Domain Fine-Tuning of Video-LL
 errors.install(api)
 
 
+def _openapi(settings: ddft_config.ServeSettings | None = None) -> dict:
+    """FastAPI's document, finished to say what the server really answers under `settings` (the
+    defaults for docs/openapi.json; a replica's own config once it starts); cached like FastAPI's."""
+    if api.openapi_schema is None or settings is not None:
+        s = settings or ddft_config.ServeSettings()
+        api.openapi_schema = None  # FastAPI.openapi builds afresh only then
+        api.openapi_schema = openapi_docs.finish(FastAPI.openapi(api), errors.OPENAI_ROUTES,
+                                                 {"max_new_tokens": s.max_new_tokens, "max_n": s.max_n})
+    return api.openapi_schema
+
+
+api.openapi = _openapi
+
+
 @api.middleware("http")
 async def _observe(request: Request, call_next):
     """Requests and latency by endpoint (route template), modality and adapter (set by the route)."""
@@ -75,6 +89,7 @@ class Gateway:
                  admin_key_sha256: str | None = None):
         self.model, self.cfg, self.store = model, cfg, store
         self.s = cfg.serve
+        _openapi(self.s)  # /openapi.json states this config's limits
         self.base_id = cfg.base.id
         self.auth = Auth(store, admin_key_sha256)
         self.spec = base_spec(store, self.base_id)  # the base's LM modules: what an upload may target
@@ -109,7 +124,7 @@ class Gateway:
                                f"{manifest.base_model_id!r}; this server serves {self.base_id!r}")
             self._resolved[key] = (time.monotonic(), manifest)
         if manifest is not None and manifest.modality not in (modality, ddft_config.JOINT):
-            raise ApiError(400, "adapter_modality", f"adapter {manifest.ref} is for {manifest.modality} requests, "
+            raise ApiError(422, "adapter_modality", f"adapter {manifest.ref} is for {manifest.modality} requests, "
                            f"this one is {modality}")
         request.state.adapter = manifest.ref if manifest else None
         return manifest
@@ -282,7 +297,7 @@ class Gateway:
         data = uri = None
         if ctype.startswith("multipart/form-data"):
             await inputs.bounded(request, self._media_limit + MB, "video")
-            form = await request.form(max_files=1, max_fields=8)
+            form = await request.form(max_files=1, max_fields=inputs.FORM_FIELDS)
             upload = form.get("video")
             if upload is None or isinstance(upload, str):
                 raise ApiError(400, "missing_video", "send the video as a multipart file field named 'video' "
@@ -453,7 +468,7 @@ class Gateway:
         try:
             if ctype == "multipart/form-data":
                 await inputs.bounded(request, limit + MB, "adapter upload")
-                form = await request.form(max_files=8, max_fields=8)
+                form = await request.form(max_files=8, max_fields=inputs.FORM_FIELDS)
                 modality = form.get("modality") if isinstance(form.get("modality"), str) else modality
                 files = {}
                 for _, value in form.multi_items():

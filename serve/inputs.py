@@ -11,6 +11,7 @@ from ddft.store import Store, StoreError
 from serve.errors import ApiError, store_unreadable
 
 MB = 2**20
+FORM_FIELDS = 16  # text fields a multipart body may hold (the OpenAPI document says so: maxProperties)
 
 
 def check_length(request: Request, limit: int, what: str = "request") -> None:
@@ -77,19 +78,15 @@ def store_key(store: Store, uri, prefixes: list[str]) -> str:
         raise ApiError(400, "bad_uri", "the media URI holds control characters (a NUL byte, a newline...): "
                        "send the key as plain text")
     key = uri.strip()
-    if "://" in key:
+    if "://" in key:  # a URI: only one inside this server's store names anything
         root = store.uri.rstrip("/") + "/"
-        if not key.startswith(root):
-            raise ApiError(400, "uri_outside_store", f"{key[:200]!r} is not in this server's store: give a store "
-                           f"key under {prefixes}, or upload the file")
-        key = key[len(root):]
+        key = key[len(root):] if key.startswith(root) else ""
     try:
-        store.url(key)  # validates the key
+        store.url(key)  # a key the store takes (no '..', relative)
     except StoreError:
-        raise ApiError(400, "bad_uri", f"{uri[:200]!r} is not a store key: give a relative key under {prefixes} "
-                       "without '..'") from None
-    if not any(key.startswith(p) for p in prefixes):
-        raise _no_media(key, prefixes)
+        key = ""
+    if not key or not any(key.startswith(p) for p in prefixes):
+        raise _no_media(key or uri.strip(), prefixes)  # the caller's own words, or the key: never the store's place
     return key
 
 
@@ -113,11 +110,20 @@ async def read_store(store: Store, uri, limit: int, prefixes: list[str]) -> byte
     return check_size(data, limit, "file")
 
 
+def integer(value):
+    """JSON's integers as Python ints: 5.0 is the integer 5 to JSON (and JSON Schema); anything else
+    comes back as it is, for the caller to refuse."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    return value
+
+
 def max_tokens(value, cap: int, field: str = "max_new_tokens") -> int:
     if value is None:
         return cap
     if isinstance(value, str) and value.isdigit():  # multipart form fields are strings
         value = int(value)
+    value = integer(value)
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= cap:
         raise ApiError(400, f"bad_{field}", f"{field} must be an integer from 1 to {cap}")
     return value
@@ -150,6 +156,7 @@ def stop(value) -> list[str]:
 def seed(value) -> int | None:
     if value is None:
         return None
+    value = integer(value)
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
         raise ApiError(400, "bad_seed", "seed must be a non-negative integer")
     return value

@@ -10,6 +10,8 @@ import uuid
 from dataclasses import dataclass, replace
 
 from ddft.engines.base import GenerateRequest, GenerateResult
+from ddft.prompts import QUESTIONS
+from serve import inputs
 from serve.errors import ApiError
 
 MEDIA_PARTS = {"image_url": "image", "video_url": "video"}
@@ -30,11 +32,11 @@ class ChatInput:
 def _data_url(url: str, kind: str) -> bytes:
     head, _, payload = url.partition(",")
     if ";base64" not in head:
-        raise ApiError(400, "bad_data_url", f"{kind} data URLs must be base64: data:<mime>;base64,<data>")
+        raise ApiError(422, "bad_data_url", f"{kind} data URLs must be base64: data:<mime>;base64,<data>")
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
-        raise ApiError(400, "bad_data_url", f"the {kind} data URL is not valid base64") from None
+        raise ApiError(422, "bad_data_url", f"the {kind} data URL is not valid base64") from None
 
 
 def _adapter_of(body: dict, base_id: str) -> str | None:
@@ -47,13 +49,14 @@ def _adapter_of(body: dict, base_id: str) -> str | None:
         raise ApiError(404, "model_not_found", f"model {model[:100]!r} is not served here; this server serves "
                        f"{base_id!r} and its adapters (GET /v1/models)")
     adapter = model[len(base_id) + 1:] if model != base_id else None
-    if adapter == "":
-        raise ApiError(400, "missing_model", f"model {model!r} names no adapter after ':'")
+    if adapter is not None and not adapter.strip():
+        raise ApiError(404, "model_not_found", f"model {model[:100]!r} names no adapter after ':'; GET /v1/models "
+                       "lists the models")
     return adapter
 
 
 def _n(body: dict, max_n: int, stream: bool) -> int:
-    n = body.get("n", 1)
+    n = inputs.integer(body.get("n", 1))
     if n is None:
         n = 1
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= max_n:
@@ -92,12 +95,16 @@ def parse_chat(body: dict, base_id: str, max_n: int = 1) -> ChatInput:
         if text:
             lines.append((msg["role"], text))
     if len(media) > 1:
-        raise ApiError(400, "too_many_media", "send at most one image or video per conversation")
-    if not lines or lines[-1][0] != "user":
-        raise ApiError(400, "missing_question", "the last message with text must be the user's question")
-    # earlier turns become context before the question (the prompt template has one user turn)
-    question = "\n".join(f"{role}: {text}" for role, text in lines[:-1]) + ("\n" if len(lines) > 1 else "")
-    question += lines[-1][1]
+        raise ApiError(422, "too_many_media", "send at most one image or video per conversation")
+    if not lines and not media:
+        raise ApiError(400, "missing_question", "the conversation holds no text and no image or video: ask something")
+    if not lines:  # only a picture or a clip: the question the platform asks of it (as /v1/recipes does)
+        question = QUESTIONS[media[0][0]]
+    elif lines[-1][0] == "user":  # earlier turns become context before the question (one user turn)
+        question = "\n".join(f"{role}: {text}" for role, text in lines[:-1]) + ("\n" if len(lines) > 1 else "")
+        question += lines[-1][1]
+    else:  # it ends with the assistant (or system): the whole conversation is the context to go on from
+        question = "\n".join(f"{role}: {text}" for role, text in lines)
     chat = ChatInput(adapter, "text", question, n=n, stream=stream, include_usage=include_usage)
     if media:
         chat.modality, url = media[0]

@@ -223,15 +223,15 @@ def _unpack_refused(status, error, **kw):
 
 def test_bad_archives(tiny, tmp_path):
     good = list(tiny["good"].items())
-    _unpack_refused(400, "bad_archive", archive=_tar(good + [("../evil", b"x")]))
-    _unpack_refused(400, "bad_archive", archive=_tar(good + [("/etc/evil", b"x")]))
-    _unpack_refused(400, "bad_archive", archive=_zip(good + [("../evil", b"x")]))
-    _unpack_refused(400, "bad_archive", archive=_tar(good + [("link", (tarfile.SYMTYPE, "/etc/passwd"))]))
-    _unpack_refused(400, "bad_archive", archive=_tar(good + [("hard", (tarfile.LNKTYPE, CFG))]))
-    _unpack_refused(400, "bad_archive", archive=_tar([(f"a/b/{k}", v) for k, v in good]))  # too deep
-    _unpack_refused(400, "bad_archive", archive=_tar([(f"a/{CFG}", b"{}"), (f"b/{ST}", b"")]))  # two folders
-    _unpack_refused(400, "bad_archive", archive=_tar(good)[:200])  # truncated gzip
-    _unpack_refused(415, "unsupported_media_type", archive=b"just some bytes", content_type="text/plain")
+    _unpack_refused(422, "bad_archive", archive=_tar(good + [("../evil", b"x")]))
+    _unpack_refused(422, "bad_archive", archive=_tar(good + [("/etc/evil", b"x")]))
+    _unpack_refused(422, "bad_archive", archive=_zip(good + [("../evil", b"x")]))
+    _unpack_refused(422, "bad_archive", archive=_tar(good + [("link", (tarfile.SYMTYPE, "/etc/passwd"))]))
+    _unpack_refused(422, "bad_archive", archive=_tar(good + [("hard", (tarfile.LNKTYPE, CFG))]))
+    _unpack_refused(422, "bad_archive", archive=_tar([(f"a/b/{k}", v) for k, v in good]))  # too deep
+    _unpack_refused(422, "bad_archive", archive=_tar([(f"a/{CFG}", b"{}"), (f"b/{ST}", b"")]))  # two folders
+    _unpack_refused(422, "bad_archive", archive=_tar(good)[:200])  # truncated gzip
+    _unpack_refused(422, "bad_archive", archive=b"just some bytes", content_type="text/plain")
     _unpack_refused(413, "too_large", archive=_tar(good), max_bytes=1000)
     _unpack_refused(413, "too_large", archive=_zip(good), max_bytes=1000)
     _unpack_refused(413, "too_large", files=dict(good), max_bytes=1000)
@@ -249,7 +249,7 @@ def test_zip_symlink_member_is_refused(tiny):
         link = zipfile.ZipInfo(ST)
         link.external_attr = (0o120777 << 16)  # S_IFLNK: what `zip --symlinks` records
         zf.writestr(link, "/etc/passwd")
-    _unpack_refused(400, "bad_archive", archive=buf.getvalue())
+    _unpack_refused(422, "bad_archive", archive=buf.getvalue())
 
 
 def test_store_failure_mid_publish_leaves_nothing(tiny, store, monkeypatch):

@@ -61,7 +61,7 @@ def unpack(files: dict[str, bytes] | None = None, archive: bytes | None = None, 
         for raw, data in files.items():
             name = PurePosixPath(str(raw).replace("\\", "/")).name  # a client's path says nothing to us
             if name in ("", ".", "..") or name in out:
-                raise UploadError(400, "bad_upload", f"file name {raw!r} is empty or given twice; "
+                raise UploadError(422, "bad_upload", f"file name {raw!r} is empty or given twice; "
                                                      f"send {list(REQUIRED)} once each")
             out[name] = bytes(data)
         _cap(sum(map(len, out.values())), max_bytes)
@@ -73,8 +73,8 @@ def unpack(files: dict[str, bytes] | None = None, archive: bytes | None = None, 
         return _flatten(_tar_members(archive, max_bytes))
     if archive[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
         return _flatten(_zip_members(archive, max_bytes))
-    raise UploadError(415, "unsupported_media_type", f"the upload ({content_type or 'no content type'}) is not a "
-                      ".tar, .tar.gz or .zip archive; send one of those, or the two files as multipart form data")
+    raise UploadError(422, "bad_archive", f"the upload ({content_type or 'no content type'}) is not a .tar, .tar.gz "
+                      "or .zip archive; send one of those, or the two files as multipart form data")
 
 
 def _cap(total: int, max_bytes: int) -> None:
@@ -84,7 +84,7 @@ def _cap(total: int, max_bytes: int) -> None:
 
 
 def _bad_archive(why: str) -> UploadError:
-    return UploadError(400, "bad_archive", f"{why}; archive only the adapter folder's regular files, with "
+    return UploadError(422, "bad_archive", f"{why}; archive only the adapter folder's regular files, with "
                                            "relative paths (e.g. `tar czf adapter.tar.gz -C my-adapter .`)")
 
 
