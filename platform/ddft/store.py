@@ -19,6 +19,7 @@ from typing import Any, Callable
 PRIVATE_KEYS = ("adapters/", "models/", "runs/", "tenants.json")
 # S3's answers to a conditional write that another writer won: 412, or 409 while one is in flight
 _LOST_RACE = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
+_MISSING = ("NoSuchKey", "404", "NotFound")  # S3's answers for a key that isn't there
 NOT_FOUND_HINT = "check the URI, or create it first (e.g. run `make demo`)"
 
 
@@ -50,6 +51,16 @@ def _gone_is_fine(func, path, exc_info) -> None:
     """rmtree's error hook: a file a concurrent delete already removed is no error."""
     if not issubclass(exc_info[0], FileNotFoundError):
         raise exc_info[1]
+
+
+def _code(err) -> str:
+    """The error code of a botocore ClientError ("" if it carries none)."""
+    return str(err.response.get("Error", {}).get("Code", ""))
+
+
+def _json_bytes(obj: Any) -> bytes:
+    """How the store writes JSON: indented, keys sorted, a final newline."""
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
 def _under(key: str, prefix: str) -> bool:
@@ -227,12 +238,11 @@ class _S3:
         try:
             yield
         except ClientError as e:
-            err = e.response.get("Error", {})
-            code, msg = str(err.get("Code", "")), err.get("Message", "")
+            code, msg = _code(e), e.response.get("Error", {}).get("Message", "")
             if code == "NoSuchBucket":
                 text = (f"bucket '{self.bucket}' does not exist at {self.where} (for {url}): create it "
                         f"(e.g. `aws s3 mb s3://{self.bucket}` or the MinIO console) or fix store.uri")
-            elif code in ("NoSuchKey", "404", "NotFound"):
+            elif code in _MISSING:
                 text = f"{url} not found: {NOT_FOUND_HINT}"
             elif code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden"):
                 text = (f"access denied to {url} at {self.where} ({code}): check store.access_key_id/"
@@ -261,7 +271,7 @@ class _S3:
             self.client.put_object(Bucket=self.bucket, Key=self.full(key), Body=data, IfNoneMatch="*")
             return True
         except ClientError as e:
-            if str(e.response.get("Error", {}).get("Code")) in _LOST_RACE:
+            if _code(e) in _LOST_RACE:
                 return False
             raise
 
@@ -275,7 +285,7 @@ class _S3:
                 got = self.client.get_object(Bucket=self.bucket, Key=self.full(key))
                 old, condition = got["Body"].read(), {"IfMatch": got["ETag"]}
             except ClientError as e:
-                if str(e.response.get("Error", {}).get("Code")) not in ("NoSuchKey", "404", "NotFound"):
+                if _code(e) not in _MISSING:
                     raise
                 old, condition = None, {"IfNoneMatch": "*"}
             new = change(old)
@@ -283,7 +293,7 @@ class _S3:
                 self.client.put_object(Bucket=self.bucket, Key=self.full(key), Body=new, **condition)
                 return new
             except ClientError as e:
-                if str(e.response.get("Error", {}).get("Code")) not in _LOST_RACE:
+                if _code(e) not in _LOST_RACE:
                     raise
         raise StoreError(f"{self.full(key)}: 50 concurrent writers in a row won over this one; try again")
 
@@ -292,7 +302,7 @@ class _S3:
         try:
             return int(self.client.head_object(Bucket=self.bucket, Key=self.full(key))["ContentLength"])
         except ClientError as e:
-            if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+            if _code(e) in _MISSING:
                 return None
             raise
 
@@ -412,7 +422,7 @@ class Store:
             return self._b.create(k, bytes(data))
 
     def create_json(self, key: str, obj: Any) -> bool:
-        return self.create_bytes(key, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+        return self.create_bytes(key, _json_bytes(obj))
 
     def update_json(self, key: str, change: Callable[[Any], Any]) -> Any:
         """Apply `change` (None when there is no object -> the new value) to the JSON at `key` as
@@ -425,7 +435,7 @@ class Store:
                 value = None if old is None else json.loads(old)
             except json.JSONDecodeError as e:
                 raise StoreError(f"{self.url(k)} is not valid JSON: {e}") from None
-            return (json.dumps(change(value), indent=2, sort_keys=True) + "\n").encode("utf-8")
+            return _json_bytes(change(value))
 
         with self._b.errors(self.url(k)):
             return json.loads(self._b.update(k, on_bytes))
@@ -443,7 +453,7 @@ class Store:
             raise StoreError(f"{self.url(key)} is not valid JSON: {e}") from None
 
     def write_json(self, key: str, obj: Any) -> None:
-        self.write_text(key, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        self.write_bytes(key, _json_bytes(obj))
 
     # -- prefixes ------------------------------------------------------------------------------
     def exists(self, key: str) -> bool:

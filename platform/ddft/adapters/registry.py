@@ -60,12 +60,19 @@ def tenant_owner(tenant: str) -> str:
     return TENANT_OWNER_PREFIX + tenant
 
 
+def _checked(what: str, value: str) -> str:
+    if not _NAME.match(value):
+        raise AdapterError(f"adapter {what} {value!r} is not allowed: use 1-64 lowercase letters, "
+                           "digits, '.', '_' or '-', starting with a letter or digit")
+    return value
+
+
+def owner_prefix(owner: str) -> str:
+    return f"adapters/{_checked('owner', owner)}"
+
+
 def adapter_prefix(owner: str, name: str) -> str:
-    for what, value in (("owner", owner), ("name", name)):
-        if not _NAME.match(value):
-            raise AdapterError(f"adapter {what} {value!r} is not allowed: use 1-64 lowercase letters, "
-                               "digits, '.', '_' or '-', starting with a letter or digit")
-    return f"adapters/{owner}/{name}"
+    return f"{owner_prefix(owner)}/{_checked('name', name)}"
 
 
 def validate_dir(local_dir: Path) -> dict:
@@ -200,7 +207,7 @@ def delete(store: Store, owner: str, name: str, version: int | None = None) -> l
 def delete_owner(store: Store, owner: str) -> list[str]:
     """Remove every adapter of an owner (a removed tenant's); returns the refs deleted. Manifests
     go first, so each version stops existing at once."""
-    prefix = adapter_prefix(owner, "x").rsplit("/", 1)[0]
+    prefix = owner_prefix(owner)
     keys = store.list(prefix)
     manifests = sorted(k for k in keys if k.endswith("/manifest.json"))
     for key in manifests:
