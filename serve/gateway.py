@@ -37,7 +37,7 @@ from serve.auth import Auth
 from serve.decoder import Decoder
 from serve.errors import ApiError, busy
 from serve import metrics
-from serve.openai import ChunkStream, chat_choices, completion, parse_chat, parse_completion, text_completion
+from serve.openai import ChunkStream, chat_choices, completion, parse_chat, parse_completion
 
 log = logging.getLogger("ddft.serve")
 RESOLVE_TTL_S = 2.0  # other gateways' uploads and deletes show up after this; our own at once
@@ -389,9 +389,9 @@ class Gateway:
         gen = self._request(chat.modality, chat.question, None, manifest, body, tokens_field)
         if chat.modality != "text":
             gen.pixels, _ = await self._media_from(chat.modality, chat.media, chat.media_uri)
-        model = f"{self.base_id}:{manifest.ref}" if manifest else self.base_id
+        model = self._model_id(manifest)
         if not chat.stream:
-            return completion(model, await asyncio.gather(*(self._generate(g) for g in chat_choices(gen, chat.n))))
+            return completion(model, await self._choices(gen, chat.n))
         out = ChunkStream(model, chat.include_usage)
         return await self._openai_stream(request, gen, out, head=[sse.event(out.role())])
 
@@ -405,22 +405,29 @@ class Gateway:
         manifest = await self._resolve(request, "text", tenant, req.adapter)
         gen = self._request("text", req.prompt, None, manifest, body, "max_tokens")
         gen.raw = True
-        model = f"{self.base_id}:{manifest.ref}" if manifest else self.base_id
+        model = self._model_id(manifest)
         if not req.stream:
-            return text_completion(model, await asyncio.gather(*(self._generate(g) for g in chat_choices(gen, req.n))))
+            return completion(model, await self._choices(gen, req.n), text=True)
         return await self._openai_stream(request, gen, ChunkStream(model, req.include_usage, text=True))
+
+    def _model_id(self, manifest: Manifest | None) -> str:
+        """The OpenAI model id of what answered: the base, or `<base>:<adapter ref>`."""
+        return f"{self.base_id}:{manifest.ref}" if manifest else self.base_id
+
+    async def _choices(self, gen: GenerateRequest, n: int) -> list[GenerateResult]:
+        """n whole answers to one request, generated at once (openai.chat_choices seeds them)."""
+        return await asyncio.gather(*(self._generate(g) for g in chat_choices(gen, n)))
 
     async def _openai_stream(self, request: Request, gen: GenerateRequest, out: ChunkStream, head: list[str] = ()):
         """An OpenAI streamed answer: `out`'s chunks as SSE (errors after the first byte as events)."""
         chunks = self._stream(gen)
         first = await anext(chunks)  # a failure before the first byte is still a JSON error
-        include_usage = out.include_usage
 
         def events(chunk: Chunk) -> list[str]:
             if chunk.result is None:
                 return [sse.event(out.delta(chunk.text))] if chunk.text else []
             return [sse.event(out.delta(chunk.text, chunk.result))] + (
-                [sse.event(out.usage(chunk.result))] if include_usage else [])
+                [sse.event(out.usage(chunk.result))] if out.include_usage else [])
 
         def error_event(err: ApiError) -> str:  # OpenAI's mid-stream error: data {"error": {...}}
             return sse.event(errors.body(err.status, err.error, err.detail, request.url.path))
@@ -437,7 +444,7 @@ class Gateway:
         data = [{"id": self.base_id, "object": "model", "owned_by": registry.PLATFORM_OWNER, "root": self.base_id}]
         for m in manifests:
             if m.owner in owners and m.base_fingerprint == self.spec.fingerprint:
-                data.append({"id": f"{self.base_id}:{m.ref}", "object": "model", "owned_by": m.owner,
+                data.append({"id": self._model_id(m), "object": "model", "owned_by": m.owner,
                              "root": self.base_id, "parent": self.base_id, "modality": m.modality,
                              "adapter": m.ref, "created_at": m.created_at})
         return data
@@ -496,7 +503,7 @@ class Gateway:
         return JSONResponse(self._adapter_view(manifest), status_code=201)
 
     def _adapter_view(self, m: Manifest) -> dict:
-        return {"adapter": m.ref, "model": f"{self.base_id}:{m.ref}", "name": m.name, "version": m.version,
+        return {"adapter": m.ref, "model": self._model_id(m), "name": m.name, "version": m.version,
                 "modality": m.modality, "rank": m.rank, "owner": m.owner, "source": m.source,
                 "created_at": m.created_at, "weights_sha256": m.weights_sha256}
 

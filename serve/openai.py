@@ -146,15 +146,6 @@ def parse_completion(body: dict, base_id: str, max_n: int = 1) -> CompletionInpu
     return CompletionInput(adapter, prompt, n, stream, include_usage)
 
 
-def text_completion(model: str, results: list[GenerateResult]) -> dict:
-    """The text_completion object of one or more choices."""
-    out = completion(model, results)
-    out.update(id=out["id"].replace("chatcmpl-", "cmpl-"), object="text_completion",
-               choices=[{"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
-                        for i, r in enumerate(results)])
-    return out
-
-
 def _stream_options(body: dict) -> tuple[bool, bool]:
     stream, options = body.get("stream") or False, body.get("stream_options")
     if not isinstance(stream, bool):
@@ -181,17 +172,19 @@ def chat_choices(request: GenerateRequest, n: int) -> list[GenerateRequest]:
     return [replace(request, seed=None if request.seed is None else (request.seed + i) % 2**63) for i in range(n)]
 
 
-def completion(model: str, results: list[GenerateResult]) -> dict:
-    """The chat.completion object of one or more choices (one prompt: its tokens are counted once)."""
+def completion(model: str, results: list[GenerateResult], text: bool = False) -> dict:
+    """The chat.completion object of one or more choices, or with `text` /v1/completions'
+    text_completion object (one prompt: its tokens are counted once)."""
     usage = _usage(results[0])
     usage["completion_tokens"] = sum(_usage(r)["completion_tokens"] for r in results)
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    choices = [{"index": i, "finish_reason": r.finish_reason,
+                **({"text": r.text, "logprobs": None} if text else
+                   {"message": {"role": "assistant", "content": r.text}})} for i, r in enumerate(results)]
     return {
-        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason}
-                    for i, r in enumerate(results)],
-        "usage": usage, "adapter": results[0].adapter, "base": results[0].base,
+        "id": f"{'cmpl' if text else 'chatcmpl'}-{uuid.uuid4().hex[:24]}",
+        "object": "text_completion" if text else "chat.completion", "created": int(time.time()), "model": model,
+        "choices": choices, "usage": usage, "adapter": results[0].adapter, "base": results[0].base,
     }
 
 

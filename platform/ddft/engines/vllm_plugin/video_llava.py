@@ -25,10 +25,10 @@ the request. Slot 0 is the base's own projector; slot ids are never reused for o
 from __future__ import annotations
 
 import json
-from functools import cached_property
 import os
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
