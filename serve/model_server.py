@@ -7,6 +7,7 @@ the engine's typed exceptions, raised as they are; the gateway maps them to HTTP
 """
 
 import asyncio
+import contextvars
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,9 @@ from ddft.store import Store, StoreError
 
 log = logging.getLogger("ddft.serve")
 SWEEP_EVERY_S = 10.0  # how often a replica looks for resident adapters that were deleted
+# The adapter a request brought, for the multiplexed loader: Serve's wrapper calls it in the request's
+# own task (after awaiting its lock), so a context variable hands it over without a shared dict.
+_ARRIVING: contextvars.ContextVar[Manifest | None] = contextvars.ContextVar("ddft_arriving_adapter", default=None)
 
 
 @dataclass
@@ -36,7 +40,6 @@ class ModelServer:
         a batch when it is free, vllm adds requests to the running batch at every step."""
         self.engine = make_engine(engine, store=store, base_model_id=base_id, device=device, **options)
         self.store = store
-        self._manifests: dict[str, Manifest] = {}
         self._ongoing = 0
         self._sweep: asyncio.Task | None = None
         self._swept_at = float("-inf")
@@ -46,8 +49,12 @@ class ModelServer:
             self.replica = "local"
 
     async def load_adapter(self, ref: str) -> str:
-        """The multiplexed loader (wrapped by serve.multiplexed in app.py)."""
-        await asyncio.to_thread(self.engine.load_adapter, self._manifests[ref])
+        """The multiplexed loader (wrapped by serve.multiplexed in app.py): loads the adapter the
+        calling request brought."""
+        manifest = _ARRIVING.get()
+        if manifest is None or manifest.ref != ref:
+            raise RuntimeError(f"the multiplexed loader was asked for {ref!r} outside a request that brought it")
+        await asyncio.to_thread(self.engine.load_adapter, manifest)
         return ref
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
@@ -55,7 +62,7 @@ class ModelServer:
         self._ongoing += 1
         try:
             if request.adapter is not None:
-                self._manifests[request.adapter.ref] = request.adapter
+                _ARRIVING.set(request.adapter)
                 await self.load_adapter(request.adapter.ref)
             async for chunk in self.engine.stream(request):
                 if chunk.result is not None:  # timings include queue_s: the engine knows when its batch began
@@ -80,7 +87,6 @@ class ModelServer:
 
     def evict(self, ref: str) -> bool:
         """Drop a deleted adapter from this replica's memory."""
-        self._manifests.pop(ref, None)
         return self.engine.evict_adapter(ref)
 
     async def check_health(self) -> None:
@@ -94,19 +100,16 @@ class ModelServer:
     def drop_deleted(self) -> list[str]:
         """Evict every resident adapter whose version is gone from the store (or was republished with
         other weights); returns their refs."""
-        resident, dropped = set(self.engine.loaded_adapters()), []
-        for ref, m in list(self._manifests.items()):
-            if ref not in resident:
-                self._manifests.pop(ref, None)
-                continue
+        dropped = []
+        for m in self.engine.resident_adapters():  # a snapshot: loads and batches go on meanwhile
             try:
                 now = registry.read_manifest(self.store, m.owner, m.name, m.version)
             except (StoreError, AdapterError) as err:  # the store is unreachable: keep it, try next time
                 log.warning("adapter sweep: %s", err)
                 continue
             if now is None or now.weights_sha256 != m.weights_sha256:
-                self.evict(ref)
-                dropped.append(ref)
+                self.evict(m.ref)
+                dropped.append(m.ref)
         if dropped:
             log.info("dropped deleted adapters %s", dropped)
         return dropped

@@ -81,6 +81,9 @@ class Engine(Protocol):
     def loaded_adapters(self) -> list[str]:
         """Refs of the adapters held in memory now, least recently used first."""
 
+    def resident_adapters(self) -> list["Manifest"]:
+        """The manifests of those adapters, in the same order."""
+
     def stats(self) -> dict[str, int]:
         """Counters since start: adapter_loads, adapter_hits, adapter_misses, adapter_evictions,
         requests, prompt_tokens, new_tokens (for /metrics)."""
@@ -94,10 +97,13 @@ class AdapterCache:
     """What engines share: the resident refs (LRU first) and the counters, read without a lock
     so health checks and /metrics never wait for a running batch."""
 
-    _resident: tuple[str, ...] = ()
+    _resident: tuple["Manifest", ...] = ()  # replaced whole, never mutated: safe to read from any thread
     _stats: dict[str, int]
 
     def loaded_adapters(self) -> list[str]:
+        return [m.ref for m in self._resident]
+
+    def resident_adapters(self) -> list["Manifest"]:
         return list(self._resident)
 
     def stats(self) -> dict[str, int]:

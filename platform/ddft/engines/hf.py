@@ -177,7 +177,7 @@ class HFEngine(AdapterCache):
         self.batched_lora = True  # False: PEFT's own adapter_names loop (for comparison)
         self._stats = dict.fromkeys(STATS, 0)
         self._cache: OrderedDict[str, Manifest] = OrderedDict()  # peft name -> manifest, LRU first
-        self._resident: tuple[str, ...] = ()  # refs, LRU first: readable while a batch runs
+        self._resident: tuple[Manifest, ...] = ()  # LRU first: readable while a batch runs
         self._lock = threading.RLock()  # one batch or adapter load at a time
         self._batcher = Batcher(self._run_batch, max_batch_size, batch_wait_s)  # concurrent streams
         log.info("engine hf: base %s loaded in %.1fs on %s", base_model_id, self.load_s, self.device)
@@ -193,7 +193,7 @@ class HFEngine(AdapterCache):
             if name in self._cache:
                 self._stats["adapter_hits"] += 1
                 self._cache.move_to_end(name)
-                self._resident = tuple(m.ref for m in self._cache.values())
+                self._resident = tuple(self._cache.values())
                 return name
             self._stats["adapter_misses"] += 1
             check_base(manifest, self.base_id, self.info.fingerprint)
@@ -226,7 +226,7 @@ class HFEngine(AdapterCache):
             self._stats["adapter_loads"] += 1
             self._cache[name] = manifest
             self._evict(pinned | {name})
-            self._resident = tuple(m.ref for m in self._cache.values())
+            self._resident = tuple(self._cache.values())
             log.info("engine hf: adapter %s loaded (%d resident)", manifest.ref, len(self._cache))
             return name
 
@@ -250,7 +250,7 @@ class HFEngine(AdapterCache):
             names = [n for n, m in self._cache.items() if m.ref == ref]
             for name in names:
                 self._drop(name, "asked")
-            self._resident = tuple(m.ref for m in self._cache.values())
+            self._resident = tuple(self._cache.values())
             return bool(names)
 
     # -- generation --------------------------------------------------------------------------------

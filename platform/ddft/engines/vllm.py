@@ -144,7 +144,7 @@ class VLLMEngine(AdapterCache):
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_gib)))  # else most of the machine
         self._ids = itertools.count(1)
         self._cache: OrderedDict[tuple[str, str], _Resident] = OrderedDict()  # LRU first
-        self._resident: tuple[str, ...] = ()
+        self._resident: tuple[Manifest, ...] = ()
         self._lock = threading.RLock()
         self._stats = dict.fromkeys(STATS, 0)
         self._request_ids = itertools.count()
@@ -205,7 +205,7 @@ class VLLMEngine(AdapterCache):
                 self._stats["adapter_loads"] += 1
             entry.in_flight += hold
             self._evict()
-            self._resident = tuple(e.manifest.ref for e in self._cache.values())
+            self._resident = tuple(e.manifest for e in self._cache.values())
             return entry
 
     def _load(self, manifest: Manifest) -> _Resident:
@@ -252,7 +252,7 @@ class VLLMEngine(AdapterCache):
             shutil.rmtree(entry.path, ignore_errors=True)
             (self._projectors / f"{entry.projector_slot}.safetensors").unlink(missing_ok=True)
             log.info("engine vllm: adapter %s evicted", entry.manifest.ref)
-        self._resident = tuple(e.manifest.ref for e in self._cache.values())
+        self._resident = tuple(e.manifest for e in self._cache.values())
 
     def evict_adapter(self, ref: str) -> bool:
         with self._lock:
