@@ -34,3 +34,27 @@ def test_deleted_adapters_leave_the_replica_at_its_health_check(tmp_path, monkey
         assert server.engine.loaded_adapters() == [kept.ref]
 
     asyncio.run(scenario())
+
+
+def test_a_sweep_between_a_requests_arrival_and_its_adapter_load_loses_nothing(tmp_path, monkeypatch):
+    """CI saw `KeyError: 'ddft/image/v1'` under load: Serve's multiplexed wrapper awaits a lock before
+    it calls the loader, and a background sweep that ran in that gap forgot the adapter the request
+    had just brought. Here the sweep runs at exactly that point."""
+    store = Store(str(tmp_path / "store"))
+    base = ensure_base(store, "tiny", build="tiny")
+    adapter = make_adapter(store, base, "text", 0, tmp_path, name="fresh", owner="tenant-acme")
+    server = ModelServer(store, "tiny", engine="hf", cache_size=4)
+    original = ModelServer.load_adapter
+
+    async def load_after_a_sweep(self, ref):
+        assert self.drop_deleted() == []  # the sweep, in the gap the wrapper's lock leaves
+        return await original(self, ref)
+
+    monkeypatch.setattr(ModelServer, "load_adapter", load_after_a_sweep)
+
+    async def scenario():
+        result = await server.generate(GenerateRequest("text", "Boil an egg?", None, adapter, 2))
+        assert result.text is not None
+        assert server.engine.loaded_adapters() == [adapter.ref]
+
+    asyncio.run(scenario())
