@@ -74,14 +74,20 @@ def test_recipe_scores_by_hand():
     # rice 2 cup == 2 cup; eggs 2 != 3.
     assert s["quantity_accuracy"] == 0.5
     assert s["step_count_error"] == 1
+    # Steps: "rinse rice", "cook rice" in order, of 3 -> 2/3; content is the mean of the three.
+    assert s["step_agreement"] == pytest.approx(2 / 3)
+    assert s["content"] == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
     # Tokens: pred 13, ref 20 ("1/2" -> "1 2", articles gone); LCS 11 (all but "cups", "eggs").
     assert s["rouge_l"] == pytest.approx(2 * 11 / (13 + 20))
 
 
 def test_recipe_scores_identical_and_tolerant():
     s = recipe_scores(REFERENCE, REFERENCE)
-    assert s == {"ingredient_f1": 1.0, "quantity_accuracy": 1.0, "step_count_error": 0,
-                 "rouge_l": 1.0}
+    assert s == {"ingredient_f1": 1.0, "quantity_accuracy": 1.0, "step_agreement": 1.0, "content": 1.0,
+                 "step_count_error": 0, "rouge_l": 1.0}
+    # The right steps in another order agree less.
+    swapped = REFERENCE.replace("1. Rinse the rice.\n2. Boil water.", "1. Boil water.\n2. Rinse the rice.")
+    assert recipe_scores(swapped, REFERENCE)["step_agreement"] == pytest.approx(2 / 3)
     # Plurals, articles, case and a near-equal quantity still match.
     s = recipe_scores("Ingredients:\n- 0.33 cup Tomatoes\n- 1 slice of cheeses\nSteps:\n1. Mix.",
                       "Ingredients:\n- 1/3 cup tomato\n- 1 slice of cheese\nSteps:\n1. Mix.")
@@ -96,6 +102,7 @@ def test_recipe_scores_unparseable(prediction):
     s = recipe_scores(prediction, REFERENCE)
     assert s["ingredient_f1"] == 0.0
     assert s["quantity_accuracy"] is None
+    assert s["step_agreement"] == 0.0 and s["content"] == 0.0
     assert s["step_count_error"] == 3
     assert 0.0 <= s["rouge_l"] < 0.2
 
@@ -113,16 +120,18 @@ def test_score_recipes_averages():
     assert s["rouge_l"] == pytest.approx((2 / 3 + rouge_l("no idea", REFERENCE)) / 2)
     assert 0.0 < s["bleu4"] < 1.0
     assert score_recipes([REFERENCE], [REFERENCE])["bleu4"] == 1.0
-    assert score_recipes([], []) == {"ingredient_f1": 0.0, "quantity_accuracy": None,
-                                     "step_count_error": None, "rouge_l": 0.0, "bleu4": 0.0}
+    assert s["content"] == pytest.approx((recipe_scores(PREDICTION, REFERENCE)["content"] + 0.0) / 2)
+    assert score_recipes([], []) == {"content": 0.0, "ingredient_f1": 0.0, "quantity_accuracy": None,
+                                     "step_agreement": 0.0, "step_count_error": None, "rouge_l": 0.0,
+                                     "bleu4": 0.0}
 
 
 def test_score_dispatch():
     assert score("image", ["Hot dog", "pizza!"], ["hot_dog", "sushi"]) == {"accuracy": 0.5}
     assert score("text", ["chop onions"], ["chop onions"]) == {"rouge_l": 1.0}
     video = score("video", [PREDICTION], [REFERENCE])
-    assert set(video) == {"ingredient_f1", "quantity_accuracy", "step_count_error", "rouge_l",
-                          "bleu4"}
+    assert set(video) == {"content", "ingredient_f1", "quantity_accuracy", "step_agreement", "step_count_error",
+                          "rouge_l", "bleu4"}
     for modality, key in HEADLINE.items():
         assert key in score(modality, ["x"], ["x"])
     with pytest.raises(ValueError, match="unknown modality"):

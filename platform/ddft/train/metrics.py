@@ -5,7 +5,8 @@ them. One headline metric per modality (`HEADLINE`):
 
 - image -> dish name: top-1 `accuracy` of normalised names ("Hot dog" == "hot_dog").
 - video -> recipe text (the `ddft.recipes` format): `score_recipes` — ingredient F1, quantity
-  accuracy, step-count error, ROUGE-L and corpus BLEU-4; ROUGE-L is the headline.
+  accuracy, step agreement, their mean `content` (the headline: a well-formatted recipe of the
+  wrong dish scores low on it, unlike ROUGE-L), step-count error, ROUGE-L and corpus BLEU-4.
 - text -> cooking answer: mean `rouge_l`.
 
 Conventions: every score is a float in 0..1 (higher is better) except `step_count_error` (a step
@@ -35,7 +36,7 @@ __all__ = [
     "markdown_table",
 ]
 
-HEADLINE = {"image": "accuracy", "video": "rouge_l", "text": "rouge_l"}
+HEADLINE = {"image": "accuracy", "video": "content", "text": "rouge_l"}
 
 _PUNCT_RE = re.compile(r"[^\w\s]")  # after "_" -> " ", so \w is letters and digits only
 _ARTICLES = frozenset({"a", "an", "the"})
@@ -144,6 +145,9 @@ def recipe_scores(prediction_text: str | None, reference_text: str) -> dict:
       insensitive; 1.0 when both lists are empty, 0.0 when only one is (e.g. unparseable output).
     - quantity_accuracy: share of matched ingredients whose quantity (within 1% or 0.01) AND unit
       equal the reference's (both missing counts as equal); None when nothing matched.
+    - step_agreement: longest common subsequence of the two step lists (steps equal after
+      `normalize`) over the longer list: the right steps in the right order; 1.0 when both are empty.
+    - content: the mean of ingredient_f1, quantity_accuracy (None counts 0) and step_agreement.
     - step_count_error: |#predicted steps - #reference steps| (int).
     - rouge_l: `rouge_l` of the whole texts.
     """
@@ -168,9 +172,14 @@ def recipe_scores(prediction_text: str | None, reference_text: str) -> dict:
         right = sum(_same_quantity(p["quantity"], r["quantity"]) and p["unit"] == r["unit"]
                     for p, r in pairs)
         quantity_accuracy = right / len(pairs)
+    steps = [[normalize(s) for s in side["steps"]] for side in (pred, ref)]
+    longest = max(map(len, steps))
+    step_agreement = _lcs_length(*steps) / longest if longest else 1.0
     return {
         "ingredient_f1": f1,
         "quantity_accuracy": quantity_accuracy,
+        "step_agreement": step_agreement,
+        "content": (f1 + (quantity_accuracy or 0.0) + step_agreement) / 3,
         "step_count_error": abs(len(pred["steps"]) - len(ref["steps"])),
         "rouge_l": rouge_l(prediction_text, reference_text),
     }
@@ -187,11 +196,14 @@ def score_recipes(predictions: Sequence[str | None], references: Sequence[str]) 
     per = [recipe_scores(p, r) for p, r in zip(predictions, references)]
     n = len(per)
     quantities = [s["quantity_accuracy"] for s in per if s["quantity_accuracy"] is not None]
+    mean = lambda key: sum(s[key] for s in per) / n if n else 0.0  # noqa: E731
     return {
-        "ingredient_f1": sum(s["ingredient_f1"] for s in per) / n if n else 0.0,
+        "content": mean("content"),
+        "ingredient_f1": mean("ingredient_f1"),
         "quantity_accuracy": sum(quantities) / len(quantities) if quantities else None,
+        "step_agreement": mean("step_agreement"),
         "step_count_error": sum(s["step_count_error"] for s in per) / n if n else None,
-        "rouge_l": sum(s["rouge_l"] for s in per) / n if n else 0.0,
+        "rouge_l": mean("rouge_l"),
         "bleu4": bleu4(predictions, references),
     }
 
