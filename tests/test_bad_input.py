@@ -73,7 +73,7 @@ def _spoil(store) -> dict:
 def test_every_bad_kind_is_counted_and_every_good_sample_kept(ray_cluster, s3_store, tmp_path, monkeypatch):
     monkeypatch.setenv("DDFT_CACHE", str(tmp_path / "cache"))
     base = ensure_base(s3_store, "tiny", build="tiny")
-    write_kitchen(s3_store, RAW, seed=1, dishes=3, images_per_dish=4, recipes=10, qa_pairs=20)
+    write_kitchen(s3_store, RAW, seed=1, dishes=3, held_out_dishes=0, images_per_dish=4, recipes=10, qa_pairs=20)
     expected = _spoil(s3_store)
     lenient = DataConfig(max_skip_ratio=0.7)
 

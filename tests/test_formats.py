@@ -145,6 +145,33 @@ def test_qa(store):
         ("qa.jsonl:5", "not_object: expected a JSON object, got list")]
 
 
+def test_qa_fact_and_split_are_read_and_checked(store):
+    from ddft.data.prepare import qa_split
+
+    store.write_text("qa/qa.jsonl", '{"question": "Colour of soup?", "answer": "red", "fact": "f1", "split": "TEST"}\n'
+                     '{"question": "What colour is soup?", "answer": "red", "fact": "f1"}\n'
+                     '{"question": "Q?", "answer": "A", "split": "holdout"}\n'
+                     '{"question": "Q?", "answer": "A", "fact": 3}\n')
+    store.write_text("qa/qa.csv", "question,answer,split,fact\nColour of soup?,red,val,f1\nShape?,round,,\n")
+    pairs = read_qa(store, "qa/qa.jsonl")
+    assert [(p.fact, p.split) for p in pairs] == [("f1", "test"), ("f1", None)]
+    assert pairs[0] == ("Colour of soup?", "red")  # still a pair
+    assert [w for w, _ in pairs.problems] == ["qa.jsonl:3", "qa.jsonl:4"]
+    assert pairs.problems[0][1].startswith("bad_split: 'split' must be one of ['train', 'val', 'test']")
+    assert pairs.problems[1][1].startswith("bad_fact")
+    csv_pairs = read_qa(store, "qa/qa.csv")
+    assert [(tuple(p), p.fact, p.split) for p in csv_pairs] == [
+        (("Colour of soup?", "red"), "f1", "val"), (("Shape?", "round"), None, None)]
+    # The file's split wins; without one, a hash of the fact decides, the same for every phrasing.
+    assert qa_split(pairs[0]) == "test"
+    from ddft.data.formats import QAPair
+
+    facts = [[QAPair(f"q{i}-{k}", "a", fact=f"fact-{i}") for k in range(2)] for i in range(200)]
+    sides = [{qa_split(p) for p in pair} for pair in facts]
+    assert all(s in ({"test"}, {"train"}, {"val"}, {"train", "val"}) for s in sides)
+    assert 5 <= sum(s == {"test"} for s in sides) <= 40
+
+
 def test_tasty_recipe_that_is_not_utf8(store):
     _tasty(store)
     store.write_bytes("tasty/salty/recipe.xml",

@@ -72,11 +72,12 @@ def test_bad_videos_are_skipped_with_reasons_or_refused(prepared, tmp_path):
     recipes = sorted({k.split("/")[3] for k in bad.list("datasets/raw/tasty") if k.endswith(".mp4")})
     bad.write_bytes(f"datasets/raw/tasty/{recipes[0]}/recipe_video.mp4", b"this is a text file, not an mp4")
     bad.write_bytes(f"datasets/raw/tasty/{recipes[1]}/recipe_video.mp4", b"")
-    with pytest.raises(PrepareError, match=r"2 of 6 samples are bad .*undecodable_video \(1\), empty_file \(1\)"):
+    # 6 recipes of the 3 trained dishes and 2 of each of the 2 held-out ones: 10 videos
+    with pytest.raises(PrepareError, match=r"2 of 10 samples are bad .*undecodable_video \(1\), empty_file \(1\)"):
         prepare(bad, cfg.data, base, "video")
     lenient = cfg.data.model_copy(update={"max_skip_ratio": 0.5})
     result = prepare(bad, lenient, base, "video")
-    assert result.skipped["total"] == 2 and sum(result.counts.values()) == 4
+    assert result.skipped["total"] == 2 and sum(result.counts.values()) == 8
     manifest = bad.read_json(f"{result.key}/manifest.json")
     assert manifest["skipped"]["by_reason"] == {"undecodable_video": 1, "empty_file": 1}
     assert {e["id"] for e in manifest["skipped"]["examples"]} == set(recipes[:2])

@@ -35,7 +35,9 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     assert fa == fb
     assert fa.keys() == fc.keys()
     media = [k for k in fa if k.endswith((".jpg", ".mp4"))]
-    assert len(media) == 3 * 3 + 4 + 1  # + the held-out recipe again, in YouCook2's layout
+    # photos of the 3 dishes; 4 recipes and 2 of each of the 2 held-out dishes; the 5 that are not
+    # trained on (1 val, 4 test) again in YouCook2's layout
+    assert len(media) == 3 * 3 + (4 + 2 * 2) + 5
     assert all(fa[k] != fc[k] for k in media)
     assert fa["datasets/raw/cooking_qa/qa.jsonl"] != fc["datasets/raw/cooking_qa/qa.jsonl"]
 
@@ -54,8 +56,12 @@ def test_defaults_and_layout(kitchen):
     store, summary = kitchen
     assert summary["dishes"] == [d.key for d in DISHES[:6]]
     assert summary["foodx"] == {"train": 36, "val": 12}
-    assert len(summary["recipes"]) == 12 and summary["qa_pairs"] == 60
-    assert summary["splits"]["test"] and summary["splits"]["val"]
+    assert len(summary["recipes"]) == 12 + 2 * 2 and summary["qa_pairs"] == 60
+    assert summary["held_out_dishes"] == ["rice_pudding", "cheese_toast"]
+    # Held out: every video of a dish never trained on (and only those); in-distribution: new amounts.
+    assert sorted(summary["splits"]["test"]) == ["cheese-toast-1", "cheese-toast-2", "rice-pudding-1", "rice-pudding-2"]
+    assert summary["splits"]["val"] and all(summary["recipes"][r]["dish"] in summary["dishes"]
+                                            for r in summary["splits"]["train"] + summary["splits"]["val"])
     assert summary["video"] == {"codec": summary["video"]["codec"], "fps": 10, "frames": 60,
                                 "size": [224, 224]}
     assert summary["video"]["codec"] in ("libx264", "mpeg4")
@@ -101,13 +107,28 @@ def test_tasty_reads_back_and_video_shows_the_recipe(kitchen):
     for r in recipes:
         vr = decord.VideoReader(io.BytesIO(store.read_bytes(r.video_key)))
         assert len(vr) == 60 and vr[0].shape == (224, 224, 3) and vr.get_avg_fps() == 10
-        tray_row = vr.get_batch(list(range(60))).asnumpy()[:, round(224 * 0.11)]
+        # The tray's row, inside the tray (x 20%..80%): the table around it may be near a food's grey.
+        tray_row = vr.get_batch(list(range(60))).asnumpy()[:, round(224 * 0.11), round(224 * 0.2) + 2:round(224 * 0.8) - 2]
         # Every frame of an ingredient's step (the span's last 5-frame block included) shows as
         # many icons of its colour as the amount says: the amounts and the alignment are right.
         for ing, (first, last) in zip(r.ingredients, r.step_spans):
             food = FOODS[ing.name]
             counts = {_icon_runs(row, food.colour) for row in tray_row[first:last + 5]}
             assert counts == {ing.quantity / food.per_icon}, (r.id, ing, counts)
+
+
+def test_qa_holds_out_whole_facts_and_every_fact_of_the_held_out_dishes(kitchen):
+    store, summary = kitchen
+    pairs = read_qa(store, "datasets/raw/cooking_qa/qa.jsonl")
+    by_fact: dict = {}
+    for p in pairs:
+        by_fact.setdefault(p.fact, set()).add(p.split)
+    # No fact has one phrasing held out and the other trained on; val phrasings are of trained facts.
+    assert all(s in ({"test"}, {"train"}, {"val"}, {"train", "val"}) for s in by_fact.values()), by_fact
+    assert summary["qa_splits"]["test"] >= 6 and summary["qa_splits"]["val"] >= 2
+    unseen = [d.replace("_", " ") for d in summary["held_out_dishes"]]
+    about_unseen = [p for p in pairs if any(d in p[0] for d in unseen)]
+    assert about_unseen and {p.split for p in about_unseen} == {"test"}
 
 
 def test_qa_reads_back_and_agrees_with_the_videos(kitchen):

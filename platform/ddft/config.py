@@ -61,12 +61,23 @@ class BaseModelConfig(Strict):
         return self
 
 
+KITCHEN_DISHES = 8  # len(ddft.data.synthetic.DISHES); not imported here: that module draws with PIL and PyAV
+
+
 class SyntheticConfig(Strict):
     seed: int = 0
-    dishes: int = Field(6, ge=2, le=50)
+    dishes: int = Field(6, ge=2, le=KITCHEN_DISHES, description="dishes trained on")
+    held_out_dishes: int = Field(2, ge=0, le=6, description="dishes only in the held-out (test) splits")
     images_per_dish: int = Field(8, ge=2)
     recipes: int = Field(12, ge=3)
     qa_pairs: int = Field(60, ge=4)
+
+    @model_validator(mode="after")
+    def _menu(self):
+        if self.dishes + self.held_out_dishes > KITCHEN_DISHES:
+            raise ValueError(f"synthetic: dishes {self.dishes} + held_out_dishes {self.held_out_dishes} is more "
+                             f"than the kitchen's {KITCHEN_DISHES} dishes; lower one of them")
+        return self
 
 
 class DataConfig(Strict):
@@ -136,6 +147,14 @@ class JobConfig(Strict):
     resources: Resources = Resources()
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 needs a GPU")
     gradient_checkpointing: bool = False
+    samples: dict[Literal["image", "video", "text"], int] | Literal["directed"] | None = Field(
+        None, description="joint jobs only: train samples to draw from each modality (whole passes over its "
+        "train rows, then a seeded part of one more), or 'directed' for as many as this pipeline's directed "
+        "job of that modality trains on (steps x batch x grad_accum x workers): the equal-budget baseline. "
+        "The job's steps follow from the total; default: every modality's rows mixed, by max_steps/epochs")
+
+    def samples_per_step(self) -> int:
+        return self.optim.batch_size * self.optim.grad_accum * self.resources.num_workers
 
     @model_validator(mode="after")
     def _gpu_only(self):
@@ -148,6 +167,11 @@ class JobConfig(Strict):
         if self.modality == JOINT and self.dataset_version:
             raise ValueError(f"job {self.name}: a joint job trains on the newest version of every "
                              "modality; remove dataset_version")
+        if self.samples is not None and self.modality != JOINT:
+            raise ValueError(f"job {self.name}: samples is for joint jobs; a {self.modality} job trains on its "
+                             "own modality's rows (set optim.max_steps or optim.epochs)")
+        if isinstance(self.samples, dict) and (bad := {m: n for m, n in self.samples.items() if n < 1}):
+            raise ValueError(f"job {self.name}: samples {bad}: give each modality at least 1 (or leave it out)")
         return self
 
 
@@ -225,6 +249,30 @@ class PipelineConfig(Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"jobs: names must be unique, repeated: {dupes}")
+        return self
+
+    @model_validator(mode="after")
+    def _joint_budgets(self):
+        """A joint job's `samples` resolved to numbers, and its steps set from their total."""
+        for i, job in enumerate(self.jobs):
+            if job.samples is None:
+                continue
+            samples = job.samples
+            if samples == "directed":
+                samples = {}
+                for m in MODALITIES:
+                    directed = [j for j in self.jobs if j.modality == m]
+                    if len(directed) != 1 or directed[0].optim.max_steps is None:
+                        raise ValueError(f"job {job.name}: samples 'directed' needs exactly one {m} job with "
+                                         f"optim.max_steps set (found {[j.name for j in directed]}); or give "
+                                         "samples per modality")
+                    samples[m] = directed[0].optim.max_steps * directed[0].samples_per_step()
+            steps = -(-sum(samples.values()) // job.samples_per_step())
+            if job.optim.max_steps not in (None, steps):  # (a resolved config, written back out, has it)
+                raise ValueError(f"job {job.name}: remove optim.max_steps: a job with samples trains exactly "
+                                 f"those, so its steps follow from them ({steps} here)")
+            self.jobs[i] = job.model_copy(update={"samples": samples,
+                                                  "optim": job.optim.model_copy(update={"max_steps": steps})})
         return self
 
     def job(self, name: str) -> JobConfig:

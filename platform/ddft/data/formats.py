@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from ddft.recipes import Ingredient, format_recipe, parse_tasty_ingredient
 from ddft.store import Store, StoreError
 
-__all__ = ["Records", "FoodxDataset", "read_foodx", "TastyRecipe", "read_tasty", "read_qa",
+__all__ = ["Records", "FoodxDataset", "read_foodx", "TastyRecipe", "read_tasty", "read_qa", "QAPair", "QA_SPLITS",
            "YoucookVideo", "read_youcook2", "TASTY_FRAME_STRIDE", "YOUCOOK2_SUBSETS"]
 
 
@@ -386,15 +386,33 @@ def read_youcook2(store: Store, key: str, *, subset: str | None = None) -> Recor
 # --- Cooking QA -----------------------------------------------------------------------------------
 
 _QA_COLUMNS = ("question", "answer")
+QA_SPLITS = ("train", "val", "test")
 _UNDECODABLE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a non-UTF-8 byte
 
 
-def _qa_pair(q, a) -> tuple[str, str]:
-    """The stripped pair, or _Skip naming what is empty."""
+class QAPair(tuple):
+    """(question, answer), unpacking and comparing as that pair, plus two optional fields:
+    `fact` names the fact asked (its paraphrases share it, so a split keeps them together) and
+    `split` places the pair ("train", "val" or "test") as Tasty's split files place recipes."""
+    fact: str | None
+    split: str | None
+
+    def __new__(cls, question: str, answer: str, fact: str | None = None, split: str | None = None):
+        pair = super().__new__(cls, (question, answer))
+        pair.fact, pair.split = fact, split
+        return pair
+
+
+def _qa_pair(q, a, fact=None, split=None) -> QAPair:
+    """The stripped pair, or _Skip naming what is empty or malformed."""
     for name, value in zip(_QA_COLUMNS, (q, a)):
         if not (isinstance(value, str) and value.strip()):
             raise _Skip(f"empty_{name}", f"needs a non-empty string '{name}'")
-    return q.strip(), a.strip()
+    if fact is not None and not (isinstance(fact, str) and fact.strip()):
+        raise _Skip("bad_fact", "'fact' must be a non-empty string (or left out)")
+    if split is not None and (split.strip().lower() if isinstance(split, str) else split) not in QA_SPLITS:
+        raise _Skip("bad_split", f"'split' must be one of {list(QA_SPLITS)} (or left out), not {split!r}")
+    return QAPair(q.strip(), a.strip(), fact.strip() if fact else None, split.strip().lower() if split else None)
 
 
 def _read_qa_jsonl(store: Store, key: str, pairs: Records) -> None:
@@ -406,7 +424,7 @@ def _read_qa_jsonl(store: Store, key: str, pairs: Records) -> None:
             row = json.loads(line)
             if not isinstance(row, dict):
                 raise _Skip("not_object", f"expected a JSON object, got {type(row).__name__}")
-            pairs.append(_qa_pair(row.get("question"), row.get("answer")))
+            pairs.append(_qa_pair(row.get("question"), row.get("answer"), row.get("fact"), row.get("split")))
         except json.JSONDecodeError as e:
             pairs.problems.append((f"{name}:{n}", f"not_json: {e.msg}"))
         except _Skip as e:
@@ -429,6 +447,7 @@ def _read_qa_csv(store: Store, key: str, pairs: Records) -> None:
         raise ValueError(f"{store.url(key)}: CSV columns {found} lack {missing}; "
                          f"needs {list(_QA_COLUMNS)} in the header")
     qi, ai = header.index("question"), header.index("answer")
+    optional = [header.index(c) if c in header else None for c in ("fact", "split")]
     line = reader.line_num + 1  # where the next row starts
     for row in reader:
         where, line = f"{name}:{line}", reader.line_num + 1
@@ -439,13 +458,15 @@ def _read_qa_csv(store: Store, key: str, pairs: Records) -> None:
                 raise _Skip("not_utf8", "row has bytes that are not UTF-8")
             if len(row) <= max(qi, ai):
                 raise _Skip("short_row", f"{len(row)} cells for {len(header)} columns")
-            pairs.append(_qa_pair(row[qi], row[ai]))
+            pairs.append(_qa_pair(row[qi], row[ai], *(row[i] or None if i is not None and i < len(row) else None
+                                                      for i in optional)))
         except _Skip as e:
             pairs.problems.append((where, str(e)))
 
 
 def read_qa(store: Store, key: str) -> Records:
-    """(question, answer) pairs from `.jsonl` or `.csv`; bad rows -> ("<file>:<line>", reason)."""
+    """QAPairs from `.jsonl` or `.csv` (`fact` and `split` optional beside `question` and `answer`);
+    bad rows -> ("<file>:<line>", reason)."""
     readers = {".jsonl": _read_qa_jsonl, ".csv": _read_qa_csv}
     ext = posixpath.splitext(key)[1].lower()
     if ext not in readers:

@@ -7,7 +7,13 @@
   left and right, add: icons falling into the pot, pour: a jug tilting with a stream, stir: a spoon
   circling in the pot, serve: the dish growing). The recipe text follows from what is shown, and
   csvalignment.dat says where each step is; the closing "Enjoy!" is never shown (-1,-1), as in Tasty;
-- cooking QA (JSONL): questions whose answers are the kitchen's facts.
+- cooking QA (JSONL): questions whose answers are the kitchen's facts, two phrasings of each.
+
+What is held out is really held out: the last `held_out_dishes` dishes of the menu are never
+trained on. Their recipe videos (new combinations of foods the other dishes show, with new
+amounts) are the Tasty `test` split, and every QA fact about them is in QA's `test` split, as are
+a few other whole facts (both phrasings on one side). The in-distribution sets are the `val`
+splits: trained dishes with new amounts, and the second phrasing of some trained facts.
 
 Everything is seeded per item (numpy Generators keyed by (seed, kind, index)), so the same seed
 writes the same bytes, and changing one count doesn't reshuffle the rest.
@@ -18,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
@@ -347,28 +354,34 @@ def _recipe_xml(title: str, lines: list[str], steps: list[str]) -> str:
             f"</recipe>\n")
 
 
-def _split_of(r: int, n_dishes: int, n_recipes: int) -> str:
-    # First round of recipes trains every dish; later rounds cycle test, val, train, train.
-    if r < n_dishes:
-        return "test" if n_recipes <= n_dishes and r == n_recipes - 1 and r > 0 else "train"
-    return ("test", "val", "train", "train")[(r - n_dishes) % 4]
+HELD_OUT_VIDEOS = 2  # recipe videos of each held-out dish (each with its own amounts)
+
+
+def _split_of(r: int, n_dishes: int) -> str:
+    # First round of recipes trains every dish; later rounds cycle val, train, train.
+    return "train" if r < n_dishes else ("val", "train", "train")[(r - n_dishes) % 3]
 
 
 # --- the kitchen ----------------------------------------------------------------------------------
 
 def write_kitchen(store: Store | str, prefix: str = "datasets/raw", *, seed: int = 0,
-                  dishes: int = 6, images_per_dish: int = 8, recipes: int = 12,
+                  dishes: int = 6, held_out_dishes: int = 2, images_per_dish: int = 8, recipes: int = 12,
                   qa_pairs: int = 60, video_seconds: float = 6.0, fps: int = 10,
                   size: tuple[int, int] = (224, 224)) -> dict:
     """Write foodx251/, tasty/, youcook2/ (the held-out recipes, for evaluation) and cooking_qa/
-    under `prefix`; return a summary with every recipe's expected target text."""
+    under `prefix`; return a summary with every recipe's expected target text.
+
+    `dishes` are trained on (photos, `recipes` videos, QA); the next `held_out_dishes` of the menu
+    only appear in the held-out splits (HELD_OUT_VIDEOS videos each, and their QA facts)."""
     store = Store(store) if isinstance(store, str) else store
-    if not 1 <= dishes <= len(DISHES):
-        raise ValueError(f"dishes={dishes}: the kitchen knows 1..{len(DISHES)} dishes")
+    if dishes < 1 or held_out_dishes < 0 or dishes + held_out_dishes > len(DISHES):
+        raise ValueError(f"dishes={dishes} + held_out_dishes={held_out_dishes}: the kitchen knows "
+                         f"{len(DISHES)} dishes in all (and at least one to train on)")
     if images_per_dish < 2 or recipes < 1 or qa_pairs < 0:
         raise ValueError("need images_per_dish >= 2 (train + val), recipes >= 1, qa_pairs >= 0")
     prefix = prefix.rstrip("/")
     menu = DISHES[:dishes]
+    unseen = DISHES[dishes:dishes + held_out_dishes]
     files = 0
 
     def put(key: str, data: bytes | str) -> None:
@@ -391,14 +404,17 @@ def write_kitchen(store: Store | str, prefix: str = "datasets/raw", *, seed: int
     for split, lines in rows.items():
         put(f"foodx251/{split}_info.csv", "".join(lines))
 
-    # Tasty: recipe r cooks dish r % dishes; its first recipe uses the dish's classic amounts.
+    # Tasty: recipe r cooks dish r % dishes; then each held-out dish's videos (all test). A dish's
+    # first recipe uses its classic amounts (the ones QA asks about), the others amounts of their own.
     classic = [list(_rng(seed, 2, i).integers(1, _MAX_ICONS + 1, len(d.foods)))
-               for i, d in enumerate(menu)]
+               for i, d in enumerate(menu + unseen)]
     n_frames = round(video_seconds * fps)
     summary_recipes, splits, youcook = {}, {"train": [], "val": [], "test": []}, {}
-    for r in range(recipes):
-        dish_i, round_ = r % dishes, r // dishes
-        dish, rng = menu[dish_i], _rng(seed, 3, r)
+    held_out = [(dishes + i, k) for i in range(held_out_dishes) for k in range(HELD_OUT_VIDEOS)]
+    for r in range(recipes + len(held_out)):
+        dish_i, round_ = (r % dishes, r // dishes) if r < recipes else held_out[r - recipes]
+        dish, rng = (menu + unseen)[dish_i], _rng(seed, 3, r)
+        split = _split_of(r, dishes) if r < recipes else "test"
         amounts = classic[dish_i] if round_ == 0 else list(
             rng.integers(1, _MAX_ICONS + 1, len(dish.foods)))
         plan = _plan_recipe(dish, rng, [int(a) for a in amounts])
@@ -427,7 +443,6 @@ def write_kitchen(store: Store | str, prefix: str = "datasets/raw", *, seed: int
         put(f"tasty/{rid}/csvalignment.dat", "".join(spans) + "-1,-1\n")
         video = encode_mp4(frames, fps)
         put(f"tasty/{rid}/recipe_video.mp4", video)
-        split = _split_of(r, dishes, recipes)
         splits[split].append(rid)
         if split != "train":  # held-out recipes again in YouCook2's layout, for its evaluation path
             recipe_type = str(101 + dish_i)
@@ -441,16 +456,21 @@ def write_kitchen(store: Store | str, prefix: str = "datasets/raw", *, seed: int
 
     put("youcook2/youcookii_annotations_trainval.json", json.dumps({"database": youcook}, indent=1))
 
-    qa = _qa_pairs(menu, classic, _rng(seed, 4), qa_pairs)
-    put("cooking_qa/qa.jsonl", "".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in qa))
+    qa = _qa_pairs(menu + unseen, classic, _rng(seed, 4), qa_pairs, {d.name for d in unseen})
+    put("cooking_qa/qa.jsonl", "".join(json.dumps(row) + "\n" for row in qa))
     return {"prefix": prefix, "seed": seed, "dishes": [d.key for d in menu],
+            "held_out_dishes": [d.key for d in unseen],
+            "qa_splits": dict(sorted(Counter(row["split"] for row in qa).items())),
             "foodx": {s: len(v) for s, v in rows.items()}, "recipes": summary_recipes,
             "splits": splits, "youcook2": sorted(youcook), "qa_pairs": len(qa), "files": files,
             "video": {"codec": video_codec(), "fps": fps, "frames": n_frames, "size": list(size)}}
 
 
-def _qa_pairs(menu: list[Dish], classic, rng: np.random.Generator, n: int) -> list[tuple[str, str]]:
-    """Cooking questions answered by the kitchen's facts, two phrasings each, shuffled, first n."""
+def _qa_pairs(menu: list[Dish], classic, rng: np.random.Generator, n: int, unseen: set[str]) -> list[dict]:
+    """Cooking questions answered by the kitchen's facts, two phrasings each, shuffled, first n; as
+    QA JSONL rows with the fact they ask (`fact`) and their `split`: every fact about an `unseen`
+    dish and about one in seven of the others is `test` (both phrasings), one in seven of the rest
+    has its second phrasing in `val`."""
     facts = []
     for dish, amounts in zip(menu, classic):
         facts.append((f"What colour is {dish.name}?", f"What colour is the {dish.name}?",
@@ -473,6 +493,12 @@ def _qa_pairs(menu: list[Dish], classic, rng: np.random.Generator, n: int) -> li
         facts.append((f"What do you do with {f.name}?", f"How is {f.name} prepared?",
                       " or ".join(f.actions)))
     facts.sort()  # set iteration order above is not stable across runs
-    pairs = [(q, a) for q1, q2, a in facts for q in (q1, q2)]
-    order = rng.permutation(len(pairs))
-    return [pairs[i] for i in order[:n]]
+    roll = rng.integers(0, 7, len(facts))
+    rows = []
+    for i, ((q1, q2, a), r) in enumerate(zip(facts, roll)):
+        about_unseen = any(d in q1 for d in unseen)
+        splits = ("test", "test") if about_unseen or r == 0 else ("train", "val") if r == 1 else ("train", "train")
+        rows += [{"question": q, "answer": a, "fact": f"fact-{i:03d}", "split": split}
+                 for q, split in zip((q1, q2), splits)]
+    order = rng.permutation(len(rows))
+    return [rows[i] for i in order[:n]]
