@@ -60,12 +60,25 @@ def run_name(job: JobConfig, fingerprint: str) -> str:
     return f"{job.name}-{fingerprint}"
 
 
-def _datasets(store: Store, versions: dict[str, str], seed: int) -> tuple[dict, int, bool]:
-    """Train (and val, when there is any) datasets; the joint job's modalities shuffled together."""
+def draw(ds, n: int, seed: int, what: str = "the"):
+    """n rows of ds: whole passes over it, then the first rows of one seeded shuffle of it."""
+    rows = ds.count()
+    if rows == 0:
+        raise ValueError(f"no {what} train rows to draw {n} samples from: prepare that data first")
+    parts = [ds] * (n // rows) + ([ds.random_shuffle(seed=seed).limit(n % rows)] if n % rows else [])
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def _datasets(store: Store, versions: dict[str, str], seed: int,
+              samples: dict[str, int] | None = None) -> tuple[dict, int, bool]:
+    """Train (and val, when there is any) datasets; the joint job's modalities shuffled together,
+    each drawn to its number of `samples` when the job gives them (the equal-budget baseline)."""
     import ray
 
     def read(split: str):
         parts = [read_prepared(store, m, v, split=split) for m, v in versions.items()]
+        if samples and split == "train":
+            parts = [draw(p, samples[m], seed, m) for p, m in zip(parts, versions)]
         return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:]).random_shuffle(seed=seed)
 
     # Materialized first: train workers may hold every CPU, and a lazy read would then starve.
@@ -116,7 +129,7 @@ def run_job(cfg: PipelineConfig, job: JobConfig, force: bool = False, publish_ad
     run_uri = store.url(f"runs/{name}")
 
     # --- train: the same name resumes the run's latest checkpoint (after a crash or a resubmit) ---
-    datasets, num_rows, has_val = _datasets(store, versions, job.optim.seed)
+    datasets, num_rows, has_val = _datasets(store, versions, job.optim.seed, job.samples)
     if num_rows == 0:
         raise ValueError(f"job {job.name}: prepared data {versions} has no train rows")
     ingest = ray.train.DataConfig.default_ingest_options()

@@ -70,11 +70,35 @@ def new_state() -> dict:
             "losses": [], "val_losses": [], "history": [], "resumed_from": []}
 
 
+def rng_state() -> dict:
+    """Every random generator a step may draw from (dropout: torch's, on CPU and on each GPU)."""
+    import random
+
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": json.dumps(random.getstate())}
+
+
+def set_rng_state(saved: dict) -> None:
+    import random
+
+    torch.set_rng_state(saved["torch"])
+    if saved["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda"])
+    kind, keys, *rest = saved["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = json.loads(saved["python"])
+    random.setstate((version, tuple(internal), gauss))
+
+
 def save_checkpoint(model, optimizer, scheduler, out: Path, state: dict) -> None:
-    """Everything needed to go on exactly where training stopped."""
+    """Everything needed to go on exactly where training stopped: the same weights, optimizer
+    moments, schedule, data position and random streams as if it never had."""
     model.save_pretrained(out / "adapter", safe_serialization=True)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": torch.get_rng_state()}, out / "optimizer.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+               out / "optimizer.pt")
     (out / "train_state.json").write_text(json.dumps(state, indent=2))
 
 
@@ -86,7 +110,7 @@ def load_checkpoint(model, optimizer, scheduler, ckpt: Path) -> dict:
     extra = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)  # tensors only: no code
     optimizer.load_state_dict(extra["optimizer"])  # moves state to each parameter's device
     scheduler.load_state_dict(extra["scheduler"])
-    torch.set_rng_state(extra["rng"])
+    set_rng_state(extra["rng"])
     return json.loads((ckpt / "train_state.json").read_text())
 
 
