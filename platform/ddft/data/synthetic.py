@@ -312,7 +312,11 @@ def encode_mp4(frames, fps: int) -> bytes:
         stream = None
         for frame in frames:
             if stream is None:
-                stream = out.add_stream(video_codec(), rate=fps, options={"g": str(fps)})
+                # x264's macroblock tree made some of these videos differ from run to run on the
+                # same frames (one thread, default preset); without it the bytes are the same.
+                options = {"g": str(fps), "threads": "1"} | (
+                    {"x264-params": "mbtree=0"} if video_codec() == "libx264" else {})
+                stream = out.add_stream(video_codec(), rate=fps, options=options)
                 stream.height, stream.width = frame.shape[:2]
                 stream.pix_fmt = "yuv420p"
                 stream.codec_context.thread_count = 1
