@@ -61,11 +61,15 @@ def run_name(job: JobConfig, fingerprint: str) -> str:
 
 
 def draw(ds, n: int, seed: int, what: str = "the"):
-    """n rows of ds: whole passes over it, then the first rows of one seeded shuffle of it."""
-    rows = ds.count()
-    if rows == 0:
+    """n rows of ds: whole passes over it, then a seeded choice of its rows (by id) for the rest."""
+    import numpy as np
+
+    ids = sorted(r["id"] for r in ds.select_columns(["id"]).take_all())
+    if not ids:
         raise ValueError(f"no {what} train rows to draw {n} samples from: prepare that data first")
-    parts = [ds] * (n // rows) + ([ds.random_shuffle(seed=seed).limit(n % rows)] if n % rows else [])
+    passes, rest = divmod(n, len(ids))
+    chosen = set(np.random.default_rng(seed).choice(ids, rest, replace=False).tolist()) if rest else set()
+    parts = [ds] * passes + ([ds.filter(lambda row: row["id"] in chosen)] if rest else [])
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
