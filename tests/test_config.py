@@ -76,3 +76,46 @@ def test_entrypoint_refuses_a_bad_config_without_a_traceback(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2  # a usage or config error (ddft --help lists the exit codes)
     assert "jobs.0.modality: got 'smell'" in out.stderr and "Traceback" not in out.stderr
+
+
+def _pipeline(jobs: list[dict], **data) -> dict:
+    return {"base": {"id": "tiny", "build": "tiny"}, "data": data, "jobs": jobs}
+
+
+def _job(name, modality=None, batch=2, steps=None, **extra):
+    return {"name": name, "modality": modality or name, "optim": {"batch_size": batch, "max_steps": steps}, **extra}
+
+
+def test_an_equal_budget_joint_job_gets_each_directed_jobs_samples_and_their_total_steps():
+    cfg = config.validate(config.PipelineConfig, _pipeline(
+        [_job("image", batch=4, steps=45), _job("video", batch=2, steps=20), _job("text", batch=4, steps=30),
+         _job("joint", batch=4, samples="directed")]))
+    joint = cfg.job("joint")
+    assert joint.samples == {"image": 180, "video": 40, "text": 120} and joint.optim.max_steps == 85
+    # Written back out and read again (train_all's config file), it is the same job.
+    again = config.validate(config.PipelineConfig, cfg.model_dump(mode="json"))
+    assert again.job("joint") == joint
+    explicit = config.validate(config.PipelineConfig, _pipeline(
+        [_job("joint", batch=3, samples={"image": 5, "text": 2})]))
+    assert explicit.job("joint").optim.max_steps == 3  # ceil(7 / 3)
+
+
+@pytest.mark.parametrize("jobs, message", [
+    ([_job("image", steps=4), _job("joint", samples="directed")], "needs exactly one video job with optim.max_steps"),
+    ([_job("image"), _job("video", steps=1), _job("text", steps=1), _job("joint", samples="directed")],
+     "needs exactly one image job with optim.max_steps set"),
+    ([_job("joint", steps=5, samples={"image": 4})], "remove optim.max_steps"),
+    ([_job("image", samples={"image": 4})], "samples is for joint jobs"),
+    ([_job("joint", samples={"image": 0})], "at least 1"),
+])
+def test_bad_joint_budgets_are_refused_with_what_to_change(jobs, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.validate(config.PipelineConfig, _pipeline(jobs))
+
+
+def test_the_kitchen_menu_is_checked():
+    from ddft.data.synthetic import DISHES
+
+    assert config.KITCHEN_DISHES == len(DISHES)
+    with pytest.raises(config.ConfigError, match="more than the kitchen's 8 dishes"):
+        config.validate(config.PipelineConfig, _pipeline([_job("text")], synthetic={"dishes": 7, "held_out_dishes": 2}))

@@ -1,6 +1,13 @@
-"""The point of DDFT, measured: on the synthetic kitchen each modality's directed adapter beats the
-base on its own held-out metric by a stated margin, and the joint adapter (one LoRA on all
-modalities mixed, the paper's baseline) is scored beside them.
+"""The point of DDFT, measured on the synthetic kitchen, with the paper's comparisons asserted:
+
+- each directed adapter beats the base on its own modality's held-out set (dishes and QA facts
+  never trained on; new photos of the trained dishes) by a stated margin, on a metric a
+  well-formatted answer about the wrong dish can't pass (test_bars: a constant recipe and a
+  wrong-dish recipe fail the video bar);
+- the media adapters read their media: shown another sample's video (or image), the video
+  adapter's ingredient F1 falls by >= 0.2 and the image adapter's accuracy by >= 0.3;
+- directed beats the joint adapter trained on the same budget (the same samples of each
+  modality, the same steps x batch in all) on at least two of the three modalities.
 
 It runs on the embedded base (SmolLM2-135M + small random CLIP towers, the demo's): the 2-layer
 random test base has no language to start from and learns too little in minutes to say anything.
@@ -13,31 +20,29 @@ import pytest
 
 from ddft.config import PipelineConfig, ServeSettings, validate
 from ddft.store import Store
+from tests.test_bars import BARS, FLOORS, GAPS, KITCHEN
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-KITCHEN = {"seed": 0, "dishes": 6, "images_per_dish": 8, "recipes": 12, "qa_pairs": 60}
-# (batch, steps): image 180 samples (5 epochs), video 40 (5 epochs), text 120 (~2 epochs)
+# (batch, steps): image 180 samples (5 passes over 36 photos), video 40 (4 over 10), text 120
 BUDGET = {"image": (4, 45), "video": (2, 20), "text": (4, 30)}
-# Stated margins over the base on held-out samples, on each modality's headline metric.
-MARGINS = {("image", "accuracy"): 0.30, ("video", "rouge_l"): 0.25, ("text", "rouge_l"): 0.10}
 MAX_NEW_TOKENS = {"video": 160}  # the longest recipe here and some (image and text: evaluate's own)
 
 
 def quality_config(store_uri: str) -> PipelineConfig:
-    def job(name, batch, steps):
+    def job(name, batch, steps=None, **extra):
         # 3 of the test cluster's 6 logical CPUs, one torch thread: two jobs at a time on 2 cores
         # (four at once thrashed the caches: 4x slower in all), the others wait in Ray's queue.
         return {"name": name, "modality": name, "resources": {"cpus_per_worker": 3, "torch_threads": 1},
                 "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
                 "optim": {"lr": 1e-3, "projector_lr": 2e-3, "max_steps": steps, "batch_size": batch,
-                          "warmup_ratio": 0.1, "checkpoint_every": 0}}
-    # The joint job: one adapter, the longest directed job's steps and batch, all modalities mixed.
-    joint_batch, joint_steps = max(BUDGET.values(), key=lambda b_s: b_s[0] * b_s[1])
+                          "warmup_ratio": 0.1, "checkpoint_every": 0}, **extra}
+    # The joint job: one adapter on all modalities mixed, on the directed jobs' budget: the same
+    # samples of each modality (so the same passes over each), the same steps x batch in all.
     return validate(PipelineConfig, {
         "store": {"uri": store_uri}, "base": {"id": "ddft-embedded-smollm2", "build": "embedded"},
         "data": {"synthetic": KITCHEN},
-        "jobs": [job(m, b, s) for m, (b, s) in BUDGET.items()] + [job("joint", joint_batch, joint_steps)]})
+        "jobs": [job(m, b, s) for m, (b, s) in BUDGET.items()] + [job("joint", 4, samples="directed")]})
 
 
 @pytest.fixture(scope="module")
@@ -50,28 +55,66 @@ def trained(ray_cluster, tmp_path_factory):
     prepare_all(cfg)
     results = run_all(cfg)
     print("\n" + table(results))
+    budgets = {j.name: j.samples or {j.modality: j.optim.max_steps * j.samples_per_step()} for j in cfg.jobs}
+    print("budgets (train samples):", budgets)
     assert [r.status for r in results] == ["succeeded"] * 4, [r.error for r in results]
     return cfg
 
 
-def test_ddft_adapters_beat_the_base_on_their_own_modality(trained):
+@pytest.fixture(scope="module")
+def scores(trained) -> dict:
+    """`ddft eval` on the trained adapters, once: {(set, modality, model name, inputs): row}."""
     from ddft.adapters.registry import read_manifest
     from ddft.train import evaluate
 
-    cfg = trained
-    store = Store.from_config(cfg.store)
+    store = Store.from_config(trained.store)
+    rows = evaluate.evaluate(store, trained.base.id, max_new_tokens=MAX_NEW_TOKENS)
+    report = evaluate.save(store, rows)
+    print("\n" + evaluate.table(rows) + f"\n(saved to {report})")
     joint = read_manifest(store, "ddft", "joint")
-    scores = evaluate.evaluate(store, cfg.base.id, max_new_tokens=MAX_NEW_TOKENS)
-    report = evaluate.save(store, scores)
-    print(evaluate.table(scores) + f"\n(saved to {report})")
-
-    by = {(r["dataset"], r["modality"], r["model"].split("/")[1] if "/" in r["model"] else "base"): r
-          for r in scores}
     for modality in ("image", "video", "text"):  # the joint adapter is scored beside each DDFT one
-        assert by[("held-out", modality, "joint")]["model"] == joint.ref
-    for (modality, metric), margin in MARGINS.items():
-        base, ddft = by[("held-out", modality, "base")][metric], by[("held-out", modality, modality)][metric]
-        assert ddft >= base + margin, f"{modality} {metric}: DDFT {ddft:.3f} vs base {base:.3f} (+{margin} expected)"
+        assert any(r["model"] == joint.ref and r["modality"] == modality for r in rows)
+    return {(r["dataset"], r["modality"], r["model"].split("/")[1] if "/" in r["model"] else "base", r["inputs"]): r
+            for r in rows}
+
+
+def _shortfalls(by: dict, modality: str) -> list[str]:
+    """Where a modality's directed adapter misses its bars (over the base, and matched - mismatched)."""
+    out = []
+    for (m, metric), margin in BARS.items():
+        if m != modality:
+            continue
+        base, ddft = (by[("held-out", m, name, "matched")][metric] for name in ("base", m))
+        bar = max(base + margin, FLOORS.get((m, metric), 0.0))
+        if ddft < bar:
+            out.append(f"{m} {metric}: DDFT {ddft:.3f} vs base {base:.3f} ({bar:.3f} expected)")
+    for (m, metric), bar in GAPS.items():
+        if m == modality and (gap := by[("held-out", m, m, "mismatched")]["gap"][metric]) < bar:
+            out.append(f"{m} {metric}: matched - mismatched {gap:.3f} (>= {bar} expected)")
+    return out
+
+
+@pytest.mark.parametrize("modality", [
+    "image", "text",
+    pytest.param("video", marks=pytest.mark.xfail(strict=True, reason=(
+        "measured (README, Results): on 40 video samples (20 steps x 2) the video adapter neither writes the "
+        "recipe format on unseen dishes (content 0.076, 4.25 steps off) nor reads the video (ingredient-F1 gap "
+        "0.000); the bar is the issue's, the shortfall is the finding"))),
+])
+def test_the_directed_adapter_reads_its_modality_and_beats_the_base(scores, modality):
+    assert not _shortfalls(scores, modality)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "measured (README, Results): the joint adapter on the same samples beats the directed ones on images "
+    "(0.833 vs 0.500) and videos (content 0.206 vs 0.076); directed wins on text (ROUGE-L 0.214 vs 0.179)"))
+def test_directed_beats_the_equal_budget_joint_on_two_of_three_modalities(scores):
+    from ddft.train.metrics import HEADLINE
+
+    wins = {m: scores[("held-out", m, m, "matched")][HEADLINE[m]] > scores[("held-out", m, "joint", "matched")][HEADLINE[m]]
+            for m in ("image", "video", "text")}
+    print("directed beats the equal-budget joint:", wins)
+    assert sum(wins.values()) >= 2, wins
 
 
 # Answers long enough to tell the engines apart: a dish name, a QA answer, the start of a recipe.

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from ddft.adapters.registry import Manifest, download, read_manifest
 from ddft.models.load import load_base, local_base_dir
@@ -60,6 +61,27 @@ def test_one_lora_job(prepared, tmp_path):
     again = run_job(cfg, cfg.job("video"))  # the same job resubmitted: already published, not retrained
     assert (again.status, again.adapter, read_manifest(store, "ddft", "video").version) == \
         ("skipped", result.adapter, manifest.version)
+
+
+def test_an_equal_budget_joint_job_draws_each_modalitys_samples(prepared):
+    """Whole passes over each modality's train rows and then part of one more: exactly the samples
+    the job gives, every row of a modality seen as often as a directed job would (+/- one pass)."""
+    from collections import Counter
+
+    from ddft.train.job import _datasets, dataset_versions
+
+    cfg, store, _, _ = prepared
+    joint = cfg.job("text").model_copy(update={"name": "joint", "modality": "joint"})
+    versions = dataset_versions(store, joint)
+    own = {m: _datasets(store, {m: v}, 0)[1] for m, v in versions.items()}
+    samples = {"image": 2 * own["image"] + 1, "video": own["video"] - 1, "text": 3 * own["text"]}
+    datasets, rows, _ = _datasets(store, versions, 0, samples)
+    assert rows == sum(samples.values())
+    drawn = datasets["train"].take_all()
+    kinds = Counter({0: "text", 3: "image", 4: "video"}[len(r["pixel_shape"])] for r in drawn)
+    assert kinds == samples
+    seen = Counter(r["id"] for r in drawn if len(r["pixel_shape"]) == 0)
+    assert set(seen.values()) == {3}  # three whole passes over the text rows
 
 
 def _train_worker_pid(run: str) -> int | None:
@@ -119,12 +141,18 @@ def test_train_all_survives_a_killed_worker_and_a_broken_job(prepared, tmp_path)
 
     from ddft.data.prepare import latest_version
     from ddft.models.load import base_info
-    from ddft.train.job import job_fingerprint, run_name
+    from ddft.train.job import job_fingerprint, run_job, run_name
 
     cfg, store, _, _ = prepared
-    # Same settings as test_one_lora_job's uninterrupted video job but a new name (so it trains again).
-    killed = cfg.job("video").model_copy(update={"name": "video-killed", "optim": cfg.job("video").optim.model_copy(
-        update={"checkpoint_every": 2})})
+    # The killed job: dropout on (so the random streams must be restored too), a checkpoint every 2
+    # steps. First the same settings run uninterrupted, here, as the reference.
+    video = cfg.job("video")
+    settings = {"lora": video.lora.model_copy(update={"dropout": 0.1}),
+                "optim": video.optim.model_copy(update={"checkpoint_every": 2})}
+    killed = video.model_copy(update={"name": "video-killed", **settings})
+    straight = run_job(cfg, video.model_copy(update={"name": "video-straight", **settings}), force=True)
+    assert straight.status == "succeeded" and straight.resumed_from == []
+    reference = read_manifest(store, "ddft", "video")
     broken = cfg.job("text").model_copy(update={"name": "broken", "dataset_version": "no-such-version"})
     jobs = [killed, cfg.job("text"), broken]
     config_path = tmp_path / "cfg.yaml"
@@ -132,7 +160,6 @@ def test_train_all_survives_a_killed_worker_and_a_broken_job(prepared, tmp_path)
     run = run_name(killed, job_fingerprint(killed, {"video": latest_version(store, "video")}, base_info(store, "tiny")))
     before = {m: (read_manifest(store, "ddft", m).version if read_manifest(store, "ddft", m) else 0)
               for m in ("video", "text")}
-    uninterrupted = read_manifest(store, "ddft", "video")  # from test_one_lora_job, when it ran first
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
     train_all = [sys.executable, str(REPO / "jobs/train_all.py"), "--config", str(config_path)]
     proc = subprocess.Popen(train_all, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -153,13 +180,18 @@ def test_train_all_survives_a_killed_worker_and_a_broken_job(prepared, tmp_path)
         assert r["steps"] == 8 and len(r["losses"]) == 8 and r["losses"][-1] < r["losses"][0]
         assert r["val_losses"] and r["val_losses"][-1]["step"] == 8
         assert read_manifest(store, "ddft", r["modality"]).version == before[r["modality"]] + 1
-    # Only the killed job restarted, from a checkpoint (every 2 steps), and it ended where an
-    # uninterrupted run of the same settings ends.
+    # Only the killed job restarted, from a checkpoint (every 2 steps), and it ended with the weights
+    # of the uninterrupted run: every tensor of the adapter (LoRA and projector), to 1e-6.
     assert results["text"]["resumed_from"] == []
     (at,) = results["video-killed"]["resumed_from"]
     assert at in (2, 4, 6), at
-    if uninterrupted and uninterrupted.metrics.get("job") == "video":
-        assert results["video-killed"]["losses"][-1] == pytest.approx(uninterrupted.metrics["last_loss"], abs=1e-3)
+    assert results["video-killed"]["losses"] == pytest.approx(straight.losses, abs=1e-4)
+    resumed = read_manifest(store, "ddft", "video")
+    a, b = (load_file(download(store, m, tmp_path / m.ref.replace("/", "-")) / "adapter_model.safetensors")
+            for m in (reference, resumed))
+    assert a.keys() == b.keys() and len(a) > 4
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= 1e-6, worst
     assert re.search(r"^broken\s+failed", stdout, re.M) and re.search(r"^video-killed\s+succeeded \(resumed", stdout, re.M)
 
     # Resubmitted as it is: the published adapters are up to date, nothing trains.
@@ -199,16 +231,25 @@ def test_evaluate_scores_base_and_adapters_and_records_them(prepared):
         pytest.skip("needs the video adapter trained by test_one_lora_job")
     results = evaluate.evaluate(store, "tiny", modalities=("video",), limit=2, max_new_tokens=8, data=cfg.data)
     video = read_manifest(store, "ddft", "video").ref
-    assert [(r["dataset"], r["model"]) for r in results] == [
-        ("held-out", "base:tiny"), ("held-out", video), ("youcook2", "base:tiny"), ("youcook2", video)]
-    for r in results[:2]:
-        assert r["samples"] == 2 and 0 <= r["rouge_l"] <= 1 and 0 <= r["ingredient_f1"] <= 1
+    assert [(r["dataset"], r["model"], r["inputs"]) for r in results] == [
+        ("held-out", "base:tiny", "matched"), ("held-out", video, "matched"), ("held-out", video, "mismatched"),
+        ("in-distribution", "base:tiny", "matched"), ("in-distribution", video, "matched"),
+        ("youcook2", "base:tiny", "matched"), ("youcook2", video, "matched")]
+    held, swapped = results[1], results[2]
+    assert held["samples"] == swapped["samples"] == 2  # the held-out dishes' videos (the test split)
+    assert held["example"]["reference"] == swapped["example"]["reference"]  # the reference stays
+    assert swapped["gap"]["ingredient_f1"] == pytest.approx(held["ingredient_f1"] - swapped["ingredient_f1"])
+    assert swapped["headline_gap"] == swapped["gap"]["content"]
+    for r in results[:5]:
+        assert 0 <= r["rouge_l"] <= 1 and 0 <= r["ingredient_f1"] <= 1 and 0 <= r["content"] <= 1
         assert r["example"]["reference"].startswith("Ingredients:")
-    for r in results[2:]:  # the synthetic kitchen's held-out recipes in YouCook2's layout: steps only
+    for r in results[5:]:  # the synthetic kitchen's held-out recipes in YouCook2's layout: steps only
         assert (r["samples"], r["skipped"]) == (2, 0) and "ingredient_f1" not in r
         assert r["example"]["reference"].startswith("Steps:\n1. ")
     report = evaluate.save(store, results)
     assert report.startswith(store.url("eval/")) and report.endswith(".md")
     text = store.read_text(report.removeprefix(store.uri + "/"))
-    assert "| held-out | video | base:tiny | 2 | 0 |" in text and "| held-out | video | ddft/video/v" in text
-    assert read_manifest(store, "ddft", "video").metrics["eval"]["held-out"]["samples"] == 2
+    assert "| held-out | video | base:tiny | matched | 2 | 0 |" in text and "| held-out | video | ddft/video/v" in text
+    evals = read_manifest(store, "ddft", "video").metrics["eval"]
+    assert evals["held-out"]["samples"] == 2 and "gap" in evals["held-out (mismatched)"]
+

@@ -91,9 +91,10 @@ def parser() -> argparse.ArgumentParser:
                        "e.g. http://127.0.0.1:8265: submit the training there as a Ray job")
     train.add_argument("--no-wait", action="store_true", help="with --address: print the job id and return")
 
-    command(sub, "eval", pipeline.cmd_eval, "score the base and the DDFT adapters on held-out data",
+    command(sub, "eval", pipeline.cmd_eval, "score the base and the DDFT adapters on held-out and in-distribution data, "
+            "each adapter also with mismatched inputs (its matched - mismatched gap)",
             "ddft eval --config jobs/configs/demo.yaml --limit 20").add_argument(
-        "--limit", type=int, help="at most this many held-out samples per modality")
+        "--limit", type=int, help="at most this many samples per set and modality")
 
     serve = command(sub, "serve", pipeline.cmd_serve, "serve the config's base and adapters over HTTP (Ray Serve)",
                     "DDFT_ADMIN_KEY=change-me ddft serve --config jobs/configs/demo.yaml",

@@ -1,16 +1,30 @@
-"""Score the base and each published adapter on held-out prepared data, per modality.
+"""Score the base and each published adapter per modality, on held-out and in-distribution prepared
+data, with matched inputs and with mismatched ones.
 
-The held-out rows are the prepared shards' `val` (and `test`) splits; answers are generated with
-the serving engine itself (greedy), so the numbers are what users would get. Videos in YouCook2's
-format, when the store has them, are scored too (steps against steps: YouCook2 lists no
-ingredients). The table goes to the store (eval/<timestamp>.{md,json}) and each adapter's scores
-into its manifest's metrics.
+- The sets: `test` is the held-out split (in the synthetic kitchen: dishes and QA facts never trained
+  on, videos that combine foods and amounts in ways training never showed), `val` the
+  in-distribution one (trained dishes with new amounts, trained facts asked in other words).
+  FoodX has no test split: its val photos (new photos of the dishes trained on; a classifier
+  can't be asked for a class it never saw) are the image held-out set.
+- Counterfactuals: every adapter is scored a second time on the held-out set with the evidence
+  taken away: each image or video is swapped for another sample's (a fixed derangement: the next
+  sample whose reference differs), each question's dish or food replaced by another one; the
+  question and the reference stay. matched - mismatched (`gap`) is what the adapter got from
+  reading its modality; an adapter that writes the same answer whatever it is shown has none.
+- Answers are generated with the serving engine itself (greedy, mixed-adapter batches), so the
+  numbers are what users would get. Videos in YouCook2's format, when the store has them, are
+  scored too (steps against steps: YouCook2 lists no ingredients).
+
+The table goes to the store (eval/<timestamp>.{md,json}) and each adapter's scores into its
+manifest's metrics.
 """
 from __future__ import annotations
 
+import re
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from functools import partial
+from typing import Callable
 
 import numpy as np
 
@@ -22,15 +36,62 @@ from ddft.engines.base import GenerateRequest
 from ddft.store import Store
 from ddft.train import metrics
 
-HELD_OUT = ("val", "test")
+# Which prepared splits each set reads, per modality (see the module's docstring).
+SETS = {"held-out": {"image": ("val",), "video": ("test",), "text": ("test",)},
+        "in-distribution": {"video": ("val",), "text": ("val",)}}
+COUNTERFACTUAL_SET = "held-out"
 # Room for the longest reference answer of each modality (a dish name, a QA answer, a recipe).
 MAX_NEW_TOKENS = {"image": 16, "text": 64, "video": 256}
 
 
-def held_out(store: Store, modality: str, limit: int | None = None) -> list[dict]:
-    rows = good_rows(store, modality, latest_version(store, modality), HELD_OUT,
+@dataclass
+class EvalSet:
+    """Rows to score one modality on, with the scoring function; `skipped`: rows left out, with why."""
+    dataset: str
+    modality: str
+    rows: list[dict]
+    score: Callable
+    skipped: list[str] = field(default_factory=list)
+
+
+def held_out(store: Store, modality: str, limit: int | None = None, splits: tuple[str, ...] | None = None) -> list[dict]:
+    """The prepared rows of a set (default: the held-out one), sorted by id, the first `limit`."""
+    rows = good_rows(store, modality, latest_version(store, modality), splits or SETS["held-out"][modality],
                      ("id", "question", "answer", "pixels", "pixel_shape"))
     return sorted(rows, key=lambda r: r["id"])[:limit]
+
+
+def entities() -> list[tuple[str, ...]]:
+    """What a question's key entity may be, by kind: the kitchen's dish names, its food names."""
+    from ddft.data.synthetic import DISHES, FOODS
+
+    return [tuple(d.name for d in DISHES), tuple(FOODS)]
+
+
+def swap_entity(question: str, kinds: list[tuple[str, ...]]) -> str | None:
+    """The question with its longest known entity replaced by the next one of the same kind that it
+    doesn't name; None when it names none."""
+    found = [(len(e), e, kind) for kind in kinds for e in kind if re.search(rf"\b{re.escape(e)}\b", question)]
+    if not found:
+        return None
+    _, entity, kind = max(found)
+    others = [e for e in kind[kind.index(entity) + 1:] + kind[:kind.index(entity)]
+              if not re.search(rf"\b{re.escape(e)}\b", question)]
+    return re.sub(rf"\b{re.escape(entity)}\b", others[0], question, count=1) if others else None
+
+
+def mismatched(rows: list[dict], modality: str) -> list[dict]:
+    """Each row with its evidence swapped (see the module's docstring); rows that can't be swapped
+    keep their own input (and so count against the gap, never for it)."""
+    out, kinds = [], entities() if modality == "text" else []
+    for i, r in enumerate(rows):
+        if modality == "text":
+            out.append({**r, "question": swap_entity(r["question"], kinds) or r["question"]})
+            continue
+        after = rows[i + 1:] + rows[:i]
+        other = next((o for o in after if metrics.normalize(o["answer"]) != metrics.normalize(r["answer"])), r)
+        out.append({**r, "pixels": other["pixels"], "pixel_shape": other.get("pixel_shape")})
+    return out
 
 
 def youcook2_rows(store: Store, data: DataConfig, limit: int | None = None) -> tuple[list[dict], list[str]]:
@@ -60,57 +121,79 @@ def youcook2_rows(store: Store, data: DataConfig, limit: int | None = None) -> t
     return rows, skipped
 
 
-def _requests(rows: list[dict], modality: str, adapter: Manifest | None, max_new_tokens: int):
-    for r in rows:
-        pixels = r["pixels"]
-        if isinstance(pixels, bytes):  # a prepared row
-            pixels = np.frombuffer(pixels, np.uint8).reshape(r["pixel_shape"])
-        yield GenerateRequest(modality=modality, question=r["question"], pixels=pixels, adapter=adapter,
-                              max_new_tokens=max_new_tokens)
+def _request(row: dict, modality: str, adapter: Manifest | None, max_new_tokens: int) -> GenerateRequest:
+    pixels = row["pixels"]
+    if isinstance(pixels, bytes):  # a prepared row
+        pixels = np.frombuffer(pixels, np.uint8).reshape(row["pixel_shape"])
+    return GenerateRequest(modality=modality, question=row["question"], pixels=pixels, adapter=adapter,
+                           max_new_tokens=max_new_tokens)
+
+
+def eval_sets(store: Store, modalities, limit: int | None = None, data: DataConfig | None = None) -> list[EvalSet]:
+    sets = [EvalSet(name, m, held_out(store, m, limit, splits[m]), partial(metrics.score, m))
+            for name, splits in SETS.items() for m in modalities if m in splits]
+    if data is not None and "video" in modalities:
+        rows, skipped = youcook2_rows(store, data, limit)
+        sets.append(EvalSet("youcook2", "video", rows, metrics.score_steps, skipped))
+    return [s for s in sets if s.rows]
 
 
 def evaluate(store: Store, base_id: str, modalities=("image", "video", "text"), adapters: dict | None = None,
-             limit: int | None = None, max_new_tokens: int | dict | None = None, batch: int = 4,
-             data: DataConfig | None = None) -> list[dict]:
-    """One row per (dataset, modality, model): the base, then each adapter given for that modality
-    (default: the platform's DDFT adapter and, when one was trained, the joint adapter beside
-    it); each row holds its metrics. With `data`, YouCook2-format videos are scored as well."""
+             limit: int | None = None, max_new_tokens: int | dict | None = None, batch: int = 8,
+             data: DataConfig | None = None, counterfactual: bool = True) -> list[dict]:
+    """One row per (dataset, modality, model, inputs): the base, then each adapter given for that
+    modality (default: the platform's DDFT adapter and, when one was trained, the joint adapter
+    beside it), with matched inputs; then, on the held-out set, each adapter with mismatched
+    inputs and its `gap` (matched - mismatched, per metric). With `data`, YouCook2-format videos
+    are scored as well."""
     from ddft.engines.hf import HFEngine
 
     engine = HFEngine(store, base_id, cache_size=4)
     joint = read_manifest(store, PLATFORM_OWNER, JOINT)
-    sets = [("held-out", m, held_out(store, m, limit), partial(metrics.score, m), []) for m in modalities]
-    if data is not None and "video" in modalities:
-        rows, skipped = youcook2_rows(store, data, limit)
-        sets.append(("youcook2", "video", rows, metrics.score_steps, skipped))
     results = []
-    for dataset, modality, rows, score, skipped in sets:
-        if not rows:
-            continue
-        default = [m for m in (read_manifest(store, PLATFORM_OWNER, modality), joint) if m]
+    for es in eval_sets(store, modalities, limit, data):
+        default = [m for m in (read_manifest(store, PLATFORM_OWNER, es.modality), joint) if m]
+        models = [None] + (adapters or {}).get(es.modality, default)
         budget = max_new_tokens if isinstance(max_new_tokens, int) else \
-            {**MAX_NEW_TOKENS, **(max_new_tokens or {})}[modality]
-        for adapter in [None] + (adapters or {}).get(modality, default):
-            reqs = list(_requests(rows, modality, adapter, budget))
-            preds = [r.text for i in range(0, len(reqs), batch) for r in engine.generate(reqs[i:i + batch])]
-            scores = score(preds, [r["answer"] for r in rows])
-            results.append({"dataset": dataset, "modality": modality,
-                            "model": adapter.ref if adapter else f"base:{base_id}", "samples": len(rows),
-                            "skipped": len(skipped), **scores,
-                            "example": {"id": rows[0]["id"], "prediction": preds[0], "reference": rows[0]["answer"]}})
-            if skipped:
-                results[-1]["skipped_reasons"] = skipped[:5]
+            {**MAX_NEW_TOKENS, **(max_new_tokens or {})}[es.modality]
+        runs = [(a, "matched", es.rows) for a in models]
+        if counterfactual and es.dataset == COUNTERFACTUAL_SET:
+            swapped = mismatched(es.rows, es.modality)
+            runs += [(a, "mismatched", swapped) for a in models if a is not None]
+        # Every model's requests in one queue: the engine batches mixed adapters.
+        reqs = [_request(r, es.modality, a, budget) for a, _, rows in runs for r in rows]
+        texts = [r.text for i in range(0, len(reqs), batch) for r in engine.generate(reqs[i:i + batch])]
+        references = [r["answer"] for r in es.rows]
+        matched: dict[str, dict] = {}
+        for k, (adapter, inputs, rows) in enumerate(runs):
+            preds = texts[k * len(rows):(k + 1) * len(rows)]
+            model = adapter.ref if adapter else f"base:{base_id}"
+            scores = es.score(preds, references)
+            row = {"dataset": es.dataset, "modality": es.modality, "model": model, "inputs": inputs,
+                   "samples": len(rows), "skipped": len(es.skipped), **scores,
+                   "example": {"id": rows[0]["id"], "question": rows[0]["question"], "prediction": preds[0],
+                               "reference": references[0]}}
+            if inputs == "matched":
+                matched[model] = scores
+            else:
+                row["gap"] = {k: matched[model][k] - v for k, v in scores.items()
+                              if isinstance(v, float) and isinstance(matched[model].get(k), float)}
+                row["headline_gap"] = row["gap"].get(metrics.HEADLINE[es.modality])
+            if es.skipped:
+                row["skipped_reasons"] = es.skipped[:5]
+            results.append(row)
     return results
 
 
 def table(results: list[dict]) -> str:
-    columns = ["dataset", "modality", "model", "samples", "skipped", "accuracy", "rouge_l", "bleu4", "ingredient_f1",
-               "quantity_accuracy", "step_count_error"]
+    columns = ["dataset", "modality", "model", "inputs", "samples", "skipped", "accuracy", "content", "ingredient_f1",
+               "quantity_accuracy", "step_agreement", "rouge_l", "bleu4", "step_count_error", "headline_gap"]
     return metrics.markdown_table(results, columns)
 
 
 def save(store: Store, results: list[dict]) -> str:
-    """Write the table (markdown + JSON) and put each adapter's scores into its manifest."""
+    """Write the table (markdown + JSON) and put each adapter's scores into its manifest (under the
+    set's name, "<set> (mismatched)" for the counterfactual rows)."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     key = f"eval/{stamp}"
     store.write_text(f"{key}.md", table(results) + "\n")
@@ -120,9 +203,9 @@ def save(store: Store, results: list[dict]) -> str:
             continue
         owner, name, version = r["model"].split("/")
         manifest = read_manifest(store, owner, name, int(version.lstrip("v")))
-        scores = {k: v for k, v in r.items() if k not in ("dataset", "modality", "model", "example")}
-        evals = {**manifest.metrics.get("eval", {}), r["dataset"]: {**scores, "report": store.url(f"{key}.md")}}
+        scores = {k: v for k, v in r.items() if k not in ("dataset", "modality", "model", "inputs", "example")}
+        where = r["dataset"] + (" (mismatched)" if r["inputs"] == "mismatched" else "")
+        evals = {**manifest.metrics.get("eval", {}), where: {**scores, "report": store.url(f"{key}.md")}}
         manifest.metrics = {**manifest.metrics, "eval": evals}
         store.write_json(f"{manifest.key}/manifest.json", asdict(manifest))
     return store.url(f"{key}.md")
-
