@@ -104,3 +104,48 @@ def test_video_llava_shaped_lora_step_in_bf16_on_gpu():
     print(f"video-llava-shaped bf16 LoRA r128: batch 4 x {batch['input_ids'].shape[1]} tokens, "
           f"{per_step * 1000:.0f} ms/step, {4 * batch['input_ids'].shape[1] / per_step:.0f} tokens/s, "
           f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+
+def test_a_resumed_run_with_dropout_ends_with_the_same_weights_on_gpu(tiny, tmp_path):
+    """The loop's checkpoint keeps CUDA's random state too: 6 steps with dropout straight, and 3 +
+    save + a fresh model restored from the checkpoint + 3 more, give the same adapter tensors."""
+    from pathlib import Path
+
+    from transformers import get_cosine_schedule_with_warmup
+
+    from ddft.train.loop import load_checkpoint, new_state, save_checkpoint
+
+    _, path = tiny
+    lora = {**LORA, "dropout": 0.3}
+
+    def fresh():
+        torch.manual_seed(0)
+        base, processor = load_base(path)
+        model = lora_model(base, lora, "video").cuda()
+        optimizer = torch.optim.AdamW(param_groups(model, {"lr": 1e-2, "projector_lr": 1e-2}))
+        return model, optimizer, get_cosine_schedule_with_warmup(optimizer, 1, 6), processor
+
+    def steps(model, optimizer, scheduler, batch, n):
+        for _ in range(n):
+            model(**batch).loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+
+    model, optimizer, scheduler, processor = fresh()
+    batch = _video_batch(processor)
+    torch.cuda.manual_seed_all(1)
+    steps(model, optimizer, scheduler, batch, 6)
+    straight = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    model, optimizer, scheduler, _ = fresh()
+    torch.cuda.manual_seed_all(1)
+    steps(model, optimizer, scheduler, batch, 3)
+    save_checkpoint(model, optimizer, scheduler, Path(tmp_path), new_state())
+    torch.cuda.manual_seed_all(99)  # what a restarted worker's CUDA stream would be: anything else
+    model, optimizer, scheduler, _ = fresh()
+    load_checkpoint(model, optimizer, scheduler, Path(tmp_path))
+    steps(model, optimizer, scheduler, batch, 3)
+    resumed = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    worst = max((straight[n] - resumed[n]).abs().max().item() for n in straight)
+    assert worst <= 1e-6, worst
