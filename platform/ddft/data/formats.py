@@ -410,9 +410,10 @@ def _qa_pair(q, a, fact=None, split=None) -> QAPair:
             raise _Skip(f"empty_{name}", f"needs a non-empty string '{name}'")
     if fact is not None and not (isinstance(fact, str) and fact.strip()):
         raise _Skip("bad_fact", "'fact' must be a non-empty string (or left out)")
-    if split is not None and (split.strip().lower() if isinstance(split, str) else split) not in QA_SPLITS:
+    named = split.strip().lower() if isinstance(split, str) else split
+    if named is not None and named not in QA_SPLITS:
         raise _Skip("bad_split", f"'split' must be one of {list(QA_SPLITS)} (or left out), not {split!r}")
-    return QAPair(q.strip(), a.strip(), fact.strip() if fact else None, split.strip().lower() if split else None)
+    return QAPair(q.strip(), a.strip(), fact.strip() if fact else None, named)
 
 
 def _read_qa_jsonl(store: Store, key: str, pairs: Records) -> None:
