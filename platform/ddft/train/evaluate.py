@@ -176,8 +176,8 @@ def evaluate(store: Store, base_id: str, modalities=("image", "video", "text"), 
             if inputs == "matched":
                 matched[model] = scores
             else:
-                row["gap"] = {k: matched[model][k] - v for k, v in scores.items()
-                              if isinstance(v, float) and isinstance(matched[model].get(k), float)}
+                row["gap"] = {key: matched[model][key] - v for key, v in scores.items()
+                              if isinstance(v, float) and isinstance(matched[model].get(key), float)}
                 row["headline_gap"] = row["gap"].get(metrics.HEADLINE[es.modality])
             if es.skipped:
                 row["skipped_reasons"] = es.skipped[:5]
