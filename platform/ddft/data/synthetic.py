@@ -314,7 +314,7 @@ def encode_mp4(frames, fps: int) -> bytes:
             if stream is None:
                 # x264's macroblock tree made some of these videos differ from run to run on the
                 # same frames (one thread, default preset); without it the bytes are the same.
-                options = {"g": str(fps), "threads": "1"} | (
+                options = {"g": str(fps)} | (
                     {"x264-params": "mbtree=0"} if video_codec() == "libx264" else {})
                 stream = out.add_stream(video_codec(), rate=fps, options=options)
                 stream.height, stream.width = frame.shape[:2]
@@ -386,6 +386,7 @@ def write_kitchen(store: Store | str, prefix: str = "datasets/raw", *, seed: int
     prefix = prefix.rstrip("/")
     menu = DISHES[:dishes]
     unseen = DISHES[dishes:dishes + held_out_dishes]
+    kitchen = menu + unseen
     files = 0
 
     def put(key: str, data: bytes | str) -> None:
@@ -411,13 +412,13 @@ def write_kitchen(store: Store | str, prefix: str = "datasets/raw", *, seed: int
     # Tasty: recipe r cooks dish r % dishes; then each held-out dish's videos (all test). A dish's
     # first recipe uses its classic amounts (the ones QA asks about), the others amounts of their own.
     classic = [list(_rng(seed, 2, i).integers(1, _MAX_ICONS + 1, len(d.foods)))
-               for i, d in enumerate(menu + unseen)]
+               for i, d in enumerate(kitchen)]
     n_frames = round(video_seconds * fps)
     summary_recipes, splits, youcook = {}, {"train": [], "val": [], "test": []}, {}
     held_out = [(dishes + i, k) for i in range(held_out_dishes) for k in range(HELD_OUT_VIDEOS)]
     for r in range(recipes + len(held_out)):
         dish_i, round_ = (r % dishes, r // dishes) if r < recipes else held_out[r - recipes]
-        dish, rng = (menu + unseen)[dish_i], _rng(seed, 3, r)
+        dish, rng = kitchen[dish_i], _rng(seed, 3, r)
         split = _split_of(r, dishes) if r < recipes else "test"
         amounts = classic[dish_i] if round_ == 0 else list(
             rng.integers(1, _MAX_ICONS + 1, len(dish.foods)))
@@ -460,7 +461,7 @@ def write_kitchen(store: Store | str, prefix: str = "datasets/raw", *, seed: int
 
     put("youcook2/youcookii_annotations_trainval.json", json.dumps({"database": youcook}, indent=1))
 
-    qa = _qa_pairs(menu + unseen, classic, _rng(seed, 4), qa_pairs, {d.name for d in unseen})
+    qa = _qa_pairs(kitchen, classic, _rng(seed, 4), qa_pairs, {d.name for d in unseen})
     put("cooking_qa/qa.jsonl", "".join(json.dumps(row) + "\n" for row in qa))
     return {"prefix": prefix, "seed": seed, "dishes": [d.key for d in menu],
             "held_out_dishes": [d.key for d in unseen],
