@@ -115,20 +115,43 @@ def _kill_after_first_checkpoint(store, run: str, proc, timeout: float = 600) ->
 
 
 def test_training_metrics_reach_prometheus(prepared):
-    """The job above set ray_ddft_train_* gauges; Ray's exporter serves them in Prometheus format."""
+    """While a job trains, its rank-0 worker's ray_ddft_train_* gauges are on the node's metrics port in
+    Prometheus format (a scrape during the run: Ray drops a finished worker's series a while later)."""
+    import threading
+
     import requests
 
+    from ddft.train.job import run_job
     from tests.pipeline_fixture import METRICS_PORT_ENV
 
+    cfg, _, _, _ = prepared
     url = f"http://127.0.0.1:{os.environ[METRICS_PORT_ENV]}/metrics"
-    deadline, text = time.time() + 60, ""
-    while time.time() < deadline:  # Ray exports metrics every few seconds
-        text = requests.get(url, timeout=10).text
-        if "ray_ddft_train_loss{" in text and "ray_ddft_train_tokens_per_second{" in text:
-            break
-        time.sleep(3)
-    loss = [line for line in text.splitlines() if line.startswith("ray_ddft_train_loss{")]
-    assert loss and 'ddft_job="video"' in loss[0], text[-2000:]
+    seen: list[str] = []
+    done = threading.Event()
+
+    def scrape():  # as Prometheus would, every few seconds, until the series shows or the run is long over
+        deadline = None
+        while not seen and (deadline is None or time.time() < deadline):
+            text = requests.get(url, timeout=10).text
+            lines = [l for l in text.splitlines() if 'ddft_job="video-metrics"' in l]
+            if any(l.startswith("ray_ddft_train_loss{") for l in lines) and \
+                    any(l.startswith("ray_ddft_train_tokens_per_second{") for l in lines):
+                seen.extend(lines)
+            if done.is_set() and deadline is None:
+                deadline = time.time() + 30
+            time.sleep(2)
+
+    scraper = threading.Thread(target=scrape, daemon=True)
+    scraper.start()
+    try:
+        result = run_job(cfg, cfg.job("video").model_copy(update={"name": "video-metrics"}), force=True,
+                         publish_adapter=False)
+    finally:
+        done.set()
+        scraper.join(timeout=60)
+    assert result.status == "succeeded"
+    loss = [line for line in seen if line.startswith("ray_ddft_train_loss{")]
+    assert loss, "no ray_ddft_train_loss series for job video-metrics while it trained"
     assert 0 < float(loss[0].split()[-1]) < 10
 
 
