@@ -63,11 +63,21 @@ demo: venv $(if $(filter vllm,$(ENGINE)),venv-vllm)
 serve: venv
 	$(VENV)/bin/ddft serve --config $(CONFIG)
 
-test: venv venv-vllm browser
+test: venv venv-vllm browser lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: venv venv-vllm browser
+test-fast: venv venv-vllm browser lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# ruff, configured in pyproject.toml: the linter and the formatter's check; `make format` fixes
+.PHONY: lint format
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 cluster-up: venv
 	$(VENV)/bin/ray start --head --node-ip-address=127.0.0.1 --port=6380 --include-dashboard=true \

@@ -23,6 +23,7 @@ clips with x264's default long GOP (keyint 250). Each timing is repeated --round
 interleaved, and the best is kept (the machine is shared). Clips and images are generated once
 (seeded, deterministic) into --cache. The last stdout line is one JSON object.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ddft.cluster import ray_session  # noqa: E402
-from ddft.data.media import (SIZE, _frames_decord, square, load_image, sample_frames,  # noqa: E402
-                             uniform_indices)
+from ddft.data.media import SIZE, _frames_decord, load_image, sample_frames, square, uniform_indices  # noqa: E402
 
 FRAMES = 8
 W, H, FPS = 320, 240, 30
@@ -50,6 +50,7 @@ GEN_VERSION = 1  # bump when the clip/image content below changes (invalidates t
 
 
 # --- inputs ---------------------------------------------------------------------------------------
+
 
 def render_clip(seed: int, index: int, seconds: int, w: int = W, h: int = H, fps: int = FPS):
     """Frames of one synthetic clip: a textured background panning back and forth (never jumping,
@@ -67,7 +68,7 @@ def render_clip(seed: int, index: int, seconds: int, w: int = W, h: int = H, fps
     yy, xx = np.mgrid[0:h, 0:w]
     for t in range(fps * seconds):
         ox, oy = (int(span - abs(span - (v * t) % (2 * span))) for v in (vx, vy))
-        img = tex[oy:oy + h, ox:ox + w].copy()
+        img = tex[oy : oy + h, ox : ox + w].copy()
         pos += vel
         for k, hi in enumerate((w, h)):
             vel[(pos[:, k] < 0) | (pos[:, k] > hi), k] *= -1
@@ -122,6 +123,7 @@ def make_clip(index: int, seed: int, seconds: int, short_dir: str, long_dir: str
 
 def make_image(index: int, seed: int, folder: str) -> int:
     from ddft.data.synthetic import DISHES, render_dish
+
     path = Path(folder) / f"img_{index:04d}.jpg"
     if not path.exists():
         img = render_dish(DISHES[index % len(DISHES)], np.random.default_rng([seed, 11, index]), size=(512, 384))
@@ -133,7 +135,11 @@ def make_image(index: int, seed: int, folder: str) -> int:
 
 def prepare_inputs(ray, root: Path, clips: int, seconds: int, images: int, seed: int):
     base = root / f"v{GEN_VERSION}-seed{seed}-{W}x{H}-{FPS}fps-{seconds}s"
-    short_dir, long_dir, img_dir = base / "gop1s", base / "gopdefault", root / f"v{GEN_VERSION}-seed{seed}-images-512x384"
+    short_dir, long_dir, img_dir = (
+        base / "gop1s",
+        base / "gopdefault",
+        root / f"v{GEN_VERSION}-seed{seed}-images-512x384",
+    )
     for d in (short_dir, long_dir, img_dir):
         d.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -143,8 +149,12 @@ def prepare_inputs(ray, root: Path, clips: int, seconds: int, images: int, seed:
     refs += [img_task.remote(i, seed, str(img_dir)) for i in range(images)]
     ray.get(refs)
     names = [f"clip_{i:04d}.mp4" for i in range(clips)]
-    return ([str(short_dir / n) for n in names], [str(long_dir / n) for n in names],
-            [str(img_dir / f"img_{i:04d}.jpg") for i in range(images)], time.perf_counter() - t0)
+    return (
+        [str(short_dir / n) for n in names],
+        [str(long_dir / n) for n in names],
+        [str(img_dir / f"img_{i:04d}.jpg") for i in range(images)],
+        time.perf_counter() - t0,
+    )
 
 
 def gop_summary(paths: list[str]) -> str:
@@ -157,11 +167,14 @@ def gop_summary(paths: list[str]) -> str:
         frames.append(len(packets))
         keys.append(sum(pk.is_keyframe for pk in packets))
         sizes.append(os.path.getsize(p))
-    return (f"{min(frames)}-{max(frames)} frames, {min(keys)}-{max(keys)} keyframes per clip, "
-            f"{np.mean(sizes) / 1e6:.2f} MB per clip")
+    return (
+        f"{min(frames)}-{max(frames)} frames, {min(keys)}-{max(keys)} keyframes per clip, "
+        f"{np.mean(sizes) / 1e6:.2f} MB per clip"
+    )
 
 
 # --- the per-task work ----------------------------------------------------------------------------
+
 
 def _sample(row: dict, strategy: str) -> dict:
     return {"path": row["path"], "frames": sample_frames(row["bytes"], FRAMES, strategy=strategy)}
@@ -209,15 +222,17 @@ def _wanted(path: str) -> frozenset:
 def _select(batch: dict) -> dict:
     """Keep the 8 uniformly spaced frames of each clip (frame_index is the frame's index in the
     clip), squared to 224 as sample_frames does."""
-    keep = [i for i, (p, k) in enumerate(zip(batch["path"], batch["frame_index"]))
-            if int(k) in _wanted(p)]
+    keep = [i for i, (p, k) in enumerate(zip(batch["path"], batch["frame_index"])) if int(k) in _wanted(p)]
     frames = [square(Image.fromarray(batch["frame"][i]), SIZE) for i in keep]
-    return {"path": np.array([batch["path"][i] for i in keep], dtype=object),
-            "frame_index": np.array([int(batch["frame_index"][i]) for i in keep], dtype=np.int64),
-            "frame": np.stack(frames) if frames else np.zeros((0, SIZE, SIZE, 3), np.uint8)}
+    return {
+        "path": np.array([batch["path"][i] for i in keep], dtype=object),
+        "frame_index": np.array([int(batch["frame_index"][i]) for i in keep], dtype=np.int64),
+        "frame": np.stack(frames) if frames else np.zeros((0, SIZE, SIZE, 3), np.uint8),
+    }
 
 
 # --- pipelines ------------------------------------------------------------------------------------
+
 
 def _sample_decord(row: dict, strategy: str) -> dict:
     """sample_frames as it was before the PyAV path: decord's get_batch for every clip."""
@@ -230,8 +245,9 @@ def pipeline(ray, kind: str, paths: list[str], concurrency: int, tasks: int):
     read tasks over the files, at most `concurrency` at once, 1 CPU each."""
     opts = {"concurrency": concurrency, "override_num_blocks": max(1, min(tasks, len(paths)))}
     if kind == "read_videos":
-        return (ray.data.read_videos(paths, include_paths=True, **opts)
-                .map_batches(_select, batch_size=None, batch_format="numpy", concurrency=concurrency))
+        return ray.data.read_videos(paths, include_paths=True, **opts).map_batches(
+            _select, batch_size=None, batch_format="numpy", concurrency=concurrency
+        )
     fn, kwargs = {
         "exact": (_sample, {"strategy": "uniform"}),
         "keyframe": (_sample, {"strategy": "keyframe"}),
@@ -240,8 +256,9 @@ def pipeline(ray, kind: str, paths: list[str], concurrency: int, tasks: int):
         "floor": (_decode_all, {}),
         "images": (_image, {}),
     }[kind]
-    return (ray.data.read_binary_files(paths, include_paths=True, **opts)
-            .map(fn, fn_kwargs=kwargs, concurrency=concurrency))
+    return ray.data.read_binary_files(paths, include_paths=True, **opts).map(
+        fn, fn_kwargs=kwargs, concurrency=concurrency
+    )
 
 
 def timed(ray, kind: str, paths: list[str], concurrency: int, tasks: int):
@@ -280,17 +297,25 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--images", type=int, default=200)
     ap.add_argument("--concurrency", type=int, default=2, help="tasks at once, 1 CPU each (default 2)")
-    ap.add_argument("--tasks", type=int, default=4,
-                    help="read tasks per pipeline, files split evenly (default 4: 10 clips or 50 images "
-                         "each, two per worker; Ray Data's per-task cost stays small next to a task's work)")
+    ap.add_argument(
+        "--tasks",
+        type=int,
+        default=4,
+        help="read tasks per pipeline, files split evenly (default 4: 10 clips or 50 images "
+        "each, two per worker; Ray Data's per-task cost stays small next to a task's work)",
+    )
     ap.add_argument("--rounds", type=int, default=3, help="timed passes per pipeline; the best counts")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "ddft-bench-data"),
-                    help="where generated clips/images are kept between runs")
+    ap.add_argument(
+        "--cache",
+        default=os.path.join(tempfile.gettempdir(), "ddft-bench-data"),
+        help="where generated clips/images are kept between runs",
+    )
     args = ap.parse_args(argv)
 
     with ray_session(num_cpus=args.concurrency) as ray:
         import ray.data
+
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
@@ -299,19 +324,29 @@ def main(argv=None) -> int:
         # time ("backpressured:tasks(ResourceBudget)" in the ray-data log) whatever `concurrency`
         # says. Off, every pipeline really runs --concurrency tasks at once.
         ctx.op_resource_reservation_enabled = False
-        short, long_, imgs, gen_s = prepare_inputs(ray, Path(args.cache), args.clips, args.seconds,
-                                                   args.images, args.seed)
-        print(f"inputs: {args.clips} clips x2 ({args.seconds} s, {W}x{H}, {FPS} fps, H.264), "
-              f"{args.images} JPEGs 512x384 in {Path(args.cache)} ({gen_s:.1f} s)", flush=True)
+        short, long_, imgs, gen_s = prepare_inputs(
+            ray, Path(args.cache), args.clips, args.seconds, args.images, args.seed
+        )
+        print(
+            f"inputs: {args.clips} clips x2 ({args.seconds} s, {W}x{H}, {FPS} fps, H.264), "
+            f"{args.images} JPEGs 512x384 in {Path(args.cache)} ({gen_s:.1f} s)",
+            flush=True,
+        )
         for label, paths in (("1 s GOP", short), ("x264 default GOP", long_)):
             print(f"  {label:17s} {gop_summary(paths)}", flush=True)
 
         # name: (pipeline, files)
-        runs = {"exact": ("exact", short), "keyframe": ("keyframe", short),
-                "read_videos": ("read_videos", short),
-                "long_exact": ("exact", long_), "long_floor": ("floor", long_),
-                "decord_exact": ("decord_exact", short), "decord_keyframe": ("decord_keyframe", short),
-                "long_decord_exact": ("decord_exact", long_), "images": ("images", imgs)}
+        runs = {
+            "exact": ("exact", short),
+            "keyframe": ("keyframe", short),
+            "read_videos": ("read_videos", short),
+            "long_exact": ("exact", long_),
+            "long_floor": ("floor", long_),
+            "decord_exact": ("decord_exact", short),
+            "decord_keyframe": ("decord_keyframe", short),
+            "long_decord_exact": ("decord_exact", long_),
+            "images": ("images", imgs),
+        }
         best: dict[str, float] = {}
         keep: dict[str, object] = {}
         for rnd in range(args.rounds):
@@ -319,20 +354,34 @@ def main(argv=None) -> int:
                 secs, ds = timed(ray, kind, paths, args.concurrency, args.tasks)
                 print(f"  round {rnd + 1} {name:17s} {secs:7.2f} s  {ds.count()} rows", file=sys.stderr, flush=True)
                 best[name] = min(secs, best.get(name, secs))
-                if rnd == 0 and name in ("exact", "read_videos", "decord_exact", "long_exact",
-                                         "long_decord_exact", "long_floor"):
+                if rnd == 0 and name in (
+                    "exact",
+                    "read_videos",
+                    "decord_exact",
+                    "long_exact",
+                    "long_decord_exact",
+                    "long_floor",
+                ):
                     keep[name] = ds  # for the checks below
-        checks = {"read_videos == exact": check_same_frames(keep["exact"], keep["read_videos"], short),
-                  "decord == exact (1 s GOP)": check_same_frames(keep["exact"], keep["decord_exact"], short),
-                  "decord == exact (long GOP)": check_same_frames(keep["long_exact"], keep["long_decord_exact"], long_)}
+        checks = {
+            "read_videos == exact": check_same_frames(keep["exact"], keep["read_videos"], short),
+            "decord == exact (1 s GOP)": check_same_frames(keep["exact"], keep["decord_exact"], short),
+            "decord == exact (long GOP)": check_same_frames(keep["long_exact"], keep["long_decord_exact"], long_),
+        }
         decoded = int(keep["long_floor"].sum("decoded"))
-        checks["floor decoded every frame"] = (decoded == len(long_) * args.seconds * FPS,
-                                               f"{decoded} frames of {len(long_)} clips")
+        checks["floor decoded every frame"] = (
+            decoded == len(long_) * args.seconds * FPS,
+            f"{decoded} frames of {len(long_)} clips",
+        )
 
     rate = {name: len(paths) / best[name] for name, (_, paths) in runs.items()}
     res = {
-        "bench": "data", "clips": args.clips, "images": args.images, "concurrency": args.concurrency,
-        "tasks": args.tasks, "rounds": args.rounds,
+        "bench": "data",
+        "clips": args.clips,
+        "images": args.images,
+        "concurrency": args.concurrency,
+        "tasks": args.tasks,
+        "rounds": args.rounds,
         "exact_ratio": round(rate["exact"] / rate["read_videos"], 2),
         "keyframe_ratio": round(rate["keyframe"] / rate["read_videos"], 2),
         "long_gop_exact_vs_floor": round(rate["long_exact"] / rate["long_floor"], 2),
@@ -357,16 +406,24 @@ def main(argv=None) -> int:
         ("floor: decode all, no RGB", "x264 default GOP", "long_floor"),
         ("  decord get_batch, uniform", "x264 default GOP", "long_decord_exact"),
     ]
-    print(f"\n{'pipeline (8 frames per clip)':36s} {'clips':17s} {'best s':>7s} {'clips/s':>8s} {'vs read_videos':>15s}")
+    print(
+        f"\n{'pipeline (8 frames per clip)':36s} {'clips':17s} {'best s':>7s} {'clips/s':>8s} {'vs read_videos':>15s}"
+    )
     for label, clipset, name in rows:
-        vs = f"{rate[name] / rate['read_videos']:.2f}x" if clipset == "1 s GOP" else f"{rate[name] / rate['long_floor']:.2f}x floor"
+        vs = (
+            f"{rate[name] / rate['read_videos']:.2f}x"
+            if clipset == "1 s GOP"
+            else f"{rate[name] / rate['long_floor']:.2f}x floor"
+        )
         print(f"{label:36s} {clipset:17s} {best[name]:7.2f} {rate[name]:8.2f} {vs:>15s}")
-    print(f"{'load_image (FoodX-251-style)':36s} {'200 JPEG 512x384' if args.images == 200 else 'JPEG 512x384':17s} "
-          f"{best['images']:7.2f} {rate['images']:8.1f} images/s")
+    print(
+        f"{'load_image (FoodX-251-style)':36s} {'200 JPEG 512x384' if args.images == 200 else 'JPEG 512x384':17s} "
+        f"{best['images']:7.2f} {rate['images']:8.1f} images/s"
+    )
     print()
     for k, goal in {"exact_ratio": 3, "keyframe_ratio": 8, "long_gop_exact_vs_floor": 0.8}.items():
         print(f"{k:27s} {res[k]:6.2f}  (goal >= {goal}: {'met' if res[k] >= goal else 'NOT met'})")
-    for k, (ok, why) in checks.items():
+    for k, (_ok, why) in checks.items():
         print(f"{k:27s} {why}")
     print(json.dumps(res))
     return 0 if res["frames_identical"] else 1

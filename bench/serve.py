@@ -13,6 +13,7 @@
            request using it, for --uploads fresh adapters.
 The last stdout line is one JSON object.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,16 +52,19 @@ def fresh_adapters(store: Store, base_id: str, out: Path, n: int, rank: int = 8)
 
     model, _ = load_base(local_base_dir(store, base_id))
     torch.manual_seed(0)
-    get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=config.LM_TARGETS,
-                                     init_lora_weights=False)).save_pretrained(out / "a0")
+    get_peft_model(
+        model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=config.LM_TARGETS, init_lora_weights=False)
+    ).save_pretrained(out / "a0")
     tensors = load_file(out / "a0" / "adapter_model.safetensors")
     folders = []
     for i in range(n):
         folder = out / f"a{i}"
         folder.mkdir(exist_ok=True)
         (folder / "adapter_config.json").write_bytes((out / "a0" / "adapter_config.json").read_bytes())
-        save_file({k: v + 0.01 * (i + 1) * torch.randn_like(v) for k, v in tensors.items()},
-                  str(folder / "adapter_model.safetensors"))
+        save_file(
+            {k: v + 0.01 * (i + 1) * torch.randn_like(v) for k, v in tensors.items()},
+            str(folder / "adapter_model.safetensors"),
+        )
         folders.append(folder)
     return folders
 
@@ -79,8 +83,13 @@ def _stream_ttft_ms(url: str, max_tokens: int) -> float:
     import requests
 
     t = time.perf_counter()
-    body = {"model": _base_id(url), "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True}
+    body = {
+        "model": _base_id(url),
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+    }
     with requests.post(f"{url}/v1/chat/completions", json=body, stream=True, timeout=600) as resp:
         resp.raise_for_status()
         for line in resp.iter_lines(decode_unicode=True):
@@ -92,8 +101,12 @@ def _stream_ttft_ms(url: str, max_tokens: int) -> float:
 def _chat_tokens(url: str, max_tokens: int) -> int:
     import requests
 
-    body = {"model": _base_id(url), "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
-            "temperature": 0}
+    body = {
+        "model": _base_id(url),
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
     resp = requests.post(f"{url}/v1/chat/completions", json=body, timeout=600)
     resp.raise_for_status()
     return resp.json()["usage"]["completion_tokens"]
@@ -105,15 +118,18 @@ def _base_id(url: str) -> str:
     return requests.get(f"{url}/v1/models", timeout=60).json()["data"][0]["id"]
 
 
-def http_bench(cfg_path: Path, store: Store, base_id: str, uploads: int, recipes: int, clients: int,
-               new_tokens: int) -> dict:
+def http_bench(
+    cfg_path: Path, store: Store, base_id: str, uploads: int, recipes: int, clients: int, new_tokens: int
+) -> dict:
     from ray import serve
 
     from ddft.cluster import ray_session
     from serve.app import run
 
-    with tempfile.TemporaryDirectory(prefix="ddft-bench-serve-") as tmp, \
-            ray_session(num_cpus=4, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}}):
+    with (
+        tempfile.TemporaryDirectory(prefix="ddft-bench-serve-") as tmp,
+        ray_session(num_cpus=4, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}}),
+    ):
         os.environ["DDFT_ADMIN_KEY"] = ADMIN_KEY
         try:
             url = run(cfg_path)
@@ -134,8 +150,9 @@ def http_bench(cfg_path: Path, store: Store, base_id: str, uploads: int, recipes
             for i, folder in enumerate(folders):
                 client.upload_adapter(url, f"hot{i}", folder, "text", api_key=key)
                 t = time.perf_counter()
-                out = client.generate(url, "text", "How long do I boil an egg?", api_key=key, adapter=f"hot{i}",
-                                      max_new_tokens=1)
+                out = client.generate(
+                    url, "text", "How long do I boil an egg?", api_key=key, adapter=f"hot{i}", max_new_tokens=1
+                )
                 hot.append((time.perf_counter() - t) * 1000)
                 assert out["adapter"] == f"tenant-{tenant}/hot{i}/v1", out
             for i in range(uploads):
@@ -154,15 +171,23 @@ def http_bench(cfg_path: Path, store: Store, base_id: str, uploads: int, recipes
         finally:
             serve.shutdown()
     p50 = pct(times, 0.5)
-    return {"ttft_p50_ms": round(statistics.median(ttft), 1), "served_tokens_per_s": round(served_tokens_per_s, 1),
-            "hot_load_p50_ms": round(statistics.median(hot), 1), "hot_load_max_ms": round(max(hot), 1),
-            "recipe_single_ms": round(single, 1), "recipe_p50_ms": round(p50, 1),
-            "recipe_p99_ms": round(pct(times, 0.99), 1), "recipe_p50_vs_single": round(p50 / single, 2),
-            "recipe_requests": len(times), "recipe_clients": clients}
+    return {
+        "ttft_p50_ms": round(statistics.median(ttft), 1),
+        "served_tokens_per_s": round(served_tokens_per_s, 1),
+        "hot_load_p50_ms": round(statistics.median(hot), 1),
+        "hot_load_max_ms": round(max(hot), 1),
+        "recipe_single_ms": round(single, 1),
+        "recipe_p50_ms": round(p50, 1),
+        "recipe_p99_ms": round(pct(times, 0.99), 1),
+        "recipe_p50_vs_single": round(p50 / single, 2),
+        "recipe_requests": len(times),
+        "recipe_clients": clients,
+    }
 
 
-def vllm_engine_bench(store: Store, base_id: str, python: str, adapters: int, batch: int, new_tokens: int,
-                      engine: dict) -> dict:
+def vllm_engine_bench(
+    store: Store, base_id: str, python: str, adapters: int, batch: int, new_tokens: int, engine: dict
+) -> dict:
     """vLLM's side of the engine bench, in its own interpreter: base, mixed, and engine-direct."""
     from bench.serve_engine import PROMPT, _adapters
     from ddft.engines.base import GenerateRequest
@@ -171,13 +196,18 @@ def vllm_engine_bench(store: Store, base_id: str, python: str, adapters: int, ba
     manifests = _adapters(store, base_id, adapters, 8)
     mixed = [GenerateRequest("text", PROMPT, None, manifests[i % adapters], new_tokens) for i in range(batch)]
     bare = [GenerateRequest("text", PROMPT, None, None, new_tokens) for _ in range(batch)]
-    out = generate_in(python, BatchJob(store.url(""), base_id, bare, engine, raw=True,
-                                       rounds={"base": bare, "mixed": mixed}))
+    out = generate_in(
+        python, BatchJob(store.url(""), base_id, bare, engine, raw=True, rounds={"base": bare, "mixed": mixed})
+    )
     raw_tokens = sum(len(ids) for ids in out.raw_token_ids)
     rates = out.tokens_per_s
-    return {"vllm_base_tokens_per_s": round(rates["base"], 1), "vllm_mixed_tokens_per_s": round(rates["mixed"], 1),
-            "vllm_mixed_vs_base": round(rates["mixed"] / rates["base"], 3),
-            "vllm_raw_tokens_per_s": round(raw_tokens / out.raw_generate_s, 1), "vllm_start_s": round(out.load_s, 1)}
+    return {
+        "vllm_base_tokens_per_s": round(rates["base"], 1),
+        "vllm_mixed_tokens_per_s": round(rates["mixed"], 1),
+        "vllm_mixed_vs_base": round(rates["mixed"] / rates["base"], 3),
+        "vllm_raw_tokens_per_s": round(raw_tokens / out.raw_generate_s, 1),
+        "vllm_start_s": round(out.load_s, 1),
+    }
 
 
 def main(argv=None) -> int:
@@ -201,15 +231,19 @@ def main(argv=None) -> int:
     result = {"base": cfg.base.id, **engine_bench(store, cfg.base.id, adapters=8, batch=8, new_tokens=args.new_tokens)}
     print("engine hf:", json.dumps(result), flush=True)
     if "vllm" in engines:
-        result.update(vllm_engine_bench(store, cfg.base.id, cfg.serve.vllm.python, 8, 8, args.new_tokens,
-                                        serve_options(cfg, "vllm")))
+        result.update(
+            vllm_engine_bench(
+                store, cfg.base.id, cfg.serve.vllm.python, 8, 8, args.new_tokens, serve_options(cfg, "vllm")
+            )
+        )
         print("engine vllm:", json.dumps(result), flush=True)
     for engine in engines:
         with tempfile.TemporaryDirectory(prefix="ddft-bench-cfg-") as tmp:
             doc = cfg.model_dump(mode="json")
             doc["store"]["uri"] = store.uri
-            doc["serve"].update(port=_free_port(), max_new_tokens=max(args.new_tokens, 96), num_replicas=1,
-                                engine=engine)
+            doc["serve"].update(
+                port=_free_port(), max_new_tokens=max(args.new_tokens, 96), num_replicas=1, engine=engine
+            )
             cfg_path = Path(tmp) / "bench.yaml"
             cfg_path.write_text(json.dumps(doc))
             http = http_bench(cfg_path, store, cfg.base.id, args.uploads, args.recipes, args.clients, args.new_tokens)

@@ -14,6 +14,7 @@ Each rate is the best of `repeats` rounds (the modes interleaved): on a shared m
 round is the one least disturbed by other processes.
 `python bench/serve_engine.py` runs it on the demo's embedded base; the last line is one JSON object.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,9 @@ def _adapters(store: Store, base_id: str, n: int, rank: int) -> list:
             cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LM_TARGETS, init_lora_weights=False)
             with tempfile.TemporaryDirectory() as tmp:
                 get_peft_model(model, cfg).save_pretrained(tmp)
-                m = registry.publish(store, Path(tmp), owner="bench", name=name, modality="text", base=base,
-                                     source="uploaded")
+                m = registry.publish(
+                    store, Path(tmp), owner="bench", name=name, modality="text", base=base, source="uploaded"
+                )
         out.append(m)
     return out
 
@@ -63,8 +65,9 @@ def _rate(run) -> float:
     return sum(r.timings["new_tokens"] for r in results) / (time.perf_counter() - t0)
 
 
-def engine_bench(store, base_id: str, adapters: int = 8, batch: int = 8, new_tokens: int = 64,
-                 rank: int = 8, repeats: int = 3) -> dict:
+def engine_bench(
+    store, base_id: str, adapters: int = 8, batch: int = 8, new_tokens: int = 64, rank: int = 8, repeats: int = 3
+) -> dict:
     from ddft.engines.base import GenerateRequest
     from ddft.engines.hf import HFEngine
 
@@ -92,19 +95,30 @@ def engine_bench(store, base_id: str, adapters: int = 8, batch: int = 8, new_tok
         engine.load_adapter(m)
     short = [GenerateRequest("text", PROMPT, None, r.adapter, 4) for r in reqs]
     engine.generate(short), engine.generate(short[:1]), engine.generate(bare[:2])  # warm up
-    runs = {"base": lambda: engine.generate(bare), "mixed": lambda: engine.generate(reqs),
-            "switching": switching, "peft_mixed": peft_mixed}
+    runs = {
+        "base": lambda: engine.generate(bare),
+        "mixed": lambda: engine.generate(reqs),
+        "switching": switching,
+        "peft_mixed": peft_mixed,
+    }
     rates = dict.fromkeys(runs, 0.0)
     for _ in range(repeats):
         for mode, run in runs.items():
             rates[mode] = max(rates[mode], _rate(run))
-    return {"base_tokens_per_s": round(rates["base"], 1), "mixed_tokens_per_s": round(rates["mixed"], 1),
-            "switching_tokens_per_s": round(rates["switching"], 1),
-            "mixed_vs_base": round(rates["mixed"] / rates["base"], 3),
-            "mixed_vs_switching": round(rates["mixed"] / rates["switching"], 2),
-            "peft_mixed_tokens_per_s": round(rates["peft_mixed"], 1),
-            "adapters": adapters, "batch": batch, "new_tokens": new_tokens, "rank": rank, "repeats": repeats,
-            "torch_threads": torch.get_num_threads()}
+    return {
+        "base_tokens_per_s": round(rates["base"], 1),
+        "mixed_tokens_per_s": round(rates["mixed"], 1),
+        "switching_tokens_per_s": round(rates["switching"], 1),
+        "mixed_vs_base": round(rates["mixed"] / rates["base"], 3),
+        "mixed_vs_switching": round(rates["mixed"] / rates["switching"], 2),
+        "peft_mixed_tokens_per_s": round(rates["peft_mixed"], 1),
+        "adapters": adapters,
+        "batch": batch,
+        "new_tokens": new_tokens,
+        "rank": rank,
+        "repeats": repeats,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 if __name__ == "__main__":

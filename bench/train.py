@@ -16,6 +16,7 @@ in training steps (materializing the data, starting the worker, loading the base
 checkpoint).
 The plain loop runs first, before any Ray process exists. The last stdout line is one JSON object.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -116,10 +117,13 @@ def main(argv=None) -> int:
 
     cfg = config.load(args.config)
     base_job = cfg.job(args.job)
-    job = base_job.model_copy(update={
-        "name": f"bench-{base_job.name}",
-        "optim": base_job.optim.model_copy(update={"max_steps": args.steps, "checkpoint_every": 0}),
-        "resources": base_job.resources.model_copy(update={"num_workers": 1, "cpus_per_worker": args.cpus})})
+    job = base_job.model_copy(
+        update={
+            "name": f"bench-{base_job.name}",
+            "optim": base_job.optim.model_copy(update={"max_steps": args.steps, "checkpoint_every": 0}),
+            "resources": base_job.resources.model_copy(update={"num_workers": 1, "cpus_per_worker": args.cpus}),
+        }
+    )
 
     from ddft.cluster import ray_session
     from ddft.data.prepare import prepare_all
@@ -131,16 +135,30 @@ def main(argv=None) -> int:
     plain = plain_loop(cfg, job, args.steps, args.cpus)
     print(f"plain: {args.steps} steps, {plain[-1]['tokens']} tokens in {plain[-1]['seconds']:.1f} s", flush=True)
     history, wall, trained = ray_run(cfg, job)
-    print(f"ray:   {len(history)} steps, {history[-1]['tokens']} tokens in {trained:.1f} s "
-          f"(run wall {wall:.1f} s)", flush=True)
+    print(
+        f"ray:   {len(history)} steps, {history[-1]['tokens']} tokens in {trained:.1f} s (run wall {wall:.1f} s)",
+        flush=True,
+    )
     if [h["tokens"] for h in history] != [h["tokens"] for h in plain]:
         print("warning: the two ways saw different token counts per step", file=sys.stderr)
 
     ray_rate, plain_rate = steady_rate(history, args.warmup), steady_rate(plain, args.warmup)
-    print(json.dumps({"bench": "train", "job": job.modality, "base": cfg.base.id, "steps": args.steps,
-                      "warmup_steps": args.warmup, "cpus": args.cpus,
-                      "ray_tokens_per_s": round(ray_rate, 2), "plain_tokens_per_s": round(plain_rate, 2),
-                      "ratio": round(ray_rate / plain_rate, 3), "ray_startup_s": round(wall - trained, 1)}))
+    print(
+        json.dumps(
+            {
+                "bench": "train",
+                "job": job.modality,
+                "base": cfg.base.id,
+                "steps": args.steps,
+                "warmup_steps": args.warmup,
+                "cpus": args.cpus,
+                "ray_tokens_per_s": round(ray_rate, 2),
+                "plain_tokens_per_s": round(plain_rate, 2),
+                "ratio": round(ray_rate / plain_rate, 3),
+                "ray_startup_s": round(wall - trained, 1),
+            }
+        )
+    )
     return 0
 
 

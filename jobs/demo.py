@@ -6,6 +6,7 @@ Local Ray cluster on 127.0.0.1 -> embedded base in the store -> synthetic kitche
 preparation -> `ray job submit ... jobs/train_all.py` (three Ray Train jobs at once) -> the Serve
 app with the three adapters -> a held-out video through POST /v1/recipes -> summary.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,13 @@ def _ray_bin() -> str:
 
 def _env() -> dict:
     # Ray job entrypoints run `python` from the cluster's PATH: make it this venv's.
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **RAY_AUTH}
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        **RAY_AUTH,
+    }
 
 
 def _aws_env() -> dict:
@@ -57,9 +63,22 @@ def ensure_cluster(num_cpus: int) -> bool:
     if listening:
         print(f"reusing the Ray cluster at {ADDRESS}")
         return False
-    subprocess.run([_ray_bin(), "start", "--head", f"--node-ip-address={LOCAL_IP}", f"--port={GCS_PORT}",
-                    "--include-dashboard=true", f"--dashboard-host={LOCAL_IP}", f"--dashboard-port={DASHBOARD_PORT}",
-                    f"--num-cpus={num_cpus}", "--disable-usage-stats"], env=_env(), check=True)
+    subprocess.run(
+        [
+            _ray_bin(),
+            "start",
+            "--head",
+            f"--node-ip-address={LOCAL_IP}",
+            f"--port={GCS_PORT}",
+            "--include-dashboard=true",
+            f"--dashboard-host={LOCAL_IP}",
+            f"--dashboard-port={DASHBOARD_PORT}",
+            f"--num-cpus={num_cpus}",
+            "--disable-usage-stats",
+        ],
+        env=_env(),
+        check=True,
+    )
     MARKER.parent.mkdir(exist_ok=True)
     MARKER.write_text(ADDRESS)
     return True
@@ -74,11 +93,27 @@ def stop_cluster() -> None:
 def submit_training(config_path: str, store: Store, retrain: bool = False) -> list[dict]:
     """The documented command, with the store made absolute (the job's working dir is a copy)."""
     env_vars = {"DDFT_STORE": store.uri, **_aws_env()}
-    cmd = [_ray_bin(), "job", "submit", "--address", DASHBOARD, "--working-dir", str(REPO),
-           "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--",
-           "python", "jobs/train_all.py", "--config", config_path] + (["--force"] if retrain else [])
-    print("$ ray job submit --working-dir . -- python jobs/train_all.py --config", config_path,
-          "--force" if retrain else "")
+    cmd = [
+        _ray_bin(),
+        "job",
+        "submit",
+        "--address",
+        DASHBOARD,
+        "--working-dir",
+        str(REPO),
+        "--runtime-env-json",
+        json.dumps({"env_vars": env_vars}),
+        "--",
+        "python",
+        "jobs/train_all.py",
+        "--config",
+        config_path,
+    ] + (["--force"] if retrain else [])
+    print(
+        "$ ray job submit --working-dir . -- python jobs/train_all.py --config",
+        config_path,
+        "--force" if retrain else "",
+    )
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     results = None
     for line in proc.stdout:
@@ -98,8 +133,11 @@ def try_it(cfg: config.PipelineConfig, store: Store, config_path: Path, engine: 
     url = run(config_path, engine=engine)
     print(f"\nserving on engine {engine or cfg.serve.engine} at {url}")
     raw = cfg.data.raw_prefix
-    held_out = [r for r in formats.read_tasty(store, f"{raw}/{cfg.data.tasty}", split_set=cfg.data.tasty_split)
-                if r.split == "test"][0]
+    held_out = [
+        r
+        for r in formats.read_tasty(store, f"{raw}/{cfg.data.tasty}", split_set=cfg.data.tasty_split)
+        if r.split == "test"
+    ][0]
     recipe = client.post_recipe(url, store.read_bytes(held_out.video_key))
     print(f"\n=== POST /v1/recipes  (held-out video {held_out.id}, answered by {recipe['adapter']}) ===")
     for ing in recipe["ingredients"]:
@@ -111,8 +149,10 @@ def try_it(cfg: config.PipelineConfig, store: Store, config_path: Path, engine: 
     foodx = formats.read_foodx(store, f"{raw}/{cfg.data.foodx}")
     key, _, dish = foodx.splits["val"][0]
     image = client.generate(url, "image", image_bytes=store.read_bytes(key))
-    print(f"\n=== POST /v1/generate image ({key.rsplit('/', 1)[-1]}, a {dish.replace('_', ' ')}) ===\n"
-          f"  {image['answer']!r}  <- {image['adapter']}")
+    print(
+        f"\n=== POST /v1/generate image ({key.rsplit('/', 1)[-1]}, a {dish.replace('_', ' ')}) ===\n"
+        f"  {image['answer']!r}  <- {image['adapter']}"
+    )
     question = formats.read_qa(store, f"{raw}/{cfg.data.qa}")[0][0]
     text = client.generate(url, "text", question=question)
     print(f"\n=== POST /v1/generate text ({question!r}) ===\n  {text['answer']!r}  <- {text['adapter']}")
@@ -124,10 +164,16 @@ def main() -> int | str:
     ap.add_argument("--config", default="jobs/configs/demo.yaml")
     ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local cluster")
     ap.add_argument("--keep-serving", action="store_true", help="leave the cluster and the app running")
-    ap.add_argument("--retrain", action="store_true",
-                    help="train again even when the adapters were published from the same settings and data")
-    ap.add_argument("--engine", choices=("hf", "vllm"), help="serve with this engine (default: the config's "
-                    "serve.engine); vllm runs in its own venv (make venv-vllm)")
+    ap.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train again even when the adapters were published from the same settings and data",
+    )
+    ap.add_argument(
+        "--engine",
+        choices=("hf", "vllm"),
+        help="serve with this engine (default: the config's serve.engine); vllm runs in its own venv (make venv-vllm)",
+    )
     args = ap.parse_args()
     try:
         return run(Path(args.config).resolve(), args.num_cpus, args.keep_serving, args.retrain, args.engine)
@@ -135,8 +181,7 @@ def main() -> int | str:
         return f"demo stopped: {err}"  # a clear message, not a traceback from deep inside Ray
 
 
-def run(config_path: Path, num_cpus: int, keep_serving: bool, retrain: bool = False,
-        engine: str | None = None) -> int:
+def run(config_path: Path, num_cpus: int, keep_serving: bool, retrain: bool = False, engine: str | None = None) -> int:
     cfg = config.load(config_path)
     store = Store.from_config(cfg.store)
     os.environ.update(RAY_AUTH)
@@ -152,8 +197,9 @@ def run(config_path: Path, num_cpus: int, keep_serving: bool, retrain: bool = Fa
             prepared = prepare_all(cfg)  # base, kitchen, Ray Data preparation
             times["base + kitchen + prepare"] = time.time() - t
         t = time.time()
-        results = submit_training(str(config_path.relative_to(REPO) if config_path.is_relative_to(REPO)
-                                      else config_path), store, retrain)
+        results = submit_training(
+            str(config_path.relative_to(REPO) if config_path.is_relative_to(REPO) else config_path), store, retrain
+        )
         times["train (ray job submit)"] = time.time() - t
         with ray_session(address=ADDRESS, runtime_env=RUNTIME_ENV):
             t = time.time()
@@ -172,10 +218,14 @@ def run(config_path: Path, num_cpus: int, keep_serving: bool, retrain: bool = Fa
     for p in prepared:
         print(f"  prepared {p.summary()}\n    at {store.url(p.key)}")
     for r in results:
-        print(f"  job {r['name']:6} {r['status']:9} steps {r['steps']:3}  loss {r['losses'][0]:.3f} -> "
-              f"{r['losses'][-1]:.3f}  {r['tokens_per_s']:.0f} tokens/s  adapter {r['adapter']}")
-    print(f"  recipe answered by {answers['recipe']['adapter']} on engine {engine or cfg.serve.engine}; "
-          f"base {store.url('models/' + cfg.base.id)}")
+        print(
+            f"  job {r['name']:6} {r['status']:9} steps {r['steps']:3}  loss {r['losses'][0]:.3f} -> "
+            f"{r['losses'][-1]:.3f}  {r['tokens_per_s']:.0f} tokens/s  adapter {r['adapter']}"
+        )
+    print(
+        f"  recipe answered by {answers['recipe']['adapter']} on engine {engine or cfg.serve.engine}; "
+        f"base {store.url('models/' + cfg.base.id)}"
+    )
     if keep_serving:
         print(f"  serving at http://{cfg.serve.host}:{cfg.serve.port} (stop it: make cluster-down)")
     return 0

@@ -3,6 +3,7 @@ the store (eval/<time>.md and .json) and each adapter's scores into its manifest
 
     ray job submit --working-dir . -- python jobs/evaluate.py --config jobs/configs/demo.yaml
 """
+
 import sys
 
 from ddft.cli import main

@@ -3,6 +3,7 @@ modality the config's jobs train on with Ray Data, reading from the store.
 
     ray job submit --working-dir . -- python jobs/prepare_data.py --config jobs/configs/demo.yaml
 """
+
 import sys
 
 from ddft.cli import main

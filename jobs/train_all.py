@@ -3,6 +3,7 @@ adapters, print one table; exit non-zero if any job failed. `--only image,video`
 
     ray job submit --working-dir . -- python jobs/train_all.py --config jobs/configs/demo.yaml
 """
+
 import sys
 
 from ddft.cli import main

@@ -29,19 +29,27 @@ def model_deployment(cfg: ddft_config.PipelineConfig):
     configured `max_num_models_per_replica`.
     """
     s = cfg.serve
-    cls = type("ConfiguredModelServer", (ModelServer,), {
-        "load_adapter": serve.multiplexed(max_num_models_per_replica=s.adapter_cache_size)(ModelServer.load_adapter)})
+    cls = type(
+        "ConfiguredModelServer",
+        (ModelServer,),
+        {"load_adapter": serve.multiplexed(max_num_models_per_replica=s.adapter_cache_size)(ModelServer.load_adapter)},
+    )
     actor = {"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica}
     if s.engine == "vllm":  # vLLM's own torch and transformers: the replica runs on its venv's interpreter
         actor["runtime_env"] = {"py_executable": vllm_python(s)}
     return serve.deployment(
-        cls, name="ModelServer", num_replicas=s.num_replicas,
+        cls,
+        name="ModelServer",
+        num_replicas=s.num_replicas,
         # hf: two batches' worth at once (one running, one forming); vllm: its running batch. The
         # rest wait in the bounded queue, and beyond it the gateway answers 503 + Retry-After
         max_ongoing_requests=2 * s.max_batch_size if s.engine == "hf" else s.vllm.max_num_seqs,
         max_queued_requests=s.max_queued_requests,
-        health_check_period_s=5, health_check_timeout_s=60, graceful_shutdown_timeout_s=5,
-        ray_actor_options=actor)
+        health_check_period_s=5,
+        health_check_timeout_s=60,
+        graceful_shutdown_timeout_s=5,
+        ray_actor_options=actor,
+    )
 
 
 def vllm_python(s: ddft_config.ServeSettings) -> str:
@@ -58,9 +66,13 @@ def vllm_python(s: ddft_config.ServeSettings) -> str:
     out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=120)
     version, has_vllm = (out.stdout.split() + ["?", "?"])[:2]
     if out.returncode or has_vllm != "True" or version != ray.__version__:
-        raise ddft_config.ConfigError("serve.vllm.python", [
-            f"{python} has Ray {version} and vLLM {'yes' if has_vllm == 'True' else 'no'}; it needs vLLM and "
-            f"Ray {ray.__version__} (this app's): {fix} {out.stderr.strip()[-300:]}".strip()])
+        raise ddft_config.ConfigError(
+            "serve.vllm.python",
+            [
+                f"{python} has Ray {version} and vLLM {'yes' if has_vllm == 'True' else 'no'}; it needs vLLM and "
+                f"Ray {ray.__version__} (this app's): {fix} {out.stderr.strip()[-300:]}".strip()
+            ],
+        )
     return str(python)
 
 
@@ -87,8 +99,9 @@ def build_app(args: dict):
     base_info(store, cfg.base.id)  # StoreError naming the fix when the base is missing
     s = cfg.serve
     admin_key = os.environ.get(s.admin_key_env)
-    model = model_deployment(cfg).bind(store, cfg.base.id, engine=s.engine,
-                                       device="cuda" if s.gpus_per_replica > 0 else "cpu", **serve_options(cfg))
+    model = model_deployment(cfg).bind(
+        store, cfg.base.id, engine=s.engine, device="cuda" if s.gpus_per_replica > 0 else "cpu", **serve_options(cfg)
+    )
     return Gateway.bind(model, cfg, store, sha256(admin_key) if admin_key else None)
 
 

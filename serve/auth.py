@@ -40,18 +40,26 @@ class Auth:
         key = self._key(request)
         if key is None:
             if required:
-                raise ApiError(401, "missing_key", "this needs a tenant key: 'Authorization: Bearer <key>' "
-                               "(an admin creates tenants and their keys: POST /v1/tenants)")
+                raise ApiError(
+                    401,
+                    "missing_key",
+                    "this needs a tenant key: 'Authorization: Bearer <key>' "
+                    "(an admin creates tenants and their keys: POST /v1/tenants)",
+                )
             return None
         if self._is_admin(key):
             if required:
-                raise ApiError(403, "admin_not_tenant", "the admin key manages tenants; adapters are uploaded and "
-                               "managed with a tenant's own key")
+                raise ApiError(
+                    403,
+                    "admin_not_tenant",
+                    "the admin key manages tenants; adapters are uploaded and managed with a tenant's own key",
+                )
             return None
         tenant = await asyncio.to_thread(self.tenants.authenticate, key)
         if tenant is None:
-            raise ApiError(401, "bad_key", "the key is not valid (wrong, rotated or its tenant removed); "
-                           "ask your admin for a key")
+            raise ApiError(
+                401, "bad_key", "the key is not valid (wrong, rotated or its tenant removed); ask your admin for a key"
+            )
         return tenant
 
     def is_admin(self, request: Request) -> bool:
@@ -68,7 +76,11 @@ class Auth:
         if key is None:
             raise ApiError(401, "missing_key", "tenant management needs the admin key: 'Authorization: Bearer <key>'")
         if self.admin_sha is None:
-            raise ApiError(403, "admin_disabled", "no admin key is configured: set the environment variable named "
-                           "by serve.admin_key_env (default DDFT_ADMIN_KEY) where `serve run` starts")
+            raise ApiError(
+                403,
+                "admin_disabled",
+                "no admin key is configured: set the environment variable named "
+                "by serve.admin_key_env (default DDFT_ADMIN_KEY) where `serve run` starts",
+            )
         if not self._is_admin(key):
             raise ApiError(403, "not_admin", "this key is not the admin key; tenant management needs the admin key")

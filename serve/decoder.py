@@ -55,15 +55,25 @@ class Decoder:
             out = await asyncio.wait_for(loop.run_in_executor(self._get(), _decode, kind, data), DECODE_TIMEOUT_S)
         except BrokenProcessPool:
             self._reset()
-            raise ApiError(422, f"undecodable_{kind}", f"the {kind} crashed the decoder: it is damaged or not "
-                           f"a supported format; re-encode it (e.g. ffmpeg -i in -c:v libx264 out.mp4)") from None
-        except asyncio.TimeoutError:
+            raise ApiError(
+                422,
+                f"undecodable_{kind}",
+                f"the {kind} crashed the decoder: it is damaged or not "
+                f"a supported format; re-encode it (e.g. ffmpeg -i in -c:v libx264 out.mp4)",
+            ) from None
+        except TimeoutError:
             self._reset()
-            raise ApiError(422, f"undecodable_{kind}", f"decoding the {kind} took over {DECODE_TIMEOUT_S:.0f}s; "
-                           "send a shorter or re-encoded file") from None
+            raise ApiError(
+                422,
+                f"undecodable_{kind}",
+                f"decoding the {kind} took over {DECODE_TIMEOUT_S:.0f}s; send a shorter or re-encoded file",
+            ) from None
         if out[0] == "error":
             _, reason, message = out
-            wanted = (f"a video (mp4, webm, mov ...) of at least {FRAMES} frames" if kind == "video"
-                      else "a JPEG, PNG or WebP image")
+            wanted = (
+                f"a video (mp4, webm, mov ...) of at least {FRAMES} frames"
+                if kind == "video"
+                else "a JPEG, PNG or WebP image"
+            )
             raise ApiError(422, reason, f"{message}; send {wanted}")
         return out[1]

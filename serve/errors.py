@@ -24,9 +24,11 @@ ENGINE_ERRORS = (
 )
 OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models")
 
-ROUTES = ("POST /v1/recipes, POST /v1/generate, POST /v1/chat/completions, POST /v1/completions, "
-          "GET /v1/models[/{id}], "
-          "PUT|GET|DELETE /v1/adapters/{name}, GET /healthz, GET /metrics")
+ROUTES = (
+    "POST /v1/recipes, POST /v1/generate, POST /v1/chat/completions, POST /v1/completions, "
+    "GET /v1/models[/{id}], "
+    "PUT|GET|DELETE /v1/adapters/{name}, GET /healthz, GET /metrics"
+)
 
 
 class ApiError(Exception):
@@ -38,8 +40,11 @@ class ApiError(Exception):
 def store_unreadable(err: StoreError) -> ApiError:
     """A store failure as a client sees it: the details (URIs, endpoints, buckets) go to the log only."""
     log.error("store error: %s", err)
-    return ApiError(502, "store_error", "the server could not use its store; try again, or ask the operator "
-                    "(the server's log has the details)")
+    return ApiError(
+        502,
+        "store_error",
+        "the server could not use its store; try again, or ask the operator (the server's log has the details)",
+    )
 
 
 def from_engine(err: BaseException) -> ApiError:
@@ -60,7 +65,8 @@ def from_engine(err: BaseException) -> ApiError:
 
 def _openai_type(status: int) -> str:
     return {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}.get(
-        status, "invalid_request_error" if status < 500 else "server_error")
+        status, "invalid_request_error" if status < 500 else "server_error"
+    )
 
 
 def body(status: int, error: str, detail: str, path: str = "") -> dict:
@@ -99,13 +105,17 @@ def install(api: FastAPI) -> None:
     @api.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         codes = {404: "not_found", 405: "method_not_allowed"}
-        detail = (f"no route {request.method} {request.url.path}: the API has {ROUTES}"
-                  if exc.status_code in codes else str(exc.detail))
+        detail = (
+            f"no route {request.method} {request.url.path}: the API has {ROUTES}"
+            if exc.status_code in codes
+            else str(exc.detail)
+        )
         headers = getattr(exc, "headers", None)
         if exc.status_code == 405:  # Allow: every method of the path (Starlette names only one route's)
             headers = {**(headers or {}), "Allow": ", ".join(_methods(request))}
-        return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), detail,
-                              headers=headers, path=request.url.path)
+        return error_response(
+            exc.status_code, codes.get(exc.status_code, "http_error"), detail, headers=headers, path=request.url.path
+        )
 
     @api.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
@@ -114,5 +124,9 @@ def install(api: FastAPI) -> None:
     @api.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", f"an unexpected {type(exc).__name__} (the server's log has "
-                              "the details)", path=request.url.path)
+        return error_response(
+            500,
+            "internal_error",
+            f"an unexpected {type(exc).__name__} (the server's log has the details)",
+            path=request.url.path,
+        )

@@ -1,4 +1,5 @@
 """make openapi: write the app's OpenAPI document to docs/openapi.json (the README links it)."""
+
 import json
 import sys
 from pathlib import Path

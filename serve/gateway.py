@@ -13,8 +13,8 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -32,22 +32,30 @@ from ddft.prompts import QUESTIONS
 from ddft.recipes import parse_recipe
 from ddft.store import Store, StoreError
 from ddft.tenants import TenantError
-from serve import errors, inputs, openapi_docs, sse
+from serve import errors, inputs, metrics, openapi_docs, sse
 from serve.auth import Auth
 from serve.decoder import Decoder
 from serve.errors import ApiError, busy
-from serve import metrics
 from serve.openai import ChunkStream, chat_choices, completion, parse_chat, parse_completion
 
 log = logging.getLogger("ddft.serve")
 RESOLVE_TTL_S = 2.0  # other gateways' uploads and deletes show up after this; our own at once
-ARCHIVE_TYPES = ("application/x-tar", "application/gzip", "application/x-gzip", "application/zip",
-                 "application/x-zip-compressed", "application/octet-stream")
+ARCHIVE_TYPES = (
+    "application/x-tar",
+    "application/gzip",
+    "application/x-gzip",
+    "application/zip",
+    "application/x-zip-compressed",
+    "application/octet-stream",
+)
 MB = inputs.MB
 WEB_PAGE = Path(__file__).resolve().parent / "web" / "index.html"
 
-api = FastAPI(title="ddft", description="Directed Domain Fine-Tuning of Video-LLaVA: one adapter per modality, "
-              "tenant adapters, one shared base")
+api = FastAPI(
+    title="ddft",
+    description="Directed Domain Fine-Tuning of Video-LLaVA: one adapter per modality, "
+    "tenant adapters, one shared base",
+)
 errors.install(api)
 
 
@@ -57,8 +65,9 @@ def _openapi(settings: ddft_config.ServeSettings | None = None) -> dict:
     if api.openapi_schema is None or settings is not None:
         s = settings or ddft_config.ServeSettings()
         api.openapi_schema = None  # FastAPI.openapi builds afresh only then
-        api.openapi_schema = openapi_docs.finish(FastAPI.openapi(api), errors.OPENAI_ROUTES,
-                                                 {"max_new_tokens": s.max_new_tokens, "max_n": s.max_n})
+        api.openapi_schema = openapi_docs.finish(
+            FastAPI.openapi(api), errors.OPENAI_ROUTES, {"max_new_tokens": s.max_new_tokens, "max_n": s.max_n}
+        )
     return api.openapi_schema
 
 
@@ -78,15 +87,25 @@ async def _observe(request: Request, call_next):
         route = request.scope.get("route")
         endpoint = getattr(route, "path", "unmatched")
         if endpoint not in ("/metrics", "/healthz"):
-            metrics.get().observe(endpoint, getattr(request.state, "modality", "none"),
-                            getattr(request.state, "adapter", None), status, time.perf_counter() - t0)
+            metrics.get().observe(
+                endpoint,
+                getattr(request.state, "modality", "none"),
+                getattr(request.state, "adapter", None),
+                status,
+                time.perf_counter() - t0,
+            )
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
 @serve.ingress(api)
 class Gateway:
-    def __init__(self, model: DeploymentHandle, cfg: ddft_config.PipelineConfig, store: Store,
-                 admin_key_sha256: str | None = None):
+    def __init__(
+        self,
+        model: DeploymentHandle,
+        cfg: ddft_config.PipelineConfig,
+        store: Store,
+        admin_key_sha256: str | None = None,
+    ):
         self.model, self.cfg, self.store = model, cfg, store
         self.s = cfg.serve
         _openapi(self.s)  # /openapi.json states this config's limits
@@ -120,12 +139,19 @@ class Gateway:
             except ValueError as err:
                 raise ApiError(400, "bad_adapter", str(err)) from None
             if manifest is not None and manifest.base_fingerprint != self.spec.fingerprint:
-                raise ApiError(409, "adapter_other_base", f"adapter {manifest.ref} was made for base "
-                               f"{manifest.base_model_id!r}; this server serves {self.base_id!r}")
+                raise ApiError(
+                    409,
+                    "adapter_other_base",
+                    f"adapter {manifest.ref} was made for base "
+                    f"{manifest.base_model_id!r}; this server serves {self.base_id!r}",
+                )
             self._resolved[key] = (time.monotonic(), manifest)
         if manifest is not None and manifest.modality not in (modality, ddft_config.JOINT):
-            raise ApiError(422, "adapter_modality", f"adapter {manifest.ref} is for {manifest.modality} requests, "
-                           f"this one is {modality}")
+            raise ApiError(
+                422,
+                "adapter_modality",
+                f"adapter {manifest.ref} is for {manifest.modality} requests, this one is {modality}",
+            )
         request.state.adapter = manifest.ref if manifest else None
         return manifest
 
@@ -135,11 +161,14 @@ class Gateway:
         owner, name, version = explicit.split("/")  # a full ref: that owner exactly
         if not re.fullmatch(r"v\d+", version):
             raise ValueError(f"adapter {explicit!r}: the version is written v<N>, e.g. ddft/video/v1")
-        manifest = (registry.read_manifest(self.store, owner, name, int(version[1:]))
-                    if owner in self._owners(tenant) else None)
+        manifest = (
+            registry.read_manifest(self.store, owner, name, int(version[1:])) if owner in self._owners(tenant) else None
+        )
         if manifest is None:  # another tenant's adapter does not exist for you
-            raise AdapterError(f"no adapter {explicit!r} for {'tenant ' + tenant if tenant else 'the platform'}; "
-                               "GET /v1/models lists what is available")
+            raise AdapterError(
+                f"no adapter {explicit!r} for {'tenant ' + tenant if tenant else 'the platform'}; "
+                "GET /v1/models lists what is available"
+            )
         return manifest
 
     @staticmethod
@@ -153,8 +182,9 @@ class Gateway:
         return self.model.options(**options) if options else self.model
 
     def _timeout(self) -> ApiError:
-        return ApiError(504, "timeout", f"generation took over {self.s.request_timeout_s:.0f}s; retry, or lower "
-                        "max_new_tokens")
+        return ApiError(
+            504, "timeout", f"generation took over {self.s.request_timeout_s:.0f}s; retry, or lower max_new_tokens"
+        )
 
     @staticmethod
     async def _first(start: Callable[[], Awaitable]):
@@ -179,7 +209,7 @@ class Gateway:
             response = handle.generate.remote(request)
             try:
                 return await asyncio.wait_for(response, self.s.request_timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 response.cancel()
                 raise self._timeout() from None
 
@@ -201,7 +231,7 @@ class Gateway:
         async def next_chunk() -> Chunk:
             try:
                 return await asyncio.wait_for(anext(replies), max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise self._timeout() from None
             except StopAsyncIteration:
                 raise ApiError(500, "generation_failed", "the model replica's stream ended without a result") from None
@@ -229,8 +259,13 @@ class Gateway:
                 replies.cancel()  # timed out, failed or the client left: the replica stops the request
 
     @staticmethod
-    async def _sse(first: Chunk, chunks: AsyncIterator[Chunk], events: Callable[[Chunk], list[str]],
-                   error_event: Callable[[ApiError], str], head: list[str] = ()) -> AsyncIterator[str]:
+    async def _sse(
+        first: Chunk,
+        chunks: AsyncIterator[Chunk],
+        events: Callable[[Chunk], list[str]],
+        error_event: Callable[[ApiError], str],
+        head: list[str] = (),
+    ) -> AsyncIterator[str]:
         """A streamed answer's SSE body: `head`, events(chunk) for every chunk (the first already
         read by the route), an error event if the stream fails on the way, then [DONE]."""
         try:
@@ -256,20 +291,34 @@ class Gateway:
     def _count(request: GenerateRequest, result: GenerateResult) -> None:
         if hasattr(result, "replica"):  # a ServedResult: the replica's engine counters
             metrics.get().replica_stats(result.replica, result.stats)
-        metrics.get().count_tokens(request.modality, result.adapter, result.timings.get("prompt_tokens", 0),
-                                   result.timings.get("new_tokens", 0))
+        metrics.get().count_tokens(
+            request.modality,
+            result.adapter,
+            result.timings.get("prompt_tokens", 0),
+            result.timings.get("new_tokens", 0),
+        )
 
     @staticmethod
     def _engine_timings(result: GenerateResult) -> dict:
-        return {k: result.timings[k] for k in ("queue_s", "batch_size", "adapters_in_batch", "new_tokens")
-                if k in result.timings}
+        return {
+            k: result.timings[k]
+            for k in ("queue_s", "batch_size", "adapters_in_batch", "new_tokens")
+            if k in result.timings
+        }
 
-    def _request(self, modality: str, question: str, pixels, manifest, body: dict,
-                 tokens_field: str = "max_new_tokens") -> GenerateRequest:
-        return GenerateRequest(modality, question, pixels, manifest,
-                               inputs.max_tokens(body.get(tokens_field), self.s.max_new_tokens, tokens_field),
-                               inputs.temperature(body.get("temperature")), inputs.stop(body.get("stop")),
-                               inputs.seed(body.get("seed")))
+    def _request(
+        self, modality: str, question: str, pixels, manifest, body: dict, tokens_field: str = "max_new_tokens"
+    ) -> GenerateRequest:
+        return GenerateRequest(
+            modality,
+            question,
+            pixels,
+            manifest,
+            inputs.max_tokens(body.get(tokens_field), self.s.max_new_tokens, tokens_field),
+            inputs.temperature(body.get("temperature")),
+            inputs.stop(body.get("stop")),
+            inputs.seed(body.get("seed")),
+        )
 
     @property
     def _media_limit(self) -> int:
@@ -300,19 +349,31 @@ class Gateway:
             form = await request.form(max_files=1, max_fields=inputs.FORM_FIELDS)
             upload = form.get("video")
             if upload is None or isinstance(upload, str):
-                raise ApiError(400, "missing_video", "send the video as a multipart file field named 'video' "
-                               "(curl -F video=@clip.mp4 ...), or JSON {\"video_uri\": \"<store key or URI>\"}")
+                raise ApiError(
+                    400,
+                    "missing_video",
+                    "send the video as a multipart file field named 'video' "
+                    '(curl -F video=@clip.mp4 ...), or JSON {"video_uri": "<store key or URI>"}',
+                )
             data = inputs.check_size(await upload.read(), self._media_limit, "video")
             body = {k: v for k, v in form.items() if isinstance(v, str)}
         elif ctype.startswith("application/json"):
             body = await inputs.json_body(request)  # a URI: no media in the body, so the small cap
             if "video_uri" not in body:
-                raise ApiError(400, "missing_video", "JSON requests give {\"video_uri\": \"<store key or URI>\"}; "
-                               "or upload the file as multipart field 'video'")
+                raise ApiError(
+                    400,
+                    "missing_video",
+                    'JSON requests give {"video_uri": "<store key or URI>"}; '
+                    "or upload the file as multipart field 'video'",
+                )
             uri = body["video_uri"]
         else:
-            raise ApiError(415, "unsupported_media_type", f"Content-Type {ctype[:80]!r}: upload multipart/form-data "
-                           "with a 'video' file, or send application/json with video_uri")
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"Content-Type {ctype[:80]!r}: upload multipart/form-data "
+                "with a 'video' file, or send application/json with video_uri",
+            )
         manifest = await self._resolve(request, "video", tenant, body.get("adapter"))
         gen = self._request("video", QUESTIONS["video"], None, manifest, body)
         gen.pixels, decode_s = await self._media_from("video", data, uri)
@@ -324,7 +385,8 @@ class Gateway:
 
         def events(chunk: Chunk) -> list[str]:
             return ([sse.event({"text": chunk.text}, "delta")] if chunk.text else []) + (
-                [sse.event(self._recipe(chunk.result, decode_s, t0, t2), "recipe")] if chunk.result else [])
+                [sse.event(self._recipe(chunk.result, decode_s, t0, t2), "recipe")] if chunk.result else []
+            )
 
         def error_event(err: ApiError) -> str:
             return sse.event(errors.body(err.status, err.error, err.detail), "error")
@@ -334,10 +396,19 @@ class Gateway:
     def _recipe(self, result: GenerateResult, decode_s: float, t0: float, t2: float) -> dict:
         t3 = time.perf_counter()
         recipe = parse_recipe(result.text)
-        return {"ingredients": recipe["ingredients"], "steps": recipe["steps"], "text": result.text,
-                "adapter": result.adapter, "base": result.base,
-                "timings": {"decode_s": round(decode_s, 4), "generate_s": round(t3 - t2, 4),
-                            "total_s": round(t3 - t0, 4), **self._engine_timings(result)}}
+        return {
+            "ingredients": recipe["ingredients"],
+            "steps": recipe["steps"],
+            "text": result.text,
+            "adapter": result.adapter,
+            "base": result.base,
+            "timings": {
+                "decode_s": round(decode_s, 4),
+                "generate_s": round(t3 - t2, 4),
+                "total_s": round(t3 - t0, 4),
+                **self._engine_timings(result),
+            },
+        }
 
     @api.post("/v1/generate", openapi_extra=openapi_docs.GENERATE)
     async def generate(self, request: Request):
@@ -349,21 +420,28 @@ class Gateway:
         if modality == "video":
             raise ApiError(400, "bad_modality", "videos go to POST /v1/recipes (multipart 'video' or video_uri)")
         if modality not in ("text", "image"):
-            raise ApiError(400, "bad_modality", f"modality {str(modality)[:40]!r}: use \"text\" or \"image\"")
+            raise ApiError(400, "bad_modality", f'modality {str(modality)[:40]!r}: use "text" or "image"')
         question = body.get("question", QUESTIONS.get(modality))
         if not isinstance(question, str) or not question.strip():
-            raise ApiError(400, "missing_question", "give a non-empty \"question\" string"
-                           + (" (image questions default to the dish question)" if modality == "image" else ""))
+            raise ApiError(
+                400,
+                "missing_question",
+                'give a non-empty "question" string'
+                + (" (image questions default to the dish question)" if modality == "image" else ""),
+            )
         data = None
         if modality == "image":
             given = [k for k in ("image_b64", "image_uri") if body.get(k) is not None]
             if len(given) != 1:
-                raise ApiError(400, "missing_image", "give exactly one of image_b64 (base64 of the file) or "
-                               "image_uri (a store key or URI)")
+                raise ApiError(
+                    400,
+                    "missing_image",
+                    "give exactly one of image_b64 (base64 of the file) or image_uri (a store key or URI)",
+                )
             if given[0] == "image_b64":
                 data = inputs.b64(body["image_b64"], "image_b64")
         elif body.get("image_b64") is not None or body.get("image_uri") is not None:
-            raise ApiError(400, "bad_request", "a text request carries no image; use modality \"image\"")
+            raise ApiError(400, "bad_request", 'a text request carries no image; use modality "image"')
         manifest = await self._resolve(request, modality, tenant, body.get("adapter"))
         gen = self._request(modality, question.strip(), None, manifest, body)
         decode_s = 0.0
@@ -372,10 +450,18 @@ class Gateway:
         t1 = time.perf_counter()
         result = await self._generate(gen)
         t2 = time.perf_counter()
-        return {"answer": result.text, "adapter": result.adapter, "base": result.base,
-                "finish_reason": result.finish_reason,
-                "timings": {"decode_s": round(decode_s, 4), "generate_s": round(t2 - t1, 4),
-                            "total_s": round(t2 - t0, 4), **self._engine_timings(result)}}
+        return {
+            "answer": result.text,
+            "adapter": result.adapter,
+            "base": result.base,
+            "finish_reason": result.finish_reason,
+            "timings": {
+                "decode_s": round(decode_s, 4),
+                "generate_s": round(t2 - t1, 4),
+                "total_s": round(t2 - t0, 4),
+                **self._engine_timings(result),
+            },
+        }
 
     @api.post("/v1/chat/completions", openapi_extra=openapi_docs.CHAT)
     async def chat_completions(self, request: Request):
@@ -427,7 +513,8 @@ class Gateway:
             if chunk.result is None:
                 return [sse.event(out.delta(chunk.text))] if chunk.text else []
             return [sse.event(out.delta(chunk.text, chunk.result))] + (
-                [sse.event(out.usage(chunk.result))] if out.include_usage else [])
+                [sse.event(out.usage(chunk.result))] if out.include_usage else []
+            )
 
         def error_event(err: ApiError) -> str:  # OpenAI's mid-stream error: data {"error": {...}}
             return sse.event(errors.body(err.status, err.error, err.detail, request.url.path))
@@ -444,9 +531,18 @@ class Gateway:
         data = [{"id": self.base_id, "object": "model", "owned_by": registry.PLATFORM_OWNER, "root": self.base_id}]
         for m in manifests:
             if m.owner in owners and m.base_fingerprint == self.spec.fingerprint:
-                data.append({"id": self._model_id(m), "object": "model", "owned_by": m.owner,
-                             "root": self.base_id, "parent": self.base_id, "modality": m.modality,
-                             "adapter": m.ref, "created_at": m.created_at})
+                data.append(
+                    {
+                        "id": self._model_id(m),
+                        "object": "model",
+                        "owned_by": m.owner,
+                        "root": self.base_id,
+                        "parent": self.base_id,
+                        "modality": m.modality,
+                        "adapter": m.ref,
+                        "created_at": m.created_at,
+                    }
+                )
         return data
 
     @api.get("/v1/models")
@@ -460,8 +556,11 @@ class Gateway:
         for obj in await self._model_objects(request):
             if obj["id"] == model_id:
                 return obj
-        raise ApiError(404, "model_not_found", f"model {model_id[:100]!r} is not served here for this caller; "
-                       "GET /v1/models lists them")
+        raise ApiError(
+            404,
+            "model_not_found",
+            f"model {model_id[:100]!r} is not served here for this caller; GET /v1/models lists them",
+        )
 
     # -- tenant adapters -----------------------------------------------------------------------------
     @api.put("/v1/adapters/{name:path}", openapi_extra=openapi_docs.UPLOAD)
@@ -486,12 +585,24 @@ class Gateway:
                 body = await inputs.read_body(request, limit, "adapter upload")
                 files = unpack(archive=body, content_type=ctype, max_bytes=limit)
             else:
-                raise ApiError(415, "unsupported_media_type", f"Content-Type {ctype[:60]!r}: upload multipart/form-data "
-                               "with adapter_config.json and adapter_model.safetensors, or a .tar/.tar.gz/.zip "
-                               "of the PEFT folder")
+                raise ApiError(
+                    415,
+                    "unsupported_media_type",
+                    f"Content-Type {ctype[:60]!r}: upload multipart/form-data "
+                    "with adapter_config.json and adapter_model.safetensors, or a .tar/.tar.gz/.zip "
+                    "of the PEFT folder",
+                )
             manifest = await asyncio.to_thread(
-                publish_upload, self.store, files, tenant=tenant, name=name, modality=modality, spec=self.spec,
-                max_rank=self.s.max_lora_rank, max_bytes=limit)
+                publish_upload,
+                self.store,
+                files,
+                tenant=tenant,
+                name=name,
+                modality=modality,
+                spec=self.spec,
+                max_rank=self.s.max_lora_rank,
+                max_bytes=limit,
+            )
         except UploadError as err:
             metrics.get().uploads.labels(str(err.status)).inc()
             raise ApiError(err.status, err.error, err.detail) from None
@@ -503,9 +614,18 @@ class Gateway:
         return JSONResponse(self._adapter_view(manifest), status_code=201)
 
     def _adapter_view(self, m: Manifest) -> dict:
-        return {"adapter": m.ref, "model": self._model_id(m), "name": m.name, "version": m.version,
-                "modality": m.modality, "rank": m.rank, "owner": m.owner, "source": m.source,
-                "created_at": m.created_at, "weights_sha256": m.weights_sha256}
+        return {
+            "adapter": m.ref,
+            "model": self._model_id(m),
+            "name": m.name,
+            "version": m.version,
+            "modality": m.modality,
+            "rank": m.rank,
+            "owner": m.owner,
+            "source": m.source,
+            "created_at": m.created_at,
+            "weights_sha256": m.weights_sha256,
+        }
 
     @staticmethod
     def _name_version(path: str) -> tuple[str, int | None]:
@@ -533,8 +653,13 @@ class Gateway:
         except AdapterError:
             manifest = None
         if manifest is None:  # the same answer whether it is someone else's or nobody's
-            raise ApiError(404, "unknown_adapter", f"you have no adapter {name!r}"
-                           + (f" version {version}" if version else "") + "; GET /v1/adapters lists yours")
+            raise ApiError(
+                404,
+                "unknown_adapter",
+                f"you have no adapter {name!r}"
+                + (f" version {version}" if version else "")
+                + "; GET /v1/adapters lists yours",
+            )
         return manifest
 
     @api.delete("/v1/adapters/{name:path}")
@@ -555,8 +680,9 @@ class Gateway:
         try:
             key = await asyncio.to_thread(self.auth.tenants.add, name if isinstance(name, str) else "")
         except TenantError as err:
-            raise ApiError(err.status, "tenant_" + {400: "bad_name", 404: "unknown", 409: "exists"}[err.status],
-                           str(err)) from None
+            raise ApiError(
+                err.status, "tenant_" + {400: "bad_name", 404: "unknown", 409: "exists"}[err.status], str(err)
+            ) from None
         return JSONResponse({"name": name, "key": key, "detail": "shown once: store it now"}, status_code=201)
 
     @api.get("/v1/tenants")
@@ -585,11 +711,11 @@ class Gateway:
             info = await asyncio.wait_for(self.model.info.remote(), 10)
         except Exception as err:
             log.warning("health: no model replica answered: %s: %s", type(err).__name__, err)
-            return errors.error_response(503, "unhealthy", "no model replica answered; retry shortly",
-                                         {"Retry-After": "5"})
+            return errors.error_response(
+                503, "unhealthy", "no model replica answered; retry shortly", {"Retry-After": "5"}
+            )
         return {"status": "ok", **(info if self.auth.is_admin(request) else {})}
 
     @api.get("/metrics")
     async def prometheus(self):
         return Response(metrics.get().render(), media_type=metrics.CONTENT_TYPE)
-

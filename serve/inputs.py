@@ -18,14 +18,21 @@ def check_length(request: Request, limit: int, what: str = "request") -> None:
     """Refuse by Content-Length before reading a byte (413)."""
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit:
-        raise ApiError(413, "too_large", f"the {what} is {int(length) / MB:.1f} MB; the limit is {limit / MB:.0f} MB: "
-                       "trim or re-encode the file, or put it in the store and send its URI")
+        raise ApiError(
+            413,
+            "too_large",
+            f"the {what} is {int(length) / MB:.1f} MB; the limit is {limit / MB:.0f} MB: "
+            "trim or re-encode the file, or put it in the store and send its URI",
+        )
 
 
 def check_size(data: bytes, limit: int, what: str) -> bytes:
     if len(data) > limit:
-        raise ApiError(413, "too_large", f"the {what} is {len(data) / MB:.1f} MB; the limit is {limit / MB:.0f} MB: "
-                       "trim or re-encode it")
+        raise ApiError(
+            413,
+            "too_large",
+            f"the {what} is {len(data) / MB:.1f} MB; the limit is {limit / MB:.0f} MB: trim or re-encode it",
+        )
     return data
 
 
@@ -56,8 +63,9 @@ async def json_body(request: Request, limit: int = 64 * 2**10) -> dict:
     try:
         body = await request.json()
     except ValueError:
-        raise ApiError(400, "bad_json", "the body is not valid JSON; send Content-Type: application/json "
-                       "with a JSON object") from None
+        raise ApiError(
+            400, "bad_json", "the body is not valid JSON; send Content-Type: application/json with a JSON object"
+        ) from None
     if not isinstance(body, dict):
         raise ApiError(400, "bad_json", f"the body must be a JSON object, got {type(body).__name__}")
     return body
@@ -72,15 +80,21 @@ def store_key(store: Store, uri, prefixes: list[str]) -> str:
     one of `prefixes`. A key outside them answers exactly as a missing one does, so a request can
     never learn what else the store holds; no error names the store's location."""
     if not isinstance(uri, str) or not uri.strip():
-        raise ApiError(400, "bad_uri", f"give the media as a store key under {prefixes} "
-                       "(e.g. datasets/raw/clips/one.mp4), or upload the file")
+        raise ApiError(
+            400,
+            "bad_uri",
+            f"give the media as a store key under {prefixes} (e.g. datasets/raw/clips/one.mp4), or upload the file",
+        )
     if _has_control(uri):
-        raise ApiError(400, "bad_uri", "the media URI holds control characters (a NUL byte, a newline...): "
-                       "send the key as plain text")
+        raise ApiError(
+            400,
+            "bad_uri",
+            "the media URI holds control characters (a NUL byte, a newline...): send the key as plain text",
+        )
     key = uri.strip()
     if "://" in key:  # a URI: only one inside this server's store names anything
         root = store.uri.rstrip("/") + "/"
-        key = key[len(root):] if key.startswith(root) else ""
+        key = key[len(root) :] if key.startswith(root) else ""
     try:
         store.url(key)  # a key the store takes (no '..', relative)
     except StoreError:
@@ -91,8 +105,11 @@ def store_key(store: Store, uri, prefixes: list[str]) -> str:
 
 
 def _no_media(key: str, prefixes: list[str]) -> ApiError:
-    return ApiError(404, "not_found", f"no media at {key[:200]!r}: media URIs name files under {prefixes}; "
-                    "check the key, or upload the file")
+    return ApiError(
+        404,
+        "not_found",
+        f"no media at {key[:200]!r}: media URIs name files under {prefixes}; check the key, or upload the file",
+    )
 
 
 async def read_store(store: Store, uri, limit: int, prefixes: list[str]) -> bytes:
@@ -147,8 +164,7 @@ def stop(value) -> list[str]:
         return []
     if isinstance(value, str):
         value = [value]
-    if (not isinstance(value, list) or len(value) > 4
-            or not all(isinstance(s, str) and 0 < len(s) <= 64 for s in value)):
+    if not isinstance(value, list) or len(value) > 4 or not all(isinstance(s, str) and 0 < len(s) <= 64 for s in value):
         raise ApiError(400, "bad_stop", "stop must be a string or a list of up to 4 non-empty strings")
     return value
 
@@ -177,5 +193,9 @@ def b64(value, field: str) -> bytes:
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise ApiError(400, f"bad_{field}", f"{field} is not valid base64 (standard alphabet, padded); e.g. "
-                       "base64.b64encode(open(path, 'rb').read()).decode()") from None
+        raise ApiError(
+            400,
+            f"bad_{field}",
+            f"{field} is not valid base64 (standard alphabet, padded); e.g. "
+            "base64.b64encode(open(path, 'rb').read()).decode()",
+        ) from None

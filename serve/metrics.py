@@ -51,11 +51,15 @@ class Metrics:
         r = self.registry
         labels = ["endpoint", "modality", "adapter"]
         self.requests = Counter("ddft_requests", "HTTP requests answered", labels + ["status"], registry=r)
-        self.latency = Histogram("ddft_request_latency_seconds", "time to answer a request", labels, registry=r,
-                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300))
+        self.latency = Histogram(
+            "ddft_request_latency_seconds",
+            "time to answer a request",
+            labels,
+            registry=r,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
+        )
         self.tokens = Counter("ddft_tokens", "tokens processed", ["modality", "adapter", "kind"], registry=r)
-        self.queue_depth = Gauge("ddft_queue_depth", "requests waiting for or running on a model replica",
-                                 registry=r)
+        self.queue_depth = Gauge("ddft_queue_depth", "requests waiting for or running on a model replica", registry=r)
         self.uploads = Counter("ddft_adapter_uploads", "tenant adapter uploads", ["status"], registry=r)
         self.engines = _EngineCollector()
         r.register(self.engines)

@@ -10,8 +10,8 @@ import asyncio
 import contextvars
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 from ray import serve
 
@@ -30,6 +30,7 @@ _ARRIVING: contextvars.ContextVar[Manifest | None] = contextvars.ContextVar("ddf
 @dataclass
 class ServedResult(GenerateResult):
     """A result as a replica answers it: which replica, and its engine's counters (for /metrics)."""
+
     replica: str = "local"
     stats: dict[str, int] = field(default_factory=dict)
 
@@ -115,5 +116,10 @@ class ModelServer:
         return dropped
 
     def info(self) -> dict:
-        return {"base": self.engine.base_id, "replica": self.replica, "loaded_adapters": self.engine.loaded_adapters(),
-                "ongoing": self._ongoing, "stats": self.engine.stats()}
+        return {
+            "base": self.engine.base_id,
+            "replica": self.replica,
+            "loaded_adapters": self.engine.loaded_adapters(),
+            "ongoing": self._ongoing,
+            "stats": self.engine.stats(),
+        }

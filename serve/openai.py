@@ -43,15 +43,24 @@ def _adapter_of(body: dict, base_id: str) -> str | None:
     """The adapter a request's `model` names: None for the bare base id (routing decides)."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
-        raise ApiError(400, "missing_model", f"give \"model\": {base_id!r} (routing picks the adapter) or "
-                       f"\"{base_id}:<adapter>\"; GET /v1/models lists them")
+        raise ApiError(
+            400,
+            "missing_model",
+            f'give "model": {base_id!r} (routing picks the adapter) or '
+            f'"{base_id}:<adapter>"; GET /v1/models lists them',
+        )
     if model != base_id and not model.startswith(base_id + ":"):
-        raise ApiError(404, "model_not_found", f"model {model[:100]!r} is not served here; this server serves "
-                       f"{base_id!r} and its adapters (GET /v1/models)")
-    adapter = model[len(base_id) + 1:] if model != base_id else None
+        raise ApiError(
+            404,
+            "model_not_found",
+            f"model {model[:100]!r} is not served here; this server serves "
+            f"{base_id!r} and its adapters (GET /v1/models)",
+        )
+    adapter = model[len(base_id) + 1 :] if model != base_id else None
     if adapter is not None and not adapter.strip():
-        raise ApiError(404, "model_not_found", f"model {model[:100]!r} names no adapter after ':'; GET /v1/models "
-                       "lists the models")
+        raise ApiError(
+            404, "model_not_found", f"model {model[:100]!r} names no adapter after ':'; GET /v1/models lists the models"
+        )
     return adapter
 
 
@@ -62,7 +71,7 @@ def _n(body: dict, max_n: int, stream: bool) -> int:
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= max_n:
         raise ApiError(400, "bad_n", f"n must be an integer from 1 to {max_n} (serve.max_n)")
     if n > 1 and stream:
-        raise ApiError(400, "bad_n", "n > 1 is answered whole: drop \"stream\", or stream with n=1")
+        raise ApiError(400, "bad_n", 'n > 1 is answered whole: drop "stream", or stream with n=1')
     return n
 
 
@@ -72,7 +81,7 @@ def parse_chat(body: dict, base_id: str, max_n: int = 1) -> ChatInput:
     n = _n(body, max_n, stream)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "missing_messages", "give \"messages\": a non-empty list of {role, content}")
+        raise ApiError(400, "missing_messages", 'give "messages": a non-empty list of {role, content}')
     lines, media = [], []
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict) or msg.get("role") not in ("system", "user", "assistant"):
@@ -89,8 +98,12 @@ def parse_chat(body: dict, base_id: str, max_n: int = 1) -> ChatInput:
             elif kind in MEDIA_PARTS and isinstance(part.get(kind), dict) and isinstance(part[kind].get("url"), str):
                 media.append((MEDIA_PARTS[kind], part[kind]["url"]))
             else:
-                raise ApiError(400, "bad_content_part", f"messages[{i}].content[{j}]: use {{type: text, text}}, "
-                               "{type: image_url, image_url: {url}} or {type: video_url, video_url: {url}}")
+                raise ApiError(
+                    400,
+                    "bad_content_part",
+                    f"messages[{i}].content[{j}]: use {{type: text, text}}, "
+                    "{type: image_url, image_url: {url}} or {type: video_url, video_url: {url}}",
+                )
         text = " ".join(t.strip() for t in texts if t.strip())
         if text:
             lines.append((msg["role"], text))
@@ -125,8 +138,13 @@ class CompletionInput:
 
 
 # OpenAI completion fields this server does not compute: refused unless absent or at their defaults
-_UNSUPPORTED = {"echo": (None, False), "logprobs": (None, 0), "suffix": (None, ""), "best_of": (None, 1),
-                "logit_bias": (None, {})}
+_UNSUPPORTED = {
+    "echo": (None, False),
+    "logprobs": (None, 0),
+    "suffix": (None, ""),
+    "best_of": (None, 1),
+    "logit_bias": (None, {}),
+}
 
 
 def parse_completion(body: dict, base_id: str, max_n: int = 1) -> CompletionInput:
@@ -141,8 +159,11 @@ def parse_completion(body: dict, base_id: str, max_n: int = 1) -> CompletionInpu
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt.strip():
-        raise ApiError(400, "bad_prompt", "prompt must be a non-empty string (or a list of exactly one); "
-                       "send several prompts as several requests")
+        raise ApiError(
+            400,
+            "bad_prompt",
+            "prompt must be a non-empty string (or a list of exactly one); send several prompts as several requests",
+        )
     return CompletionInput(adapter, prompt, n, stream, include_usage)
 
 
@@ -153,9 +174,9 @@ def _stream_options(body: dict) -> tuple[bool, bool]:
     if options is None:
         return stream, False
     if not stream:
-        raise ApiError(400, "bad_stream_options", "stream_options is only allowed with \"stream\": true")
+        raise ApiError(400, "bad_stream_options", 'stream_options is only allowed with "stream": true')
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
-        raise ApiError(400, "bad_stream_options", "stream_options is {\"include_usage\": true|false}")
+        raise ApiError(400, "bad_stream_options", 'stream_options is {"include_usage": true|false}')
     return stream, options.get("include_usage", False)
 
 
@@ -178,13 +199,23 @@ def completion(model: str, results: list[GenerateResult], text: bool = False) ->
     usage = _usage(results[0])
     usage["completion_tokens"] = sum(_usage(r)["completion_tokens"] for r in results)
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-    choices = [{"index": i, "finish_reason": r.finish_reason,
-                **({"text": r.text, "logprobs": None} if text else
-                   {"message": {"role": "assistant", "content": r.text}})} for i, r in enumerate(results)]
+    choices = [
+        {
+            "index": i,
+            "finish_reason": r.finish_reason,
+            **({"text": r.text, "logprobs": None} if text else {"message": {"role": "assistant", "content": r.text}}),
+        }
+        for i, r in enumerate(results)
+    ]
     return {
         "id": f"{'cmpl' if text else 'chatcmpl'}-{uuid.uuid4().hex[:24]}",
-        "object": "text_completion" if text else "chat.completion", "created": int(time.time()), "model": model,
-        "choices": choices, "usage": usage, "adapter": results[0].adapter, "base": results[0].base,
+        "object": "text_completion" if text else "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": usage,
+        "adapter": results[0].adapter,
+        "base": results[0].base,
     }
 
 
@@ -200,8 +231,14 @@ class ChunkStream:
         self.model, self.include_usage, self.text = model, include_usage, text
 
     def _chunk(self, choices: list, **extra) -> dict:
-        out = {"id": self.id, "object": "text_completion" if self.text else "chat.completion.chunk",
-               "created": self.created, "model": self.model, "choices": choices, **extra}
+        out = {
+            "id": self.id,
+            "object": "text_completion" if self.text else "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
         if self.include_usage:
             out.setdefault("usage", None)
         return out
@@ -211,8 +248,11 @@ class ChunkStream:
 
     def delta(self, text: str, result: GenerateResult | None = None) -> dict:
         """Content; with the result, the last content chunk: its finish_reason, adapter and base."""
-        choice = {"index": 0, "finish_reason": result.finish_reason if result else None,
-                  **({"text": text, "logprobs": None} if self.text else {"delta": {"content": text} if text else {}})}
+        choice = {
+            "index": 0,
+            "finish_reason": result.finish_reason if result else None,
+            **({"text": text, "logprobs": None} if self.text else {"delta": {"content": text} if text else {}}),
+        }
         return self._chunk([choice], **({"adapter": result.adapter, "base": result.base} if result else {}))
 
     def usage(self, result: GenerateResult) -> dict:

@@ -6,7 +6,7 @@ later one can only be an event in the stream.
 """
 
 import json
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from fastapi.responses import StreamingResponse
 
@@ -19,5 +19,6 @@ def event(data: dict, name: str | None = None) -> str:
 
 def response(events: AsyncIterator[str]) -> StreamingResponse:
     # no-cache and no proxy buffering: each event should reach the client when it is made
-    return StreamingResponse(events, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )

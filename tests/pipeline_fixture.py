@@ -1,5 +1,6 @@
 """Session fixtures for the loop's integration tests: a local Ray cluster on 127.0.0.1 and a file
 store holding the tiny base and a small synthetic kitchen, prepared once."""
+
 import os
 
 import pytest
@@ -11,13 +12,24 @@ KITCHEN = {"seed": 0, "dishes": 3, "images_per_dish": 4, "recipes": 6, "qa_pairs
 
 
 def tiny_config(store_uri: str, steps: int = 8, **store_extra) -> PipelineConfig:
-    job = lambda m: {"name": m, "modality": m, "resources": {"cpus_per_worker": 0.5},  # noqa: E731
-                     "lora": {"dropout": 0.0},
-                     "optim": {"lr": 1e-2, "projector_lr": 1e-2, "max_steps": steps, "batch_size": 2,
-                               "warmup_ratio": 0.0}}
-    return validate(PipelineConfig, {
-        "store": {"uri": store_uri, **store_extra}, "base": {"id": "tiny", "build": "tiny"},
-        "data": {"synthetic": KITCHEN}, "jobs": [job(m) for m in ("image", "video", "text")]})
+    def job(m: str) -> dict:
+        return {
+            "name": m,
+            "modality": m,
+            "resources": {"cpus_per_worker": 0.5},
+            "lora": {"dropout": 0.0},
+            "optim": {"lr": 1e-2, "projector_lr": 1e-2, "max_steps": steps, "batch_size": 2, "warmup_ratio": 0.0},
+        }
+
+    return validate(
+        PipelineConfig,
+        {
+            "store": {"uri": store_uri, **store_extra},
+            "base": {"id": "tiny", "build": "tiny"},
+            "data": {"synthetic": KITCHEN},
+            "jobs": [job(m) for m in ("image", "video", "text")],
+        },
+    )
 
 
 METRICS_PORT_ENV = "DDFT_TEST_RAY_METRICS_PORT"
@@ -35,8 +47,11 @@ def ray_cluster():
     with socket.socket() as sock:  # where Ray's Prometheus exporter listens (test_train scrapes it)
         sock.bind(("127.0.0.1", 0))
         os.environ[METRICS_PORT_ENV] = str(sock.getsockname()[1])
-    with ray_session(num_cpus=6, runtime_env={"env_vars": {"PYTHONPATH": repo}},
-                     metrics_export_port=int(os.environ[METRICS_PORT_ENV])) as ray:
+    with ray_session(
+        num_cpus=6,
+        runtime_env={"env_vars": {"PYTHONPATH": repo}},
+        metrics_export_port=int(os.environ[METRICS_PORT_ENV]),
+    ) as ray:
         yield ray
 
 

@@ -3,6 +3,7 @@
 Traffic goes over real HTTP to the server; boto3 is not patched. Register with
 ``pytest_plugins = ["tests.s3_server"]``.
 """
+
 from __future__ import annotations
 
 import uuid
@@ -19,13 +20,23 @@ class S3Endpoint:
     secret_access_key: str = "testing"
 
     def creds(self) -> dict:
-        return dict(endpoint_url=self.endpoint_url, region=self.region,
-                    access_key_id=self.access_key_id, secret_access_key=self.secret_access_key)
+        return dict(
+            endpoint_url=self.endpoint_url,
+            region=self.region,
+            access_key_id=self.access_key_id,
+            secret_access_key=self.secret_access_key,
+        )
 
     def client(self):
         import boto3
-        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name=self.region,
-                            aws_access_key_id=self.access_key_id, aws_secret_access_key=self.secret_access_key)
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=self.region,
+            aws_access_key_id=self.access_key_id,
+            aws_secret_access_key=self.secret_access_key,
+        )
 
     def create_bucket(self, prefix: str = "ddft-test") -> str:
         name = f"{prefix}-{uuid.uuid4().hex[:12]}"

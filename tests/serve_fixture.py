@@ -1,6 +1,7 @@
 """Starting the serve app for HTTP tests: a file store with the tiny base, three platform adapters
 (image, video, text) and tenant acme's text adapter, deployed with serve.run on a free port, the
 admin key set; tenants acme and beta created through the admin API. One app per test module."""
+
 from __future__ import annotations
 
 import contextlib
@@ -53,10 +54,21 @@ def free_port() -> int:
 
 
 def write_config(tmp_path: Path, store_uri: str, port: int, **serve) -> str:
-    cfg = {"store": {"uri": store_uri}, "base": {"id": "tiny"},
-           "jobs": [{"name": "video", "modality": "video"}],
-           "serve": {"host": "127.0.0.1", "port": port, "max_new_tokens": 6, "adapter_cache_size": 4,
-                     "cpus_per_replica": 1, "max_adapter_mb": 2, "max_media_mb": 1, **serve}}
+    cfg = {
+        "store": {"uri": store_uri},
+        "base": {"id": "tiny"},
+        "jobs": [{"name": "video", "modality": "video"}],
+        "serve": {
+            "host": "127.0.0.1",
+            "port": port,
+            "max_new_tokens": 6,
+            "adapter_cache_size": 4,
+            "cpus_per_replica": 1,
+            "max_adapter_mb": 2,
+            "max_media_mb": 1,
+            **serve,
+        },
+    }
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return str(path)

@@ -1,5 +1,6 @@
 """One file of every bad kind, mixed into good ones on the S3 endpoint: every good sample comes
 out, every bad one is counted under its reason, and a tight skip limit fails naming the reasons."""
+
 import io
 
 import av
@@ -46,28 +47,33 @@ def _spoil(store) -> dict:
     ids = sorted({k.split("/")[3] for k in store.list(tasty) if k.endswith(".mp4")})
     video = lambda i: f"{tasty}/{ids[i]}/recipe_video.mp4"  # noqa: E731
     good_mp4 = store.read_bytes(video(0))
-    store.write_bytes(video(0), good_mp4[: len(good_mp4) // 2])           # truncated
-    store.write_bytes(video(1), b"")                                       # zero bytes
-    store.write_bytes(video(2), b"<html>not a video</html>\n" * 20)       # text named .mp4
+    store.write_bytes(video(0), good_mp4[: len(good_mp4) // 2])  # truncated
+    store.write_bytes(video(1), b"")  # zero bytes
+    store.write_bytes(video(2), b"<html>not a video</html>\n" * 20)  # text named .mp4
     store.write_bytes(video(3), encode_mp4([np.zeros((64, 64, 3), np.uint8)] * 4, 10))  # 4 frames < 8
-    store.write_bytes(video(4), _audio_only_mp4())                         # no video stream
+    store.write_bytes(video(4), _audio_only_mp4())  # no video stream
     store.write_text(f"{tasty}/{ids[5]}/recipe.xml", "<recipe><title>oops</title><ingredients>")  # malformed
 
     foodx = f"{RAW}/foodx251"
     store.write_bytes(f"{foodx}/train_set/train_00000.jpg", b"\x00garbage, not a jpeg")  # unreadable
     store.write_bytes(f"{foodx}/train_set/train_00001.jpg", _image("CMYK", (0, 200, 200, 0)))  # converted
-    store.write_bytes(f"{foodx}/train_set/train_00002.jpg", _image("L", 90))                  # converted
-    store.write_bytes(f"{foodx}/train_set/train_00003.jpg", _image("I;16", 50000))            # converted
+    store.write_bytes(f"{foodx}/train_set/train_00002.jpg", _image("L", 90))  # converted
+    store.write_bytes(f"{foodx}/train_set/train_00003.jpg", _image("I;16", 50000))  # converted
     csv = store.read_text(f"{foodx}/train_info.csv")
     store.write_text(f"{foodx}/train_info.csv", csv + "train_09999.jpg,0\ntrain_00004.jpg,4000\n")
 
     qa = f"{RAW}/cooking_qa/qa.jsonl"
-    store.write_bytes(qa, store.read_bytes(qa) + b'{"question": "caf\xe9?", "answer": "x"}\n'
-                      + b'{"question": "What is an empty answer?", "answer": ""}\n')
-    return {"video": ({"undecodable_video": 3, "empty_file": 1, "too_few_frames": 1, "bad_xml": 1},
-                      set(ids[6:])),
-            "image": {"unreadable_image": 1, "missing_file": 1, "label_out_of_range": 1},
-            "text": {"not_utf8": 1, "empty_answer": 1}}
+    store.write_bytes(
+        qa,
+        store.read_bytes(qa)
+        + b'{"question": "caf\xe9?", "answer": "x"}\n'
+        + b'{"question": "What is an empty answer?", "answer": ""}\n',
+    )
+    return {
+        "video": ({"undecodable_video": 3, "empty_file": 1, "too_few_frames": 1, "bad_xml": 1}, set(ids[6:])),
+        "image": {"unreadable_image": 1, "missing_file": 1, "label_out_of_range": 1},
+        "text": {"not_utf8": 1, "empty_answer": 1},
+    }
 
 
 def test_every_bad_kind_is_counted_and_every_good_sample_kept(ray_cluster, s3_store, tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 held-out recipes, a fixed "always the same recipe" answer and a wrong-dish answer both fail them
 (ROUGE-L, the old headline, let a correctly formatted wrong recipe through), and any answer that
 doesn't depend on the video has no matched - mismatched gap."""
+
 import pytest
 
 from ddft.data.synthetic import write_kitchen
@@ -58,16 +59,19 @@ def test_the_gap_bars_pass_a_model_that_reads_the_video_and_fail_one_that_does_n
     from ddft.train.evaluate import mismatched
 
     held_out = _held_out(recipes)
-    rows = [{"id": k, "question": "Recipe?", "answer": recipes[k]["text"], "pixels": k.encode(), "pixel_shape": [1]}
-            for k in held_out]
+    rows = [
+        {"id": k, "question": "Recipe?", "answer": recipes[k]["text"], "pixels": k.encode(), "pixel_shape": [1]}
+        for k in held_out
+    ]
     swapped = mismatched(rows, "video")
     assert [r["answer"] for r in swapped] == [r["answer"] for r in rows]  # the references stay
     assert all(s["pixels"] != r["pixels"] for s, r in zip(swapped, rows))  # every video is another's
     references = [r["answer"] for r in rows]
 
     def gap(model):
-        matched, shown_another = (score_recipes([model(r) for r in side], references)["ingredient_f1"]
-                                  for side in (rows, swapped))
+        matched, shown_another = (
+            score_recipes([model(r) for r in side], references)["ingredient_f1"] for side in (rows, swapped)
+        )
         return matched - shown_another
 
     assert gap(lambda r: recipes[r["pixels"].decode()]["text"]) >= GAPS[("video", "ingredient_f1")]

@@ -1,5 +1,6 @@
 """Batched LoRA in the hf engine: a mixed batch computes what each adapter computes alone in PEFT;
 per-row stops, max tokens and seeds; eviction restacks; counters; unsupported variants refused."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,10 +26,12 @@ def more(served, tmp_path_factory):
     """Adapters of other ranks and targets, next to the served r=8 ones."""
     store, base, _ = served
     tmp = tmp_path_factory.mktemp("more")
-    return {"r4": make_adapter(store, base, "text", 11, tmp, name="r4", r=4),
-            "r16qv": make_adapter(store, base, "text", 12, tmp, name="r16qv", r=16, targets=QV),
-            "r2": make_adapter(store, base, "text", 13, tmp, name="r2", r=2),
-            "vt": make_adapter(store, base, "video", 14, tmp, name="vt", r=4, targets=VIDEO_TOWER)}
+    return {
+        "r4": make_adapter(store, base, "text", 11, tmp, name="r4", r=4),
+        "r16qv": make_adapter(store, base, "text", 12, tmp, name="r16qv", r=16, targets=QV),
+        "r2": make_adapter(store, base, "text", 13, tmp, name="r2", r=2),
+        "vt": make_adapter(store, base, "video", 14, tmp, name="vt", r=4, targets=VIDEO_TOWER),
+    }
 
 
 def _text(adapter, question="How long do I boil an egg?", tokens=6, **kw):
@@ -46,8 +49,14 @@ def test_mixed_batch_logits_equal_peft_alone(served, more, engine, tmp_path):
     store, base, m = served
     img0, vid0 = _media(0)
     img1, vid1 = _media(1)
-    text = [_text(m["text"]), _text(None, "Salt?"), _text(more["r4"]), _text(more["r16qv"], "Pepper, how much?"),
-            _text(more["r2"]), _text(m["text"], "Salt?")]
+    text = [
+        _text(m["text"]),
+        _text(None, "Salt?"),
+        _text(more["r4"]),
+        _text(more["r16qv"], "Pepper, how much?"),
+        _text(more["r2"]),
+        _text(m["text"], "Salt?"),
+    ]
     got = _check_logits(engine, store, base.id, text, tmp_path)
     assert isinstance(next(x for x in engine._peft.modules() if hasattr(x, "lora_A")), BatchedLoraLinear)
     engine.batched_lora = False  # PEFT's own adapter_names loop agrees
@@ -55,25 +64,45 @@ def test_mixed_batch_logits_equal_peft_alone(served, more, engine, tmp_path):
         torch.testing.assert_close(engine.forward_logits(text), got, atol=1e-4, rtol=1e-4)
     finally:
         engine.batched_lora = True
-    _check_logits(engine, store, base.id, [
-        GenerateRequest("image", prompts.QUESTIONS["image"], img0, m["image"]),
-        GenerateRequest("image", prompts.QUESTIONS["image"], img1, None),
-        GenerateRequest("image", "Dish?", img1, m["image"])], tmp_path)
-    _check_logits(engine, store, base.id, [  # LoRA in the video tower too: 8 frame rows per request
-        GenerateRequest("video", prompts.QUESTIONS["video"], vid0, more["vt"]),
-        GenerateRequest("video", "Recipe?", vid1, None),
-        GenerateRequest("video", prompts.QUESTIONS["video"], vid1, m["video"]),
-        GenerateRequest("video", "Recipe?", vid0, more["vt"])], tmp_path)
+    _check_logits(
+        engine,
+        store,
+        base.id,
+        [
+            GenerateRequest("image", prompts.QUESTIONS["image"], img0, m["image"]),
+            GenerateRequest("image", prompts.QUESTIONS["image"], img1, None),
+            GenerateRequest("image", "Dish?", img1, m["image"]),
+        ],
+        tmp_path,
+    )
+    _check_logits(
+        engine,
+        store,
+        base.id,
+        [  # LoRA in the video tower too: 8 frame rows per request
+            GenerateRequest("video", prompts.QUESTIONS["video"], vid0, more["vt"]),
+            GenerateRequest("video", "Recipe?", vid1, None),
+            GenerateRequest("video", prompts.QUESTIONS["video"], vid1, m["video"]),
+            GenerateRequest("video", "Recipe?", vid0, more["vt"]),
+        ],
+        tmp_path,
+    )
 
 
 def test_mixed_generate_equals_each_alone(served, more, engine):
     _, _, m = served
-    reqs = [_text(m["text"], tokens=8), _text(None, "Salt?", 5), _text(more["r4"], "Pepper?", 8),
-            _text(more["r16qv"], tokens=3), _text(more["r2"], "Oil?", 8)]
+    reqs = [
+        _text(m["text"], tokens=8),
+        _text(None, "Salt?", 5),
+        _text(more["r4"], "Pepper?", 8),
+        _text(more["r16qv"], tokens=3),
+        _text(more["r2"], "Oil?", 8),
+    ]
     together = engine.generate(reqs)
     alone = [engine.generate([r])[0] for r in reqs]
-    assert [(r.text, r.finish_reason, r.timings["new_tokens"]) for r in together] == \
-        [(r.text, r.finish_reason, r.timings["new_tokens"]) for r in alone]
+    assert [(r.text, r.finish_reason, r.timings["new_tokens"]) for r in together] == [
+        (r.text, r.finish_reason, r.timings["new_tokens"]) for r in alone
+    ]
     assert together[0].timings["adapters_in_batch"] == 4
     assert len({r.text for r in together}) > 2  # the adapters really differ
 
@@ -83,9 +112,13 @@ def test_stop_strings_and_row_max_tokens(served, engine):
     full = engine.generate([_text(m["text"], tokens=12)])[0]
     assert full.finish_reason == "length" and full.timings["new_tokens"] == 12 and len(full.text) > 6
     stop = full.text[4:6]
-    cut = full.text[:full.text.find(stop)].strip()
-    reqs = [_text(m["text"], tokens=12, stop=["\x00never", stop]), _text(m["text"], tokens=12),
-            _text(m["text"], tokens=2), _text(None, tokens=5)]
+    cut = full.text[: full.text.find(stop)].strip()
+    reqs = [
+        _text(m["text"], tokens=12, stop=["\x00never", stop]),
+        _text(m["text"], tokens=12),
+        _text(m["text"], tokens=2),
+        _text(None, tokens=5),
+    ]
     got = engine.generate(reqs)
     assert got[0].text == cut and got[0].finish_reason == "stop" and got[0].timings["new_tokens"] < 12
     assert got[1].text == full.text and got[1].finish_reason == "length"
@@ -111,10 +144,26 @@ def test_seeded_sampling_is_reproducible_in_any_batch(served, more, engine):
 def test_eviction_restacks_and_counters(served, more, tmp_path):
     store, base, m = served
     eng = make_engine("hf", store=store, base_model_id=base.id, cache_size=8)
-    assert eng.stats() == dict.fromkeys(("adapter_loads", "adapter_hits", "adapter_misses", "adapter_evictions",
-                                         "requests", "prompt_tokens", "new_tokens"), 0)
-    reqs = [_text(m["text"]), _text(more["r4"]), _text(None), _text(more["r16qv"]), _text(more["r2"]),
-            _text(m["text"], "Salt?")]
+    assert eng.stats() == dict.fromkeys(
+        (
+            "adapter_loads",
+            "adapter_hits",
+            "adapter_misses",
+            "adapter_evictions",
+            "requests",
+            "prompt_tokens",
+            "new_tokens",
+        ),
+        0,
+    )
+    reqs = [
+        _text(m["text"]),
+        _text(more["r4"]),
+        _text(None),
+        _text(more["r16qv"]),
+        _text(more["r2"]),
+        _text(m["text"], "Salt?"),
+    ]
     results = eng.generate(reqs)
     stats = eng.stats()
     assert (stats["adapter_loads"], stats["adapter_misses"], stats["adapter_hits"]) == (4, 4, 1)

@@ -1,4 +1,5 @@
 """The engines' batcher: requests that arrive while a batch runs go together into the next one."""
+
 import asyncio
 
 import pytest
@@ -67,6 +68,7 @@ def test_a_caller_that_gave_up_is_not_run():
 def test_a_batcher_serves_one_event_loop_after_another():
     """An engine outlives event loops (asyncio.run per call in scripts and tests): the queue and
     worker follow the running loop instead of failing on one bound to a closed loop."""
+
     async def run(items):
         return [i + 1 for i in items]
 

@@ -1,6 +1,7 @@
 """The `ddft` command: help and exit codes in-process and as a real subprocess; training submitted to
 a (fake) Ray job server; `ddft serve` wiring; then the HTTP commands against the running app on
 127.0.0.1 (tenants, adapter uploads, recipes)."""
+
 from __future__ import annotations
 
 import argparse
@@ -46,17 +47,34 @@ def commands(ap: argparse.ArgumentParser, prefix=()):
 
 def good_config(tmp_path: Path) -> str:
     path = tmp_path / "good.yaml"
-    path.write_text(yaml.safe_dump({"store": {"uri": str(tmp_path / "store")}, "base": {"id": "tiny"},
-                                    "jobs": [{"name": "video", "modality": "video"}]}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "store": {"uri": str(tmp_path / "store")},
+                "base": {"id": "tiny"},
+                "jobs": [{"name": "video", "modality": "video"}],
+            }
+        )
+    )
     return str(path)
 
 
 # -- help ------------------------------------------------------------------------------------------
 
+
 def test_every_command_has_help_with_an_example(capsys):
     paths = list(commands(cli.parser()))
-    assert {("train",), ("serve",), ("recipe",), ("adapters", "upload"), ("adapters", "delete"),
-            ("tenants", "add"), ("tenants", "list"), ("tenants", "remove"), ("data", "prepare")} <= set(paths)
+    assert {
+        ("train",),
+        ("serve",),
+        ("recipe",),
+        ("adapters", "upload"),
+        ("adapters", "delete"),
+        ("tenants", "add"),
+        ("tenants", "list"),
+        ("tenants", "remove"),
+        ("data", "prepare"),
+    } <= set(paths)
     for path in paths:
         with pytest.raises(SystemExit) as done:
             cli.main([*path, "--help"])
@@ -76,8 +94,12 @@ def test_real_subprocess_help_and_unreachable_server():
     for argv in (base, [sys.executable, "-m", "ddft.cli"]):
         done = subprocess.run([*argv, "--help"], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0 and "exit codes" in done.stdout
-    done = subprocess.run([*base, "tenants", "list", "--url", closed_url(), "--admin-key", SECRET],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [*base, "tenants", "list", "--url", closed_url(), "--admin-key", SECRET],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 4, done.stderr
     assert "cannot reach the server" in done.stderr and "Traceback" not in done.stderr
     assert SECRET not in done.stdout + done.stderr
@@ -109,8 +131,15 @@ def test_missing_keys_exit_2_and_name_the_variable(capsys, monkeypatch):
 def test_bad_config_exits_2_naming_the_keys(capsys, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("base: {id: tiny}\njobs: []\nserve: {port: 0, engine: tgi}\n")
-    for argv in (["eval"], ["train"], ["train", "--address", closed_url()], ["base", "build"], ["serve"],
-                 ["adapters", "list"], ["data", "prepare"]):
+    for argv in (
+        ["eval"],
+        ["train"],
+        ["train", "--address", closed_url()],
+        ["base", "build"],
+        ["serve"],
+        ["adapters", "list"],
+        ["data", "prepare"],
+    ):
         code, _, err = run(capsys, *argv, "--config", str(bad))
         assert code == 2, argv
         assert "serve.port" in err and "serve.engine" in err and "jobs" in err, argv
@@ -128,10 +157,15 @@ def test_unreachable_server_and_cluster_exit_4(capsys, tmp_path, monkeypatch):
     folder.mkdir()
     (folder / "adapter_config.json").write_text("{}")
     (folder / "adapter_model.safetensors").write_bytes(b"x")
-    for argv in (["recipe", str(clip)], ["recipe", "--uri", "x.mp4"], ["adapters", "list", "--key", SECRET],
-                 ["adapters", "upload", "n", str(folder), "--modality", "text", "--key", SECRET],
-                 ["adapters", "delete", "n", "--key", SECRET], ["tenants", "add", "n", "--admin-key", SECRET],
-                 ["tenants", "remove", "n", "--admin-key", SECRET]):
+    for argv in (
+        ["recipe", str(clip)],
+        ["recipe", "--uri", "x.mp4"],
+        ["adapters", "list", "--key", SECRET],
+        ["adapters", "upload", "n", str(folder), "--modality", "text", "--key", SECRET],
+        ["adapters", "delete", "n", "--key", SECRET],
+        ["tenants", "add", "n", "--admin-key", SECRET],
+        ["tenants", "remove", "n", "--admin-key", SECRET],
+    ):
         code, out, err = run(capsys, *argv)
         assert code == 4, (argv, err)
         assert url in err and SECRET not in out + err
@@ -143,12 +177,24 @@ def test_upload_refuses_what_is_no_adapter_locally(capsys, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("x")
     for path in ("empty", "notes.txt", "missing"):
-        code, _, err = run(capsys, "adapters", "upload", "n", str(tmp_path / path), "--modality", "text",
-                           "--key", SECRET, "--url", "http://127.0.0.1:9")
+        code, _, err = run(
+            capsys,
+            "adapters",
+            "upload",
+            "n",
+            str(tmp_path / path),
+            "--modality",
+            "text",
+            "--key",
+            SECRET,
+            "--url",
+            "http://127.0.0.1:9",
+        )
         assert code == 2 and path in err, err
 
 
 # -- training as a Ray job (a fake job server: the real one needs a cluster with a dashboard) ------
+
 
 class FakeJobs:
     submitted: list = []
@@ -179,8 +225,9 @@ def test_train_address_submits_streams_and_exits_with_the_job(capsys, tmp_path, 
 
     monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", FakeJobs)
     config = good_config(tmp_path)
-    code, out, err = run(capsys, "train", "--config", config, "--address", "http://127.0.0.1:8265",
-                         "--only", "video,text", "--force")
+    code, out, err = run(
+        capsys, "train", "--config", config, "--address", "http://127.0.0.1:8265", "--only", "video,text", "--force"
+    )
     assert code == 0 and "training video" in out and "DDFT_RESULTS []" in out and "raysubmit_test" in err
     entrypoint, env = FakeJobs.submitted[-1]
     assert entrypoint.startswith("python jobs/train_all.py --config ")
@@ -188,9 +235,12 @@ def test_train_address_submits_streams_and_exits_with_the_job(capsys, tmp_path, 
     assert env["working_dir"] == str(REPO)
     assert env["env_vars"]["DDFT_STORE"] == f"file://{tmp_path / 'store'}"  # absolute: the job runs in a copy
     inside = REPO / "jobs" / "configs" / "demo.yaml"
-    assert pipeline.job_spec(argparse.Namespace(config=str(inside), only=None, force=False),
-                             common.load_config(str(inside)))[0] == \
-        "python jobs/train_all.py --config jobs/configs/demo.yaml"
+    assert (
+        pipeline.job_spec(
+            argparse.Namespace(config=str(inside), only=None, force=False), common.load_config(str(inside))
+        )[0]
+        == "python jobs/train_all.py --config jobs/configs/demo.yaml"
+    )
 
     monkeypatch.setattr(FakeJobs, "final", "FAILED")
     code, out, err = run(capsys, "train", "--config", config, "--address", "http://127.0.0.1:8265")
@@ -232,11 +282,20 @@ def test_serve_checks_the_base_then_serves_blocking(capsys, tmp_path, monkeypatc
 
 
 def test_render_recipe():
-    text = remote.render_recipe({
-        "ingredients": [{"name": "flour", "quantity": 1.5, "unit": "cup"}, {"name": "salt", "quantity": None,
-                                                                            "unit": None}],
-        "steps": ["Mix.", "Bake."], "text": "...", "adapter": "ddft/video/v1", "base": "tiny",
-        "timings": {"decode_s": 0.1, "generate_s": 1.25, "total_s": 1.4, "new_tokens": 6}}, "clip.mp4")
+    text = remote.render_recipe(
+        {
+            "ingredients": [
+                {"name": "flour", "quantity": 1.5, "unit": "cup"},
+                {"name": "salt", "quantity": None, "unit": None},
+            ],
+            "steps": ["Mix.", "Bake."],
+            "text": "...",
+            "adapter": "ddft/video/v1",
+            "base": "tiny",
+            "timings": {"decode_s": 0.1, "generate_s": 1.25, "total_s": 1.4, "new_tokens": 6},
+        },
+        "clip.mp4",
+    )
     assert "adapter ddft/video/v1 on base tiny" in text
     assert "1 1/2  cup   flour" in text and "   1. Mix." in text and "   2. Bake." in text
     assert "generate 1.25 s" in text and "6 new tokens" in text
@@ -245,6 +304,7 @@ def test_render_recipe():
 
 
 # -- against the running app -----------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def app(ray_cluster, tmp_path_factory):
@@ -292,8 +352,9 @@ def test_adapters_upload_list_delete(app, capsys, tmp_path, monkeypatch):
             tf.add(folder / name, arcname=f"lora/{name}")
     code, out, err = run(capsys, "adapters", "upload", "mine", str(folder), "--modality", "text", "--url", app.url)
     assert code == 0 and "tenant-beta/mine/v1" in out and "uploading" in err, err
-    code, out, _ = run(capsys, "adapters", "upload", "packed", str(archive), "--modality", "image", "-q",
-                       "--url", app.url)
+    code, out, _ = run(
+        capsys, "adapters", "upload", "packed", str(archive), "--modality", "image", "-q", "--url", app.url
+    )
     assert code == 0 and "tenant-beta/packed/v1" in out
     code, out, _ = run(capsys, "adapters", "list", "--url", app.url)
     assert code == 0 and "tenant-beta/mine/v1" in out and "tenant-beta/packed/v1" in out and key not in out
@@ -326,8 +387,9 @@ def test_recipe_of_a_video(app, capsys, tmp_path, monkeypatch):
     code, out, err = run(capsys, "recipe", str(clip), "--url", app.url)
     assert code == 0 and "adapter ddft/video/v1 on base tiny" in out and "Timings:" in out
     assert "uploading clip.mp4" in err
-    code, out, _ = run(capsys, "recipe", "--uri", "datasets/raw/clips/one.mp4", "--url", app.url, "--json",
-                       "--key", app.keys["acme"])
+    code, out, _ = run(
+        capsys, "recipe", "--uri", "datasets/raw/clips/one.mp4", "--url", app.url, "--json", "--key", app.keys["acme"]
+    )
     recipe = json.loads(out)
     assert recipe["adapter"] == "ddft/video/v1" and set(recipe) >= {"ingredients", "steps", "text", "timings"}
     code, _, err = run(capsys, "recipe", str(clip), "--url", app.url, "--adapter", "nope")

@@ -1,4 +1,5 @@
 """Every YAML under jobs/configs/ is a test case; bad configs are refused with every problem."""
+
 from pathlib import Path
 
 import pytest
@@ -33,17 +34,30 @@ def test_production_config_carries_video_llava_lora_recipe():
 
 def test_bad_config_lists_every_problem(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({
-        "base": {"id": "x", "buld": "tiny"},
-        "jobs": [{"name": "Img", "modality": "audio", "optim": {"lr": -1}},
-                 {"name": "t", "modality": "text", "precision": "bf16"}]}))
+    bad.write_text(
+        yaml.safe_dump(
+            {
+                "base": {"id": "x", "buld": "tiny"},
+                "jobs": [
+                    {"name": "Img", "modality": "audio", "optim": {"lr": -1}},
+                    {"name": "t", "modality": "text", "precision": "bf16"},
+                ],
+            }
+        )
+    )
     with pytest.raises(config.ConfigError) as err:
         config.load(bad)
     msg = str(err.value)
     assert len(err.value.problems) == 5, msg
-    for needle in ("base.buld: unknown key", "the keys here are ['build', 'id', 'source']",
-                   "jobs.0.name: got 'Img'", "(lowercase letters, digits, - and _)", "jobs.0.modality: got 'audio'",
-                   "jobs.0.optim.lr: got -1", "precision bf16 needs resources.gpus_per_worker"):
+    for needle in (
+        "base.buld: unknown key",
+        "the keys here are ['build', 'id', 'source']",
+        "jobs.0.name: got 'Img'",
+        "(lowercase letters, digits, - and _)",
+        "jobs.0.modality: got 'audio'",
+        "jobs.0.optim.lr: got -1",
+        "precision bf16 needs resources.gpus_per_worker",
+    ):
         assert needle in msg
 
 
@@ -57,8 +71,10 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 def test_duplicate_job_names_refused():
     with pytest.raises(config.ConfigError, match=r"repeated: \['a'\]"):
-        config.validate(config.PipelineConfig, {"base": {"id": "b"}, "jobs": [
-            {"name": "a", "modality": "text"}, {"name": "a", "modality": "image"}]})
+        config.validate(
+            config.PipelineConfig,
+            {"base": {"id": "b"}, "jobs": [{"name": "a", "modality": "text"}, {"name": "a", "modality": "image"}]},
+        )
 
 
 def test_store_env_overrides_the_config(monkeypatch):
@@ -72,8 +88,12 @@ def test_entrypoint_refuses_a_bad_config_without_a_traceback(tmp_path):
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("base: {id: x}\njobs: [{name: a, modality: smell}]\n")
-    out = subprocess.run([sys.executable, str(REPO / "jobs/train_all.py"), "--config", str(bad)],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "jobs/train_all.py"), "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2  # a usage or config error (ddft --help lists the exit codes)
     assert "jobs.0.modality: got 'smell'" in out.stderr and "Traceback" not in out.stderr
 
@@ -87,27 +107,44 @@ def _job(name, modality=None, batch=2, steps=None, **extra):
 
 
 def test_an_equal_budget_joint_job_gets_each_directed_jobs_samples_and_their_total_steps():
-    cfg = config.validate(config.PipelineConfig, _pipeline(
-        [_job("image", batch=4, steps=45), _job("video", batch=2, steps=20), _job("text", batch=4, steps=30),
-         _job("joint", batch=4, samples="directed")]))
+    cfg = config.validate(
+        config.PipelineConfig,
+        _pipeline(
+            [
+                _job("image", batch=4, steps=45),
+                _job("video", batch=2, steps=20),
+                _job("text", batch=4, steps=30),
+                _job("joint", batch=4, samples="directed"),
+            ]
+        ),
+    )
     joint = cfg.job("joint")
     assert joint.samples == {"image": 180, "video": 40, "text": 120} and joint.optim.max_steps == 85
     # Written back out and read again (train_all's config file), it is the same job.
     again = config.validate(config.PipelineConfig, cfg.model_dump(mode="json"))
     assert again.job("joint") == joint
-    explicit = config.validate(config.PipelineConfig, _pipeline(
-        [_job("joint", batch=3, samples={"image": 5, "text": 2})]))
+    explicit = config.validate(
+        config.PipelineConfig, _pipeline([_job("joint", batch=3, samples={"image": 5, "text": 2})])
+    )
     assert explicit.job("joint").optim.max_steps == 3  # ceil(7 / 3)
 
 
-@pytest.mark.parametrize("jobs, message", [
-    ([_job("image", steps=4), _job("joint", samples="directed")], "needs exactly one video job with optim.max_steps"),
-    ([_job("image"), _job("video", steps=1), _job("text", steps=1), _job("joint", samples="directed")],
-     "needs exactly one image job with optim.max_steps set"),
-    ([_job("joint", steps=5, samples={"image": 4})], "remove optim.max_steps"),
-    ([_job("image", samples={"image": 4})], "samples is for joint jobs"),
-    ([_job("joint", samples={"image": 0})], "at least 1"),
-])
+@pytest.mark.parametrize(
+    "jobs, message",
+    [
+        (
+            [_job("image", steps=4), _job("joint", samples="directed")],
+            "needs exactly one video job with optim.max_steps",
+        ),
+        (
+            [_job("image"), _job("video", steps=1), _job("text", steps=1), _job("joint", samples="directed")],
+            "needs exactly one image job with optim.max_steps set",
+        ),
+        ([_job("joint", steps=5, samples={"image": 4})], "remove optim.max_steps"),
+        ([_job("image", samples={"image": 4})], "samples is for joint jobs"),
+        ([_job("joint", samples={"image": 0})], "at least 1"),
+    ],
+)
 def test_bad_joint_budgets_are_refused_with_what_to_change(jobs, message):
     with pytest.raises(config.ConfigError, match=message):
         config.validate(config.PipelineConfig, _pipeline(jobs))

@@ -2,6 +2,7 @@
 types, response schemas, Allow headers, schema-valid bodies accepted and invalid ones refused,
 auth) runs against a running app with a tenant's key over every operation, and with the admin key
 over tenant management. Any finding fails. The one contract choice is in tests/schemathesis.toml."""
+
 from __future__ import annotations
 
 import subprocess
@@ -25,11 +26,27 @@ def app(ray_cluster, tmp_path_factory):
 
 def _schemathesis(app, key: str, *args: str) -> None:
     st = Path(sys.executable).with_name("st")
-    cmd = [str(st), "--no-color", "--config-file", str(CONFIG), "run", f"{app.url}/openapi.json", "--checks", "all",
-           "--seed", str(SEED), "--workers", "1", "--request-timeout", "60", "-H", f"Authorization: Bearer {key}",
-           *args]
+    cmd = [
+        str(st),
+        "--no-color",
+        "--config-file",
+        str(CONFIG),
+        "run",
+        f"{app.url}/openapi.json",
+        "--checks",
+        "all",
+        "--seed",
+        str(SEED),
+        "--workers",
+        "1",
+        "--request-timeout",
+        "60",
+        "-H",
+        f"Authorization: Bearer {key}",
+        *args,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-    summary = done.stdout[done.stdout.find("SUMMARY"):] if "SUMMARY" in done.stdout else done.stdout[-3000:]
+    summary = done.stdout[done.stdout.find("SUMMARY") :] if "SUMMARY" in done.stdout else done.stdout[-3000:]
     print(summary)
     assert done.returncode == 0, done.stdout[-12000:] + done.stderr[-2000:]
 

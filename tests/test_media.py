@@ -1,5 +1,6 @@
 """Frame sampling: the PyAV fast path must return exactly decord's frames (decord is the reference
 and the fallback), for every strategy, on short and long GOPs; bad input raises MediaError."""
+
 import io
 
 import av
@@ -21,7 +22,7 @@ def _clip(frames: int = 90, gop: int | None = 30, bframes: bool = True) -> bytes
         stream.codec_context.thread_count = 1
         for i in range(frames):
             img = np.full((120, 160, 3), (i * 3) % 255, np.uint8)
-            img[:, (i * 2) % 160:] = rng.integers(0, 255, 3, dtype=np.uint8)
+            img[:, (i * 2) % 160 :] = rng.integers(0, 255, 3, dtype=np.uint8)
             for p in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
                 out.mux(p)
         for p in stream.encode(None):

@@ -2,6 +2,7 @@
 serve.media_prefixes. A private key (an adapter, a base, a run, tenants.json) answers exactly as a
 missing one does, control characters are a 400, sizes are checked before a byte is fetched (a HEAD
 on S3), and no error names where the store is."""
+
 from __future__ import annotations
 
 import asyncio
@@ -47,16 +48,22 @@ def test_media_under_the_prefixes_is_read_by_key_or_uri(store):
 def test_private_keys_answer_as_missing_ones_do(store):
     """Whether tenant-x has an adapter named secret must not be learnable from its answer."""
     missing = _refusal(store, "adapters/tenant-x/nothing/v1/adapter_model.safetensors")
-    for uri in ("adapters/tenant-x/secret/v1/adapter_model.safetensors", "models/tiny/model.safetensors",
-                "tenants.json", store.url("tenants.json"), "datasets/prepared/x.parquet"):
+    for uri in (
+        "adapters/tenant-x/secret/v1/adapter_model.safetensors",
+        "models/tiny/model.safetensors",
+        "tenants.json",
+        store.url("tenants.json"),
+        "datasets/prepared/x.parquet",
+    ):
         err = _refusal(store, uri)
         assert (err.status, err.error) == (missing.status, missing.error) == (404, "not_found")
         key = uri.removeprefix(store.uri + "/")
         assert err.detail == missing.detail.replace("adapters/tenant-x/nothing/v1/adapter_model.safetensors", key)
 
 
-@pytest.mark.parametrize("uri", ["datasets/raw/clips/one.mp4\0", "datasets/raw/\nclips/one.mp4",
-                                 "datasets/raw/clips/\x7fone.mp4", "\x01"])
+@pytest.mark.parametrize(
+    "uri", ["datasets/raw/clips/one.mp4\0", "datasets/raw/\nclips/one.mp4", "datasets/raw/clips/\x7fone.mp4", "\x01"]
+)
 def test_control_characters_are_a_bad_request(store, uri):
     err = _refusal(store, uri)
     assert (err.status, err.error) == (400, "bad_uri") and "control characters" in err.detail
@@ -70,8 +77,12 @@ def test_size_is_checked_before_the_object_is_fetched(store, monkeypatch):
 
 
 def test_outside_the_store_and_escapes_answer_as_missing_media_does(store):
-    for uri in ("file:///etc/passwd", "s3://other-bucket/datasets/raw/x.mp4", "datasets/raw/../../tenants.json",
-                "/etc/passwd"):
+    for uri in (
+        "file:///etc/passwd",
+        "s3://other-bucket/datasets/raw/x.mp4",
+        "datasets/raw/../../tenants.json",
+        "/etc/passwd",
+    ):
         err = _refusal(store, uri)
         assert (err.status, err.error) == (404, "not_found"), uri
 

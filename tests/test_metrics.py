@@ -1,8 +1,18 @@
 import pytest
 
-from ddft.train.metrics import (HEADLINE, accuracy, bleu4, exact_match, markdown_table,
-                                mean_rouge_l, normalize, recipe_scores, rouge_l, score,
-                                score_recipes)
+from ddft.train.metrics import (
+    HEADLINE,
+    accuracy,
+    bleu4,
+    exact_match,
+    markdown_table,
+    mean_rouge_l,
+    normalize,
+    recipe_scores,
+    rouge_l,
+    score,
+    score_recipes,
+)
 
 REFERENCE = """Ingredients:
 - 2 cup rice
@@ -22,14 +32,17 @@ Steps:
 2. Cook the rice."""
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("The Hot_Dog!", "hot dog"),
-    ("  an  Apple,  a pie  ", "apple pie"),
-    ("crème brûlée", "crème brûlée"),
-    ("Step 1/2: stir", "step 1 2 stir"),
-    ("", ""),
-    (None, ""),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("The Hot_Dog!", "hot dog"),
+        ("  an  Apple,  a pie  ", "apple pie"),
+        ("crème brûlée", "crème brûlée"),
+        ("Step 1/2: stir", "step 1 2 stir"),
+        ("", ""),
+        (None, ""),
+    ],
+)
 def test_normalize(text, expected):
     assert normalize(text) == expected
 
@@ -83,14 +96,22 @@ def test_recipe_scores_by_hand():
 
 def test_recipe_scores_identical_and_tolerant():
     s = recipe_scores(REFERENCE, REFERENCE)
-    assert s == {"ingredient_f1": 1.0, "quantity_accuracy": 1.0, "step_agreement": 1.0, "content": 1.0,
-                 "step_count_error": 0, "rouge_l": 1.0}
+    assert s == {
+        "ingredient_f1": 1.0,
+        "quantity_accuracy": 1.0,
+        "step_agreement": 1.0,
+        "content": 1.0,
+        "step_count_error": 0,
+        "rouge_l": 1.0,
+    }
     # The right steps in another order agree less.
     swapped = REFERENCE.replace("1. Rinse the rice.\n2. Boil water.", "1. Boil water.\n2. Rinse the rice.")
     assert recipe_scores(swapped, REFERENCE)["step_agreement"] == pytest.approx(2 / 3)
     # Plurals, articles, case and a near-equal quantity still match.
-    s = recipe_scores("Ingredients:\n- 0.33 cup Tomatoes\n- 1 slice of cheeses\nSteps:\n1. Mix.",
-                      "Ingredients:\n- 1/3 cup tomato\n- 1 slice of cheese\nSteps:\n1. Mix.")
+    s = recipe_scores(
+        "Ingredients:\n- 0.33 cup Tomatoes\n- 1 slice of cheeses\nSteps:\n1. Mix.",
+        "Ingredients:\n- 1/3 cup tomato\n- 1 slice of cheese\nSteps:\n1. Mix.",
+    )
     assert s["ingredient_f1"] == 1.0 and s["quantity_accuracy"] == 1.0
     # A unit mismatch fails quantity even when the number is right.
     s = recipe_scores("Ingredients:\n- 2 tbsp sugar", "Ingredients:\n- 2 tsp sugar")
@@ -121,17 +142,30 @@ def test_score_recipes_averages():
     assert 0.0 < s["bleu4"] < 1.0
     assert score_recipes([REFERENCE], [REFERENCE])["bleu4"] == 1.0
     assert s["content"] == pytest.approx((recipe_scores(PREDICTION, REFERENCE)["content"] + 0.0) / 2)
-    assert score_recipes([], []) == {"content": 0.0, "ingredient_f1": 0.0, "quantity_accuracy": None,
-                                     "step_agreement": 0.0, "step_count_error": None, "rouge_l": 0.0,
-                                     "bleu4": 0.0}
+    assert score_recipes([], []) == {
+        "content": 0.0,
+        "ingredient_f1": 0.0,
+        "quantity_accuracy": None,
+        "step_agreement": 0.0,
+        "step_count_error": None,
+        "rouge_l": 0.0,
+        "bleu4": 0.0,
+    }
 
 
 def test_score_dispatch():
     assert score("image", ["Hot dog", "pizza!"], ["hot_dog", "sushi"]) == {"accuracy": 0.5}
     assert score("text", ["chop onions"], ["chop onions"]) == {"rouge_l": 1.0}
     video = score("video", [PREDICTION], [REFERENCE])
-    assert set(video) == {"content", "ingredient_f1", "quantity_accuracy", "step_agreement", "step_count_error",
-                          "rouge_l", "bleu4"}
+    assert set(video) == {
+        "content",
+        "ingredient_f1",
+        "quantity_accuracy",
+        "step_agreement",
+        "step_count_error",
+        "rouge_l",
+        "bleu4",
+    }
     for modality, key in HEADLINE.items():
         assert key in score(modality, ["x"], ["x"])
     with pytest.raises(ValueError, match="unknown modality"):
@@ -139,8 +173,10 @@ def test_score_dispatch():
 
 
 def test_markdown_table():
-    rows = [{"model": "base", "accuracy": 0.25, "rouge_l": None},
-            {"model": "ddft|image", "accuracy": 2 / 3, "rouge_l": 0.5, "n": 3}]
+    rows = [
+        {"model": "base", "accuracy": 0.25, "rouge_l": None},
+        {"model": "ddft|image", "accuracy": 2 / 3, "rouge_l": 0.5, "n": 3},
+    ]
     assert markdown_table(rows, ["model", "accuracy", "rouge_l", "n"]) == (
         "| model | accuracy | rouge_l | n |\n"
         "|---|---|---|---|\n"

@@ -1,5 +1,6 @@
 """A model replica outside Serve: adapters deleted from the store (or republished under the same
 version with other weights) leave its memory at the next health check, idle or not."""
+
 from __future__ import annotations
 
 import asyncio
@@ -16,8 +17,10 @@ from tests.test_engine_hf import make_adapter
 def test_deleted_adapters_leave_the_replica_at_its_health_check(tmp_path, monkeypatch):
     store = Store(str(tmp_path / "store"))
     base = ensure_base(store, "tiny", build="tiny")
-    kept, doomed = (make_adapter(store, base, "text", seed, tmp_path, name=name, owner="tenant-acme")
-                    for seed, name in enumerate(("kept", "doomed")))
+    kept, doomed = (
+        make_adapter(store, base, "text", seed, tmp_path, name=name, owner="tenant-acme")
+        for seed, name in enumerate(("kept", "doomed"))
+    )
     server = ModelServer(store, "tiny", engine="hf", cache_size=4)
     monkeypatch.setattr(model_server, "SWEEP_EVERY_S", 0.0)
 

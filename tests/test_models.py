@@ -1,4 +1,5 @@
 """Bases: the tiny build saves and loads back identically, through the store on file:// and s3://."""
+
 import pytest
 import torch
 
@@ -26,7 +27,8 @@ def test_base_round_trip_through_the_store_gives_identical_logits(kind, tmp_path
     monkeypatch.setenv("DDFT_CACHE", str(tmp_path / "cache"))
     info = ensure_base(store, "tiny", build="tiny")
     assert store.exists("models/tiny/model.safetensors") and not any(
-        k.endswith((".bin", ".pt")) for k in store.list("models/tiny"))
+        k.endswith((".bin", ".pt")) for k in store.list("models/tiny")
+    )
     model, processor = load_base(local_base_dir(store, "tiny"))
     again, _ = load_base(local_base_dir(store, "tiny"))  # second load: cached copy
     torch.manual_seed(0)

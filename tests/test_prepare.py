@@ -1,5 +1,6 @@
 """Preparation with Ray Data on a real local cluster: prompts, targets, frames, masking, reuse,
 and bad input skipped with a reason (or refused above the skip limit)."""
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -34,9 +35,9 @@ def test_prepared_rows(prepared, modality):
         ids, labels = row["input_ids"], row["labels"]
         # The prompt is masked out of the loss; the answer (and EOS) is not.
         prompt = encode(processor, modality, row["question"], None, cfg.data.frames)["input_ids"]
-        assert ids[:len(prompt)] == prompt and labels[:len(prompt)] == [IGNORE] * len(prompt)
-        assert labels[len(prompt):] == ids[len(prompt):] and labels[-1] == processor.tokenizer.eos_token_id
-        assert processor.tokenizer.decode(ids[len(prompt):-1]).strip() == row["answer"]
+        assert ids[: len(prompt)] == prompt and labels[: len(prompt)] == [IGNORE] * len(prompt)
+        assert labels[len(prompt) :] == ids[len(prompt) :] and labels[-1] == processor.tokenizer.eos_token_id
+        assert processor.tokenizer.decode(ids[len(prompt) : -1]).strip() == row["answer"]
         if modality == "text":
             assert row["pixels"] is None and row["pixel_shape"] == []
             continue

@@ -13,6 +13,7 @@ It runs on the embedded base (SmolLM2-135M + small random CLIP towers, the demo'
 random test base has no language to start from and learns too little in minutes to say anything.
 The table is printed (pytest -s) and saved into the store as `ddft eval` does. The same trained
 adapters then check that the vllm engine (real vLLM, in its own venv) answers like the hf engine."""
+
 from pathlib import Path
 
 import numpy as np
@@ -33,16 +34,33 @@ def quality_config(store_uri: str) -> PipelineConfig:
     def job(name, batch, steps=None, **extra):
         # 3 of the test cluster's 6 logical CPUs, one torch thread: two jobs at a time on 2 cores
         # (four at once thrashed the caches: 4x slower in all), the others wait in Ray's queue.
-        return {"name": name, "modality": name, "resources": {"cpus_per_worker": 3, "torch_threads": 1},
-                "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-                "optim": {"lr": 1e-3, "projector_lr": 2e-3, "max_steps": steps, "batch_size": batch,
-                          "warmup_ratio": 0.1, "checkpoint_every": 0}, **extra}
+        return {
+            "name": name,
+            "modality": name,
+            "resources": {"cpus_per_worker": 3, "torch_threads": 1},
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "optim": {
+                "lr": 1e-3,
+                "projector_lr": 2e-3,
+                "max_steps": steps,
+                "batch_size": batch,
+                "warmup_ratio": 0.1,
+                "checkpoint_every": 0,
+            },
+            **extra,
+        }
+
     # The joint job: one adapter on all modalities mixed, on the directed jobs' budget: the same
     # samples of each modality (so the same passes over each), the same steps x batch in all.
-    return validate(PipelineConfig, {
-        "store": {"uri": store_uri}, "base": {"id": "ddft-embedded-smollm2", "build": "embedded"},
-        "data": {"synthetic": KITCHEN},
-        "jobs": [job(m, b, s) for m, (b, s) in BUDGET.items()] + [job("joint", 4, samples="directed")]})
+    return validate(
+        PipelineConfig,
+        {
+            "store": {"uri": store_uri},
+            "base": {"id": "ddft-embedded-smollm2", "build": "embedded"},
+            "data": {"synthetic": KITCHEN},
+            "jobs": [job(m, b, s) for m, (b, s) in BUDGET.items()] + [job("joint", 4, samples="directed")],
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +92,10 @@ def scores(trained) -> dict:
     joint = read_manifest(store, "ddft", "joint")
     for modality in ("image", "video", "text"):  # the joint adapter is scored beside each DDFT one
         assert any(r["model"] == joint.ref and r["modality"] == modality for r in rows)
-    return {(r["dataset"], r["modality"], r["model"].split("/")[1] if "/" in r["model"] else "base", r["inputs"]): r
-            for r in rows}
+    return {
+        (r["dataset"], r["modality"], r["model"].split("/")[1] if "/" in r["model"] else "base", r["inputs"]): r
+        for r in rows
+    }
 
 
 def _shortfalls(by: dict, modality: str) -> list[str]:
@@ -94,25 +114,42 @@ def _shortfalls(by: dict, modality: str) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("modality", [
-    "image", "text",
-    pytest.param("video", marks=pytest.mark.xfail(strict=True, reason=(
-        "measured (README, Results): on 40 video samples (20 steps x 2) the video adapter neither writes the "
-        "recipe of unseen dishes (content 0.169, bar 0.45) nor reads the video (ingredient-F1 gap -0.038, bar "
-        "0.2); the bar is the issue's, the shortfall is the finding"))),
-])
+@pytest.mark.parametrize(
+    "modality",
+    [
+        "image",
+        "text",
+        pytest.param(
+            "video",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason=(
+                    "measured (README, Results): on 40 video samples (20 steps x 2) the video adapter neither "
+                    "writes the recipe of unseen dishes (content 0.169, bar 0.45) nor reads the video "
+                    "(ingredient-F1 gap -0.038, bar 0.2); the bar is the issue's, the shortfall is the finding"
+                ),
+            ),
+        ),
+    ],
+)
 def test_the_directed_adapter_reads_its_modality_and_beats_the_base(scores, modality):
     assert not _shortfalls(scores, modality)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "measured (README, Results): the joint adapter on the same samples beats the directed ones on images "
-    "(0.583 vs 0.500) and videos (content 0.211 vs 0.169); directed wins on text (ROUGE-L 0.214 vs 0.190)"))
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "measured (README, Results): the joint adapter on the same samples beats the directed ones on images "
+        "(0.583 vs 0.500) and videos (content 0.211 vs 0.169); directed wins on text (ROUGE-L 0.214 vs 0.190)"
+    ),
+)
 def test_directed_beats_the_equal_budget_joint_on_two_of_three_modalities(scores):
     from ddft.train.metrics import HEADLINE
 
-    wins = {m: scores[("held-out", m, m, "matched")][HEADLINE[m]] > scores[("held-out", m, "joint", "matched")][HEADLINE[m]]
-            for m in ("image", "video", "text")}
+    wins = {
+        m: scores[("held-out", m, m, "matched")][HEADLINE[m]] > scores[("held-out", m, "joint", "matched")][HEADLINE[m]]
+        for m in ("image", "video", "text")
+    }
     print("directed beats the equal-budget joint:", wins)
     assert sum(wins.values()) >= 2, wins
 
@@ -131,12 +168,18 @@ def _equality_requests(store: Store, cfg: PipelineConfig) -> list:
 
     requests = []
     for modality in ("image", "video", "text"):
-        rows = good_rows(store, modality, latest_version(store, modality), ("train", "val", "test"),
-                         ("id", "question", "pixels", "pixel_shape"))
+        rows = good_rows(
+            store,
+            modality,
+            latest_version(store, modality),
+            ("train", "val", "test"),
+            ("id", "question", "pixels", "pixel_shape"),
+        )
         inputs = []
         for r in sorted(rows, key=lambda r: r["id"]):
-            pixels = (np.frombuffer(r["pixels"], np.uint8).reshape(r["pixel_shape"]).copy()
-                      if modality != "text" else None)
+            pixels = (
+                np.frombuffer(r["pixels"], np.uint8).reshape(r["pixel_shape"]).copy() if modality != "text" else None
+            )
             inputs.append((r["question"], pixels))
             if modality == "video":
                 inputs.append((r["question"], pixels[::-1].copy()))
@@ -156,19 +199,27 @@ def test_vllm_and_hf_give_the_same_greedy_tokens_for_the_base_and_every_ddft_ada
     store = Store.from_config(cfg.store)
     requests = _equality_requests(store, cfg)
     assert len(requests) == 2 * 3 * EQUAL_PER_MODALITY
-    vllm = generate_in(Path(ServeSettings().vllm.python), BatchJob(store.url(""), cfg.base.id, requests,
-                                                                   {"max_model_len": 1024, "cache_size": 4}))
+    vllm = generate_in(
+        Path(ServeSettings().vllm.python),
+        BatchJob(store.url(""), cfg.base.id, requests, {"max_model_len": 1024, "cache_size": 4}),
+    )
     engine = HFEngine(store, cfg.base.id, cache_size=4)
-    hf = [res for i in range(0, len(requests), 8) for res in engine.generate(requests[i:i + 8])]
+    hf = [res for i in range(0, len(requests), 8) for res in engine.generate(requests[i : i + 8])]
     rows = []
     for key in sorted({(r.modality, r.adapter.ref if r.adapter else "base") for r in requests}):
-        pairs = [(v, h) for r, v, h in zip(requests, vllm.results, hf)
-                 if (r.modality, r.adapter.ref if r.adapter else "base") == key]
+        pairs = [
+            (v, h)
+            for r, v, h in zip(requests, vllm.results, hf)
+            if (r.modality, r.adapter.ref if r.adapter else "base") == key
+        ]
         assert all(not isinstance(v, Exception) for v, _ in pairs), [v for v, _ in pairs if isinstance(v, Exception)]
         first = sum(v.token_ids[:1] == h.token_ids[:1] for v, h in pairs)
         whole = sum(v.token_ids == h.token_ids for v, h in pairs)
         rows.append((key, len(pairs), first, whole))
-    print("\n".join(f"{m:6} {a:16} n={n} first-token equal {f}/{n}, whole answer equal {w}/{n}"
-                    for (m, a), n, f, w in rows))
+    print(
+        "\n".join(
+            f"{m:6} {a:16} n={n} first-token equal {f}/{n}, whole answer equal {w}/{n}" for (m, a), n, f, w in rows
+        )
+    )
     assert all(f == n for _, n, f, _ in rows), rows
     assert all(w >= 0.9 * n for _, n, _, w in rows), rows

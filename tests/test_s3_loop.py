@@ -1,5 +1,6 @@
 """The loop against a real S3 endpoint on 127.0.0.1: the base, raw data, Ray Data preparation,
 Ray Train checkpoints and the published adapter all live in the bucket."""
+
 import pytest
 
 from ddft.adapters.registry import read_manifest
@@ -23,8 +24,9 @@ def test_prepare_and_train_on_s3(ray_cluster, s3_endpoint, tmp_path, monkeypatch
 
     keys = {o["Key"] for o in s3_endpoint.client().list_objects_v2(Bucket=bucket, MaxKeys=1000)["Contents"]}
     assert "store/models/tiny/model.safetensors" in keys
-    assert any(k.startswith(f"store/datasets/prepared/text/{prepared.version}/") and k.endswith(".parquet")
-               for k in keys)
+    assert any(
+        k.startswith(f"store/datasets/prepared/text/{prepared.version}/") and k.endswith(".parquet") for k in keys
+    )
     assert any(k.startswith("store/runs/text-") and "/checkpoint_" in k for k in keys)  # Ray Train on S3
     from ddft.store import Store
 

@@ -1,5 +1,6 @@
 """The serve app over real HTTP: a local Ray cluster, a file store with the tiny base, three
 platform adapters and one tenant's, the app deployed with serve.run; tenants made by the admin."""
+
 from __future__ import annotations
 
 import base64
@@ -56,10 +57,8 @@ def test_serve_config_file_is_valid(tmp_path):
     assert model.autoscaling_config["max_replicas"] > model.autoscaling_config["min_replicas"] >= 1
     store = Store(str(tmp_path / "store"))
     ensure_base(store, "tiny", build="tiny")
-    from serve.app import build_app
-
     from ddft import config as ddft_config
-    from serve.app import model_deployment
+    from serve.app import build_app, model_deployment
     from serve.gateway import Gateway
 
     path = write_config(tmp_path, store.uri, 8000)
@@ -116,22 +115,42 @@ def test_concurrent_requests_mix_adapters(app_url):
 @pytest.mark.integration
 def test_openai_chat_completions(app_url):
     url, _, keys, _ = app_url
-    text = client.chat(url, "tiny", [{"role": "system", "content": "You cook."},
-                                     {"role": "user", "content": "How long do I boil an egg?"}], max_tokens=4)
+    text = client.chat(
+        url,
+        "tiny",
+        [{"role": "system", "content": "You cook."}, {"role": "user", "content": "How long do I boil an egg?"}],
+        max_tokens=4,
+    )
     assert text["object"] == "chat.completion" and text["adapter"] == "ddft/text/v1"
     assert text["model"] == "tiny:ddft/text/v1" and text["choices"][0]["message"]["role"] == "assistant"
     assert text["usage"]["completion_tokens"] <= 4 and text["choices"][0]["finish_reason"] in ("stop", "length")
     png = base64.b64encode(make_png()).decode()
-    image = client.chat(url, "tiny:ddft/image/v1", [{"role": "user", "content": [
-        {"type": "text", "text": "What dish is this?"},
-        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}]}])
+    image = client.chat(
+        url,
+        "tiny:ddft/image/v1",
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What dish is this?"},
+                    {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
+                ],
+            }
+        ],
+    )
     assert image["adapter"] == "ddft/image/v1"
     mine = client.chat(url, "tiny", [{"role": "user", "content": "Boil an egg?"}], api_key=keys["acme"])
     assert mine["adapter"] == "tenant-acme/text/v1"
-    for model, status, error in (("gpt-4", 404, "model_not_found"), ("tiny:tenant-acme/text/v1", 404, "unknown_adapter"),
-                                 ("tiny:nope", 404, "unknown_adapter")):
-        resp = requests.post(f"{url}/v1/chat/completions", json={"model": model, "messages": [
-            {"role": "user", "content": "Hi"}]}, timeout=60)  # anonymous: acme's adapter is not visible
+    for model, status, error in (
+        ("gpt-4", 404, "model_not_found"),
+        ("tiny:tenant-acme/text/v1", 404, "unknown_adapter"),
+        ("tiny:nope", 404, "unknown_adapter"),
+    ):
+        resp = requests.post(
+            f"{url}/v1/chat/completions",
+            json={"model": model, "messages": [{"role": "user", "content": "Hi"}]},
+            timeout=60,
+        )  # anonymous: acme's adapter is not visible
         assert (resp.status_code, resp.json()["error"]["code"]) == (status, error), resp.text  # OpenAI's shape
         assert resp.json()["error"]["message"], resp.text
 
@@ -153,23 +172,38 @@ def test_tenant_upload_is_served_and_private(app_url):
     assert up["adapter"] == "tenant-acme/soup/v1" and up["model"] == "tiny:tenant-acme/soup/v1"
     answer = client.generate(url, "text", "Boil an egg?", api_key=keys["acme"], adapter="soup")
     assert answer["adapter"] == "tenant-acme/soup/v1"
-    chat = client.chat(url, "tiny:tenant-acme/soup/v1", [{"role": "user", "content": "Boil an egg?"}],
-                       api_key=keys["acme"])
+    chat = client.chat(
+        url, "tiny:tenant-acme/soup/v1", [{"role": "user", "content": "Boil an egg?"}], api_key=keys["acme"]
+    )
     assert chat["adapter"] == "tenant-acme/soup/v1"
     assert sorted(a["adapter"] for a in client.adapters(url, api_key=keys["acme"])) == [
-        "tenant-acme/soup/v1", "tenant-acme/text/v1"]
+        "tenant-acme/soup/v1",
+        "tenant-acme/text/v1",
+    ]
     assert "tiny:tenant-acme/soup/v1" in client.models(url, api_key=keys["acme"])
     # beta: 404 for acme's adapter in every endpoint, never a hint that it exists
     beta = auth(keys["beta"])
     for resp in (
         requests.get(f"{url}/v1/adapters/soup", headers=beta, timeout=60),
         requests.delete(f"{url}/v1/adapters/soup", headers=beta, timeout=60),
-        requests.post(f"{url}/v1/generate", json={"modality": "text", "question": "Hi", "adapter": "soup"},
-                      headers=beta, timeout=60),
-        requests.post(f"{url}/v1/generate", json={"modality": "text", "question": "Hi",
-                                                  "adapter": "tenant-acme/soup/v1"}, headers=beta, timeout=60),
-        requests.post(f"{url}/v1/chat/completions", json={"model": "tiny:tenant-acme/soup/v1", "messages": [
-            {"role": "user", "content": "Hi"}]}, headers=beta, timeout=60),
+        requests.post(
+            f"{url}/v1/generate",
+            json={"modality": "text", "question": "Hi", "adapter": "soup"},
+            headers=beta,
+            timeout=60,
+        ),
+        requests.post(
+            f"{url}/v1/generate",
+            json={"modality": "text", "question": "Hi", "adapter": "tenant-acme/soup/v1"},
+            headers=beta,
+            timeout=60,
+        ),
+        requests.post(
+            f"{url}/v1/chat/completions",
+            json={"model": "tiny:tenant-acme/soup/v1", "messages": [{"role": "user", "content": "Hi"}]},
+            headers=beta,
+            timeout=60,
+        ),
     ):
         assert resp.status_code == 404, resp.text
     assert "tiny:tenant-acme/soup/v1" not in client.models(url, api_key=keys["beta"])
@@ -177,10 +211,16 @@ def test_tenant_upload_is_served_and_private(app_url):
     # a second upload is v2 and answers next; the owner deletes both
     client.upload_adapter(url, "soup", adapter_folder(store, tmp / "acme-soup2", seed=12), "text", api_key=keys["acme"])
     assert client.generate(url, "text", "Hi", api_key=keys["acme"], adapter="soup")["adapter"] == "tenant-acme/soup/v2"
-    assert sorted(client.delete_adapter(url, "soup", api_key=keys["acme"])) == ["tenant-acme/soup/v1",
-                                                                                   "tenant-acme/soup/v2"]
-    gone = requests.post(f"{url}/v1/generate", json={"modality": "text", "question": "Hi", "adapter": "soup"},
-                         headers=auth(keys["acme"]), timeout=60)
+    assert sorted(client.delete_adapter(url, "soup", api_key=keys["acme"])) == [
+        "tenant-acme/soup/v1",
+        "tenant-acme/soup/v2",
+    ]
+    gone = requests.post(
+        f"{url}/v1/generate",
+        json={"modality": "text", "question": "Hi", "adapter": "soup"},
+        headers=auth(keys["acme"]),
+        timeout=60,
+    )
     assert (gone.status_code, gone.json()["error"]) == (404, "unknown_adapter")
     assert not [k for k in store.list("adapters/tenant-acme") if "/soup/" in k]
 
@@ -198,8 +238,10 @@ def _bad_uploads(store, tmp: Path) -> list[tuple[str, dict, int, str]]:
     tensors = load_file(good / "adapter_model.safetensors")
 
     def files(config=cfg_bytes, model=weights, model_name="adapter_model.safetensors"):
-        return {"files": [("files", ("adapter_config.json", config)), ("files", (model_name, model))],
-                "data": {"modality": "text"}}
+        return {
+            "files": [("files", ("adapter_config.json", config)), ("files", (model_name, model))],
+            "data": {"modality": "text"},
+        }
 
     def st(t: dict) -> bytes:
         path = tmp / "t.safetensors"
@@ -217,11 +259,19 @@ def _bad_uploads(store, tmp: Path) -> list[tuple[str, dict, int, str]]:
         ("wrong shapes", files(model=st({**tensors, first: torch.zeros(8, 7)})), 422, "wrong_shape"),
         ("wrong base", files(config=config(base_model_name_or_path="someone/other-model")), 422, "wrong_base"),
         ("rank too high", files(config=config(r=128)), 422, "rank_too_high"),
-        ("unknown module", files(model=st({k.replace("q_proj", "zz_proj"): v for k, v in tensors.items()})),
-         422, "unknown_module"),
+        (
+            "unknown module",
+            files(model=st({k.replace("q_proj", "zz_proj"): v for k, v in tensors.items()})),
+            422,
+            "unknown_module",
+        ),
         ("truncated", files(model=weights[: len(weights) // 2]), 422, "bad_safetensors"),
-        ("missing file", {"files": [("files", ("adapter_config.json", cfg_bytes))], "data": {"modality": "text"}},
-         422, "missing_file"),
+        (
+            "missing file",
+            {"files": [("files", ("adapter_config.json", cfg_bytes))], "data": {"modality": "text"}},
+            422,
+            "missing_file",
+        ),
         ("oversized", files(model=weights + b"\0" * (3 * 2**20)), 413, "too_large"),
         ("no modality", {"files": files()["files"]}, 400, "bad_modality"),
     ]
@@ -237,8 +287,12 @@ def test_bad_uploads_and_keys_are_refused_and_leave_nothing(app_url):
         assert (resp.status_code, resp.json()["error"]) == (status, error), (case, resp.text)
         assert resp.json()["detail"], case
     good = adapter_folder(store, tmp / "good2", seed=22)
-    upload = {"files": [("files", (f, (good / f).read_bytes()))
-                        for f in ("adapter_config.json", "adapter_model.safetensors")], "data": {"modality": "text"}}
+    upload = {
+        "files": [
+            ("files", (f, (good / f).read_bytes())) for f in ("adapter_config.json", "adapter_model.safetensors")
+        ],
+        "data": {"modality": "text"},
+    }
     for path, headers, status, error in (
         ("..%2F..%2Fescape", acme, 400, "bad_name"),
         ("a/b", acme, 400, "bad_name"),
@@ -263,46 +317,119 @@ def test_bad_media_and_requests_are_json_errors_and_the_server_survives(app_url)
     url, store, _, _ = app_url
     zero_frames = make_mp4(frames=0)
     checks = [
-        (requests.post(f"{url}/v1/recipes", files={"video": ("x.mp4", make_mp4()[:3000])}, timeout=60),
-         422, None),  # a truncated (corrupt) video
-        (requests.post(f"{url}/v1/recipes", files={"video": ("x.mp4", b"\x00not a video" * 100)}, timeout=60),
-         422, "undecodable_video"),
+        (
+            requests.post(f"{url}/v1/recipes", files={"video": ("x.mp4", make_mp4()[:3000])}, timeout=60),
+            422,
+            None,
+        ),  # a truncated (corrupt) video
+        (
+            requests.post(f"{url}/v1/recipes", files={"video": ("x.mp4", b"\x00not a video" * 100)}, timeout=60),
+            422,
+            "undecodable_video",
+        ),
         (requests.post(f"{url}/v1/recipes", files={"video": ("x.mp4", zero_frames)}, timeout=60), 422, None),
-        (requests.post(f"{url}/v1/recipes", files={"video": ("x.mp4", b"\0" * (2 * 2**20))}, timeout=60),
-         413, "too_large"),
-        (requests.post(f"{url}/v1/recipes", data=b"raw", headers={"Content-Type": "video/mp4"}, timeout=60),
-         415, "unsupported_media_type"),
-        (requests.post(f"{url}/v1/generate", json={"modality": "image", "image_b64": base64.b64encode(b"nope").decode()},
-                       timeout=60), 422, "unreadable_image"),
-        (requests.post(f"{url}/v1/recipes", json={"video_uri": "datasets/raw/clips/missing.mp4"}, timeout=60),
-         404, "not_found"),
-        (requests.post(f"{url}/v1/recipes", json={"video_uri": "file:///etc/passwd"}, timeout=60),
-         404, "not_found"),  # outside the store: as missing as a forbidden key
-        (requests.post(f"{url}/v1/recipes", json={"video_uri": "datasets/raw/clips/one.mp4\0"}, timeout=60),
-         400, "bad_uri"),  # a NUL byte used to be a 500
-        (requests.post(f"{url}/v1/generate", json={"modality": "image", "image_uri": "datasets/\x00a.png"},
-                       timeout=60), 400, "bad_uri"),
-        (requests.post(f"{url}/v1/recipes", json={"video_uri": "adapters/tenant-acme/text/v1/adapter_config.json"},
-                       timeout=60), 404, "not_found"),  # another tenant's adapter is not media, nor learnable
+        (
+            requests.post(f"{url}/v1/recipes", files={"video": ("x.mp4", b"\0" * (2 * 2**20))}, timeout=60),
+            413,
+            "too_large",
+        ),
+        (
+            requests.post(f"{url}/v1/recipes", data=b"raw", headers={"Content-Type": "video/mp4"}, timeout=60),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            requests.post(
+                f"{url}/v1/generate",
+                json={"modality": "image", "image_b64": base64.b64encode(b"nope").decode()},
+                timeout=60,
+            ),
+            422,
+            "unreadable_image",
+        ),
+        (
+            requests.post(f"{url}/v1/recipes", json={"video_uri": "datasets/raw/clips/missing.mp4"}, timeout=60),
+            404,
+            "not_found",
+        ),
+        (
+            requests.post(f"{url}/v1/recipes", json={"video_uri": "file:///etc/passwd"}, timeout=60),
+            404,
+            "not_found",
+        ),  # outside the store: as missing as a forbidden key
+        (
+            requests.post(f"{url}/v1/recipes", json={"video_uri": "datasets/raw/clips/one.mp4\0"}, timeout=60),
+            400,
+            "bad_uri",
+        ),  # a NUL byte used to be a 500
+        (
+            requests.post(
+                f"{url}/v1/generate", json={"modality": "image", "image_uri": "datasets/\x00a.png"}, timeout=60
+            ),
+            400,
+            "bad_uri",
+        ),
+        (
+            requests.post(
+                f"{url}/v1/recipes", json={"video_uri": "adapters/tenant-acme/text/v1/adapter_config.json"}, timeout=60
+            ),
+            404,
+            "not_found",
+        ),  # another tenant's adapter is not media, nor learnable
         (requests.post(f"{url}/v1/recipes", json={"video_uri": "tenants.json"}, timeout=60), 404, "not_found"),
-        (requests.post(f"{url}/v1/generate", json={"modality": "text", "question": "Hi?", "adapter": "nope"},
-                       timeout=60), 404, "unknown_adapter"),
-        (requests.post(f"{url}/v1/generate", data=b"{not json", headers={"Content-Type": "application/json"},
-                       timeout=60), 400, "bad_json"),
+        (
+            requests.post(
+                f"{url}/v1/generate", json={"modality": "text", "question": "Hi?", "adapter": "nope"}, timeout=60
+            ),
+            404,
+            "unknown_adapter",
+        ),
+        (
+            requests.post(
+                f"{url}/v1/generate", data=b"{not json", headers={"Content-Type": "application/json"}, timeout=60
+            ),
+            400,
+            "bad_json",
+        ),
         (requests.get(f"{url}/v1/nothing", timeout=60), 404, "not_found"),
-        (requests.post(f"{url}/v1/generate", json={"modality": "text", "question": "Hi?", "adapter": "ddft/video/v1"},
-                       timeout=60), 422, "adapter_modality"),
-        (requests.post(f"{url}/v1/generate", json={"modality": "text", "question": "Hi?", "max_new_tokens": 10**6},
-                       timeout=60), 400, "bad_max_new_tokens"),
+        (
+            requests.post(
+                f"{url}/v1/generate",
+                json={"modality": "text", "question": "Hi?", "adapter": "ddft/video/v1"},
+                timeout=60,
+            ),
+            422,
+            "adapter_modality",
+        ),
+        (
+            requests.post(
+                f"{url}/v1/generate", json={"modality": "text", "question": "Hi?", "max_new_tokens": 10**6}, timeout=60
+            ),
+            400,
+            "bad_max_new_tokens",
+        ),
     ]
     for resp, status, error in checks:
         assert resp.status_code == status, resp.text
         assert resp.json()["detail"] and (error is None or resp.json()["error"] == error), resp.text
     for resp, _, _ in checks:
         assert store.uri not in resp.text and str(store.local_path()) not in resp.text, resp.text  # no store location
-    chat = requests.post(f"{url}/v1/chat/completions", timeout=60, json={"model": "tiny", "messages": [
-        {"role": "user", "content": [{"type": "text", "text": "What is this?"},
-                                     {"type": "image_url", "image_url": {"url": "datasets/raw/x\0.png"}}]}]})
+    chat = requests.post(
+        f"{url}/v1/chat/completions",
+        timeout=60,
+        json={
+            "model": "tiny",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "What is this?"},
+                        {"type": "image_url", "image_url": {"url": "datasets/raw/x\0.png"}},
+                    ],
+                }
+            ],
+        },
+    )
     assert chat.status_code == 400 and chat.json()["error"]["code"] == "bad_uri", chat.text
     models = requests.get(f"{url}/v1/models", headers={"Authorization": "Basic xyz"}, timeout=60)
     assert models.status_code == 401 and models.json()["error"]["code"] == "bad_authorization"  # OpenAI's shape
@@ -325,8 +452,10 @@ def test_chunked_bodies_over_the_limit_are_refused_on_every_body_route(app_url):
 
     boundary = "ddftboundary"
     multipart = f"multipart/form-data; boundary={boundary}"
-    part = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{{}}\"; filename=\"f\"\r\n"
-            "Content-Type: application/octet-stream\r\n\r\n")
+    part = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{{}}"; filename="f"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    )
     acme = {"Authorization": f"Bearer {keys['acme']}"}
     cases = [
         ("POST", "/v1/recipes", multipart, part.format("video").encode(), {}),
@@ -337,8 +466,9 @@ def test_chunked_bodies_over_the_limit_are_refused_on_every_body_route(app_url):
         ("PUT", "/v1/adapters/big?modality=text", "application/x-tar", b"", acme),
     ]
     for method, path, ctype, first, headers in cases:
-        resp = requests.request(method, f"{url}{path}", data=chunked(first), timeout=60,
-                                headers={"Content-Type": ctype, **headers})
+        resp = requests.request(
+            method, f"{url}{path}", data=chunked(first), timeout=60, headers={"Content-Type": ctype, **headers}
+        )
         assert resp.status_code == 413, (path, resp.status_code, resp.text[:300])
         error = resp.json()["error"]
         assert (error["code"] if isinstance(error, dict) else error) == "too_large", resp.text
@@ -366,8 +496,11 @@ def test_lru_eviction_and_reload_and_metrics(app_url):
     assert "tenant-" not in metrics  # nor does a scrape: tenants' adapters are opaque hashes
 
     def value(name: str) -> float:
-        return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(name + " ")
-                   or line.startswith(name + "{"))
+        return sum(
+            float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith(name + " ") or line.startswith(name + "{")
+        )
 
     assert value("ddft_adapter_evictions_total") >= 1 and value("ddft_adapter_loads_total") >= 6
     assert value("ddft_adapter_misses_total") >= 6 and value("ddft_adapter_hits_total") >= 1
@@ -437,22 +570,29 @@ def test_engine_errors_map_to_http_from_one_table():
         except Exception as err:
             return RayTaskError("stream", "Traceback (most recent call last): ...", err).as_instanceof_cause()
 
-    store_down = errors.from_engine(raised_in_a_replica(StoreError("s3://bucket/adapters at http://10.0.0.5:9000 down")))
+    store_down = errors.from_engine(
+        raised_in_a_replica(StoreError("s3://bucket/adapters at http://10.0.0.5:9000 down"))
+    )
     assert (store_down.status, store_down.error) == (502, "store_error")  # no store location reaches a client
     assert "bucket" not in store_down.detail and "10.0.0.5" not in store_down.detail and "log" in store_down.detail
-    for exc, status, code in ((AdapterError("adapter x: wrong base"), 409, "adapter_unusable"),
-                              (EngineUnavailable("no GPU"), 503, "engine_unavailable"),
-                              (ValueError("the question is empty"), 400, "bad_request"),
-                              (RuntimeError("CUDA error"), 500, "generation_failed")):
+    for exc, status, code in (
+        (AdapterError("adapter x: wrong base"), 409, "adapter_unusable"),
+        (EngineUnavailable("no GPU"), 503, "engine_unavailable"),
+        (ValueError("the question is empty"), 400, "bad_request"),
+        (RuntimeError("CUDA error"), 500, "generation_failed"),
+    ):
         wrapped = raised_in_a_replica(exc)
         assert isinstance(wrapped, type(exc))
         err = errors.from_engine(wrapped)
         assert (err.status, err.error) == (status, code) and str(exc) in err.detail and "Traceback" not in err.detail
     assert errors.from_engine(EngineUnavailable("no GPU")).headers["Retry-After"]
-    assert errors.body(404, "model_not_found", "no such model", "/v1/chat/completions") == {"error": {
-        "message": "no such model", "type": "invalid_request_error", "code": "model_not_found", "param": None}}
+    assert errors.body(404, "model_not_found", "no such model", "/v1/chat/completions") == {
+        "error": {"message": "no such model", "type": "invalid_request_error", "code": "model_not_found", "param": None}
+    }
     assert errors.body(404, "unknown_adapter", "no such adapter", "/v1/generate") == {
-        "error": "unknown_adapter", "detail": "no such adapter"}
+        "error": "unknown_adapter",
+        "detail": "no such adapter",
+    }
 
 
 def test_openapi_document_is_current_and_complete():

@@ -1,6 +1,7 @@
 """A bounded load test over HTTP (127.0.0.1 only): 16 clients for 60 s against the app deployed
 from serve/config.yaml (its deployment overrides, two ModelServer replicas), one replica killed
 mid-test. Only 503 backpressure may fail a request; the killed replica is replaced and serves."""
+
 from __future__ import annotations
 
 import base64
@@ -15,8 +16,8 @@ import yaml
 
 from ddft.models.load import ensure_base
 from ddft.store import Store
-from tests.test_engine_hf import make_adapter
 from tests.serve_fixture import free_port, make_mp4, make_png, write_config
+from tests.test_engine_hf import make_adapter
 from tests.test_serve import ROOT_CONFIG
 
 CLIENTS, SECONDS, KILL_AT_S = 16, 60, 20
@@ -42,8 +43,11 @@ def _deploy_from_serve_yaml(pipeline_yaml: str, port: int) -> None:
 def _kill_one_model_replica() -> str:
     import ray
 
-    names = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                   if a["namespace"] == "serve" and "ModelServer" in a["name"])
+    names = sorted(
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == "serve" and "ModelServer" in a["name"]
+    )
     assert len(names) == 2, names
     ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
     return names[0]
@@ -70,8 +74,9 @@ def test_load_with_a_replica_killed(ray_cluster, tmp_path):
     def one(rng: random.Random) -> requests.Response:
         kind = rng.choice(("text", "text", "image", "recipe"))
         if kind == "text":
-            return requests.post(f"{url}/v1/generate", json={"modality": "text", "question": "Boil an egg?"},
-                                 timeout=120)
+            return requests.post(
+                f"{url}/v1/generate", json={"modality": "text", "question": "Boil an egg?"}, timeout=120
+            )
         if kind == "image":
             return requests.post(f"{url}/v1/generate", json={"modality": "image", "image_b64": png_b64}, timeout=120)
         return requests.post(f"{url}/v1/recipes", files={"video": ("v.mp4", mp4)}, timeout=120)

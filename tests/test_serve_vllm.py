@@ -2,6 +2,7 @@
 py_executable) with real vLLM, and the same HTTP contract holds, read by the official openai client:
 plain and streamed chat with `<base>:<adapter>` models and an image part, recipes streamed, the
 answers the same as the hf engine's, and a bad vLLM environment refused before anything starts."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,12 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def app(ray_cluster, tmp_path_factory):
-    with running_app(tmp_path_factory.mktemp("serve-vllm"), max_new_tokens=16, engine="vllm",
-                     vllm={"max_model_len": 1024, "kv_cache_gib": 1}) as app:
+    with running_app(
+        tmp_path_factory.mktemp("serve-vllm"),
+        max_new_tokens=16,
+        engine="vllm",
+        vllm={"max_model_len": 1024, "kv_cache_gib": 1},
+    ) as app:
         yield app
 
 
@@ -48,14 +53,20 @@ def test_recipes_on_vllm_stream_and_answer_like_the_hf_engine(app):
 
     uri = "datasets/raw/clips/one.mp4"
     plain = requests.post(f"{app.url}/v1/recipes", json={"video_uri": uri}, timeout=120).json()
-    events = _events(requests.post(f"{app.url}/v1/recipes?stream=true", json={"video_uri": uri}, stream=True,
-                                   timeout=120))
+    events = _events(
+        requests.post(f"{app.url}/v1/recipes?stream=true", json={"video_uri": uri}, stream=True, timeout=120)
+    )
     deltas = [json.loads(data)["text"] for name, data in events if name == "delta"]
     (recipe,) = [json.loads(data) for name, data in events if name == "recipe"]
     assert "".join(deltas) == recipe["text"] == plain["text"] and plain["adapter"] == "ddft/video/v1"
     frames = sample_frames(app.store.read_bytes(uri), 8)
-    hf = HFEngine(app.store, "tiny").generate([GenerateRequest(
-        "video", QUESTIONS["video"], np.asarray(frames), read_manifest(app.store, "ddft", "video"), 16)])[0]
+    hf = HFEngine(app.store, "tiny").generate(
+        [
+            GenerateRequest(
+                "video", QUESTIONS["video"], np.asarray(frames), read_manifest(app.store, "ddft", "video"), 16
+            )
+        ]
+    )[0]
     assert plain["text"] == hf.text
 
 

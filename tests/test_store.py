@@ -1,4 +1,5 @@
 """ddft.store: the same behaviour over file:// and s3:// (a local moto server over HTTP)."""
+
 from __future__ import annotations
 
 import pickle
@@ -27,8 +28,12 @@ def test_uri_normalization(tmp_path, monkeypatch):
     assert Store("store").uri == f"file://{tmp_path}/store"
     assert Store(f"file://{tmp_path}/x/").uri == f"file://{tmp_path}/x"
     s = Store("s3://bucket/a/b/")
-    assert (s.uri, s.scheme, s.url("c/d"), s.child("c").uri) == ("s3://bucket/a/b", "s3", "s3://bucket/a/b/c/d",
-                                                                 "s3://bucket/a/b/c")
+    assert (s.uri, s.scheme, s.url("c/d"), s.child("c").uri) == (
+        "s3://bucket/a/b",
+        "s3",
+        "s3://bucket/a/b/c/d",
+        "s3://bucket/a/b/c",
+    )
     assert Store("s3://bucket").url("k") == "s3://bucket/k"
     assert Store("s3://bucket").local_path("k") is None
     with pytest.raises(StoreError):
@@ -40,6 +45,7 @@ def test_uri_normalization(tmp_path, monkeypatch):
 def test_from_config(tmp_path):
     class Cfg:
         uri, endpoint_url, region, access_key_id, secret_access_key = str(tmp_path), None, None, None, None
+
     s = Store.from_config(Cfg())
     assert (s.scheme, s.local_path("a")) == ("file", tmp_path / "a")
 
@@ -53,7 +59,9 @@ def test_round_trips(store):
     obj = {"b": [1, 2.5, None], "a": {"x": "y"}}
     store.write_json("m.json", obj)
     assert store.read_json("m.json") == obj
-    assert store.read_text("m.json") == '{\n  "a": {\n    "x": "y"\n  },\n  "b": [\n    1,\n    2.5,\n    null\n  ]\n}\n'
+    assert (
+        store.read_text("m.json") == '{\n  "a": {\n    "x": "y"\n  },\n  "b": [\n    1,\n    2.5,\n    null\n  ]\n}\n'
+    )
     store.write_bytes("a/blob.bin", b"new")  # overwrite
     assert store.read_bytes("a/blob.bin") == b"new"
     assert store.read_bytes("./a//blob.bin") == b"new"  # keys are normalized
@@ -87,8 +95,12 @@ def test_child(store):
 
 def test_dir_round_trip(store, tmp_path):
     src = tmp_path / "src"
-    files = {"config.json": b'{"a": 1}', "weights.bin": bytes(range(256)) * 4 + b"\x00",
-             "sub/deeper/x.txt": b"x", "sub/empty.txt": b""}
+    files = {
+        "config.json": b'{"a": 1}',
+        "weights.bin": bytes(range(256)) * 4 + b"\x00",
+        "sub/deeper/x.txt": b"x",
+        "sub/empty.txt": b"",
+    }
     for rel, data in files.items():
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_bytes(data)

@@ -1,5 +1,6 @@
 """Streamed answers over real HTTP (the serve fixture's app on 127.0.0.1): chat completions read by
 the official `openai` client, and /v1/recipes?stream=true read as raw server-sent events."""
+
 from __future__ import annotations
 
 import asyncio
@@ -28,16 +29,24 @@ def _openai(app) -> openai.OpenAI:
 
 def _plain_and_streamed(client: openai.OpenAI, **kwargs):
     plain = client.chat.completions.create(**kwargs, temperature=0)
-    chunks = list(client.chat.completions.create(**kwargs, temperature=0, stream=True,
-                                                 stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(**kwargs, temperature=0, stream=True, stream_options={"include_usage": True})
+    )
     return plain, chunks
 
 
 def image_question() -> list[dict]:
     """A chat with one image part, as a data: URL."""
     png = base64.b64encode(make_png()).decode()
-    return [{"role": "user", "content": [{"type": "text", "text": "What dish is this?"},
-                                         {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}]}]
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What dish is this?"},
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
+            ],
+        }
+    ]
 
 
 def _check_stream(plain, chunks) -> str:
@@ -126,8 +135,9 @@ def test_openai_client_completions_plain_and_streamed(app):
     plain = client.completions.create(prompt="Once upon a time", **kw)
     assert plain.object == "text_completion" and plain.model == "tiny:ddft/text/v1"
     assert plain.choices[0].text and 0 < plain.usage.completion_tokens <= 12
-    chunks = list(client.completions.create(prompt="Once upon a time", stream=True,
-                                            stream_options={"include_usage": True}, **kw))
+    chunks = list(
+        client.completions.create(prompt="Once upon a time", stream=True, stream_options={"include_usage": True}, **kw)
+    )
     *content, usage = chunks
     assert "".join(c.choices[0].text for c in content) == plain.choices[0].text
     assert content[-1].choices[0].finish_reason == plain.choices[0].finish_reason
@@ -137,8 +147,11 @@ def test_openai_client_completions_plain_and_streamed(app):
     rendered = prompts.prompt_text(AutoTokenizer.from_pretrained(local_base_dir(app.store, "tiny")), "text", question)
     chat = client.chat.completions.create(messages=QUESTION, **kw)
     assert client.completions.create(prompt=[rendered], **kw).choices[0].text == chat.choices[0].message.content
-    for bad, code in (({"echo": True}, "unsupported_echo"), ({"prompt": ["a", "b"]}, "bad_prompt"),
-                      ({"prompt": ""}, "bad_prompt")):
+    for bad, code in (
+        ({"echo": True}, "unsupported_echo"),
+        ({"prompt": ["a", "b"]}, "bad_prompt"),
+        ({"prompt": ""}, "bad_prompt"),
+    ):
         with pytest.raises(openai.BadRequestError) as err:
             client.completions.create(**{"prompt": "x", **kw, **bad})
         assert err.value.code == code, bad
@@ -162,9 +175,9 @@ def _events(resp: requests.Response) -> list[tuple[str | None, str]]:
     out, name = [], None
     for line in resp.iter_lines(decode_unicode=True):
         if line.startswith("event: "):
-            name = line[len("event: "):]
+            name = line[len("event: ") :]
         elif line.startswith("data: "):
-            out.append((name, line[len("data: "):]))
+            out.append((name, line[len("data: ") :]))
             name = None
     return out
 
@@ -173,7 +186,10 @@ def _events(resp: requests.Response) -> list[tuple[str | None, str]]:
 def test_recipes_stream_deltas_then_the_recipe(app):
     url = f"{app.url}/v1/recipes?stream=true"
     plain = requests.post(f"{app.url}/v1/recipes", json={"video_uri": "datasets/raw/clips/one.mp4"}, timeout=120)
-    for kwargs in ({"files": {"video": ("clip.mp4", make_mp4())}}, {"json": {"video_uri": "datasets/raw/clips/one.mp4"}}):
+    for kwargs in (
+        {"files": {"video": ("clip.mp4", make_mp4())}},
+        {"json": {"video_uri": "datasets/raw/clips/one.mp4"}},
+    ):
         events = _events(requests.post(url, stream=True, timeout=120, **kwargs))
         assert events[-1] == (None, "[DONE]")
         deltas = [json.loads(data)["text"] for name, data in events if name == "delta"]
@@ -209,12 +225,16 @@ def test_an_error_mid_stream_is_an_event_then_done():
         stream = chunks()
         first = await anext(stream)
         events = Gateway.func_or_class._sse(
-            first, stream, lambda c: [sse.event({"text": c.text}, "delta")],
-            lambda err: sse.event(errors.body(err.status, err.error, err.detail, "/v1/chat/completions")))
+            first,
+            stream,
+            lambda c: [sse.event({"text": c.text}, "delta")],
+            lambda err: sse.event(errors.body(err.status, err.error, err.detail, "/v1/chat/completions")),
+        )
         return [e async for e in events]
 
     assert asyncio.run(body()) == [
         'event: delta\ndata: {"text":"Boil "}\n\n',
         'data: {"error":{"message":"the store went away","type":"server_error","code":"store_error","param":null}}\n\n',
-        "data: [DONE]\n\n"]
+        "data: [DONE]\n\n",
+    ]
     assert closed == [True]

@@ -60,10 +60,11 @@ def test_defaults_and_layout(kitchen):
     assert summary["held_out_dishes"] == ["rice_pudding", "cheese_toast"]
     # Held out: every video of a dish never trained on (and only those); in-distribution: new amounts.
     assert sorted(summary["splits"]["test"]) == ["cheese-toast-1", "cheese-toast-2", "rice-pudding-1", "rice-pudding-2"]
-    assert summary["splits"]["val"] and all(summary["recipes"][r]["dish"] in summary["dishes"]
-                                            for r in summary["splits"]["train"] + summary["splits"]["val"])
-    assert summary["video"] == {"codec": summary["video"]["codec"], "fps": 10, "frames": 60,
-                                "size": [224, 224]}
+    assert summary["splits"]["val"] and all(
+        summary["recipes"][r]["dish"] in summary["dishes"]
+        for r in summary["splits"]["train"] + summary["splits"]["val"]
+    )
+    assert summary["video"] == {"codec": summary["video"]["codec"], "fps": 10, "frames": 60, "size": [224, 224]}
     assert summary["video"]["codec"] in ("libx264", "mpeg4")
     raw = "datasets/raw"
     assert store.read_text(f"{raw}/foodx251/class_list.txt").startswith("0 tomato_soup\n1 green_salad\n")
@@ -100,7 +101,8 @@ def test_tasty_reads_back_and_video_shows_the_recipe(kitchen):
     recipes = read_tasty(store, "datasets/raw/tasty")
     assert recipes.problems == []
     assert {r.id: (r.text, r.split) for r in recipes} == {
-        k: (v["text"], v["split"]) for k, v in summary["recipes"].items()}
+        k: (v["text"], v["split"]) for k, v in summary["recipes"].items()
+    }
     for r in recipes:
         assert r.steps[-1] == "Enjoy!" and r.step_spans[-1] is None
         assert all(s is not None for s in r.step_spans[:-1])
@@ -108,12 +110,14 @@ def test_tasty_reads_back_and_video_shows_the_recipe(kitchen):
         vr = decord.VideoReader(io.BytesIO(store.read_bytes(r.video_key)))
         assert len(vr) == 60 and vr[0].shape == (224, 224, 3) and vr.get_avg_fps() == 10
         # The tray's row, inside the tray (x 20%..80%): the table around it may be near a food's grey.
-        tray_row = vr.get_batch(list(range(60))).asnumpy()[:, round(224 * 0.11), round(224 * 0.2) + 2:round(224 * 0.8) - 2]
+        tray_row = vr.get_batch(list(range(60))).asnumpy()[
+            :, round(224 * 0.11), round(224 * 0.2) + 2 : round(224 * 0.8) - 2
+        ]
         # Every frame of an ingredient's step (the span's last 5-frame block included) shows as
         # many icons of its colour as the amount says: the amounts and the alignment are right.
         for ing, (first, last) in zip(r.ingredients, r.step_spans):
             food = FOODS[ing.name]
-            counts = {_icon_runs(row, food.colour) for row in tray_row[first:last + 5]}
+            counts = {_icon_runs(row, food.colour) for row in tray_row[first : last + 5]}
             assert counts == {ing.quantity / food.per_icon}, (r.id, ing, counts)
 
 
@@ -161,5 +165,6 @@ def test_held_out_recipes_read_back_in_youcook2_layout(kitchen):
         tasty_steps = summary["recipes"][v.id]["text"].split("Steps:\n", 1)[1].splitlines()
         assert [f"{i}. {s}" for i, s in enumerate(v.steps, 1)] == tasty_steps[:-1]  # all but "Enjoy!"
         assert v.segments[-1][1] == v.duration == 6.0 and v.segments[0][0] == 0.0
-        assert store.read_bytes(f"{raw}/youcook2/raw_videos/validation/{v.recipe_type}/{v.id}.mp4") == \
-            store.read_bytes(f"{raw}/tasty/{v.id}/recipe_video.mp4")
+        assert store.read_bytes(f"{raw}/youcook2/raw_videos/validation/{v.recipe_type}/{v.id}.mp4") == store.read_bytes(
+            f"{raw}/tasty/{v.id}/recipe_video.mp4"
+        )

@@ -1,4 +1,5 @@
 """Tenants: keys are shown once, stored only as sha256, and checked against every tenant."""
+
 import hashlib
 
 import pytest

@@ -1,4 +1,5 @@
 """Tenant adapter uploads: real PEFT adapters on the tiny base, and every way to get one wrong."""
+
 import gzip
 import io
 import json
@@ -8,7 +9,8 @@ import zipfile
 
 import pytest
 import torch
-from safetensors.torch import load as st_load, save as st_save
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
 from ddft.adapters import registry
 from ddft.adapters.upload import UploadError, base_spec, publish_upload, unpack, validate_upload
@@ -32,9 +34,12 @@ def tiny(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("upload")
     store = Store(str(tmp / "base-store"))
     ensure_base(store, "tiny", build="tiny")
-    return dict(spec=base_spec(store, "tiny"), good=_adapter(store, tmp, "good"),
-                projector=_adapter(store, tmp, "projector", modules_to_save=["multi_modal_projector"]),
-                pattern=_adapter(store, tmp, "pattern", rank_pattern={"v_proj": 4}))
+    return dict(
+        spec=base_spec(store, "tiny"),
+        good=_adapter(store, tmp, "good"),
+        projector=_adapter(store, tmp, "projector", modules_to_save=["multi_modal_projector"]),
+        pattern=_adapter(store, tmp, "pattern", rank_pattern={"v_proj": 4}),
+    )
 
 
 @pytest.fixture
@@ -60,8 +65,9 @@ def _renamed(files, old, new):
 
 
 def _publish(store, files, tiny, name="mine", modality="text", **limits):
-    return publish_upload(store, files, tenant="acme", name=name, modality=modality, spec=tiny["spec"],
-                          **{**LIMITS, **limits})
+    return publish_upload(
+        store, files, tenant="acme", name=name, modality=modality, spec=tiny["spec"], **{**LIMITS, **limits}
+    )
 
 
 def _refused(store, files, tiny, status, error, **kw) -> UploadError:
@@ -106,8 +112,9 @@ def test_rank_pattern_and_fingerprint_are_honoured(tiny):
     bad = _with(tiny["pattern"], rank_pattern={"v_proj": 8})
     with pytest.raises(UploadError, match="wrong_shape"):
         validate_upload(bad, tiny["spec"], **LIMITS)
-    other = _with(tiny["good"], base_model_name_or_path="someone/renamed",
-                  ddft_base_fingerprint=tiny["spec"].fingerprint)
+    other = _with(
+        tiny["good"], base_model_name_or_path="someone/renamed", ddft_base_fingerprint=tiny["spec"].fingerprint
+    )
     validate_upload(other, tiny["spec"], **LIMITS)  # same weights under another name
     validate_upload(_with(tiny["good"], base_model_name_or_path="build:tiny"), tiny["spec"], **LIMITS)
 
@@ -150,15 +157,29 @@ BAD = {  # case: (status, error, limits, (good, projector) -> files)
     "not_safetensors": (422, "bad_safetensors", {}, lambda g, p: {**g, ST: bytes(64)}),
     "modules_to_save": (422, "unknown_module", {}, lambda g, p: p),
     "no_such_layer": (422, "unknown_module", {}, lambda g, p: _renamed(g, "layers.1.", "layers.7.")),
-    "vision_tower": (422, "unknown_module", {}, lambda g, p: _renamed(
-        g, "language_model.layers.0.self_attn.q_proj", "image_tower.encoder.layers.0.self_attn.q_proj")),
-    "not_a_lora_key": (422, "unknown_module", {}, lambda g, p: _with(
-        g, {**_tensors(g), "base_model.model.lm_head.weight": torch.zeros(2, 2)})),
+    "vision_tower": (
+        422,
+        "unknown_module",
+        {},
+        lambda g, p: _renamed(
+            g, "language_model.layers.0.self_attn.q_proj", "image_tower.encoder.layers.0.self_attn.q_proj"
+        ),
+    ),
+    "not_a_lora_key": (
+        422,
+        "unknown_module",
+        {},
+        lambda g, p: _with(g, {**_tensors(g), "base_model.model.lm_head.weight": torch.zeros(2, 2)}),
+    ),
     "transposed": (422, "wrong_shape", {}, lambda g, p: _replaced(g, A0, lambda x: x.T)),
     "resized": (422, "wrong_shape", {}, lambda g, p: _replaced(g, B0, lambda x: x[:, :4])),
     "float64": (422, "bad_dtype", {}, lambda g, p: _replaced(g, A0, lambda x: x.double())),
-    "a_without_b": (422, "bad_safetensors", {}, lambda g, p: _with(
-        g, {k: v for k, v in _tensors(g).items() if k != B0})),
+    "a_without_b": (
+        422,
+        "bad_safetensors",
+        {},
+        lambda g, p: _with(g, {k: v for k, v in _tensors(g).items() if k != B0}),
+    ),
 }
 
 
@@ -181,6 +202,7 @@ def test_bad_names_and_modality(name, tiny, store):
 
 
 # -- archives -----------------------------------------------------------------------------------
+
 
 def _tar(members, gz=True):
     buf = io.BytesIO()
@@ -206,13 +228,16 @@ def _zip(members):
 
 def test_zip_and_tar_gz_uploads_publish(tiny, store):
     good = tiny["good"]
-    for i, archive in enumerate([_zip(good.items()), _tar([(f"my-adapter/{k}", v) for k, v in good.items()]),
-                                 _tar(good.items(), gz=False)]):
+    for i, archive in enumerate(
+        [_zip(good.items()), _tar([(f"my-adapter/{k}", v) for k, v in good.items()]), _tar(good.items(), gz=False)]
+    ):
         files = unpack(archive=archive, content_type="application/octet-stream")
         assert files == good
         assert _publish(store, files, tiny).version == i + 1
     assert unpack(files={"C:\\Users\\me\\adapter_config.json": b"{}", "x/adapter_model.safetensors": b""}) == {
-        CFG: b"{}", ST: b""}  # multipart: base names only
+        CFG: b"{}",
+        ST: b"",
+    }  # multipart: base names only
 
 
 def _unpack_refused(status, error, **kw):
@@ -247,7 +272,7 @@ def test_zip_symlink_member_is_refused(tiny):
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr(CFG, tiny["good"][CFG])
         link = zipfile.ZipInfo(ST)
-        link.external_attr = (0o120777 << 16)  # S_IFLNK: what `zip --symlinks` records
+        link.external_attr = 0o120777 << 16  # S_IFLNK: what `zip --symlinks` records
         zf.writestr(link, "/etc/passwd")
     _unpack_refused(422, "bad_archive", archive=buf.getvalue())
 
@@ -292,8 +317,9 @@ def test_published_config_spells_out_the_modules(tiny, store):
     from ddft.adapters.upload import publish_upload
 
     files = _with(tiny["pattern"], target_modules=".*", layers_pattern="evil")
-    m = publish_upload(store, files, tenant="acme", name="exact", modality="text", spec=tiny["spec"],
-                       max_rank=64, max_bytes=1 << 24)
+    m = publish_upload(
+        store, files, tenant="acme", name="exact", modality="text", spec=tiny["spec"], max_rank=64, max_bytes=1 << 24
+    )
     cfg = store.read_json(f"{m.key}/adapter_config.json")
     modules = sorted({k.split(".lora_")[0].removeprefix("base_model.model.") for k in _tensors(tiny["pattern"])})
     assert cfg["target_modules"] == modules and cfg["layers_pattern"] is None

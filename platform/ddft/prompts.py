@@ -3,6 +3,7 @@
 Training and serving must build the very same token sequence, so both call `encode` here.
 The format is Video-LLaVA's own: `USER: <video>\\n<question> ASSISTANT: <answer></s>`.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,7 +21,8 @@ CHAT_TEMPLATE = (
     "{% endif %}{% for c in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}"
     "{% endfor %}{% for c in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}"
     "{% endfor %}{% for c in message['content'] | selectattr('type', 'equalto', 'text') %}{{ c['text'] + ' ' }}"
-    "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+    "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
 
 
 def prompt_text(tokenizer, modality: str, question: str, raw: bool = False) -> str:
@@ -29,8 +31,9 @@ def prompt_text(tokenizer, modality: str, question: str, raw: bool = False) -> s
     if raw:
         return question
     content = ([{"type": modality}] if modality != "text" else []) + [{"type": "text", "text": question}]
-    return tokenizer.apply_chat_template([{"role": "user", "content": content}], chat_template=CHAT_TEMPLATE,
-                                                   tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], chat_template=CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True
+    )
 
 
 def media_token_count(processor, modality: str, frames: int = 1) -> int:
@@ -45,8 +48,9 @@ def media_token_count(processor, modality: str, frames: int = 1) -> int:
     return per_frame * frames
 
 
-def encode(processor, modality: str, question: str, answer: str | None = None, frames: int = 1,
-           raw: bool = False) -> dict:
+def encode(
+    processor, modality: str, question: str, answer: str | None = None, frames: int = 1, raw: bool = False
+) -> dict:
     """Token ids (media placeholders expanded) and labels with the prompt masked to -100."""
     tok = processor.tokenizer
     media = {"image": processor.image_token, "video": processor.video_token}.get(modality, "")
@@ -72,8 +76,9 @@ def pixel_inputs(processor, modality: str, pixels: list[np.ndarray]) -> dict:
         out = processor.image_processor(images=pixels, return_tensors="pt", return_legacy_image_output=False)
         return {"pixel_values": out["pixel_values"]}
     if modality == "video":
-        return {"pixel_values_videos": processor.video_processor(videos=pixels, return_tensors="pt")[
-            "pixel_values_videos"]}
+        return {
+            "pixel_values_videos": processor.video_processor(videos=pixels, return_tensors="pt")["pixel_values_videos"]
+        }
     return {}
 
 
@@ -85,7 +90,7 @@ def pad_batch(rows: list[dict], pad_id: int) -> dict:
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
-        ids[i, width - n:] = torch.as_tensor(r["input_ids"])
-        mask[i, width - n:] = 1
-        labels[i, width - n:] = torch.as_tensor(r["labels"])
+        ids[i, width - n :] = torch.as_tensor(r["input_ids"])
+        mask[i, width - n :] = 1
+        labels[i, width - n :] = torch.as_tensor(r["labels"])
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -71,8 +71,19 @@ _UNIT_SPELLINGS = {
 _UNIT_OF = {s: unit for unit, spellings in _UNIT_SPELLINGS.items() for s in spellings}
 UNITS = frozenset(_UNIT_SPELLINGS)
 
-_VULGAR = {"½": "1/2", "⅓": "1/3", "⅔": "2/3", "¼": "1/4", "¾": "3/4", "⅛": "1/8", "⅜": "3/8",
-           "⅝": "5/8", "⅞": "7/8", "⅕": "1/5", "⅙": "1/6"}
+_VULGAR = {
+    "½": "1/2",
+    "⅓": "1/3",
+    "⅔": "2/3",
+    "¼": "1/4",
+    "¾": "3/4",
+    "⅛": "1/8",
+    "⅜": "3/8",
+    "⅝": "5/8",
+    "⅞": "7/8",
+    "⅕": "1/5",
+    "⅙": "1/6",
+}
 # "1 1/2", "1/2", "1.5", "2"; an optional range tail ("2-3", "2 to 3") whose upper bound is dropped.
 _NUM = r"(?:\d+\s+\d+/\d+|\d+/\d+|\d+(?:\.\d+)?|\.\d+)"
 _QUANTITY_RE = re.compile(rf"^({_NUM})(?:\s*(?:-|–|to)\s*{_NUM})?(?=\s|$|[a-zA-Z])\s*")
@@ -103,7 +114,7 @@ def _split_amount(text: str) -> tuple[float | None, str | None, str]:
     quantity = None
     m = _QUANTITY_RE.match(text)
     if m:
-        quantity, text = _number(m.group(1)), text[m.end():]
+        quantity, text = _number(m.group(1)), text[m.end() :]
     elif re.match(r"^an?\s", text, re.I):  # "a pinch"
         quantity, text = 1.0, text.split(None, 1)[1]
     words = text.split(None, 1)
@@ -161,8 +172,7 @@ def format_quantity(q: float) -> str:
 
 
 def format_ingredient(ing: Ingredient) -> str:
-    parts = [format_quantity(ing.quantity) if ing.quantity is not None else None, ing.unit,
-             " ".join(ing.name.split())]
+    parts = [format_quantity(ing.quantity) if ing.quantity is not None else None, ing.unit, " ".join(ing.name.split())]
     return " ".join(p for p in parts if p)
 
 
@@ -173,8 +183,7 @@ def format_recipe(ingredients: list[Ingredient], steps: list[str]) -> str:
     return "\n".join(lines)
 
 
-_HEADER_RE = re.compile(r"^[#*\s]*(ingredients|steps|instructions|directions|method)\b[\s*:]*$",
-                        re.I)
+_HEADER_RE = re.compile(r"^[#*\s]*(ingredients|steps|instructions|directions|method)\b[\s*:]*$", re.I)
 _BULLET_RE = re.compile(r"^(?:[-*•]\s*)")
 _NUMBERED_RE = re.compile(r"^(?:step\s*)?\d+\s*[.):]\s*|^step\s*\d+\s+", re.I)
 
@@ -197,7 +206,7 @@ def parse_recipe(text: str) -> dict:
             continue
         bullet, numbered = _BULLET_RE.match(line), _NUMBERED_RE.match(line)
         kind = section or ("ingredients" if bullet else "steps" if numbered else None)
-        body = line[(bullet or numbered).end():].strip() if (bullet or numbered) else line
+        body = line[(bullet or numbered).end() :].strip() if (bullet or numbered) else line
         if not body or kind is None:
             continue
         if kind == "ingredients":

@@ -3,6 +3,7 @@
 Keys are "/"-separated and relative to the store root. S3 settings fall back to the usual AWS
 environment variables and boto3's own credential chain, so AWS and MinIO both work.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,9 @@ import pathlib
 import shutil
 import tempfile
 import urllib.parse
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Any, Callable
+from typing import Any
 
 # What only the platform reads (DESIGN.md's store layout): adapters (tenants' included), bases,
 # training runs and the tenants' hashed keys. Nothing a request names is ever read from here.
@@ -150,6 +152,7 @@ class _Local:
         def fill(f):
             with open(src, "rb") as s:
                 shutil.copyfileobj(s, f, 1 << 20)
+
         self._atomic(key, fill)
 
     def get_file(self, key: str, dst: pathlib.Path) -> None:
@@ -161,8 +164,12 @@ class _Local:
         if p.is_file():
             return [prefix]
         # os.walk skips folders that vanish mid-walk (a concurrent delete), where rglob raises
-        return [(pathlib.Path(d) / f).relative_to(self.root).as_posix()
-                for d, _, files in os.walk(p) for f in files if not _bookkeeping(f)]
+        return [
+            (pathlib.Path(d) / f).relative_to(self.root).as_posix()
+            for d, _, files in os.walk(p)
+            for f in files
+            if not _bookkeeping(f)
+        ]
 
     def entries(self, prefix: str) -> list[tuple[str, int, str]]:
         out = []
@@ -218,15 +225,25 @@ class _S3:
         if self._client is None:
             import boto3
             from botocore.config import Config
-            opts: dict[str, Any] = dict(connect_timeout=5, read_timeout=120,
-                                        retries={"max_attempts": 3, "mode": "standard"})
+
+            opts: dict[str, Any] = dict(
+                connect_timeout=5, read_timeout=120, retries={"max_attempts": 3, "mode": "standard"}
+            )
             if self.endpoint_url:  # MinIO & co: path-style, checksums only when required
-                opts.update(s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
-                            response_checksum_validation="when_required")
+                opts.update(
+                    s3={"addressing_style": "path"},
+                    request_checksum_calculation="when_required",
+                    response_checksum_validation="when_required",
+                )
             self._client = boto3.session.Session().client(
-                "s3", endpoint_url=self.endpoint_url, region_name=self.region,
-                aws_access_key_id=self.access_key_id, aws_secret_access_key=self.secret_access_key,
-                aws_session_token=self.session_token, config=Config(**opts))
+                "s3",
+                endpoint_url=self.endpoint_url,
+                region_name=self.region,
+                aws_access_key_id=self.access_key_id,
+                aws_secret_access_key=self.secret_access_key,
+                aws_session_token=self.session_token,
+                config=Config(**opts),
+            )
         return self._client
 
     def full(self, key: str) -> str:
@@ -235,27 +252,36 @@ class _S3:
     @contextmanager
     def errors(self, url: str):
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
         try:
             yield
         except ClientError as e:
             code, msg = _code(e), e.response.get("Error", {}).get("Message", "")
             if code == "NoSuchBucket":
-                text = (f"bucket '{self.bucket}' does not exist at {self.where} (for {url}): create it "
-                        f"(e.g. `aws s3 mb s3://{self.bucket}` or the MinIO console) or fix store.uri")
+                text = (
+                    f"bucket '{self.bucket}' does not exist at {self.where} (for {url}): create it "
+                    f"(e.g. `aws s3 mb s3://{self.bucket}` or the MinIO console) or fix store.uri"
+                )
             elif code in _MISSING:
                 text = f"{url} not found: {NOT_FOUND_HINT}"
             elif code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden"):
-                text = (f"access denied to {url} at {self.where} ({code}): check store.access_key_id/"
-                        f"secret_access_key or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+                text = (
+                    f"access denied to {url} at {self.where} ({code}): check store.access_key_id/"
+                    f"secret_access_key or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+                )
             else:
                 text = f"S3 error {code} on {url} at {self.where}: {msg or e}"
             raise StoreError(text) from None
         except NoCredentialsError:
-            raise StoreError(f"no S3 credentials for {url}: set store.access_key_id/secret_access_key "
-                             f"or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY") from None
+            raise StoreError(
+                f"no S3 credentials for {url}: set store.access_key_id/secret_access_key "
+                f"or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+            ) from None
         except BotoCoreError as e:
-            raise StoreError(f"cannot reach S3 endpoint {self.where} for {url}: {e} -- check endpoint_url "
-                             f"(or AWS_ENDPOINT_URL) and that the server (e.g. MinIO) is running") from None
+            raise StoreError(
+                f"cannot reach S3 endpoint {self.where} for {url}: {e} -- check endpoint_url "
+                f"(or AWS_ENDPOINT_URL) and that the server (e.g. MinIO) is running"
+            ) from None
 
     def get(self, key: str) -> bytes:
         return self.client.get_object(Bucket=self.bucket, Key=self.full(key))["Body"].read()
@@ -267,6 +293,7 @@ class _S3:
         """S3's conditional write (If-None-Match: *): 412 when the key exists, 409 when another
         conditional write to it is in flight; either way this one lost."""
         from botocore.exceptions import ClientError
+
         try:
             self.client.put_object(Bucket=self.bucket, Key=self.full(key), Body=data, IfNoneMatch="*")
             return True
@@ -299,6 +326,7 @@ class _S3:
 
     def size(self, key: str) -> int | None:
         from botocore.exceptions import ClientError
+
         try:
             return int(self.client.head_object(Bucket=self.bucket, Key=self.full(key))["ContentLength"])
         except ClientError as e:
@@ -329,8 +357,11 @@ class _S3:
 
     def entries(self, prefix: str) -> list[tuple[str, int, str]]:
         n = len(self.prefix) + 1 if self.prefix else 0
-        return [(o["Key"][n:], o["Size"], o.get("ETag", "").strip('"')) for o in self._objects(prefix)
-                if not o["Key"].endswith("/")]
+        return [
+            (o["Key"][n:], o["Size"], o.get("ETag", "").strip('"'))
+            for o in self._objects(prefix)
+            if not o["Key"].endswith("/")
+        ]
 
     def exists(self, key: str) -> bool:
         return any(True for _ in self._iter(key))
@@ -338,8 +369,9 @@ class _S3:
     def delete(self, prefix: str) -> None:
         keys = list(self._iter(prefix))
         for i in range(0, len(keys), 1000):
-            self.client.delete_objects(Bucket=self.bucket, Delete={
-                "Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
+            self.client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True}
+            )
 
     def copy(self, src: str, dst: str) -> None:
         self.client.copy({"Bucket": self.bucket, "Key": self.full(src)}, self.bucket, self.full(dst))
@@ -348,13 +380,21 @@ class _S3:
 class Store:
     """A store rooted at ``uri``: a plain path, ``file:///abs/path`` or ``s3://bucket/prefix``."""
 
-    def __init__(self, uri: str, *, endpoint_url: str | None = None, region: str | None = None,
-                 access_key_id: str | None = None, secret_access_key: str | None = None):
+    def __init__(
+        self,
+        uri: str,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        access_key_id: str | None = None,
+        secret_access_key: str | None = None,
+    ):
         uri = str(uri)
-        self._creds = dict(endpoint_url=endpoint_url, region=region, access_key_id=access_key_id,
-                           secret_access_key=secret_access_key)
+        self._creds = dict(
+            endpoint_url=endpoint_url, region=region, access_key_id=access_key_id, secret_access_key=secret_access_key
+        )
         if uri.startswith("s3://"):
-            bucket, _, prefix = uri[len("s3://"):].partition("/")
+            bucket, _, prefix = uri[len("s3://") :].partition("/")
             if not bucket:
                 raise StoreError(f"store uri {uri!r} has no bucket: use s3://bucket/prefix")
             self.scheme, prefix = "s3", _clean_key(prefix)
@@ -362,7 +402,7 @@ class Store:
             self.uri = f"s3://{_join(bucket, prefix)}"
         else:
             if uri.startswith("file://"):
-                uri = urllib.parse.unquote(uri[len("file://"):])
+                uri = urllib.parse.unquote(uri[len("file://") :])
                 if not uri.startswith("/"):
                     raise StoreError(f"file store uri must be absolute: use file:///abs/path, got file://{uri}")
             elif "://" in uri:
@@ -371,12 +411,17 @@ class Store:
             self.scheme, self._b, self.uri = "file", _Local(root), f"file://{root}"
 
     @classmethod
-    def from_config(cls, cfg) -> "Store":
+    def from_config(cls, cfg) -> Store:
         secret = getattr(cfg, "secret_access_key", None)
         if hasattr(secret, "get_secret_value"):  # pydantic SecretStr
             secret = secret.get_secret_value()
-        return cls(cfg.uri, endpoint_url=getattr(cfg, "endpoint_url", None), region=getattr(cfg, "region", None),
-                   access_key_id=getattr(cfg, "access_key_id", None), secret_access_key=secret)
+        return cls(
+            cfg.uri,
+            endpoint_url=getattr(cfg, "endpoint_url", None),
+            region=getattr(cfg, "region", None),
+            access_key_id=getattr(cfg, "access_key_id", None),
+            secret_access_key=secret,
+        )
 
     def __repr__(self) -> str:
         return f"Store({self.uri!r})"
@@ -390,7 +435,7 @@ class Store:
     def url(self, key: str = "") -> str:
         return _join(self.uri, _clean_key(key))
 
-    def child(self, key: str) -> "Store":
+    def child(self, key: str) -> Store:
         return Store(self.url(key), **self._creds)
 
     # -- objects -------------------------------------------------------------------------------
@@ -493,7 +538,7 @@ class Store:
         if not keys:
             raise StoreError(f"{self.url(k)} not found (nothing stored there): {NOT_FOUND_HINT}")
         for name in keys:
-            rel = name[len(k) + 1:] if k and name != k else (name if not k else pathlib.PurePosixPath(k).name)
+            rel = name[len(k) + 1 :] if k and name != k else (name if not k else pathlib.PurePosixPath(k).name)
             with self._b.errors(self.url(name)):
                 self._b.get_file(name, dst / rel)
         return dst
@@ -504,7 +549,7 @@ class Store:
         if not keys:
             raise StoreError(f"cannot copy {self.url(src)}: not found: {NOT_FOUND_HINT}")
         for name in keys:
-            target = dst if name == src else _join(dst, name[len(src):].lstrip("/"))
+            target = dst if name == src else _join(dst, name[len(src) :].lstrip("/"))
             with self._b.errors(self.url(name)):
                 self._b.copy(name, target)
 
@@ -515,6 +560,7 @@ class Store:
     def pyarrow_fs(self):
         """(pyarrow FileSystem, root path in it): picklable, for Ray Data and Ray Train's storage_filesystem."""
         import pyarrow.fs as pafs
+
         b = self._b
         if isinstance(b, _Local):
             return pafs.LocalFileSystem(), str(b.root)

@@ -3,13 +3,14 @@
 Keys are 256 random bits, so a plain sha256 is enough (no slow KDF needed: there is nothing to
 brute-force); a key is shown once, on add or rotate, and never stored in clear.
 """
+
 from __future__ import annotations
 
 import hashlib
 import hmac
 import secrets
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from ddft.adapters import registry
 from ddft.adapters.registry import _NAME
@@ -32,7 +33,7 @@ def _digest(key: str) -> bytes:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def check_admin(key: str | None, admin_key: str | None) -> bool:
@@ -62,6 +63,7 @@ class Tenants:
 
     def _update(self, change) -> dict:
         """Apply change(tenants dict) atomically; the new document (cached here at once)."""
+
         def on_doc(doc: dict | None) -> dict:
             doc = doc or {}
             change(doc.setdefault("tenants", {}))
@@ -81,8 +83,11 @@ class Tenants:
         """Create a tenant; returns its key (the only time it is shown)."""
         # the owner "tenant-<name>" must itself be a valid registry name
         if not isinstance(name, str) or not _NAME.match(name) or not _NAME.match(registry.tenant_owner(name)):
-            raise TenantError(400, f"tenant name {name!r} is not allowed: use 1-57 lowercase letters, digits, "
-                                   "'.', '_' or '-', starting with a letter or digit")
+            raise TenantError(
+                400,
+                f"tenant name {name!r} is not allowed: use 1-57 lowercase letters, digits, "
+                "'.', '_' or '-', starting with a letter or digit",
+            )
         keys = []
 
         def change(tenants: dict) -> None:

@@ -6,6 +6,7 @@ publish at once), the files are copied to v<N>, and the manifest is written last
 without a manifest does not exist. Weights are
 safetensors only: pickle formats are refused, never loaded.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -13,7 +14,7 @@ import json
 import re
 import uuid
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from ddft.adapters.files import PICKLE_SUFFIXES, REQUIRED
@@ -62,8 +63,10 @@ def tenant_owner(tenant: str) -> str:
 
 def _checked(what: str, value: str) -> str:
     if not _NAME.match(value):
-        raise AdapterError(f"adapter {what} {value!r} is not allowed: use 1-64 lowercase letters, "
-                           "digits, '.', '_' or '-', starting with a letter or digit")
+        raise AdapterError(
+            f"adapter {what} {value!r} is not allowed: use 1-64 lowercase letters, "
+            "digits, '.', '_' or '-', starting with a letter or digit"
+        )
     return value
 
 
@@ -81,8 +84,10 @@ def validate_dir(local_dir: Path) -> dict:
     names = {p.name for p in local_dir.iterdir() if p.is_file()}
     pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
     if pickles:
-        raise AdapterError(f"refusing pickle files {pickles}: adapters must be safetensors only "
-                           "(save with save_pretrained(..., safe_serialization=True))")
+        raise AdapterError(
+            f"refusing pickle files {pickles}: adapters must be safetensors only "
+            "(save with save_pretrained(..., safe_serialization=True))"
+        )
     missing = [n for n in REQUIRED if n not in names]
     if missing:
         raise AdapterError(f"adapter folder lacks {missing}; a PEFT LoRA folder has {list(REQUIRED)}")
@@ -123,8 +128,11 @@ def versions(store: Store, owner: str, name: str) -> list[int]:
 def _markers(store: Store, owner: str, name: str) -> set[tuple[int, str]]:
     """(version, "manifest.json" or ".claim") for every version marker under the adapter."""
     prefix = adapter_prefix(owner, name)
-    return {(int(m.group(1)), m.group(2)) for key in store.list(prefix)
-            if (m := re.fullmatch(rf"{re.escape(prefix)}/v(\d+)/(manifest\.json|\.claim)", key))}
+    return {
+        (int(m.group(1)), m.group(2))
+        for key in store.list(prefix)
+        if (m := re.fullmatch(rf"{re.escape(prefix)}/v(\d+)/(manifest\.json|\.claim)", key))
+    }
 
 
 MAX_CLAIM_TRIES = 100
@@ -138,8 +146,9 @@ def _claim_version(store: Store, owner: str, name: str, token: str) -> int:
         version = max((v for v, _ in _markers(store, owner, name)), default=0) + 1
         if store.create_bytes(f"{prefix}/v{version}/.claim", token.encode()):
             return version
-    raise AdapterError(f"{owner}/{name}: {MAX_CLAIM_TRIES} concurrent publishes took every version "
-                       "this one tried; publish again")
+    raise AdapterError(
+        f"{owner}/{name}: {MAX_CLAIM_TRIES} concurrent publishes took every version this one tried; publish again"
+    )
 
 
 def read_manifest(store: Store, owner: str, name: str, version: int | None = None) -> Manifest | None:
@@ -159,31 +168,49 @@ def list_adapters(store: Store, owner: str | None = None) -> list[Manifest]:
     return [m for o, n in pairs if (m := read_manifest(store, o, n))]
 
 
-def publish(store: Store, local_dir: Path, *, owner: str, name: str, modality: str, base: BaseInfo,
-            source: str, metrics: dict | None = None) -> Manifest:
+def publish(
+    store: Store,
+    local_dir: Path,
+    *,
+    owner: str,
+    name: str,
+    modality: str,
+    base: BaseInfo,
+    source: str,
+    metrics: dict | None = None,
+) -> Manifest:
     """Validate and publish a PEFT folder as the next version; returns its manifest."""
     cfg = validate_dir(local_dir)
     prefix = adapter_prefix(owner, name)
     staging = f"{prefix}/.staging/{uuid.uuid4().hex}"
-    files = [p for p in Path(local_dir).iterdir() if p.is_file() and p.name in
-             (*REQUIRED, "README.md")]
+    files = [p for p in Path(local_dir).iterdir() if p.is_file() and p.name in (*REQUIRED, "README.md")]
     version = None
     try:
         for p in files:
             store.write_bytes(f"{staging}/{p.name}", p.read_bytes())
         version = _claim_version(store, owner, name, staging)
         manifest = Manifest(
-            name=name, owner=owner, version=version, modality=modality, base_model_id=base.id,
-            base_fingerprint=base.fingerprint, rank=cfg["r"], alpha=cfg.get("lora_alpha", cfg["r"]),
-            target_modules=cfg.get("target_modules"), weights_sha256=_sha256(Path(local_dir) /
-                                                                            "adapter_model.safetensors"),
-            source=source, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            metrics=metrics or {}, modules_to_save=list(cfg.get("modules_to_save") or []))
+            name=name,
+            owner=owner,
+            version=version,
+            modality=modality,
+            base_model_id=base.id,
+            base_fingerprint=base.fingerprint,
+            rank=cfg["r"],
+            alpha=cfg.get("lora_alpha", cfg["r"]),
+            target_modules=cfg.get("target_modules"),
+            weights_sha256=_sha256(Path(local_dir) / "adapter_model.safetensors"),
+            source=source,
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            metrics=metrics or {},
+            modules_to_save=list(cfg.get("modules_to_save") or []),
+        )
         store.copy_prefix(staging, manifest.key)
         if not store.create_json(f"{manifest.key}/manifest.json", asdict(manifest)):  # last: now it exists
             version = None  # not ours to clean up
-            raise AdapterError(f"{manifest.ref} was published by someone else while this publish held "
-                               "its claim; publish again")
+            raise AdapterError(
+                f"{manifest.ref} was published by someone else while this publish held its claim; publish again"
+            )
         version = None  # published: nothing of it to clean up
         return manifest
     finally:
@@ -213,7 +240,7 @@ def delete_owner(store: Store, owner: str) -> list[str]:
     for key in manifests:
         store.delete(key)
     store.delete(prefix)
-    return [k[len("adapters/"):-len("/manifest.json")] for k in manifests]
+    return [k[len("adapters/") : -len("/manifest.json")] for k in manifests]
 
 
 def download(store: Store, manifest: Manifest, local_dir: Path) -> Path:
@@ -240,11 +267,12 @@ def resolve(store: Store, modality: str, tenant: str | None = None, explicit: st
             m = read_manifest(store, owner, name, int(ver) if ver else None)
             if m:
                 return m
-        raise AdapterError(f"no adapter named {explicit!r} for {'tenant ' + tenant if tenant else 'the platform'}; "
-                           "GET /v1/models lists what is available")
+        raise AdapterError(
+            f"no adapter named {explicit!r} for {'tenant ' + tenant if tenant else 'the platform'}; "
+            "GET /v1/models lists what is available"
+        )
     for owner in owners:
         m = read_manifest(store, owner, modality)
         if m:
             return m
     return None
-

@@ -5,6 +5,7 @@ and adapter_model.safetensors is parsed by hand (its format is an 8-byte little-
 length, a JSON header, then the raw tensor bytes) before the safetensors library touches it.
 Every refusal is an UploadError carrying the HTTP status, a short code and how to fix it.
 """
+
 from __future__ import annotations
 
 import io
@@ -30,15 +31,45 @@ DEFAULT_MAX_BYTES = 1 << 30  # a 7B LM with r=128 on q/k/v/o in fp32 is ~0.5 GiB
 TAR_OVERHEAD = 1 << 20  # tar headers and padding on top of the members' own bytes
 MAX_HEADER = 100 << 20  # the safetensors library's own limit on the JSON header
 DTYPES = ("F32", "F16", "BF16")
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
-             "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 _LORA_KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_A|lora_B)\.weight$")
 # LoRA variants whose weights or forward differ from plain LoRA: the engine serves plain LoRA only
-_VARIANTS = ("use_dora", "use_qalora", "lora_bias", "alora_invocation_tokens", "use_bdlora", "layer_replication",
-             "trainable_token_indices", "target_parameters", "fan_in_fan_out", "megatron_config", "velora_config",
-             "monteclora_config", "kasa_config", "arrow_config")
-SAVE_HINT = ("save it with PEFT's model.save_pretrained(dir) (safetensors is the default) and upload "
-             "adapter_config.json and adapter_model.safetensors")
+_VARIANTS = (
+    "use_dora",
+    "use_qalora",
+    "lora_bias",
+    "alora_invocation_tokens",
+    "use_bdlora",
+    "layer_replication",
+    "trainable_token_indices",
+    "target_parameters",
+    "fan_in_fan_out",
+    "megatron_config",
+    "velora_config",
+    "monteclora_config",
+    "kasa_config",
+    "arrow_config",
+)
+SAVE_HINT = (
+    "save it with PEFT's model.save_pretrained(dir) (safetensors is the default) and upload "
+    "adapter_config.json and adapter_model.safetensors"
+)
 
 
 class UploadError(ValueError):
@@ -51,8 +82,14 @@ class UploadError(ValueError):
 
 # -- unpacking ----------------------------------------------------------------------------------
 
-def unpack(files: dict[str, bytes] | None = None, archive: bytes | None = None, content_type: str = "",
-           *, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, bytes]:
+
+def unpack(
+    files: dict[str, bytes] | None = None,
+    archive: bytes | None = None,
+    content_type: str = "",
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> dict[str, bytes]:
     """{file name: bytes} from multipart files (base names kept) or a .tar/.tar.gz/.zip archive."""
     if (files is None) == (archive is None):
         raise UploadError(400, "bad_upload", "send either the adapter's files or one archive of them")
@@ -61,8 +98,9 @@ def unpack(files: dict[str, bytes] | None = None, archive: bytes | None = None, 
         for raw, data in files.items():
             name = PurePosixPath(str(raw).replace("\\", "/")).name  # a client's path says nothing to us
             if name in ("", ".", "..") or name in out:
-                raise UploadError(422, "bad_upload", f"file name {raw!r} is empty or given twice; "
-                                                     f"send {list(REQUIRED)} once each")
+                raise UploadError(
+                    422, "bad_upload", f"file name {raw!r} is empty or given twice; send {list(REQUIRED)} once each"
+                )
             out[name] = bytes(data)
         _cap(sum(map(len, out.values())), max_bytes)
         return out
@@ -73,19 +111,31 @@ def unpack(files: dict[str, bytes] | None = None, archive: bytes | None = None, 
         return _flatten(_tar_members(archive, max_bytes))
     if archive[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
         return _flatten(_zip_members(archive, max_bytes))
-    raise UploadError(422, "bad_archive", f"the upload ({content_type or 'no content type'}) is not a .tar, .tar.gz "
-                      "or .zip archive; send one of those, or the two files as multipart form data")
+    raise UploadError(
+        422,
+        "bad_archive",
+        f"the upload ({content_type or 'no content type'}) is not a .tar, .tar.gz "
+        "or .zip archive; send one of those, or the two files as multipart form data",
+    )
 
 
 def _cap(total: int, max_bytes: int) -> None:
     if total > max_bytes:
-        raise UploadError(413, "too_large", f"the adapter's files hold {total} bytes, over the limit of {max_bytes}; "
-                          "lower the rank or target fewer modules")
+        raise UploadError(
+            413,
+            "too_large",
+            f"the adapter's files hold {total} bytes, over the limit of {max_bytes}; "
+            "lower the rank or target fewer modules",
+        )
 
 
 def _bad_archive(why: str) -> UploadError:
-    return UploadError(422, "bad_archive", f"{why}; archive only the adapter folder's regular files, with "
-                                           "relative paths (e.g. `tar czf adapter.tar.gz -C my-adapter .`)")
+    return UploadError(
+        422,
+        "bad_archive",
+        f"{why}; archive only the adapter folder's regular files, with "
+        "relative paths (e.g. `tar czf adapter.tar.gz -C my-adapter .`)",
+    )
 
 
 def _gunzip(data: bytes, cap: int) -> bytes:
@@ -95,8 +145,9 @@ def _gunzip(data: bytes, cap: int) -> bytes:
     except zlib.error as err:
         raise _bad_archive(f"the gzip stream is corrupt ({err})") from None
     if len(out) > cap:
-        raise UploadError(413, "too_large", f"the archive inflates past {cap} bytes; lower the rank or target "
-                          "fewer modules")
+        raise UploadError(
+            413, "too_large", f"the archive inflates past {cap} bytes; lower the rank or target fewer modules"
+        )
     if not d.eof:
         raise _bad_archive("the gzip stream is truncated")
     return out
@@ -145,8 +196,11 @@ def _zip_members(data: bytes, max_bytes: int) -> list[tuple[str, bytes]]:
                 with zf.open(i) as f:
                     blob = f.read(left + 1)  # declared sizes can lie: never read past what's left
                 if len(blob) > left:
-                    raise UploadError(413, "too_large", f"the archive inflates past {max_bytes} bytes; lower the "
-                                      "rank or target fewer modules")
+                    raise UploadError(
+                        413,
+                        "too_large",
+                        f"the archive inflates past {max_bytes} bytes; lower the rank or target fewer modules",
+                    )
                 left -= len(blob)
                 out.append((i.filename, blob))
             return out
@@ -172,6 +226,7 @@ def _flatten(members: list[tuple[str, bytes]]) -> dict[str, bytes]:
 
 
 # -- the base's shape ---------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class BaseSpec:
@@ -199,13 +254,17 @@ def base_spec(store: Store, base_id: str) -> BaseSpec:
     cls = getattr(transformers, (config.architectures or [""])[0], None)
     with torch.device("meta"):  # shapes only: no memory, no weights read
         model = cls._from_config(config) if cls else transformers.AutoModelForImageTextToText.from_config(config)
-    modules = {n: (m.in_features, m.out_features) for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and ".language_model." in f".{n}."}
+    modules = {
+        n: (m.in_features, m.out_features)
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and ".language_model." in f".{n}."
+    }
     spec = _SPECS[(store.uri, base_id)] = BaseSpec(base_id, info.fingerprint, origin, modules)
     return spec
 
 
 # -- validation ---------------------------------------------------------------------------------
+
 
 def validate_upload(files: dict[str, bytes], spec: BaseSpec, *, max_rank: int, max_bytes: int) -> dict:
     """Check an adapter's files against the base without executing anything; returns adapter_config."""
@@ -216,8 +275,11 @@ def _validate(files: dict[str, bytes], spec: BaseSpec, *, max_rank: int, max_byt
     """validate_upload, also returning the safetensors header it checked."""
     pickles = sorted(n for n in files if n.lower().endswith(PICKLE_SUFFIXES))
     if pickles:
-        raise UploadError(415, "pickle_refused", f"refusing {pickles}: pickle files can run code when loaded, so "
-                                                 f"they are never opened; {SAVE_HINT}")
+        raise UploadError(
+            415,
+            "pickle_refused",
+            f"refusing {pickles}: pickle files can run code when loaded, so they are never opened; {SAVE_HINT}",
+        )
     missing = [n for n in REQUIRED if n not in files]
     if missing:
         raise UploadError(422, "missing_file", f"the upload lacks {missing}; {SAVE_HINT}")
@@ -241,7 +303,7 @@ def _check_config(raw: bytes, max_rank: int) -> dict:
     if not isinstance(cfg, dict):
         raise bad("is not a JSON object")
     if cfg.get("peft_type") != "LORA":
-        raise bad(f"has peft_type {cfg.get('peft_type')!r}; only LoRA adapters (\"LORA\") are served")
+        raise bad(f'has peft_type {cfg.get("peft_type")!r}; only LoRA adapters ("LORA") are served')
     ranks = {"r": cfg.get("r"), **{f"rank_pattern[{k!r}]": v for k, v in _dict(cfg, "rank_pattern", bad).items()}}
     for what, r in ranks.items():
         if type(r) is not int or r < 1:
@@ -252,12 +314,19 @@ def _check_config(raw: bytes, max_rank: int) -> dict:
     _dict(cfg, "alpha_pattern", bad)
     variants = [k for k in _VARIANTS if cfg.get(k)] + (["bias"] if cfg.get("bias", "none") != "none" else [])
     if variants:
-        raise UploadError(422, "unsupported_lora", f"adapter_config.json sets {variants}: only plain LoRA is served "
-                          "(no DoRA, LoRA bias, trainable tokens or other variants); retrain with those off")
+        raise UploadError(
+            422,
+            "unsupported_lora",
+            f"adapter_config.json sets {variants}: only plain LoRA is served "
+            "(no DoRA, LoRA bias, trainable tokens or other variants); retrain with those off",
+        )
     too_high = {k: r for k, r in ranks.items() if r > max_rank}
     if too_high:
-        raise UploadError(422, "rank_too_high", f"rank {too_high} is over this server's limit of {max_rank}; "
-                                                f"retrain with r <= {max_rank}")
+        raise UploadError(
+            422,
+            "rank_too_high",
+            f"rank {too_high} is over this server's limit of {max_rank}; retrain with r <= {max_rank}",
+        )
     return cfg
 
 
@@ -273,14 +342,19 @@ def _check_base(cfg: dict, spec: BaseSpec) -> None:
     basename = name.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
     if basename == spec.id or (name and name == spec.origin) or cfg.get("ddft_base_fingerprint") == spec.fingerprint:
         return
-    raise UploadError(422, "wrong_base", f"the adapter was trained on base {name or '(none given)'!r}, but this "
-                      f"server's base is {spec.id!r} (from {spec.origin!r}, fingerprint {spec.fingerprint[:12]}); "
-                      f"train it on {spec.origin or spec.id!r}, or, if that is the same model, set "
-                      f"base_model_name_or_path to {spec.id!r} or ddft_base_fingerprint to {spec.fingerprint!r}")
+    raise UploadError(
+        422,
+        "wrong_base",
+        f"the adapter was trained on base {name or '(none given)'!r}, but this "
+        f"server's base is {spec.id!r} (from {spec.origin!r}, fingerprint {spec.fingerprint[:12]}); "
+        f"train it on {spec.origin or spec.id!r}, or, if that is the same model, set "
+        f"base_model_name_or_path to {spec.id!r} or ddft_base_fingerprint to {spec.fingerprint!r}",
+    )
 
 
 def _parse_safetensors(data: bytes) -> dict:
     """The header's {tensor name: {dtype, shape, data_offsets}}, every offset checked against the file."""
+
     def bad(why: str) -> UploadError:
         return UploadError(422, "bad_safetensors", f"adapter_model.safetensors {why}; {SAVE_HINT}, whole")
 
@@ -290,7 +364,7 @@ def _parse_safetensors(data: bytes) -> dict:
     if n > min(len(data) - 8, MAX_HEADER):
         raise bad(f"declares a {n}-byte header in a {len(data)}-byte file (truncated?)")
     try:
-        header = json.loads(data[8:8 + n])
+        header = json.loads(data[8 : 8 + n])
     except (ValueError, UnicodeDecodeError):
         raise bad("has a header that is not JSON") from None
     if not isinstance(header, dict) or not isinstance(header.pop("__metadata__", {}), dict):
@@ -299,16 +373,23 @@ def _parse_safetensors(data: bytes) -> dict:
         raise bad("holds no tensors")
     body, spans = len(data) - 8 - n, []
     for key, t in header.items():
-        if not (isinstance(t, dict) and isinstance(t.get("dtype"), str) and _ints(t.get("shape"))
-                and _ints(t.get("data_offsets")) and len(t["data_offsets"]) == 2):
+        if not (
+            isinstance(t, dict)
+            and isinstance(t.get("dtype"), str)
+            and _ints(t.get("shape"))
+            and _ints(t.get("data_offsets"))
+            and len(t["data_offsets"]) == 2
+        ):
             raise bad(f"has a malformed entry for tensor {key!r}")
         begin, end = t["data_offsets"]
         if not 0 <= begin <= end <= body:
             raise bad(f"is truncated: tensor {key!r} needs bytes {begin}-{end} but the data section has {body}")
         size = _ITEMSIZE.get(t["dtype"])
         if size and end - begin != math.prod(t["shape"]) * size:
-            raise bad(f"has {end - begin} bytes for tensor {key!r}, but {t['dtype']} {t['shape']} needs "
-                      f"{math.prod(t['shape']) * size}")
+            raise bad(
+                f"has {end - begin} bytes for tensor {key!r}, but {t['dtype']} {t['shape']} needs "
+                f"{math.prod(t['shape']) * size}"
+            )
         spans.append((begin, end))
     pos = 0
     for begin, end in sorted(spans):
@@ -345,47 +426,74 @@ def served_config(cfg: dict, header: dict, spec: BaseSpec) -> dict:
     alpha = cfg.get("lora_alpha", cfg["r"])
     ranks = {m: _rank(m, cfg) for m in modules}
     alphas = {m: _pattern_value(m, cfg.get("alpha_pattern") or {}, alpha) for m in modules}
-    out = {**cfg, "target_modules": modules, "base_model_name_or_path": spec.id, "init_lora_weights": True,
-           "rank_pattern": {m: r for m, r in ranks.items() if r != cfg["r"]},
-           "alpha_pattern": {m: a for m, a in alphas.items() if a != alpha},
-           "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None,
-           "modules_to_save": None, "inference_mode": True}
+    out = {
+        **cfg,
+        "target_modules": modules,
+        "base_model_name_or_path": spec.id,
+        "init_lora_weights": True,
+        "rank_pattern": {m: r for m, r in ranks.items() if r != cfg["r"]},
+        "alpha_pattern": {m: a for m, a in alphas.items() if a != alpha},
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "exclude_modules": None,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
     return out
 
 
 def _check_tensors(header: dict, cfg: dict, spec: BaseSpec) -> None:
-    lm_only = ("tenant adapters are LoRA on the language model only: train without modules_to_save, "
-               "trained biases or embedding LoRA")
+    lm_only = (
+        "tenant adapters are LoRA on the language model only: train without modules_to_save, "
+        "trained biases or embedding LoRA"
+    )
     if cfg.get("modules_to_save"):
-        raise UploadError(422, "unknown_module", f"adapter_config.json has modules_to_save="
-                                                 f"{cfg['modules_to_save']!r}; {lm_only}")
+        raise UploadError(
+            422, "unknown_module", f"adapter_config.json has modules_to_save={cfg['modules_to_save']!r}; {lm_only}"
+        )
     layers: dict[str, dict[str, str]] = {}  # module -> {"lora_A": key, "lora_B": key}
     for key in header:
         m = _LORA_KEY.match(key)
         if not m:
-            raise UploadError(422, "unknown_module", f"tensor {key!r} is not a LoRA weight of the form "
-                              f"base_model.model.<module>.lora_A.weight / lora_B.weight; {lm_only}")
+            raise UploadError(
+                422,
+                "unknown_module",
+                f"tensor {key!r} is not a LoRA weight of the form "
+                f"base_model.model.<module>.lora_A.weight / lora_B.weight; {lm_only}",
+            )
         if m[1] not in spec.modules:
             examples = list(spec.modules)[:3]
-            raise UploadError(422, "unknown_module", f"module {m[1]!r} (tensor {key!r}) is not a Linear layer of "
-                              f"{spec.id}'s language model; valid modules look like {examples}")
+            raise UploadError(
+                422,
+                "unknown_module",
+                f"module {m[1]!r} (tensor {key!r}) is not a Linear layer of "
+                f"{spec.id}'s language model; valid modules look like {examples}",
+            )
         layers.setdefault(m[1], {})[m[2]] = key
     for module, pair in layers.items():
         r, (fan_in, fan_out) = _rank(module, cfg), spec.modules[module]
         for part, key in pair.items():
             want = [r, fan_in] if part == "lora_A" else [fan_out, r]
             if header[key]["shape"] != want:
-                raise UploadError(422, "wrong_shape", f"tensor {key!r} has shape {header[key]['shape']}, expected "
-                                  f"{want} ({part} of a rank-{r} LoRA on a {fan_in}->{fan_out} Linear): was it "
-                                  f"trained on {spec.id} with r={r}?")
+                raise UploadError(
+                    422,
+                    "wrong_shape",
+                    f"tensor {key!r} has shape {header[key]['shape']}, expected "
+                    f"{want} ({part} of a rank-{r} LoRA on a {fan_in}->{fan_out} Linear): was it "
+                    f"trained on {spec.id} with r={r}?",
+                )
     for key, t in header.items():
         if t["dtype"] not in DTYPES:
             raise UploadError(422, "bad_dtype", f"tensor {key!r} is {t['dtype']}; use one of {list(DTYPES)}")
     for module, pair in layers.items():
         if len(pair) != 2:
             (has,) = pair
-            raise UploadError(422, "bad_safetensors", f"module {module!r} has {has} but not its other half: every "
-                              f"LoRA layer needs both lora_A and lora_B; {SAVE_HINT}")
+            raise UploadError(
+                422,
+                "bad_safetensors",
+                f"module {module!r} has {has} but not its other half: every "
+                f"LoRA layer needs both lora_A and lora_B; {SAVE_HINT}",
+            )
 
 
 def _safe_open(data: bytes, keys: set[str]) -> None:
@@ -399,17 +507,29 @@ def _safe_open(data: bytes, keys: set[str]) -> None:
             with safe_open(str(path), framework="pt") as f:
                 ok = set(f.keys()) == keys
         except Exception as err:  # the library's errors are plain strings
-            raise UploadError(422, "bad_safetensors", f"adapter_model.safetensors is unreadable ({err}); "
-                                                      f"{SAVE_HINT}") from None
+            raise UploadError(
+                422, "bad_safetensors", f"adapter_model.safetensors is unreadable ({err}); {SAVE_HINT}"
+            ) from None
     if not ok:
-        raise UploadError(422, "bad_safetensors", f"adapter_model.safetensors reads differently than its header; "
-                                                  f"{SAVE_HINT}")
+        raise UploadError(
+            422, "bad_safetensors", f"adapter_model.safetensors reads differently than its header; {SAVE_HINT}"
+        )
 
 
 # -- publishing ---------------------------------------------------------------------------------
 
-def publish_upload(store: Store, files: dict[str, bytes], *, tenant: str, name: str, modality: str,
-                   spec: BaseSpec, max_rank: int, max_bytes: int) -> Manifest:
+
+def publish_upload(
+    store: Store,
+    files: dict[str, bytes],
+    *,
+    tenant: str,
+    name: str,
+    modality: str,
+    spec: BaseSpec,
+    max_rank: int,
+    max_bytes: int,
+) -> Manifest:
     """Validate, then publish as the next version of adapters/tenant-<tenant>/<name>/."""
     owner = registry.tenant_owner(tenant)
     try:
@@ -424,7 +544,14 @@ def publish_upload(store: Store, files: dict[str, bytes], *, tenant: str, name: 
         for fname in REQUIRED:
             (Path(tmp) / fname).write_bytes(files[fname])
         try:  # publish() takes the next version atomically and cleans up after itself on failure
-            return registry.publish(store, Path(tmp), owner=owner, name=name, modality=modality, source="uploaded",
-                                    base=BaseInfo(spec.id, spec.fingerprint, ""))
+            return registry.publish(
+                store,
+                Path(tmp),
+                owner=owner,
+                name=name,
+                modality=modality,
+                source="uploaded",
+                base=BaseInfo(spec.id, spec.fingerprint, ""),
+            )
         except AdapterError as err:
             raise UploadError(422, "invalid_adapter", str(err)) from None

@@ -1,4 +1,5 @@
 """`python -m ddft.cli ...`: the same as the `ddft` command."""
+
 import sys
 
 from ddft.cli import main

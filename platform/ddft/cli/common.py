@@ -1,4 +1,5 @@
 """What every `ddft` subcommand shares: exit codes, one-line errors, the server URL and keys."""
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,12 @@ def load_config(path: str):
     try:
         return config.load(path)  # refused here, before any Ray work
     except config.ConfigError as err:
-        raise CliError(USAGE, f"invalid config {err.source}: " + "; ".join(one_line(p) for p in err.problems)
-                       + " (fix the keys named; jobs/configs/demo.yaml is a working example)") from None
+        raise CliError(
+            USAGE,
+            f"invalid config {err.source}: "
+            + "; ".join(one_line(p) for p in err.problems)
+            + " (fix the keys named; jobs/configs/demo.yaml is a working example)",
+        ) from None
 
 
 def server_url(args) -> str:
@@ -53,16 +58,22 @@ def server_url(args) -> str:
 def tenant_key(args, required: bool = True) -> str | None:
     key = getattr(args, "key", None) or os.environ.get(KEY_ENV)
     if required and not key:
-        raise CliError(USAGE, f"this needs a tenant's API key: pass --key KEY or set {KEY_ENV} "
-                       "(an admin makes one with: ddft tenants add NAME)")
+        raise CliError(
+            USAGE,
+            f"this needs a tenant's API key: pass --key KEY or set {KEY_ENV} "
+            "(an admin makes one with: ddft tenants add NAME)",
+        )
     return key
 
 
 def admin_key(args) -> str:
     key = getattr(args, "admin_key", None) or os.environ.get(ADMIN_ENV)
     if not key:
-        raise CliError(USAGE, f"tenant management needs the admin key: pass --admin-key KEY or set {ADMIN_ENV} "
-                       "(the key the server was started with, in its DDFT_ADMIN_KEY)")
+        raise CliError(
+            USAGE,
+            f"tenant management needs the admin key: pass --admin-key KEY or set {ADMIN_ENV} "
+            "(the key the server was started with, in its DDFT_ADMIN_KEY)",
+        )
     return key
 
 

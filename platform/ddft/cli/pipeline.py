@@ -1,5 +1,6 @@
 """The pipeline's commands: base, data, train (here or as a Ray job), eval, serve, the store's
 adapter listing. Each validates its config first, then calls the library."""
+
 from __future__ import annotations
 
 import json
@@ -55,6 +56,7 @@ def cmd_train(args) -> int:
 
 # -- training as a Ray job ------------------------------------------------------------------------
 
+
 def job_spec(args, cfg) -> tuple[str, dict]:
     """The entrypoint and runtime_env of `ddft train --address`: jobs/train_all.py from the repo as
     the working dir; the store made absolute (the job runs in a copy of the repo)."""
@@ -72,8 +74,11 @@ def job_spec(args, cfg) -> tuple[str, dict]:
         entry.append("--force")
     env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}  # the store's credentials, if S3
     env["DDFT_STORE"] = Store.from_config(cfg.store).uri
-    runtime_env = {"working_dir": str(REPO), "env_vars": env,
-                   "excludes": [".git", ".venv", "store", ".demo", "**/__pycache__"]}
+    runtime_env = {
+        "working_dir": str(REPO),
+        "env_vars": env,
+        "excludes": [".git", ".venv", "store", ".demo", "**/__pycache__"],
+    }
     return shlex.join(entry), runtime_env
 
 
@@ -84,25 +89,33 @@ def submit_train(args, cfg) -> int:
     try:
         jobs = JobSubmissionClient(args.address)
     except ConnectionError as err:
-        raise CliError(UNREACHABLE, f"cannot reach the Ray cluster at {args.address} ({one_line(err)}); start one "
-                       "(make cluster-up) or give its dashboard address, e.g. --address http://127.0.0.1:8265") \
-            from None
+        raise CliError(
+            UNREACHABLE,
+            f"cannot reach the Ray cluster at {args.address} ({one_line(err)}); start one "
+            "(make cluster-up) or give its dashboard address, e.g. --address http://127.0.0.1:8265",
+        ) from None
     try:
         job_id = jobs.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
     except RuntimeError as err:
         raise CliError(FAILED, f"the cluster at {args.address} refused the job: {one_line(err)[:400]}") from None
     if args.no_wait:
         print(job_id)
-        print(f"submitted {job_id}: {entrypoint}; follow it with: ray job logs --follow --address {args.address} "
-              f"{job_id}", file=sys.stderr)
+        print(
+            f"submitted {job_id}: {entrypoint}; follow it with: ray job logs --follow --address {args.address} "
+            f"{job_id}",
+            file=sys.stderr,
+        )
         return OK
     print(f"submitted {job_id}: {entrypoint}", file=sys.stderr)
     status = follow(jobs, job_id, args.quiet)
     if status == JobStatus.SUCCEEDED:
         return OK
     info = jobs.get_job_info(job_id)
-    raise CliError(FAILED, f"job {job_id} {str(status).lower()}: {one_line(info.message or '')[:400]} "
-                   f"(the log is above; ray job logs --address {args.address} {job_id})")
+    raise CliError(
+        FAILED,
+        f"job {job_id} {str(status).lower()}: {one_line(info.message or '')[:400]} "
+        f"(the log is above; ray job logs --address {args.address} {job_id})",
+    )
 
 
 def follow(jobs, job_id: str, quiet: bool):
@@ -120,8 +133,9 @@ def follow(jobs, job_id: str, quiet: bool):
         try:
             asyncio.run(tail())
         except KeyboardInterrupt:
-            raise CliError(FAILED, f"stopped following; job {job_id} keeps running "
-                           f"(ray job stop {job_id} stops it)") from None
+            raise CliError(
+                FAILED, f"stopped following; job {job_id} keeps running (ray job stop {job_id} stops it)"
+            ) from None
         while not (status := jobs.get_job_status(job_id)).is_terminal():  # the log can end a moment early
             time.sleep(1)
     return status
@@ -140,6 +154,7 @@ def cmd_eval(args) -> int:
 
 
 # -- serving -------------------------------------------------------------------------------------
+
 
 def serve_blocking(config: str, engine: str | None = None) -> None:
     from serve.app import run

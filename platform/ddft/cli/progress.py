@@ -1,5 +1,6 @@
 """Progress on stderr with tqdm: transfer bars and elapsed-time spinners. Off when stderr is not a
 terminal or with --quiet, so logs and pipes stay clean."""
+
 from __future__ import annotations
 
 import sys
@@ -18,8 +19,16 @@ class Progress:
         from tqdm import tqdm
 
         self.desc, self.waiting = desc, waiting
-        self.bar = tqdm(desc=desc, file=sys.stderr, disable=not enabled(quiet), unit="B", unit_scale=True,
-                        unit_divisor=1024, leave=False, dynamic_ncols=True)
+        self.bar = tqdm(
+            desc=desc,
+            file=sys.stderr,
+            disable=not enabled(quiet),
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            leave=False,
+            dynamic_ncols=True,
+        )
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick, daemon=True)
         if not self.bar.disable:
@@ -59,7 +68,7 @@ class Progress:
             self._ticker.join(1)
         self.bar.close()
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -1,6 +1,7 @@
 """The commands that talk to a running ddft server over HTTP: recipes, tenant adapters, tenants.
 Keys come from --key/--admin-key or the environment and are never printed (except the new key of
 `tenants add`, once)."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,8 @@ from ddft import client
 from ddft.cli.common import OK, USAGE, CliError, admin_key, server_url, tenant_key
 from ddft.cli.progress import Progress
 
-
 # -- recipes -------------------------------------------------------------------------------------
+
 
 def cmd_recipe(args) -> int:
     url = server_url(args)
@@ -22,11 +23,15 @@ def cmd_recipe(args) -> int:
     if args.video is not None:
         path = Path(args.video)
         if not path.is_file():
-            raise CliError(USAGE, f"no video file {str(path)!r}; give a path to a cooking video (.mp4), or "
-                           "--uri for one in the server's store")
+            raise CliError(
+                USAGE,
+                f"no video file {str(path)!r}; give a path to a cooking video (.mp4), or "
+                "--uri for one in the server's store",
+            )
         with Progress(f"uploading {path.name}", args.quiet, "generating the recipe") as progress:
-            out = client.post_recipe_file(url, path.read_bytes(), api_key=key, adapter=args.adapter,
-                                          progress=progress.update)
+            out = client.post_recipe_file(
+                url, path.read_bytes(), api_key=key, adapter=args.adapter, progress=progress.update
+            )
     else:
         with Progress("recipe", args.quiet) as progress:
             progress.wait("generating the recipe")
@@ -44,12 +49,16 @@ def _amount(ing: dict) -> str:
 
 def render_recipe(recipe: dict, source: str) -> str:
     """The recipe for a terminal: who answered, an ingredients table, numbered steps, timings."""
-    lines = [f"Recipe for {source}", f"  adapter {recipe.get('adapter') or '(none: the base)'} on base "
-             f"{recipe.get('base', '?')}", ""]
+    lines = [
+        f"Recipe for {source}",
+        f"  adapter {recipe.get('adapter') or '(none: the base)'} on base {recipe.get('base', '?')}",
+        "",
+    ]
     ingredients, steps = recipe.get("ingredients") or [], recipe.get("steps") or []
     if ingredients:
-        rows = [("amount", "unit", "ingredient")] + [(_amount(i), i.get("unit") or "", i.get("name", ""))
-                                                     for i in ingredients]
+        rows = [("amount", "unit", "ingredient")] + [
+            (_amount(i), i.get("unit") or "", i.get("name", "")) for i in ingredients
+        ]
         widths = [max(len(r[c]) for r in rows) for c in range(2)]
         lines.append("Ingredients")
         for n, row in enumerate(rows):
@@ -62,8 +71,11 @@ def render_recipe(recipe: dict, source: str) -> str:
         lines += [f"  {n:>2}. {step}" for n, step in enumerate(steps, 1)]
         lines.append("")
     if not ingredients and not steps:
-        lines += ["(no ingredients or steps could be read from the answer; its text:)",
-                  *("  " + line for line in (recipe.get("text") or "").splitlines() or [""]), ""]
+        lines += [
+            "(no ingredients or steps could be read from the answer; its text:)",
+            *("  " + line for line in (recipe.get("text") or "").splitlines() or [""]),
+            "",
+        ]
     t = recipe.get("timings") or {}
     parts = [f"{k.removesuffix('_s')} {t[k]:.2f} s" for k in ("decode_s", "generate_s", "total_s") if k in t]
     parts += [f"{t['new_tokens']} new tokens"] if "new_tokens" in t else []
@@ -73,6 +85,7 @@ def render_recipe(recipe: dict, source: str) -> str:
 
 
 # -- adapters on the server ------------------------------------------------------------------------
+
 
 def cmd_adapters_list_server(args) -> int:
     url, key = server_url(args), tenant_key(args)
@@ -91,8 +104,11 @@ def cmd_adapters_upload(args) -> int:
         files = client.adapter_files(path)
         missing = [f for f in client.REQUIRED if f not in files]
         if missing and not any(f.lower().endswith(client.PICKLE_SUFFIXES) for f in files):
-            raise CliError(USAGE, f"folder {str(path)!r} has no {missing}: give a PEFT LoRA folder "
-                           "(model.save_pretrained(dir)) or a .tar/.tar.gz/.zip of one")
+            raise CliError(
+                USAGE,
+                f"folder {str(path)!r} has no {missing}: give a PEFT LoRA folder "
+                "(model.save_pretrained(dir)) or a .tar/.tar.gz/.zip of one",
+            )
     elif not path.is_file():
         raise CliError(USAGE, f"no folder or archive {str(path)!r}: give a PEFT LoRA folder or a .tar/.tar.gz/.zip")
     elif client.archive_type(path) is None:
@@ -100,10 +116,13 @@ def cmd_adapters_upload(args) -> int:
     bodies: list = []
     args.upload_bodies = bodies  # how far it got, if the connection breaks
     with Progress(f"uploading {path.name}", args.quiet, "validating on the server") as progress:
-        out = client.upload_adapter_path(url, args.name, path, args.modality, api_key=key,
-                                         progress=progress.update, body_out=bodies)
-    print(f"uploaded {out['adapter']} ({out['modality']}, rank {out['rank']}); use it as adapter "
-          f"{out['name']!r} or model {out['model']!r}")
+        out = client.upload_adapter_path(
+            url, args.name, path, args.modality, api_key=key, progress=progress.update, body_out=bodies
+        )
+    print(
+        f"uploaded {out['adapter']} ({out['modality']}, rank {out['rank']}); use it as adapter "
+        f"{out['name']!r} or model {out['model']!r}"
+    )
     return OK
 
 
@@ -116,11 +135,15 @@ def cmd_adapters_delete(args) -> int:
 
 # -- tenants (admin key) -------------------------------------------------------------------------
 
+
 def cmd_tenants_add(args) -> int:
     url, key = server_url(args), admin_key(args)
     new_key = client.add_tenant(url, args.name, admin_key=key)
-    print(f"tenant {args.name!r} created; its API key follows, shown this once: store it now "
-          "(use it as --key or in DDFT_API_KEY)", file=sys.stderr)
+    print(
+        f"tenant {args.name!r} created; its API key follows, shown this once: store it now "
+        "(use it as --key or in DDFT_API_KEY)",
+        file=sys.stderr,
+    )
     print(new_key)
     return OK
 

@@ -28,8 +28,20 @@ from dataclasses import dataclass, field
 from ddft.recipes import Ingredient, format_recipe, parse_tasty_ingredient
 from ddft.store import Store, StoreError
 
-__all__ = ["Records", "FoodxDataset", "read_foodx", "TastyRecipe", "read_tasty", "read_qa", "QAPair", "QA_SPLITS",
-           "YoucookVideo", "read_youcook2", "TASTY_FRAME_STRIDE", "YOUCOOK2_SUBSETS"]
+__all__ = [
+    "Records",
+    "FoodxDataset",
+    "read_foodx",
+    "TastyRecipe",
+    "read_tasty",
+    "read_qa",
+    "QAPair",
+    "QA_SPLITS",
+    "YoucookVideo",
+    "read_youcook2",
+    "TASTY_FRAME_STRIDE",
+    "YOUCOOK2_SUBSETS",
+]
 
 
 class Records(list):
@@ -54,6 +66,7 @@ def _keys_under(store: Store, prefix: str) -> list[str]:
 
 
 # --- Text that may not be UTF-8 -------------------------------------------------------------------
+
 
 def _not_utf8(err: UnicodeDecodeError, data: bytes) -> str:
     return f"not_utf8: byte {data[err.start]:#04x} at offset {err.start}"
@@ -82,15 +95,17 @@ def _read_utf8(store: Store, key: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise _Skip("not_utf8", f"{posixpath.basename(key)} has byte {data[e.start]:#04x} "
-                                f"at offset {e.start}") from None
+        raise _Skip(
+            "not_utf8", f"{posixpath.basename(key)} has byte {data[e.start]:#04x} at offset {e.start}"
+        ) from None
 
 
 # --- FoodX-251 ------------------------------------------------------------------------------------
 
+
 @dataclass
 class FoodxDataset:
-    classes: dict[int, str]                       # id -> name as in class_list.txt ("hot_dog")
+    classes: dict[int, str]  # id -> name as in class_list.txt ("hot_dog")
     splits: dict[str, list[tuple[str, int, str]]]  # split -> [(image key, label, class name)]
     problems: list[tuple[str, str]] = field(default_factory=list)
 
@@ -100,8 +115,10 @@ class FoodxDataset:
 
 
 # split -> (official label file without header, Kaggle file with header "img_name,label", folder)
-_FOODX_SPLITS = {"train": ("train_info.csv", "train_labels.csv", "train_set"),
-                 "val": ("val_info.csv", "val_labels.csv", "val_set")}
+_FOODX_SPLITS = {
+    "train": ("train_info.csv", "train_labels.csv", "train_set"),
+    "val": ("val_info.csv", "val_labels.csv", "val_set"),
+}
 
 
 def _read_foodx_classes(store: Store, prefix: str, problems: list) -> dict[int, str]:
@@ -189,8 +206,7 @@ def _read_alignment(text: str, n_steps: int) -> list[tuple[int, int] | None]:
         try:
             start, end = (int(v) for v in line.split(","))
         except ValueError:
-            raise _Skip("bad_alignment",
-                        f"csvalignment.dat:{n}: expected 'start,end', got {line!r}") from None
+            raise _Skip("bad_alignment", f"csvalignment.dat:{n}: expected 'start,end', got {line!r}") from None
         if (start, end) == (-1, -1):
             spans.append(None)
         elif 0 <= start <= end:
@@ -206,15 +222,15 @@ def _read_recipe_xml(text: str) -> tuple[str | None, list[Ingredient], list[str]
     except ET.ParseError as e:
         raise _Skip("bad_xml", f"recipe.xml: {e}") from None
     try:
-        ingredients = [parse_tasty_ingredient(el.text or "")
-                       for el in root.iterfind("ingredients/ingredient")]
+        ingredients = [parse_tasty_ingredient(el.text or "") for el in root.iterfind("ingredients/ingredient")]
     except ValueError as e:
         raise _Skip("bad_ingredient", str(e)) from None
     # The released files nest <steps_updated> in <steps_updated>; accept any child tag (<step>).
     steps_el = root.find("steps_updated")
     steps_el = steps_el if steps_el is not None else root.find("steps")
-    steps = [" ".join(el.text.split()) for el in (steps_el if steps_el is not None else [])
-             if el.text and el.text.strip()]
+    steps = [
+        " ".join(el.text.split()) for el in (steps_el if steps_el is not None else []) if el.text and el.text.strip()
+    ]
     if not ingredients or not steps:
         raise _Skip("empty_recipe", "recipe.xml has no ingredients or no steps")
     title = root.findtext("title")
@@ -223,8 +239,7 @@ def _read_recipe_xml(text: str) -> tuple[str | None, list[Ingredient], list[str]
 
 def _read_splits(store: Store, keys: list[str], prefix: str, split_set: str | None):
     """recipe id -> split from SPLITS/<set>/{TRAIN,VAL,TEST}_*.txt (first set by name if None)."""
-    split_keys = [k for k in keys
-                  if k.startswith(f"{prefix}/SPLITS/") and k.count("/") == prefix.count("/") + 3]
+    split_keys = [k for k in keys if k.startswith(f"{prefix}/SPLITS/") and k.count("/") == prefix.count("/") + 3]
     sets = sorted({k.split("/")[-2] for k in split_keys})
     if split_set is None and sets:
         split_set = sets[0]
@@ -240,8 +255,7 @@ def _read_splits(store: Store, keys: list[str], prefix: str, split_set: str | No
         for _, line in _lines(store, key, problems):
             for rid in line.split():
                 if assigned.setdefault(rid, kind) != kind:
-                    problems.append((f"SPLITS/{split_set}",
-                                     f"split_conflict: {rid} is in {assigned[rid]} and {kind}"))
+                    problems.append((f"SPLITS/{split_set}", f"split_conflict: {rid} is in {assigned[rid]} and {kind}"))
     return assigned, problems
 
 
@@ -256,8 +270,10 @@ def _read_tasty_recipe(store: Store, base: str, files: list[str]):
         return title, ingredients, steps, spans, "recipe_video.mp4"
     videos = [f for f in files if f.lower().endswith(".mp4")]
     if len(videos) != 1:
-        raise _Skip("missing_file" if not videos else "ambiguous_video",
-                    f"expected recipe_video.mp4 or one *.mp4, found {videos}")
+        raise _Skip(
+            "missing_file" if not videos else "ambiguous_video",
+            f"expected recipe_video.mp4 or one *.mp4, found {videos}",
+        )
     return title, ingredients, steps, spans, videos[0]
 
 
@@ -268,7 +284,7 @@ def read_tasty(store: Store, prefix: str, *, split_set: str | None = None) -> Re
     splits, problems = _read_splits(store, keys, prefix, split_set)
     folders: dict[str, list[str]] = {}
     for key in keys:
-        parts = key[len(prefix) + 1:].split("/")
+        parts = key[len(prefix) + 1 :].split("/")
         if len(parts) == 2 and parts[0] != "SPLITS":
             folders.setdefault(parts[0], []).append(parts[1])
     recipes = Records(problems=problems)
@@ -282,8 +298,7 @@ def read_tasty(store: Store, prefix: str, *, split_set: str | None = None) -> Re
         except StoreError as e:
             recipes.problems.append((rid, f"store_error: {e}"))
             continue
-        recipes.append(TastyRecipe(rid, title or rid, ingredients, steps, spans,
-                                   f"{base}/{video}", splits.get(rid)))
+        recipes.append(TastyRecipe(rid, title or rid, ingredients, steps, spans, f"{base}/{video}", splits.get(rid)))
     for rid in sorted(set(splits) - set(folders)):
         recipes.problems.append((rid, "missing_folder: listed in a split but has no folder"))
     return recipes
@@ -297,9 +312,9 @@ YOUCOOK2_SUBSETS = ("training", "validation", "testing")
 @dataclass
 class YoucookVideo:
     id: str
-    subset: str       # "training" | "validation" (| "testing")
+    subset: str  # "training" | "validation" (| "testing")
     recipe_type: str  # YouCook2's recipe id, e.g. "113"
-    duration: float   # seconds
+    duration: float  # seconds
     segments: list[tuple[float, float, str]]  # (start s, end s, sentence), in annotation id order
 
     @property
@@ -320,15 +335,13 @@ def _number(value) -> bool:
 def _youcook_segment(ann) -> tuple[int, float, float, str]:
     """(id, start, end, sentence) of one annotation, or _Skip."""
     if not isinstance(ann, dict) or not isinstance(ann.get("id"), int):
-        raise _Skip("bad_segment", f"expected {{'id': int, 'segment', 'sentence'}}, "
-                                   f"got {ann!r:.80}")
+        raise _Skip("bad_segment", f"expected {{'id': int, 'segment', 'sentence'}}, got {ann!r:.80}")
     seg, sentence = ann.get("segment"), ann.get("sentence")
     if not (isinstance(seg, list) and len(seg) == 2 and all(_number(v) for v in seg)):
         raise _Skip("bad_segment", f"annotation {ann['id']}: segment {seg!r} is not [start, end]")
     start, end = float(seg[0]), float(seg[1])
     if start < 0 or end <= start:
-        raise _Skip("bad_segment", f"annotation {ann['id']}: segment [{start}, {end}] "
-                                   f"needs 0 <= start < end")
+        raise _Skip("bad_segment", f"annotation {ann['id']}: segment [{start}, {end}] needs 0 <= start < end")
     if not isinstance(sentence, str) or not sentence.strip():
         raise _Skip("empty_sentence", f"annotation {ann['id']} has no sentence")
     return ann["id"], start, end, " ".join(sentence.split())
@@ -351,8 +364,13 @@ def _youcook_video(vid: str, entry) -> YoucookVideo:
     ids = [s[0] for s in segments]
     if len(set(ids)) != len(ids):
         raise _Skip("duplicate_id", f"annotation ids repeat: {ids}")
-    return YoucookVideo(vid, subset, str(recipe_type).strip(), float(duration),
-                        [(start, end, sentence) for _, start, end, sentence in segments])
+    return YoucookVideo(
+        vid,
+        subset,
+        str(recipe_type).strip(),
+        float(duration),
+        [(start, end, sentence) for _, start, end, sentence in segments],
+    )
 
 
 def read_youcook2(store: Store, key: str, *, subset: str | None = None) -> Records:
@@ -394,6 +412,7 @@ class QAPair(tuple):
     """(question, answer), unpacking and comparing as that pair, plus two optional fields:
     `fact` names the fact asked (its paraphrases share it, so a split keeps them together) and
     `split` places the pair ("train", "val" or "test") as Tasty's split files place recipes."""
+
     fact: str | None
     split: str | None
 
@@ -445,8 +464,9 @@ def _read_qa_csv(store: Store, key: str, pairs: Records) -> None:
     header = [c.strip().lower() for c in found]
     missing = [c for c in _QA_COLUMNS if c not in header]
     if missing:
-        raise ValueError(f"{store.url(key)}: CSV columns {found} lack {missing}; "
-                         f"needs {list(_QA_COLUMNS)} in the header")
+        raise ValueError(
+            f"{store.url(key)}: CSV columns {found} lack {missing}; needs {list(_QA_COLUMNS)} in the header"
+        )
     qi, ai = header.index("question"), header.index("answer")
     optional = [header.index(c) if c in header else None for c in ("fact", "split")]
     line = reader.line_num + 1  # where the next row starts
@@ -459,8 +479,11 @@ def _read_qa_csv(store: Store, key: str, pairs: Records) -> None:
                 raise _Skip("not_utf8", "row has bytes that are not UTF-8")
             if len(row) <= max(qi, ai):
                 raise _Skip("short_row", f"{len(row)} cells for {len(header)} columns")
-            pairs.append(_qa_pair(row[qi], row[ai], *(row[i] or None if i is not None and i < len(row) else None
-                                                      for i in optional)))
+            pairs.append(
+                _qa_pair(
+                    row[qi], row[ai], *(row[i] or None if i is not None and i < len(row) else None for i in optional)
+                )
+            )
         except _Skip as e:
             pairs.problems.append((where, str(e)))
 
@@ -471,8 +494,7 @@ def read_qa(store: Store, key: str) -> Records:
     readers = {".jsonl": _read_qa_jsonl, ".csv": _read_qa_csv}
     ext = posixpath.splitext(key)[1].lower()
     if ext not in readers:
-        raise ValueError(f"{store.url(key)}: QA must be .jsonl or .csv, "
-                         f"not {ext or 'no extension'}")
+        raise ValueError(f"{store.url(key)}: QA must be .jsonl or .csv, not {ext or 'no extension'}")
     pairs = Records()
     readers[ext](store, key, pairs)
     return pairs

@@ -3,6 +3,7 @@
 Both raise MediaError with the reason in words, so a bad file is skipped and counted by the
 data plane, or answered with a 422 by the serve app, never a crash.
 """
+
 from __future__ import annotations
 
 import io
@@ -46,15 +47,16 @@ def step_indices(spans: list, total: int, count: int) -> list[int]:
     if len(centres) >= count:
         return [centres[i] for i in uniform_indices(len(centres), count)]
     extra = [i for i in uniform_indices(total, count) if i not in centres]
-    return sorted(centres + extra[:count - len(centres)])
+    return sorted(centres + extra[: count - len(centres)])
 
 
 def _nearest(targets: list[int], keys: list[int]) -> list[int]:
     return [min(keys, key=lambda k: abs(k - t)) for t in targets]
 
 
-def sample_frames(data: bytes, count: int = 8, size: int = SIZE, strategy: str = "uniform",
-                  spans: list | None = None) -> np.ndarray:
+def sample_frames(
+    data: bytes, count: int = 8, size: int = SIZE, strategy: str = "uniform", spans: list | None = None
+) -> np.ndarray:
     """`count` frames of an encoded video as (count, size, size, 3) uint8; only those are decoded.
 
     uniform: frame-accurate, evenly spaced; keyframe: each uniform target snapped to its nearest
@@ -111,7 +113,9 @@ def _frames_decord(data: bytes, count: int, strategy: str, spans: list | None) -
         keys = list(vr.get_key_indices()) if strategy == "keyframe" else []
         return vr.get_batch(_indices(strategy, spans, total, count, keys)).asnumpy()
     except (decord.DECORDError, RuntimeError, IndexError) as err:
-        raise MediaError("undecodable_video", f"frames could not be decoded ({str(err).splitlines()[0][:200]})") from None
+        raise MediaError(
+            "undecodable_video", f"frames could not be decoded ({str(err).splitlines()[0][:200]})"
+        ) from None
 
 
 class _Unsupported(Exception):
@@ -159,8 +163,13 @@ def _decode_pyav(container, count: int, strategy: str, spans: list | None) -> li
         for f in frames:
             i = rank.get(f.pts, -1)
             if i in want_set and i not in got:
-                if (f.rotation or f.interlaced_frame or f.format.name != "yuv420p" or f.color_range == 2
-                        or (f.width, f.height) != (cc.width, cc.height)):
+                if (
+                    f.rotation
+                    or f.interlaced_frame
+                    or f.format.name != "yuv420p"
+                    or f.color_range == 2
+                    or (f.width, f.height) != (cc.width, cc.height)
+                ):
                     raise _Unsupported  # decord rotates / scales these differently
                 got[i] = f.to_ndarray(format="rgb24", threads=1)
 

@@ -8,6 +8,7 @@ straight to parquet. A bad sample becomes a row with an `error` ("reason: detail
 payload, so nothing is dropped silently; readers of the shards skip those rows. The manifest is
 written last and `latest.json` after it: a version without a manifest does not exist.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,10 +30,19 @@ from ddft.store import Store, StoreError
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 2
-SCHEMA = pa.schema([("id", pa.string()), ("split", pa.string()), ("question", pa.string()),
-                    ("answer", pa.string()), ("input_ids", pa.list_(pa.int32())),
-                    ("labels", pa.list_(pa.int32())), ("pixels", pa.binary()),
-                    ("pixel_shape", pa.list_(pa.int32())), ("error", pa.string())])
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("split", pa.string()),
+        ("question", pa.string()),
+        ("answer", pa.string()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("labels", pa.list_(pa.int32())),
+        ("pixels", pa.binary()),
+        ("pixel_shape", pa.list_(pa.int32())),
+        ("error", pa.string()),
+    ]
+)
 COLUMNS = tuple(SCHEMA.names)
 
 
@@ -52,9 +62,11 @@ class Prepared:
 
     def summary(self) -> str:
         kept = sum(self.counts.values())
-        return (f"{self.modality}: read {kept + self.skipped['total']}, kept {kept} {self.counts}, skipped "
-                f"{self.skipped['total']} {self.skipped['by_reason']}, {self.seconds:.1f} s, version "
-                f"{self.version}{' (reused)' if self.reused else ''}")
+        return (
+            f"{self.modality}: read {kept + self.skipped['total']}, kept {kept} {self.counts}, skipped "
+            f"{self.skipped['total']} {self.skipped['by_reason']}, {self.seconds:.1f} s, version "
+            f"{self.version}{' (reused)' if self.reused else ''}"
+        )
 
 
 def prepared_key(modality: str, version: str | None = None) -> str:
@@ -64,8 +76,10 @@ def prepared_key(modality: str, version: str | None = None) -> str:
 def latest_version(store: Store, modality: str) -> str:
     key = f"{prepared_key(modality)}/latest.json"
     if not store.exists(key):
-        raise StoreError(f"no prepared {modality} data at {store.url(prepared_key(modality))}: "
-                         "run `ddft data prepare --config ...` (or `make demo`) first")
+        raise StoreError(
+            f"no prepared {modality} data at {store.url(prepared_key(modality))}: "
+            "run `ddft data prepare --config ...` (or `make demo`) first"
+        )
     return store.read_json(key)["version"]
 
 
@@ -90,19 +104,39 @@ def list_samples(store: Store, data: DataConfig, modality: str) -> tuple[list[di
     raw = data.raw_prefix.rstrip("/")
     if modality == "image":
         fx = formats.read_foodx(store, f"{raw}/{data.foodx}")
-        items = [{"id": key.rsplit("/", 1)[-1], "split": split, "media_key": key, "spans": None,
-                  "question": QUESTIONS["image"], "answer": name.replace("_", " ")}
-                 for split, rows in sorted(fx.splits.items()) for key, _label, name in rows]
+        items = [
+            {
+                "id": key.rsplit("/", 1)[-1],
+                "split": split,
+                "media_key": key,
+                "spans": None,
+                "question": QUESTIONS["image"],
+                "answer": name.replace("_", " "),
+            }
+            for split, rows in sorted(fx.splits.items())
+            for key, _label, name in rows
+        ]
         return items, fx.problems, f"{raw}/{data.foodx}"
     if modality == "video":
         recipes = formats.read_tasty(store, f"{raw}/{data.tasty}", split_set=data.tasty_split)
-        items = [{"id": r.id, "split": r.split or "train", "media_key": r.video_key,
-                  "spans": json.dumps(r.step_spans), "question": QUESTIONS["video"], "answer": r.text}
-                 for r in recipes]
+        items = [
+            {
+                "id": r.id,
+                "split": r.split or "train",
+                "media_key": r.video_key,
+                "spans": json.dumps(r.step_spans),
+                "question": QUESTIONS["video"],
+                "answer": r.text,
+            }
+            for r in recipes
+        ]
         return items, recipes.problems, f"{raw}/{data.tasty}"
     pairs = formats.read_qa(store, f"{raw}/{data.qa}")
-    items = [{"id": f"qa-{i:06d}", "split": qa_split(pair), "media_key": None, "spans": None,
-              "question": q, "answer": a} for i, pair in enumerate(pairs) for q, a in [pair]]
+    items = [
+        {"id": f"qa-{i:06d}", "split": qa_split(pair), "media_key": None, "spans": None, "question": q, "answer": a}
+        for i, pair in enumerate(pairs)
+        for q, a in [pair]
+    ]
     return items, pairs.problems, f"{raw}/{data.qa}"
 
 
@@ -120,17 +154,22 @@ class _Encode:
         raw = self.store.read_bytes(key)
         if self.modality == "image":
             return load_image(raw)
-        return sample_frames(raw, self.data.frames, strategy=self.data.frame_strategy,
-                             spans=json.loads(spans) if spans else None)
+        return sample_frames(
+            raw, self.data.frames, strategy=self.data.frame_strategy, spans=json.loads(spans) if spans else None
+        )
 
     def _row(self, item: dict) -> dict:
         pixels = None
         if self.modality != "text":
             pixels = self._pixels(item["media_key"], item["spans"])
         ids = encode(self.processor, self.modality, item["question"], item["answer"], self.data.frames)
-        return {"input_ids": ids["input_ids"], "labels": ids["labels"],
-                "pixels": pixels.tobytes() if pixels is not None else None,
-                "pixel_shape": list(pixels.shape) if pixels is not None else [], "error": ""}
+        return {
+            "input_ids": ids["input_ids"],
+            "labels": ids["labels"],
+            "pixels": pixels.tobytes() if pixels is not None else None,
+            "pixel_shape": list(pixels.shape) if pixels is not None else [],
+            "error": "",
+        }
 
     def __call__(self, batch: dict) -> pa.Table:
         rows = []
@@ -157,8 +196,11 @@ def _fingerprint(items: list[dict], entries: list, base: BaseInfo, modality: str
 
 def _skip_report(bad: list[tuple[str, str]]) -> dict:
     reasons = Counter(reason.split(":", 1)[0] for _, reason in bad)
-    return {"total": len(bad), "by_reason": dict(reasons.most_common()),
-            "examples": [{"id": i, "reason": r[:300]} for i, r in bad[:5]]}
+    return {
+        "total": len(bad),
+        "by_reason": dict(reasons.most_common()),
+        "examples": [{"id": i, "reason": r[:300]} for i, r in bad[:5]],
+    }
 
 
 def shard_columns(store: Store, key: str, columns=("id", "split", "error")) -> pa.Table:
@@ -184,8 +226,10 @@ def prepare(store: Store, data: DataConfig, base: BaseInfo, modality: str) -> Pr
     t0 = time.time()
     items, problems, raw_prefix = list_samples(store, data, modality)
     if not items:
-        raise PrepareError(f"{modality}: no samples found under {store.url(raw_prefix)} "
-                           f"({len(problems)} problems, e.g. {problems[:3]})")
+        raise PrepareError(
+            f"{modality}: no samples found under {store.url(raw_prefix)} "
+            f"({len(problems)} problems, e.g. {problems[:3]})"
+        )
     version = _fingerprint(items, store.entries(raw_prefix), base, modality, data)
     key = prepared_key(modality, version)
     if store.exists(f"{key}/manifest.json"):
@@ -195,12 +239,18 @@ def prepare(store: Store, data: DataConfig, base: BaseInfo, modality: str) -> Pr
 
     store.delete(key)  # a crashed earlier attempt may have left shards without a manifest
     fs, path = store.fs_path(key)
-    (ray.data.from_items(items)
-        .map_batches(_Encode, fn_constructor_kwargs=dict(store=store, base_id=base.id, modality=modality,
-                                                         data=data),
-                     batch_size=data.batch_size, batch_format="numpy", concurrency=(1, data.workers),
-                     num_cpus=data.cpus_per_worker)
-        .write_parquet(path, filesystem=fs))
+    (
+        ray.data.from_items(items)
+        .map_batches(
+            _Encode,
+            fn_constructor_kwargs=dict(store=store, base_id=base.id, modality=modality, data=data),
+            batch_size=data.batch_size,
+            batch_format="numpy",
+            concurrency=(1, data.workers),
+            num_cpus=data.cpus_per_worker,
+        )
+        .write_parquet(path, filesystem=fs)
+    )
     written = shard_columns(store, key).to_pylist()
     failed = [(r["id"], r["error"]) for r in written if r["error"]]
     skipped = _skip_report(problems + failed)
@@ -209,18 +259,28 @@ def prepare(store: Store, data: DataConfig, base: BaseInfo, modality: str) -> Pr
     if ratio > data.max_skip_ratio:
         store.delete(key)
         top = ", ".join(f"{r} ({n})" for r, n in skipped["by_reason"].items())
-        raise PrepareError(f"{modality}: {skipped['total']} of {total} samples are bad ({ratio:.0%} > "
-                           f"max_skip_ratio {data.max_skip_ratio:.0%}); reasons: {top}; "
-                           f"examples: {skipped['examples'][:3]}")
+        raise PrepareError(
+            f"{modality}: {skipped['total']} of {total} samples are bad ({ratio:.0%} > "
+            f"max_skip_ratio {data.max_skip_ratio:.0%}); reasons: {top}; "
+            f"examples: {skipped['examples'][:3]}"
+        )
     if len(written) != len(items):  # every sample must come out as a row, good or bad
         raise PrepareError(f"{modality}: {len(items)} samples went in, {len(written)} rows came out")
     counts = dict(sorted(Counter(r["split"] for r in written if not r["error"]).items()))
-    manifest = {"schema_version": SCHEMA_VERSION, "modality": modality, "version": version,
-                "input_fingerprint": version,  # the version *is* the fingerprint of inputs + settings
-                "base_model": base.id, "columns": list(COLUMNS), "counts": counts, "skipped": skipped,
-                "frames": data.frames if modality == "video" else None,
-                "frame_strategy": data.frame_strategy if modality == "video" else None,
-                "source": store.url(raw_prefix), "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "modality": modality,
+        "version": version,
+        "input_fingerprint": version,  # the version *is* the fingerprint of inputs + settings
+        "base_model": base.id,
+        "columns": list(COLUMNS),
+        "counts": counts,
+        "skipped": skipped,
+        "frames": data.frames if modality == "video" else None,
+        "frame_strategy": data.frame_strategy if modality == "video" else None,
+        "source": store.url(raw_prefix),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     store.write_json(f"{key}/manifest.json", manifest)
     store.write_json(f"{prepared_key(modality)}/latest.json", {"version": version})
     return Prepared(modality, version, key, counts, skipped, time.time() - t0, False)

@@ -35,27 +35,27 @@ from PIL import Image, ImageDraw
 from ddft.recipes import Ingredient, format_quantity, format_recipe
 from ddft.store import Store
 
-__all__ = ["Dish", "Food", "DISHES", "FOODS", "write_kitchen", "render_dish", "encode_mp4",
-           "video_codec"]
+__all__ = ["Dish", "Food", "DISHES", "FOODS", "write_kitchen", "render_dish", "encode_mp4", "video_codec"]
 
 
 @dataclass(frozen=True)
 class Food:
     """An ingredient: its icon (colour + shape), unit, amount per icon and how it is handled."""
+
     name: str
     colour: tuple[int, int, int]
     colour_name: str
     shape: str
-    unit: str | None                     # canonical unit of the recipe text (None: a count)
+    unit: str | None  # canonical unit of the recipe text (None: a count)
     spellings: tuple[tuple[str, str], ...]  # native (singular, plural) unit spellings in recipe.xml
     per_icon: float
-    actions: tuple[str, ...]             # what a step may do with it
+    actions: tuple[str, ...]  # what a step may do with it
     note: str | None = None
 
 
 @dataclass(frozen=True)
 class Dish:
-    key: str                             # class_list.txt name
+    key: str  # class_list.txt name
     colour: tuple[int, int, int]
     colour_name: str
     shape: str
@@ -67,39 +67,41 @@ class Dish:
         return self.key.replace("_", " ")
 
 
-_CUP, _TBSP, _TSP = (("cup", "cups"),), (("tablespoon", "tablespoons"), ("tbsp", "tbsp")), (
-    ("teaspoon", "teaspoons"), ("tsp", "tsp"))
-FOODS = {f.name: f for f in [
-    Food("rice", (245, 245, 240), "white", "hexagon", "cup", _CUP, 1, ("add",), "rinsed"),
-    Food("flour", (222, 196, 150), "beige", "square", "cup", _CUP, 1, ("add",)),
-    Food("milk", (150, 200, 255), "light blue", "bar", "cup", _CUP, 1, ("pour",)),
-    Food("oil", (235, 175, 20), "gold", "ellipse", "tbsp", _TBSP, 1, ("pour",)),
-    Food("salt", (140, 140, 150), "grey", "cross", "tsp", _TSP, 0.5, ("add",)),
-    Food("tomato", (220, 30, 30), "red", "circle", None, (), 1, ("chop", "add")),
-    Food("onion", (150, 60, 170), "purple", "diamond", None, (), 1, ("chop", "add"), "peeled"),
-    Food("carrot", (250, 125, 15), "orange", "triangle", None, (), 1, ("chop", "add")),
-    Food("spinach", (30, 140, 40), "green", "star", "handful", (("handful", "handfuls"),), 1,
-         ("chop", "add")),
-    Food("cheese", (250, 225, 70), "yellow", "square", "g", (("g", "g"), ("grams", "grams")), 50,
-         ("add",)),
-    Food("egg", (250, 235, 200), "cream", "ellipse", None, (), 1, ("whisk",)),
-]}
+_CUP, _TBSP, _TSP = (
+    (("cup", "cups"),),
+    (("tablespoon", "tablespoons"), ("tbsp", "tbsp")),
+    (("teaspoon", "teaspoons"), ("tsp", "tsp")),
+)
+FOODS = {
+    f.name: f
+    for f in [
+        Food("rice", (245, 245, 240), "white", "hexagon", "cup", _CUP, 1, ("add",), "rinsed"),
+        Food("flour", (222, 196, 150), "beige", "square", "cup", _CUP, 1, ("add",)),
+        Food("milk", (150, 200, 255), "light blue", "bar", "cup", _CUP, 1, ("pour",)),
+        Food("oil", (235, 175, 20), "gold", "ellipse", "tbsp", _TBSP, 1, ("pour",)),
+        Food("salt", (140, 140, 150), "grey", "cross", "tsp", _TSP, 0.5, ("add",)),
+        Food("tomato", (220, 30, 30), "red", "circle", None, (), 1, ("chop", "add")),
+        Food("onion", (150, 60, 170), "purple", "diamond", None, (), 1, ("chop", "add"), "peeled"),
+        Food("carrot", (250, 125, 15), "orange", "triangle", None, (), 1, ("chop", "add")),
+        Food("spinach", (30, 140, 40), "green", "star", "handful", (("handful", "handfuls"),), 1, ("chop", "add")),
+        Food("cheese", (250, 225, 70), "yellow", "square", "g", (("g", "g"), ("grams", "grams")), 50, ("add",)),
+        Food("egg", (250, 235, 200), "cream", "ellipse", None, (), 1, ("whisk",)),
+    ]
+}
 
 DISHES = [
     Dish("tomato_soup", (200, 40, 40), "red", "circle", "rings", ("onion", "tomato", "salt")),
     Dish("green_salad", (50, 165, 60), "green", "hexagon", "dots", ("spinach", "tomato", "oil")),
     Dish("pancake", (150, 95, 45), "brown", "square", "stripes", ("flour", "milk", "egg")),
-    Dish("fried_rice", (235, 210, 60), "yellow", "triangle", "speckle",
-         ("rice", "carrot", "egg", "oil")),
-    Dish("carrot_cake", (245, 135, 30), "orange", "diamond", "checker",
-         ("flour", "carrot", "egg", "milk")),
+    Dish("fried_rice", (235, 210, 60), "yellow", "triangle", "speckle", ("rice", "carrot", "egg", "oil")),
+    Dish("carrot_cake", (245, 135, 30), "orange", "diamond", "checker", ("flour", "carrot", "egg", "milk")),
     Dish("onion_pie", (130, 60, 150), "purple", "star", "waves", ("onion", "cheese", "flour")),
     Dish("rice_pudding", (90, 130, 220), "blue", "ellipse", "plain", ("milk", "rice", "salt")),
     Dish("cheese_toast", (240, 240, 225), "white", "cross", "dots", ("cheese", "oil", "tomato")),
 ]
 
 _TABLE = np.array([105, 105, 112])  # neutral grey-blue: far from every dish colour
-_STRIDE = 5                         # csvalignment.dat unit, in frames (Tasty sub-sampling)
+_STRIDE = 5  # csvalignment.dat unit, in frames (Tasty sub-sampling)
 _MAX_ICONS = 4
 
 
@@ -109,12 +111,19 @@ def _rng(seed: int, kind: int, index: int = 0) -> np.random.Generator:
 
 # --- drawing --------------------------------------------------------------------------------------
 
+
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float = 0.0):
     """Outline of `shape` (radius r, rotated by angle) as a list of (x, y)."""
+
     def ring(n, rx=1.0, ry=1.0, start=0.0, radii=(1.0,)):
-        return [(rx * radii[k % len(radii)] * math.cos(start + 2 * math.pi * k / n),
-                 ry * radii[k % len(radii)] * math.sin(start + 2 * math.pi * k / n))
-                for k in range(n)]
+        return [
+            (
+                rx * radii[k % len(radii)] * math.cos(start + 2 * math.pi * k / n),
+                ry * radii[k % len(radii)] * math.sin(start + 2 * math.pi * k / n),
+            )
+            for k in range(n)
+        ]
+
     w = 0.33  # half width of a cross arm
     pts = {
         "circle": lambda: ring(24),
@@ -125,8 +134,20 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float = 0.0):
         "hexagon": lambda: ring(6),
         "star": lambda: ring(10, start=-math.pi / 2, radii=(1.0, 0.45)),
         "bar": lambda: [(-1, -0.35), (1, -0.35), (1, 0.35), (-1, 0.35)],
-        "cross": lambda: [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1),
-                          (-w, w), (-1, w), (-1, -w), (-w, -w)],
+        "cross": lambda: [
+            (-w, -1),
+            (w, -1),
+            (w, -w),
+            (1, -w),
+            (1, w),
+            (w, w),
+            (w, 1),
+            (-w, 1),
+            (-w, w),
+            (-1, w),
+            (-1, -w),
+            (-w, -w),
+        ],
     }[shape]()
     c, s = math.cos(angle), math.sin(angle)
     return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in pts]
@@ -179,8 +200,15 @@ def render_dish(dish: Dish, rng: np.random.Generator, size=(224, 224)) -> Image.
     img = np.empty((h, w, 3), np.float32)
     img[:] = _TABLE + rng.integers(-20, 21, 3)
     m = min(w, h)
-    _paint_dish(img, dish, w / 2 + rng.uniform(-0.07, 0.07) * w, h / 2 + rng.uniform(-0.07, 0.07) * h,
-                m * rng.uniform(0.33, 0.41), rng.uniform(0, 2 * math.pi), rng)
+    _paint_dish(
+        img,
+        dish,
+        w / 2 + rng.uniform(-0.07, 0.07) * w,
+        h / 2 + rng.uniform(-0.07, 0.07) * h,
+        m * rng.uniform(0.33, 0.41),
+        rng.uniform(0, 2 * math.pi),
+        rng,
+    )
     img += rng.normal(0, 5, img.shape)
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
@@ -191,11 +219,12 @@ def _icon(draw: ImageDraw.ImageDraw, food: Food, cx, cy, r, angle=0.0) -> None:
 
 # --- videos ---------------------------------------------------------------------------------------
 
+
 @dataclass
 class _Step:
-    action: str            # chop | whisk | add | pour | stir | serve
+    action: str  # chop | whisk | add | pour | stir | serve
     food: Food | None
-    icons: int             # amount shown in the tray
+    icons: int  # amount shown in the tray
     text: str
 
 
@@ -219,14 +248,14 @@ class _Scene:
         px, py, pr = self.pot
         if step.action != "serve":
             d.ellipse([px - pr, py - pr * 0.6, px + pr, py + pr * 0.6], fill=(55, 55, 60))
-            inside = tuple(int(v) for v in np.mean(self.pot_colours, 0)) if self.pot_colours \
-                else (80, 80, 88)
+            inside = tuple(int(v) for v in np.mean(self.pot_colours, 0)) if self.pot_colours else (80, 80, 88)
             d.ellipse([px - pr * 0.8, py - pr * 0.42, px + pr * 0.8, py + pr * 0.42], fill=inside)
         ir = self.m * 0.055
         tray = [(w / 2 + (k - (step.icons - 1) / 2) * ir * 2.6, h * 0.11) for k in range(step.icons)]
         if step.food is not None:  # the amount, countable in every frame of the step
-            d.rectangle([w * 0.2, h * 0.11 - ir * 1.4, w * 0.8, h * 0.11 + ir * 1.4],
-                        fill=(45, 45, 55))  # dark: the pale foods (rice, egg) stand out
+            d.rectangle(
+                [w * 0.2, h * 0.11 - ir * 1.4, w * 0.8, h * 0.11 + ir * 1.4], fill=(45, 45, 55)
+            )  # dark: the pale foods (rice, egg) stand out
             for x, y in tray:
                 _icon(d, step.food, x, y, ir)
         getattr(self, "_" + step.action)(d, img, step, t, p, tray, ir)
@@ -241,10 +270,12 @@ class _Scene:
         xs = [bx0 + (k + 0.5) * (bx1 - bx0) / step.icons for k in range(step.icons)]
         for x in xs:
             _icon(d, step.food, x, (by0 + by1) / 2, ir)
-        kx = bx0 + 0.08 * w + p * (bx1 - bx0 - 0.16 * w)   # knife walks along the board...
+        kx = bx0 + 0.08 * w + p * (bx1 - bx0 - 0.16 * w)  # knife walks along the board...
         ky = by0 - h * 0.07 * abs(math.sin(math.pi * t / 2))  # ...up and down every 2 frames,
-        d.rectangle([kx - w * 0.012, ky - h * 0.08, kx + w * 0.012, ky + h * 0.02],  # below the tray
-                    fill=(215, 215, 225))
+        d.rectangle(
+            [kx - w * 0.012, ky - h * 0.08, kx + w * 0.012, ky + h * 0.02],  # below the tray
+            fill=(215, 215, 225),
+        )
         d.rectangle([kx - w * 0.015, ky - h * 0.14, kx + w * 0.015, ky - h * 0.08], fill=(20, 20, 20))
 
     def _whisk(self, d, img, step, t, p, tray, ir):
@@ -255,31 +286,37 @@ class _Scene:
             _icon(d, step.food, cx + (k - (step.icons - 1) / 2) * ir * 2.2, cy + h * 0.05, ir * 0.8)
         wx = cx + w * 0.16 * math.sin(2 * math.pi * t / 4)  # side to side, period 4 frames
         d.line([wx, cy - h * 0.2, wx, cy + h * 0.04], fill=(60, 60, 60), width=max(2, int(w / 80)))
-        d.ellipse([wx - w * 0.03, cy - h * 0.02, wx + w * 0.03, cy + h * 0.1], outline=(60, 60, 60),
-                  width=max(2, int(w / 110)))
+        d.ellipse(
+            [wx - w * 0.03, cy - h * 0.02, wx + w * 0.03, cy + h * 0.1],
+            outline=(60, 60, 60),
+            width=max(2, int(w / 110)),
+        )
 
     def _add(self, d, img, step, t, p, tray, ir):
         px, py, pr = self.pot
         for k, (x, y) in enumerate(tray):  # each icon falls into the pot, one after the other,
             q = min(max((p - k * 0.12) / 0.6, 0.0), 1.0)
-            y += ir * 3                      # from just below the tray (which keeps the count)
+            y += ir * 3  # from just below the tray (which keeps the count)
             if q < 1:
                 _icon(d, step.food, x + (px - x) * q * q, y + (py - y) * q, ir)
 
     def _pour(self, d, img, step, t, p, tray, ir):
         w, h = self.size
         px, py, pr = self.pot
-        tilt = min(p * 2, 1.0) * 2.0                       # the jug tips towards the pot...
+        tilt = min(p * 2, 1.0) * 2.0  # the jug tips towards the pot...
         jx, jy, jr = px + w * 0.22, h * 0.36, w * 0.09
         a = math.pi / 2 - tilt
         d.polygon(_polygon("bar", jx, jy, jr, a), fill=step.food.colour, outline=(30, 30, 30))
-        if tilt > 0.8:                                     # ...and the stream runs into it
-            d.line([jx - jr * math.cos(a), jy - jr * math.sin(a), px + pr * 0.2, py],
-                   fill=step.food.colour, width=max(3, int(w / 40)))
+        if tilt > 0.8:  # ...and the stream runs into it
+            d.line(
+                [jx - jr * math.cos(a), jy - jr * math.sin(a), px + pr * 0.2, py],
+                fill=step.food.colour,
+                width=max(3, int(w / 40)),
+            )
 
     def _stir(self, d, img, step, t, p, tray, ir):
         px, py, pr = self.pot
-        a = 2 * math.pi * t / 6                            # one turn every 6 frames
+        a = 2 * math.pi * t / 6  # one turn every 6 frames
         tx, ty = px + pr * 0.55 * math.cos(a), py + pr * 0.28 * math.sin(a)
         d.line([tx, ty, tx + pr * 0.3, ty - pr * 1.6], fill=(120, 75, 35), width=max(3, int(pr / 8)))
         d.ellipse([tx - pr * 0.12, ty - pr * 0.08, tx + pr * 0.12, ty + pr * 0.08], fill=(120, 75, 35))
@@ -287,9 +324,10 @@ class _Scene:
     def _serve(self, d, img, step, t, p, tray, ir):
         w, h = self.size
         arr = np.asarray(img).astype(np.float32)
-        scale = 0.35 + 0.65 * min(p * 1.5, 1.0)           # the dish grows onto the table
-        _paint_dish(arr, self.dish, w / 2, h * 0.55, self.m * 0.36 * scale, 0.0,
-                    np.random.default_rng(self.dish_seed), jitter=0)
+        scale = 0.35 + 0.65 * min(p * 1.5, 1.0)  # the dish grows onto the table
+        _paint_dish(
+            arr, self.dish, w / 2, h * 0.55, self.m * 0.36 * scale, 0.0, np.random.default_rng(self.dish_seed), jitter=0
+        )
         img.paste(Image.fromarray(arr.astype(np.uint8)))
 
 
@@ -314,8 +352,7 @@ def encode_mp4(frames, fps: int) -> bytes:
             if stream is None:
                 # x264's macroblock tree made some of these videos differ from run to run on the
                 # same frames (one thread, default preset); without it the bytes are the same.
-                options = {"g": str(fps)} | (
-                    {"x264-params": "mbtree=0"} if video_codec() == "libx264" else {})
+                options = {"g": str(fps)} | ({"x264-params": "mbtree=0"} if video_codec() == "libx264" else {})
                 stream = out.add_stream(video_codec(), rate=fps, options=options)
                 stream.height, stream.width = frame.shape[:2]
                 stream.pix_fmt = "yuv420p"
@@ -332,8 +369,12 @@ def _plan_recipe(dish: Dish, rng: np.random.Generator, amounts: list[int]) -> li
     for name, icons in zip(dish.foods, amounts):
         food = FOODS[name]
         action = food.actions[rng.integers(len(food.actions))]
-        text = {"chop": f"Chop the {name}.", "whisk": f"Whisk the {name}.",
-                "add": f"Add the {name} to the pot.", "pour": f"Pour the {name} into the pot."}[action]
+        text = {
+            "chop": f"Chop the {name}.",
+            "whisk": f"Whisk the {name}.",
+            "add": f"Add the {name} to the pot.",
+            "pour": f"Pour the {name} into the pot.",
+        }[action]
         steps.append(_Step(action, food, icons, text))
     if rng.random() < 0.7:
         steps.append(_Step("stir", None, 0, "Stir the pot."))
@@ -353,9 +394,11 @@ def _recipe_xml(title: str, lines: list[str], steps: list[str]) -> str:
     ing = "".join(f"    <ingredient>{escape(s)}</ingredient>\n" for s in lines)
     # The released Tasty files nest <steps_updated> elements inside <steps_updated>.
     st = "".join(f"    <steps_updated>{escape(s)}</steps_updated>\n" for s in steps)
-    return (f'<?xml version="1.0" encoding="utf-8"?>\n<recipe>\n  <title>{escape(title)}</title>\n'
-            f"  <ingredients>\n{ing}  </ingredients>\n  <steps_updated>\n{st}  </steps_updated>\n"
-            f"</recipe>\n")
+    return (
+        f'<?xml version="1.0" encoding="utf-8"?>\n<recipe>\n  <title>{escape(title)}</title>\n'
+        f"  <ingredients>\n{ing}  </ingredients>\n  <steps_updated>\n{st}  </steps_updated>\n"
+        f"</recipe>\n"
+    )
 
 
 HELD_OUT_VIDEOS = 2  # recipe videos of each held-out dish (each with its own amounts)
@@ -368,10 +411,21 @@ def _split_of(r: int, n_dishes: int) -> str:
 
 # --- the kitchen ----------------------------------------------------------------------------------
 
-def write_kitchen(store: Store | str, prefix: str = "datasets/raw", *, seed: int = 0,
-                  dishes: int = 6, held_out_dishes: int = 2, images_per_dish: int = 8, recipes: int = 12,
-                  qa_pairs: int = 60, video_seconds: float = 6.0, fps: int = 10,
-                  size: tuple[int, int] = (224, 224)) -> dict:
+
+def write_kitchen(
+    store: Store | str,
+    prefix: str = "datasets/raw",
+    *,
+    seed: int = 0,
+    dishes: int = 6,
+    held_out_dishes: int = 2,
+    images_per_dish: int = 8,
+    recipes: int = 12,
+    qa_pairs: int = 60,
+    video_seconds: float = 6.0,
+    fps: int = 10,
+    size: tuple[int, int] = (224, 224),
+) -> dict:
     """Write foodx251/, tasty/, youcook2/ (the held-out recipes, for evaluation) and cooking_qa/
     under `prefix`; return a summary with every recipe's expected target text.
 
@@ -379,13 +433,15 @@ def write_kitchen(store: Store | str, prefix: str = "datasets/raw", *, seed: int
     only appear in the held-out splits (HELD_OUT_VIDEOS videos each, and their QA facts)."""
     store = Store(store) if isinstance(store, str) else store
     if dishes < 1 or held_out_dishes < 0 or dishes + held_out_dishes > len(DISHES):
-        raise ValueError(f"dishes={dishes} + held_out_dishes={held_out_dishes}: the kitchen knows "
-                         f"{len(DISHES)} dishes in all (and at least one to train on)")
+        raise ValueError(
+            f"dishes={dishes} + held_out_dishes={held_out_dishes}: the kitchen knows "
+            f"{len(DISHES)} dishes in all (and at least one to train on)"
+        )
     if images_per_dish < 2 or recipes < 1 or qa_pairs < 0:
         raise ValueError("need images_per_dish >= 2 (train + val), recipes >= 1, qa_pairs >= 0")
     prefix = prefix.rstrip("/")
     menu = DISHES[:dishes]
-    unseen = DISHES[dishes:dishes + held_out_dishes]
+    unseen = DISHES[dishes : dishes + held_out_dishes]
     kitchen = menu + unseen
     files = 0
 
@@ -411,8 +467,7 @@ def write_kitchen(store: Store | str, prefix: str = "datasets/raw", *, seed: int
 
     # Tasty: recipe r cooks dish r % dishes; then each held-out dish's videos (all test). A dish's
     # first recipe uses its classic amounts (the ones QA asks about), the others amounts of their own.
-    classic = [list(_rng(seed, 2, i).integers(1, _MAX_ICONS + 1, len(d.foods)))
-               for i, d in enumerate(kitchen)]
+    classic = [list(_rng(seed, 2, i).integers(1, _MAX_ICONS + 1, len(d.foods))) for i, d in enumerate(kitchen)]
     n_frames = round(video_seconds * fps)
     summary_recipes, splits, youcook = {}, {"train": [], "val": [], "test": []}, {}
     held_out = [(dishes + i, k) for i in range(held_out_dishes) for k in range(HELD_OUT_VIDEOS)]
@@ -420,13 +475,13 @@ def write_kitchen(store: Store | str, prefix: str = "datasets/raw", *, seed: int
         dish_i, round_ = (r % dishes, r // dishes) if r < recipes else held_out[r - recipes]
         dish, rng = kitchen[dish_i], _rng(seed, 3, r)
         split = _split_of(r, dishes) if r < recipes else "test"
-        amounts = classic[dish_i] if round_ == 0 else list(
-            rng.integers(1, _MAX_ICONS + 1, len(dish.foods)))
+        amounts = classic[dish_i] if round_ == 0 else list(rng.integers(1, _MAX_ICONS + 1, len(dish.foods)))
         plan = _plan_recipe(dish, rng, [int(a) for a in amounts])
         blocks = n_frames // _STRIDE
         if blocks < len(plan):
-            raise ValueError(f"video_seconds*fps={n_frames} frames is too short for {len(plan)} "
-                             f"steps of at least {_STRIDE} frames")
+            raise ValueError(
+                f"video_seconds*fps={n_frames} frames is too short for {len(plan)} steps of at least {_STRIDE} frames"
+            )
         # Whole 5-frame blocks per step so csvalignment.dat is exact; leftover frames go last.
         sizes = [blocks // len(plan) + (k < blocks % len(plan)) for k in range(len(plan))]
         scene, frames, spans, segments, start = _Scene(dish, size, rng), [], [], [], 0
@@ -434,17 +489,22 @@ def write_kitchen(store: Store | str, prefix: str = "datasets/raw", *, seed: int
             n = nb * _STRIDE + (n_frames - blocks * _STRIDE if k == len(plan) - 1 else 0)
             frames += [scene.frame(step, t, n) for t in range(n)]
             spans.append(f"{start // _STRIDE},{start // _STRIDE + nb - 1}\n")
-            segments.append({"id": k, "segment": [round(start / fps, 2), round((start + n) / fps, 2)],
-                             "sentence": step.text})
+            segments.append(
+                {"id": k, "segment": [round(start / fps, 2), round((start + n) / fps, 2)], "sentence": step.text}
+            )
             start += n
         rid = f"{dish.key.replace('_', '-')}-{round_ + 1}"
-        ingredients = [Ingredient(s.food.name, float(s.icons * s.food.per_icon), s.food.unit, s.food.note)
-                       for s in plan if s.food is not None]
-        native = [f"{_native_amount(FOODS[i.name], i.quantity, rng)}; {i.name}"
-                  + (f", {i.note}" if i.note else "") for i in ingredients]
+        ingredients = [
+            Ingredient(s.food.name, float(s.icons * s.food.per_icon), s.food.unit, s.food.note)
+            for s in plan
+            if s.food is not None
+        ]
+        native = [
+            f"{_native_amount(FOODS[i.name], i.quantity, rng)}; {i.name}" + (f", {i.note}" if i.note else "")
+            for i in ingredients
+        ]
         steps = [s.text for s in plan] + ["Enjoy!"]
-        put(f"tasty/{rid}/recipe.xml", _recipe_xml(f"{dish.name.capitalize()} #{round_ + 1}",
-                                                    native, steps))
+        put(f"tasty/{rid}/recipe.xml", _recipe_xml(f"{dish.name.capitalize()} #{round_ + 1}", native, steps))
         put(f"tasty/{rid}/csvalignment.dat", "".join(spans) + "-1,-1\n")
         video = encode_mp4(frames, fps)
         put(f"tasty/{rid}/recipe_video.mp4", video)
@@ -452,10 +512,18 @@ def write_kitchen(store: Store | str, prefix: str = "datasets/raw", *, seed: int
         if split != "train":  # held-out recipes again in YouCook2's layout, for its evaluation path
             recipe_type = str(101 + dish_i)
             put(f"youcook2/raw_videos/validation/{recipe_type}/{rid}.mp4", video)
-            youcook[rid] = {"duration": round(n_frames / fps, 2), "subset": "validation",
-                            "recipe_type": recipe_type, "annotations": segments}
-        summary_recipes[rid] = {"dish": dish.key, "split": split, "frames": n_frames,
-                                "text": format_recipe(ingredients, steps)}
+            youcook[rid] = {
+                "duration": round(n_frames / fps, 2),
+                "subset": "validation",
+                "recipe_type": recipe_type,
+                "annotations": segments,
+            }
+        summary_recipes[rid] = {
+            "dish": dish.key,
+            "split": split,
+            "frames": n_frames,
+            "text": format_recipe(ingredients, steps),
+        }
     for split, ids in splits.items():
         put(f"tasty/SPLITS/split_1/{split.upper()}_split_1.txt", "".join(f"{i}\n" for i in ids))
 
@@ -463,12 +531,20 @@ def write_kitchen(store: Store | str, prefix: str = "datasets/raw", *, seed: int
 
     qa = _qa_pairs(kitchen, classic, _rng(seed, 4), qa_pairs, {d.name for d in unseen})
     put("cooking_qa/qa.jsonl", "".join(json.dumps(row) + "\n" for row in qa))
-    return {"prefix": prefix, "seed": seed, "dishes": [d.key for d in menu],
-            "held_out_dishes": [d.key for d in unseen],
-            "qa_splits": dict(sorted(Counter(row["split"] for row in qa).items())),
-            "foodx": {s: len(v) for s, v in rows.items()}, "recipes": summary_recipes,
-            "splits": splits, "youcook2": sorted(youcook), "qa_pairs": len(qa), "files": files,
-            "video": {"codec": video_codec(), "fps": fps, "frames": n_frames, "size": list(size)}}
+    return {
+        "prefix": prefix,
+        "seed": seed,
+        "dishes": [d.key for d in menu],
+        "held_out_dishes": [d.key for d in unseen],
+        "qa_splits": dict(sorted(Counter(row["split"] for row in qa).items())),
+        "foodx": {s: len(v) for s, v in rows.items()},
+        "recipes": summary_recipes,
+        "splits": splits,
+        "youcook2": sorted(youcook),
+        "qa_pairs": len(qa),
+        "files": files,
+        "video": {"codec": video_codec(), "fps": fps, "frames": n_frames, "size": list(size)},
+    }
 
 
 def _qa_pairs(menu: list[Dish], classic, rng: np.random.Generator, n: int, unseen: set[str]) -> list[dict]:
@@ -478,32 +554,29 @@ def _qa_pairs(menu: list[Dish], classic, rng: np.random.Generator, n: int, unsee
     has its second phrasing in `val`."""
     facts = []
     for dish, amounts in zip(menu, classic):
-        facts.append((f"What colour is {dish.name}?", f"What colour is the {dish.name}?",
-                      dish.colour_name))
-        facts.append((f"What shape is {dish.name}?", f"Which shape does {dish.name} have?",
-                      dish.shape))
-        facts.append((f"Which ingredients go into {dish.name}?", f"What is {dish.name} made of?",
-                      ", ".join(dish.foods)))
+        facts.append((f"What colour is {dish.name}?", f"What colour is the {dish.name}?", dish.colour_name))
+        facts.append((f"What shape is {dish.name}?", f"Which shape does {dish.name} have?", dish.shape))
+        facts.append(
+            (f"Which ingredients go into {dish.name}?", f"What is {dish.name} made of?", ", ".join(dish.foods))
+        )
         for name, icons in zip(dish.foods, amounts):
             f = FOODS[name]
             amount = " ".join(x for x in (format_quantity(int(icons) * f.per_icon), f.unit) if x)
-            facts.append((f"How much {name} for {dish.name}?",
-                          f"How much {name} goes into {dish.name}?", amount))
+            facts.append((f"How much {name} for {dish.name}?", f"How much {name} goes into {dish.name}?", amount))
     for f in {n for d in menu for n in d.foods}:
         f = FOODS[f]
         facts.append((f"What colour is {f.name}?", f"Which colour is the {f.name}?", f.colour_name))
         if f.unit:
-            facts.append((f"How is {f.name} measured?", f"What unit is {f.name} measured in?",
-                          f.unit))
-        facts.append((f"What do you do with {f.name}?", f"How is {f.name} prepared?",
-                      " or ".join(f.actions)))
+            facts.append((f"How is {f.name} measured?", f"What unit is {f.name} measured in?", f.unit))
+        facts.append((f"What do you do with {f.name}?", f"How is {f.name} prepared?", " or ".join(f.actions)))
     facts.sort()  # set iteration order above is not stable across runs
     roll = rng.integers(0, 7, len(facts))
     rows = []
     for i, ((q1, q2, a), r) in enumerate(zip(facts, roll)):
         about_unseen = any(d in q1 for d in unseen)
         splits = ("test", "test") if about_unseen or r == 0 else ("train", "val") if r == 1 else ("train", "train")
-        rows += [{"question": q, "answer": a, "fact": f"fact-{i:03d}", "split": split}
-                 for q, split in zip((q1, q2), splits)]
+        rows += [
+            {"question": q, "answer": a, "fact": f"fact-{i:03d}", "split": split} for q, split in zip((q1, q2), splits)
+        ]
     order = rng.permutation(len(rows))
     return [rows[i] for i in order[:n]]

@@ -9,11 +9,13 @@ step). Errors are raised as typed exceptions (`ValueError` for a bad request, `A
 a whole batch synchronously (evaluation, benchmarks). Engines are imported lazily by
 `make_engine`, so heavy or optional ones (vLLM) cost nothing until chosen.
 """
+
 from __future__ import annotations
 
 import importlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import numpy as np
@@ -26,8 +28,8 @@ if TYPE_CHECKING:
 class GenerateRequest:
     modality: str  # "image" | "video" | "text"
     question: str
-    pixels: "np.ndarray | None" = None  # (H, W, 3) uint8 for an image, (T, H, W, 3) for a video
-    adapter: "Manifest | None" = None  # None: the base answers
+    pixels: np.ndarray | None = None  # (H, W, 3) uint8 for an image, (T, H, W, 3) for a video
+    adapter: Manifest | None = None  # None: the base answers
     max_new_tokens: int = 96
     temperature: float = 0.0  # 0: greedy
     stop: list[str] = field(default_factory=list)  # generation ends at the first of these (not returned)
@@ -52,6 +54,7 @@ class Chunk:
     The last chunk of a stream has `finish_reason` set and carries the whole `result` (the same
     text as the deltas joined, stripped; adapter, base, timings); earlier ones have `result` None.
     """
+
     text: str  # new text since the previous chunk (may be "")
     token_ids: list[int] = field(default_factory=list)  # the new tokens behind it
     finish_reason: str | None = None  # "stop" | "length" on the last chunk
@@ -72,7 +75,7 @@ class Engine(Protocol):
     def generate(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
         """Answer every request (in order), each with its own adapter, as one mixed batch."""
 
-    def load_adapter(self, manifest: "Manifest") -> str:
+    def load_adapter(self, manifest: Manifest) -> str:
         """Make an adapter resident (evicting the least recently used beyond the cache size)."""
 
     def evict_adapter(self, ref: str) -> bool:
@@ -81,7 +84,7 @@ class Engine(Protocol):
     def loaded_adapters(self) -> list[str]:
         """Refs of the adapters held in memory now, least recently used first."""
 
-    def resident_adapters(self) -> list["Manifest"]:
+    def resident_adapters(self) -> list[Manifest]:
         """The manifests of those adapters, in the same order."""
 
     def stats(self) -> dict[str, int]:
@@ -89,21 +92,28 @@ class Engine(Protocol):
         requests, prompt_tokens, new_tokens (for /metrics)."""
 
 
-STATS = ("adapter_loads", "adapter_hits", "adapter_misses", "adapter_evictions", "requests", "prompt_tokens",
-         "new_tokens")  # the counters every engine's stats() returns
+STATS = (
+    "adapter_loads",
+    "adapter_hits",
+    "adapter_misses",
+    "adapter_evictions",
+    "requests",
+    "prompt_tokens",
+    "new_tokens",
+)  # the counters every engine's stats() returns
 
 
 class AdapterCache:
     """What engines share: the resident refs (LRU first) and the counters, read without a lock
     so health checks and /metrics never wait for a running batch."""
 
-    _resident: tuple["Manifest", ...] = ()  # replaced whole, never mutated: safe to read from any thread
+    _resident: tuple[Manifest, ...] = ()  # replaced whole, never mutated: safe to read from any thread
     _stats: dict[str, int]
 
     def loaded_adapters(self) -> list[str]:
         return [m.ref for m in self._resident]
 
-    def resident_adapters(self) -> list["Manifest"]:
+    def resident_adapters(self) -> list[Manifest]:
         return list(self._resident)
 
     def stats(self) -> dict[str, int]:
@@ -138,11 +148,13 @@ def check_request(r: GenerateRequest, i: int | None = None) -> None:
         if r.pixels is not None:
             raise ValueError(f"{where}a text request carries no pixels")
     elif not isinstance(r.pixels, np.ndarray) or r.pixels.ndim != want or r.pixels.shape[-1] != 3:
-        raise ValueError(f"{where}{r.modality} pixels must be a uint8 array shaped "
-                         f"{'(H, W, 3)' if want == 3 else '(frames, H, W, 3)'}, got {getattr(r.pixels, 'shape', None)}")
+        raise ValueError(
+            f"{where}{r.modality} pixels must be a uint8 array shaped "
+            f"{'(H, W, 3)' if want == 3 else '(frames, H, W, 3)'}, got {getattr(r.pixels, 'shape', None)}"
+        )
 
 
-def check_base(manifest: "Manifest", base_id: str, fingerprint: str) -> None:
+def check_base(manifest: Manifest, base_id: str, fingerprint: str) -> None:
     """An adapter is served only on the base it was made for (the weights' fingerprint)."""
     from ddft.adapters.registry import AdapterError
 
@@ -150,28 +162,37 @@ def check_base(manifest: "Manifest", base_id: str, fingerprint: str) -> None:
         raise AdapterError(
             f"adapter {manifest.ref} was made for base {manifest.base_model_id!r} (fingerprint "
             f"{manifest.base_fingerprint[:12]}), but this engine serves {base_id!r} (fingerprint "
-            f"{fingerprint[:12]}): retrain or re-publish the adapter on this base")
+            f"{fingerprint[:12]}): retrain or re-publish the adapter on this base"
+        )
 
 
 ENGINES = {"hf": "ddft.engines.hf:HFEngine", "vllm": "ddft.engines.vllm:VLLMEngine"}
 
 
-def serve_options(cfg: "PipelineConfig", engine: str | None = None) -> dict:
+def serve_options(cfg: PipelineConfig, engine: str | None = None) -> dict:
     """The engine keywords a config sets (besides store, base and device), for its serve.engine or
     `engine`: one place for both engines, used by the app and the benchmarks alike."""
     s = cfg.serve
     if (engine or s.engine) == "hf":
-        return {"cache_size": s.adapter_cache_size, "max_batch_size": s.max_batch_size,
-                "batch_wait_s": s.batch_wait_timeout_s}
+        return {
+            "cache_size": s.adapter_cache_size,
+            "max_batch_size": s.max_batch_size,
+            "batch_wait_s": s.batch_wait_timeout_s,
+        }
     from ddft.engines.vllm import LORA_RANKS  # no vLLM import
 
     # tenant uploads are capped at serve.max_lora_rank; the platform's adapters have their jobs' ranks
     need = max([s.max_lora_rank] + [j.lora.r for j in cfg.jobs])
     rank = next((r for r in LORA_RANKS if r >= need), LORA_RANKS[-1])
     v = s.vllm
-    return {"cache_size": s.adapter_cache_size, "max_lora_rank": rank, "kv_cache_gib": v.kv_cache_gib,
-            "gpu_memory_utilization": v.gpu_memory_utilization, "max_model_len": v.max_model_len,
-            "max_num_seqs": v.max_num_seqs}
+    return {
+        "cache_size": s.adapter_cache_size,
+        "max_lora_rank": rank,
+        "kv_cache_gib": v.kv_cache_gib,
+        "gpu_memory_utilization": v.gpu_memory_utilization,
+        "max_model_len": v.max_model_len,
+        "max_num_seqs": v.max_num_seqs,
+    }
 
 
 def make_engine(kind: str, **kwargs) -> Engine:

@@ -17,6 +17,7 @@ Adapters stay PEFT's on disk and are loaded by PEFT; only the forward of `lora.L
 Other LoRA layer types (embeddings, convolutions) keep PEFT's own mixed path, which PEFT's forward
 hook drives from the same `adapter_names`. LoRA variants (DoRA, ...) are refused at load.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,7 +55,7 @@ def unsupported(config) -> str | None:
 class BatchedLoraLinear(LoraLinear):
     """PEFT's lora.Linear; while its bank serves a batch, every row goes through its own slot."""
 
-    _bank: "AdapterBank | None" = None
+    _bank: AdapterBank | None = None
     _stack: tuple[torch.Tensor, torch.Tensor] | None = None  # (A_stack, B_stack), see the module doc
     _present: frozenset[int] = frozenset()  # slots of the adapters this layer has
     _gathered: tuple | None = None  # (key, weights) for the batch being served
@@ -80,7 +81,7 @@ class BatchedLoraLinear(LoraLinear):
             delta = torch.bmm(xa, b).view(result.shape)
         return result + delta.to(result.dtype)
 
-    def _weights(self, bank: "AdapterBank", rows: int):
+    def _weights(self, bank: AdapterBank, rows: int):
         """This call's gathered weights, cached: the batch's rows don't change between steps."""
         key = (bank.call, rows)
         if self._gathered is None or self._gathered[0] != key:
@@ -139,8 +140,8 @@ class AdapterBank:
             b = first.new_zeros((len(names) + 1, out_features, r_max))
             for n in have:
                 s, wa = self.slots[n], layer.lora_A[n].weight
-                a[s, :wa.shape[0]] = wa
-                b[s, :, :wa.shape[0]] = layer.lora_B[n].weight.to(a.dtype) * layer.scaling[n]
+                a[s, : wa.shape[0]] = wa
+                b[s, :, : wa.shape[0]] = layer.lora_B[n].weight.to(a.dtype) * layer.scaling[n]
             layer._stack, layer._present = (a, b), frozenset(self.slots[n] for n in have)
         self.dirty = False
 

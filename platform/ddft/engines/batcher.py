@@ -8,7 +8,8 @@ turns into bigger batches instead of a longer queue.
 """
 
 import asyncio
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 
 class Batcher:
@@ -45,7 +46,7 @@ class Batcher:
                 break
             try:
                 batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
         return [(item, fut) for item, fut in batch if not fut.done()]  # drop callers that gave up
 

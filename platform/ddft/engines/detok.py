@@ -8,6 +8,7 @@ add up to it) and emits only the part that can no longer change:
 - leading and trailing whitespace is held back, since the final answer is stripped.
 So the deltas joined equal the final `GenerateResult.text` exactly.
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,7 +29,7 @@ def settled(raw: str, stops: list[str]) -> str:
         raw = raw[:cut]
     else:  # hold back the longest tail that is the start of a stop string
         hold = max((k for s in stops for k in range(1, len(s)) if raw.endswith(s[:k])), default=0)
-        raw = raw[:len(raw) - hold]
+        raw = raw[: len(raw) - hold]
     return raw.rstrip("\ufffd").strip()
 
 
@@ -53,5 +54,5 @@ class TextStream:
     def _advance(self, text: str) -> str:
         if not text.startswith(self.sent):
             return ""  # not settled yet (a later decode changed earlier text): wait for more
-        delta, self.sent = text[len(self.sent):], text
+        delta, self.sent = text[len(self.sent) :], text
         return delta

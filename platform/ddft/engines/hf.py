@@ -19,6 +19,7 @@ accepts only Linear/Embedding/Conv modules (the projector is a small MLP module)
 one name per input row (a video sends 8 frames per request through the projector), and falls
 back to the base projector for everyone when the *active* adapter has no projector copy.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -29,8 +30,8 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 import torch
 from peft import PeftConfig, PeftModel
@@ -40,7 +41,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from ddft import prompts
 from ddft.adapters import registry
 from ddft.adapters.registry import AdapterError, Manifest
-from ddft.engines.base import STATS, AdapterCache, Chunk, check_base, check_request, GenerateRequest, GenerateResult
+from ddft.engines.base import STATS, AdapterCache, Chunk, GenerateRequest, GenerateResult, check_base, check_request
 from ddft.engines.batched_lora import BASE, AdapterBank, unsupported
 from ddft.engines.batcher import Batcher
 from ddft.engines.detok import TextStream, first_stop
@@ -105,8 +106,9 @@ class _RowEnds(StoppingCriteria):
     It sees every step's tokens, so it also hands each streamed row its new token to its sink.
     """
 
-    def __init__(self, width: int, reqs: list[GenerateRequest], eos_id: int, tokenizer,
-                 sinks: list[_Sink | None] | None = None):
+    def __init__(
+        self, width: int, reqs: list[GenerateRequest], eos_id: int, tokenizer, sinks: list[_Sink | None] | None = None
+    ):
         self.width, self.eos_id, self.tokenizer = width, eos_id, tokenizer
         self.limits = [r.max_new_tokens for r in reqs]
         self.stops = [r.stop for r in reqs]
@@ -127,8 +129,13 @@ class _RowEnds(StoppingCriteria):
                 sink.push([last[i]])
             if last[i] == self.eos_id:
                 self.ended[i] = (n, "stop")
-            elif self.stops[i] and first_stop(self.tokenizer.decode(
-                    input_ids[i, self.width:], skip_special_tokens=True), self.stops[i]) is not None:
+            elif (
+                self.stops[i]
+                and first_stop(
+                    self.tokenizer.decode(input_ids[i, self.width :], skip_special_tokens=True), self.stops[i]
+                )
+                is not None
+            ):
                 self.ended[i] = (n, "stop")
             elif n >= self.limits[i]:
                 self.ended[i] = (n, "length")
@@ -156,8 +163,16 @@ class _RowSampling(LogitsProcessor):
 class HFEngine(AdapterCache):
     """One base per engine; adapters in an LRU cache of `cache_size`; mixed-adapter batches."""
 
-    def __init__(self, store: Store | str, base_model_id: str, cache_size: int = 8, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32, max_batch_size: int = 8, batch_wait_s: float = 0.01):
+    def __init__(
+        self,
+        store: Store | str,
+        base_model_id: str,
+        cache_size: int = 8,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_batch_size: int = 8,
+        batch_wait_s: float = 0.01,
+    ):
         if cache_size < 1:
             raise ValueError(f"cache_size is {cache_size}; it must be at least 1")
         self.store = store if isinstance(store, Store) else Store(store)
@@ -201,19 +216,22 @@ class HFEngine(AdapterCache):
                 path = str(registry.download(self.store, manifest, Path(tmp)))
                 why = unsupported(PeftConfig.from_pretrained(path))
                 if why:
-                    raise AdapterError(f"adapter {manifest.ref} can't be served by the hf engine: {why}; "
-                                       f"re-train or re-publish it as plain LoRA")
+                    raise AdapterError(
+                        f"adapter {manifest.ref} can't be served by the hf engine: {why}; "
+                        f"re-train or re-publish it as plain LoRA"
+                    )
                 try:
                     if self._peft is None:
-                        self._peft = PeftModel.from_pretrained(self.model, path, adapter_name=name,
-                                                               is_trainable=False)
+                        self._peft = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=False)
                     else:
                         self._peft.load_adapter(path, adapter_name=name, is_trainable=False)
                 except Exception as err:  # a config or weights that don't fit this base
                     if self._peft is not None and name in self._peft.peft_config:
                         self._peft.delete_adapter(name)
-                    raise AdapterError(f"adapter {manifest.ref} could not be loaded on base {self.base_id!r}: "
-                                       f"{type(err).__name__}: {str(err)[:300]}") from err
+                    raise AdapterError(
+                        f"adapter {manifest.ref} could not be loaded on base {self.base_id!r}: "
+                        f"{type(err).__name__}: {str(err)[:300]}"
+                    ) from err
             if self._peft.active_adapter not in self._peft.peft_config:  # all were evicted: PEFT kept a stale one
                 self._peft.set_adapter(name)
             self._peft.eval()
@@ -343,8 +361,12 @@ class HFEngine(AdapterCache):
         """Model inputs (left-padded, pixels included) and the per-row PEFT adapter names."""
         needed = frozenset(_peft_name(r.adapter) for r in reqs if r.adapter)
         names = [self.load_adapter(r.adapter, pinned=needed) if r.adapter else BASE for r in reqs]
-        rows = [prompts.encode(self.processor, modality, r.question, frames=len(r.pixels) if modality == "video" else 1,
-                               raw=r.raw) for r in reqs]
+        rows = [
+            prompts.encode(
+                self.processor, modality, r.question, frames=len(r.pixels) if modality == "video" else 1, raw=r.raw
+            )
+            for r in reqs
+        ]
         batch = prompts.pad_batch(rows, self.pad_id)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         if modality != "text":
@@ -371,18 +393,25 @@ class HFEngine(AdapterCache):
                 out = self.model(**inputs)
             return out.logits[:, -1].float().cpu()
 
-    def _run(self, modality: str, temperature: float, reqs: list[GenerateRequest],
-             sinks: list[_Sink] | None = None) -> list[GenerateResult]:
+    def _run(
+        self, modality: str, temperature: float, reqs: list[GenerateRequest], sinks: list[_Sink] | None = None
+    ) -> list[GenerateResult]:
         t0 = time.perf_counter()
         inputs, names = self._prepare(modality, reqs)
         t1 = time.perf_counter()
         width = inputs["input_ids"].shape[1]
         tok = self.processor.tokenizer
         ends = _RowEnds(width, reqs, self.eos_id, tok, sinks)
-        sampling = ([_RowSampling(temperature, [r.seed for r in reqs], self.device)] if temperature > 0 else [])
-        kwargs = dict(inputs, max_new_tokens=max(r.max_new_tokens for r in reqs), pad_token_id=self.pad_id,
-                      eos_token_id=self.eos_id, do_sample=False, logits_processor=LogitsProcessorList(sampling),
-                      stopping_criteria=StoppingCriteriaList([ends]))
+        sampling = [_RowSampling(temperature, [r.seed for r in reqs], self.device)] if temperature > 0 else []
+        kwargs = dict(
+            inputs,
+            max_new_tokens=max(r.max_new_tokens for r in reqs),
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_id,
+            do_sample=False,
+            logits_processor=LogitsProcessorList(sampling),
+            stopping_criteria=StoppingCriteriaList([ends]),
+        )
         with torch.inference_mode():
             if self._cache:  # LoRA layers hold adapters: every row names its own
                 with self._forward_context(names):
@@ -394,7 +423,7 @@ class HFEngine(AdapterCache):
         prompt_tokens = inputs["attention_mask"].sum(1).tolist()
         for i, (r, n_prompt) in enumerate(zip(reqs, prompt_tokens)):
             n, reason = ends.ended[i] or (out.shape[1] - width, "length")
-            row = out[i, width:width + n].tolist()
+            row = out[i, width : width + n].tolist()
             if reason == "stop" and row and row[-1] == self.eos_id:
                 row = row[:-1]
             text = tok.decode(row, skip_special_tokens=True)
@@ -402,12 +431,23 @@ class HFEngine(AdapterCache):
             if cut is not None:
                 text, reason = text[:cut], "stop"
             self._stats["new_tokens"] += n
-            results.append(GenerateResult(
-                text=text.strip(), adapter=r.adapter.ref if r.adapter else None, base=self.base_id,
-                finish_reason=reason,
-                timings={"adapter_load_s": round(t1 - t0, 4), "generate_s": round(t2 - t1, 4),
-                         "batch_size": len(reqs), "adapters_in_batch": len(set(names) - {BASE}),
-                         "prompt_tokens": int(n_prompt), "new_tokens": n}, token_ids=row))
+            results.append(
+                GenerateResult(
+                    text=text.strip(),
+                    adapter=r.adapter.ref if r.adapter else None,
+                    base=self.base_id,
+                    finish_reason=reason,
+                    timings={
+                        "adapter_load_s": round(t1 - t0, 4),
+                        "generate_s": round(t2 - t1, 4),
+                        "batch_size": len(reqs),
+                        "adapters_in_batch": len(set(names) - {BASE}),
+                        "prompt_tokens": int(n_prompt),
+                        "new_tokens": n,
+                    },
+                    token_ids=row,
+                )
+            )
         self._stats["requests"] += len(reqs)
         self._stats["prompt_tokens"] += int(sum(prompt_tokens))
         return results

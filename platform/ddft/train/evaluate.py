@@ -18,27 +18,30 @@ data, with matched inputs and with mismatched ones.
 The table goes to the store (eval/<timestamp>.{md,json}) and each adapter's scores into its
 manifest's metrics.
 """
+
 from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import Callable
 
 import numpy as np
 
 from ddft.adapters.registry import PLATFORM_OWNER, Manifest, read_manifest
 from ddft.config import JOINT, DataConfig
 from ddft.data.prepare import good_rows, latest_version
-from ddft.prompts import QUESTIONS
 from ddft.engines.base import GenerateRequest
+from ddft.prompts import QUESTIONS
 from ddft.store import Store
 from ddft.train import metrics
 
 # Which prepared splits each set reads, per modality (see the module's docstring).
-SETS = {"held-out": {"image": ("val",), "video": ("test",), "text": ("test",)},
-        "in-distribution": {"video": ("val",), "text": ("val",)}}
+SETS = {
+    "held-out": {"image": ("val",), "video": ("test",), "text": ("test",)},
+    "in-distribution": {"video": ("val",), "text": ("val",)},
+}
 COUNTERFACTUAL_SET = "held-out"
 # Room for the longest reference answer of each modality (a dish name, a QA answer, a recipe).
 MAX_NEW_TOKENS = {"image": 16, "text": 64, "video": 256}
@@ -47,6 +50,7 @@ MAX_NEW_TOKENS = {"image": 16, "text": 64, "video": 256}
 @dataclass
 class EvalSet:
     """Rows to score one modality on, with the scoring function; `skipped`: rows left out, with why."""
+
     dataset: str
     modality: str
     rows: list[dict]
@@ -54,10 +58,17 @@ class EvalSet:
     skipped: list[str] = field(default_factory=list)
 
 
-def held_out(store: Store, modality: str, limit: int | None = None, splits: tuple[str, ...] | None = None) -> list[dict]:
+def held_out(
+    store: Store, modality: str, limit: int | None = None, splits: tuple[str, ...] | None = None
+) -> list[dict]:
     """The prepared rows of a set (default: the held-out one), sorted by id, the first `limit`."""
-    rows = good_rows(store, modality, latest_version(store, modality), splits or SETS["held-out"][modality],
-                     ("id", "question", "answer", "pixels", "pixel_shape"))
+    rows = good_rows(
+        store,
+        modality,
+        latest_version(store, modality),
+        splits or SETS["held-out"][modality],
+        ("id", "question", "answer", "pixels", "pixel_shape"),
+    )
     return sorted(rows, key=lambda r: r["id"])[:limit]
 
 
@@ -75,8 +86,11 @@ def swap_entity(question: str, kinds: list[tuple[str, ...]]) -> str | None:
     if not found:
         return None
     _, entity, kind = max(found)
-    others = [e for e in kind[kind.index(entity) + 1:] + kind[:kind.index(entity)]
-              if not re.search(rf"\b{re.escape(e)}\b", question)]
+    others = [
+        e
+        for e in kind[kind.index(entity) + 1 :] + kind[: kind.index(entity)]
+        if not re.search(rf"\b{re.escape(e)}\b", question)
+    ]
     return re.sub(rf"\b{re.escape(entity)}\b", others[0], question, count=1) if others else None
 
 
@@ -88,7 +102,7 @@ def mismatched(rows: list[dict], modality: str) -> list[dict]:
         if modality == "text":
             out.append({**r, "question": swap_entity(r["question"], kinds) or r["question"]})
             continue
-        after = rows[i + 1:] + rows[:i]
+        after = rows[i + 1 :] + rows[:i]
         other = next((o for o in after if metrics.normalize(o["answer"]) != metrics.normalize(r["answer"])), r)
         out.append({**r, "pixels": other["pixels"], "pixel_shape": other.get("pixel_shape")})
     return out
@@ -125,22 +139,35 @@ def _request(row: dict, modality: str, adapter: Manifest | None, max_new_tokens:
     pixels = row["pixels"]
     if isinstance(pixels, bytes):  # a prepared row
         pixels = np.frombuffer(pixels, np.uint8).reshape(row["pixel_shape"])
-    return GenerateRequest(modality=modality, question=row["question"], pixels=pixels, adapter=adapter,
-                           max_new_tokens=max_new_tokens)
+    return GenerateRequest(
+        modality=modality, question=row["question"], pixels=pixels, adapter=adapter, max_new_tokens=max_new_tokens
+    )
 
 
 def eval_sets(store: Store, modalities, limit: int | None = None, data: DataConfig | None = None) -> list[EvalSet]:
-    sets = [EvalSet(name, m, held_out(store, m, limit, splits[m]), partial(metrics.score, m))
-            for name, splits in SETS.items() for m in modalities if m in splits]
+    sets = [
+        EvalSet(name, m, held_out(store, m, limit, splits[m]), partial(metrics.score, m))
+        for name, splits in SETS.items()
+        for m in modalities
+        if m in splits
+    ]
     if data is not None and "video" in modalities:
         rows, skipped = youcook2_rows(store, data, limit)
         sets.append(EvalSet("youcook2", "video", rows, metrics.score_steps, skipped))
     return [s for s in sets if s.rows]
 
 
-def evaluate(store: Store, base_id: str, modalities=("image", "video", "text"), adapters: dict | None = None,
-             limit: int | None = None, max_new_tokens: int | dict | None = None, batch: int = 8,
-             data: DataConfig | None = None, counterfactual: bool = True) -> list[dict]:
+def evaluate(
+    store: Store,
+    base_id: str,
+    modalities=("image", "video", "text"),
+    adapters: dict | None = None,
+    limit: int | None = None,
+    max_new_tokens: int | dict | None = None,
+    batch: int = 8,
+    data: DataConfig | None = None,
+    counterfactual: bool = True,
+) -> list[dict]:
     """One row per (dataset, modality, model, inputs): the base, then each adapter given for that
     modality (default: the platform's DDFT adapter and, when one was trained, the joint adapter
     beside it), with matched inputs; then, on the held-out set, each adapter with mismatched
@@ -154,30 +181,47 @@ def evaluate(store: Store, base_id: str, modalities=("image", "video", "text"), 
     for es in eval_sets(store, modalities, limit, data):
         default = [m for m in (read_manifest(store, PLATFORM_OWNER, es.modality), joint) if m]
         models = [None] + (adapters or {}).get(es.modality, default)
-        budget = max_new_tokens if isinstance(max_new_tokens, int) else \
-            {**MAX_NEW_TOKENS, **(max_new_tokens or {})}[es.modality]
+        budget = (
+            max_new_tokens
+            if isinstance(max_new_tokens, int)
+            else {**MAX_NEW_TOKENS, **(max_new_tokens or {})}[es.modality]
+        )
         runs = [(a, "matched", es.rows) for a in models]
         if counterfactual and es.dataset == COUNTERFACTUAL_SET:
             swapped = mismatched(es.rows, es.modality)
             runs += [(a, "mismatched", swapped) for a in models if a is not None]
         # Every model's requests in one queue: the engine batches mixed adapters.
         reqs = [_request(r, es.modality, a, budget) for a, _, rows in runs for r in rows]
-        texts = [r.text for i in range(0, len(reqs), batch) for r in engine.generate(reqs[i:i + batch])]
+        texts = [r.text for i in range(0, len(reqs), batch) for r in engine.generate(reqs[i : i + batch])]
         references = [r["answer"] for r in es.rows]
         matched: dict[str, dict] = {}
         for k, (adapter, inputs, rows) in enumerate(runs):
-            preds = texts[k * len(rows):(k + 1) * len(rows)]
+            preds = texts[k * len(rows) : (k + 1) * len(rows)]
             model = adapter.ref if adapter else f"base:{base_id}"
             scores = es.score(preds, references)
-            row = {"dataset": es.dataset, "modality": es.modality, "model": model, "inputs": inputs,
-                   "samples": len(rows), "skipped": len(es.skipped), **scores,
-                   "example": {"id": rows[0]["id"], "question": rows[0]["question"], "prediction": preds[0],
-                               "reference": references[0]}}
+            row = {
+                "dataset": es.dataset,
+                "modality": es.modality,
+                "model": model,
+                "inputs": inputs,
+                "samples": len(rows),
+                "skipped": len(es.skipped),
+                **scores,
+                "example": {
+                    "id": rows[0]["id"],
+                    "question": rows[0]["question"],
+                    "prediction": preds[0],
+                    "reference": references[0],
+                },
+            }
             if inputs == "matched":
                 matched[model] = scores
             else:
-                row["gap"] = {key: matched[model][key] - v for key, v in scores.items()
-                              if isinstance(v, float) and isinstance(matched[model].get(key), float)}
+                row["gap"] = {
+                    key: matched[model][key] - v
+                    for key, v in scores.items()
+                    if isinstance(v, float) and isinstance(matched[model].get(key), float)
+                }
                 row["headline_gap"] = row["gap"].get(metrics.HEADLINE[es.modality])
             if es.skipped:
                 row["skipped_reasons"] = es.skipped[:5]
@@ -186,8 +230,23 @@ def evaluate(store: Store, base_id: str, modalities=("image", "video", "text"), 
 
 
 def table(results: list[dict]) -> str:
-    columns = ["dataset", "modality", "model", "inputs", "samples", "skipped", "accuracy", "content", "ingredient_f1",
-               "quantity_accuracy", "step_agreement", "rouge_l", "bleu4", "step_count_error", "headline_gap"]
+    columns = [
+        "dataset",
+        "modality",
+        "model",
+        "inputs",
+        "samples",
+        "skipped",
+        "accuracy",
+        "content",
+        "ingredient_f1",
+        "quantity_accuracy",
+        "step_agreement",
+        "rouge_l",
+        "bleu4",
+        "step_count_error",
+        "headline_gap",
+    ]
     return metrics.markdown_table(results, columns)
 
 

@@ -7,6 +7,7 @@ versions, the base). The Ray Train run is named after it, so a worker that dies,
 that is resubmitted, resumes from the run's latest checkpoint; and a job whose adapter was
 already published from the same fingerprint is not retrained unless forced.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,8 +51,14 @@ def dataset_versions(store: Store, job: JobConfig) -> dict[str, str]:
 
 def job_fingerprint(job: JobConfig, versions: dict[str, str], base: BaseInfo) -> str:
     """What decides the trained weights; not where they run (CPUs, GPUs) or how often they are saved."""
-    settings = job.model_dump(mode="json", exclude={"max_failures": True, "optim": {"checkpoint_every"},
-                                                    "resources": {"cpus_per_worker", "gpus_per_worker", "torch_threads"}})
+    settings = job.model_dump(
+        mode="json",
+        exclude={
+            "max_failures": True,
+            "optim": {"checkpoint_every"},
+            "resources": {"cpus_per_worker", "gpus_per_worker", "torch_threads"},
+        },
+    )
     blob = json.dumps({"job": settings, "data": versions, "base": base.fingerprint}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -73,8 +80,9 @@ def draw(ds, n: int, seed: int, what: str = "the"):
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
-def _datasets(store: Store, versions: dict[str, str], seed: int,
-              samples: dict[str, int] | None = None) -> tuple[dict, int, bool]:
+def _datasets(
+    store: Store, versions: dict[str, str], seed: int, samples: dict[str, int] | None = None
+) -> tuple[dict, int, bool]:
     """Train (and val, when there is any) datasets; the joint job's modalities shuffled together,
     each drawn to its number of `samples` when the job gives them (the equal-budget baseline)."""
     import ray
@@ -89,18 +97,27 @@ def _datasets(store: Store, versions: dict[str, str], seed: int,
     # In file order, so that every run (and a resumed one) sees the same sequence.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     train = read("train").materialize()
-    has_val = any(store.read_json(f"{prepared_key(m, v)}/manifest.json")["counts"].get("val")
-                  for m, v in versions.items())
+    has_val = any(
+        store.read_json(f"{prepared_key(m, v)}/manifest.json")["counts"].get("val") for m, v in versions.items()
+    )
     datasets = {"train": train} | ({"val": read("val").materialize()} if has_val else {})
     return datasets, train.count(), has_val
 
 
 def loop_config(cfg: PipelineConfig, job: JobConfig, num_rows: int, has_val: bool = False) -> dict:
     """Everything a worker needs, as plain data (it crosses process boundaries)."""
-    return {"store": cfg.store.model_dump() | {"uri": Store.from_config(cfg.store).uri},  # absolute
-            "base_id": cfg.base.id, "modality": job.modality, "num_rows": num_rows, "has_val": has_val,
-            "lora": job.lora.model_dump(), "optim": job.optim.model_dump(), "precision": job.precision,
-            "gradient_checkpointing": job.gradient_checkpointing, "torch_threads": job.resources.torch_threads}
+    return {
+        "store": cfg.store.model_dump() | {"uri": Store.from_config(cfg.store).uri},  # absolute
+        "base_id": cfg.base.id,
+        "modality": job.modality,
+        "num_rows": num_rows,
+        "has_val": has_val,
+        "lora": job.lora.model_dump(),
+        "optim": job.optim.model_dump(),
+        "precision": job.precision,
+        "gradient_checkpointing": job.gradient_checkpointing,
+        "torch_threads": job.resources.torch_threads,
+    }
 
 
 def _skipped(store: Store, job: JobConfig, fingerprint: str, started: float) -> JobResult | None:
@@ -109,9 +126,18 @@ def _skipped(store: Store, job: JobConfig, fingerprint: str, started: float) -> 
     if not manifest or manifest.metrics.get("job_fingerprint") != fingerprint:
         return None
     m = manifest.metrics
-    return JobResult(job.name, job.modality, "skipped", started, time.time(), steps=m.get("steps", 0),
-                     losses=[m.get("first_loss"), m.get("last_loss")], val_losses=m.get("val_losses", []),
-                     tokens_per_s=m.get("tokens_per_s", 0.0), adapter=store.url(manifest.key))
+    return JobResult(
+        job.name,
+        job.modality,
+        "skipped",
+        started,
+        time.time(),
+        steps=m.get("steps", 0),
+        losses=[m.get("first_loss"), m.get("last_loss")],
+        val_losses=m.get("val_losses", []),
+        tokens_per_s=m.get("tokens_per_s", 0.0),
+        adapter=store.url(manifest.key),
+    )
 
 
 def run_job(cfg: PipelineConfig, job: JobConfig, force: bool = False, publish_adapter: bool = True) -> JobResult:
@@ -143,14 +169,20 @@ def run_job(cfg: PipelineConfig, job: JobConfig, force: bool = False, publish_ad
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config(cfg, job, num_rows, has_val),
-        scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.gpus_per_worker > 0,
-                                     resources_per_worker={"CPU": res.cpus_per_worker,
-                                                           "GPU": res.gpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=runs_path, storage_filesystem=fs,
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=job.max_failures),
-                             # Named in the workers' environment: logs, `ps e` and operators can tell jobs apart.
-                             worker_runtime_env={"env_vars": {"DDFT_JOB": job.name, "DDFT_RUN": name}}),
+        scaling_config=ScalingConfig(
+            num_workers=res.num_workers,
+            use_gpu=res.gpus_per_worker > 0,
+            resources_per_worker={"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=runs_path,
+            storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=job.max_failures),
+            # Named in the workers' environment: logs, `ps e` and operators can tell jobs apart.
+            worker_runtime_env={"env_vars": {"DDFT_JOB": job.name, "DDFT_RUN": name}},
+        ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(execution_options=ingest),
     )
@@ -162,14 +194,38 @@ def run_job(cfg: PipelineConfig, job: JobConfig, force: bool = False, publish_ad
         tokens_per_s = state["tokens"] / max(state["seconds"], 1e-9)
         manifest = None
         if publish_adapter:
-            manifest = publish(store, Path(ckpt) / "adapter", owner=PLATFORM_OWNER, name=job.modality,
-                               modality=job.modality, base=base, source="trained",
-                               metrics={"job": job.name, "job_fingerprint": fingerprint,
-                                        "dataset_versions": versions, "steps": state["step"],
-                                        "first_loss": state["losses"][0], "last_loss": state["losses"][-1],
-                                        "val_losses": state["val_losses"], "tokens_per_s": round(tokens_per_s, 2),
-                                        "resumed_from": state["resumed_from"], "run": run_uri})
-    return JobResult(job.name, job.modality, "succeeded", started, time.time(), steps=state["step"],
-                     losses=state["losses"], val_losses=state["val_losses"], tokens_per_s=tokens_per_s,
-                     resumed_from=state["resumed_from"], adapter=store.url(manifest.key) if manifest else None,
-                     run=run_uri)
+            manifest = publish(
+                store,
+                Path(ckpt) / "adapter",
+                owner=PLATFORM_OWNER,
+                name=job.modality,
+                modality=job.modality,
+                base=base,
+                source="trained",
+                metrics={
+                    "job": job.name,
+                    "job_fingerprint": fingerprint,
+                    "dataset_versions": versions,
+                    "steps": state["step"],
+                    "first_loss": state["losses"][0],
+                    "last_loss": state["losses"][-1],
+                    "val_losses": state["val_losses"],
+                    "tokens_per_s": round(tokens_per_s, 2),
+                    "resumed_from": state["resumed_from"],
+                    "run": run_uri,
+                },
+            )
+    return JobResult(
+        job.name,
+        job.modality,
+        "succeeded",
+        started,
+        time.time(),
+        steps=state["step"],
+        losses=state["losses"],
+        val_losses=state["val_losses"],
+        tokens_per_s=tokens_per_s,
+        resumed_from=state["resumed_from"],
+        adapter=store.url(manifest.key) if manifest else None,
+        run=run_uri,
+    )

@@ -4,6 +4,7 @@ Each job's driver is a zero-CPU Ray task that calls TorchTrainer.fit(), so the j
 by side and Ray's scheduler queues the workers that don't fit yet instead of deadlocking.
 One job failing does not stop the others.
 """
+
 from __future__ import annotations
 
 import time
@@ -18,8 +19,9 @@ def _drive(cfg_json: str, name: str, force: bool) -> JobResult:
     try:
         return run_job(cfg, cfg.job(name), force=force)
     except Exception as err:  # reported in the table; the other jobs go on
-        return JobResult(name, cfg.job(name).modality, "failed", started, time.time(),
-                         error=f"{type(err).__name__}: {err}"[:2000])
+        return JobResult(
+            name, cfg.job(name).modality, "failed", started, time.time(), error=f"{type(err).__name__}: {err}"[:2000]
+        )
 
 
 def run_all(cfg: PipelineConfig, only: list[str] | None = None, force: bool = False) -> list[JobResult]:
@@ -41,9 +43,18 @@ def table(results: list[JobResult]) -> str:
     rows = [("job", "status", "steps", "first loss", "last loss", "val loss", "tokens/s", "seconds", "adapter")]
     loss = lambda x: f"{x:.4f}" if isinstance(x, (int, float)) else "-"  # noqa: E731
     for r in results:
-        rows.append((r.name, r.status + (f" (resumed at {r.resumed_from})" if r.resumed_from else ""),
-                     str(r.steps), loss(r.losses[0] if r.losses else None), loss(r.losses[-1] if r.losses else None),
-                     loss(r.val_losses[-1]["loss"] if r.val_losses else None), f"{r.tokens_per_s:.0f}",
-                     f"{r.ended - r.started:.0f}", r.adapter or "(see below)"))
+        rows.append(
+            (
+                r.name,
+                r.status + (f" (resumed at {r.resumed_from})" if r.resumed_from else ""),
+                str(r.steps),
+                loss(r.losses[0] if r.losses else None),
+                loss(r.losses[-1] if r.losses else None),
+                loss(r.val_losses[-1]["loss"] if r.val_losses else None),
+                f"{r.tokens_per_s:.0f}",
+                f"{r.ended - r.started:.0f}",
+                r.adapter or "(see below)",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)

@@ -2,6 +2,7 @@
 setup (base + LoRA + optimizer, or resume from the latest checkpoint), train (streaming the
 prepared shard), validate each epoch, checkpoint (adapter + optimizer + scheduler + data
 position), report."""
+
 from __future__ import annotations
 
 import json
@@ -27,9 +28,14 @@ def lora_model(model, lora: dict, modality: str, gradient_checkpointing: bool = 
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                        target_modules=lora["target_modules"], task_type="CAUSAL_LM",
-                        modules_to_save=[PROJECTOR] if lora["train_projector"] and modality != "text" else None)
+    config = LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=lora["target_modules"],
+        task_type="CAUSAL_LM",
+        modules_to_save=[PROJECTOR] if lora["train_projector"] and modality != "text" else None,
+    )
     return get_peft_model(model, config)
 
 
@@ -50,14 +56,17 @@ def collate(rows: dict, processor) -> dict:
     from ddft.prompts import pad_batch, pixel_inputs
 
     n = len(rows["input_ids"])
-    batch = pad_batch([{"input_ids": rows["input_ids"][i], "labels": rows["labels"][i]} for i in range(n)],
-                      processor.tokenizer.pad_token_id)
+    batch = pad_batch(
+        [{"input_ids": rows["input_ids"][i], "labels": rows["labels"][i]} for i in range(n)],
+        processor.tokenizer.pad_token_id,
+    )
     media: dict[str, list] = {"image": [], "video": []}
     for i in range(n):
         shape = list(rows["pixel_shape"][i])
         if shape:  # HxWx3 image, TxHxWx3 video; text rows have none
             media["image" if len(shape) == 3 else "video"].append(
-                np.frombuffer(rows["pixels"][i], dtype=np.uint8).reshape(shape))
+                np.frombuffer(rows["pixels"][i], dtype=np.uint8).reshape(shape)
+            )
     for modality, pixels in media.items():
         if pixels:
             batch.update(pixel_inputs(processor, modality, pixels))
@@ -66,8 +75,18 @@ def collate(rows: dict, processor) -> dict:
 
 def new_state() -> dict:
     # `position` = micro-batches of the current epoch already trained on (the data position).
-    return {"step": 0, "epoch": 0, "position": 0, "micro": 0, "tokens": 0, "seconds": 0.0,
-            "losses": [], "val_losses": [], "history": [], "resumed_from": []}
+    return {
+        "step": 0,
+        "epoch": 0,
+        "position": 0,
+        "micro": 0,
+        "tokens": 0,
+        "seconds": 0.0,
+        "losses": [],
+        "val_losses": [],
+        "history": [],
+        "resumed_from": [],
+    }
 
 
 def rng_state() -> dict:
@@ -75,10 +94,12 @@ def rng_state() -> dict:
     import random
 
     np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-            "python": json.dumps(random.getstate())}
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": json.dumps(random.getstate()),
+    }
 
 
 def set_rng_state(saved: dict) -> None:
@@ -97,8 +118,10 @@ def save_checkpoint(model, optimizer, scheduler, out: Path, state: dict) -> None
     """Everything needed to go on exactly where training stopped: the same weights, optimizer
     moments, schedule, data position and random streams as if it never had."""
     model.save_pretrained(out / "adapter", safe_serialization=True)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-               out / "optimizer.pt")
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+        out / "optimizer.pt",
+    )
     (out / "train_state.json").write_text(json.dumps(state, indent=2))
 
 
@@ -209,8 +232,9 @@ def train_loop(cfg: dict) -> None:
             state["seconds"] += time.time() - started
             started = time.time()
             state["losses"].append(round(loss.item(), 5))
-            state["history"].append({"step": state["step"], "tokens": state["tokens"],
-                                     "seconds": round(state["seconds"], 4)})
+            state["history"].append(
+                {"step": state["step"], "tokens": state["tokens"], "seconds": round(state["seconds"], 4)}
+            )
             done = state["step"] >= total
             if done:
                 validate()
@@ -218,9 +242,18 @@ def train_loop(cfg: dict) -> None:
             checkpoint = done or bool(every and state["step"] % every == 0)
             if checkpoint or state["step"] % optim["report_every"] == 0:
                 # Same steps on every rank: report is a barrier across the workers.
-                report({"step": state["step"], "epoch": state["epoch"], "loss": loss.item(),
-                        "lr": scheduler.get_last_lr()[0], "tokens": state["tokens"],
-                        "tokens_per_s": state["tokens"] / max(state["seconds"], 1e-9), **pending}, checkpoint)
+                report(
+                    {
+                        "step": state["step"],
+                        "epoch": state["epoch"],
+                        "loss": loss.item(),
+                        "lr": scheduler.get_last_lr()[0],
+                        "tokens": state["tokens"],
+                        "tokens_per_s": state["tokens"] / max(state["seconds"], 1e-9),
+                        **pending,
+                    },
+                    checkpoint,
+                )
                 pending.clear()
             if done:
                 break

@@ -169,8 +169,7 @@ def recipe_scores(prediction_text: str | None, reference_text: str) -> dict:
         f1 = 2 * len(pairs) / (n_pred + n_ref)  # == 2PR/(P+R); 0.0 when one side is empty
     quantity_accuracy = None
     if pairs:
-        right = sum(_same_quantity(p["quantity"], r["quantity"]) and p["unit"] == r["unit"]
-                    for p, r in pairs)
+        right = sum(_same_quantity(p["quantity"], r["quantity"]) and p["unit"] == r["unit"] for p, r in pairs)
         quantity_accuracy = right / len(pairs)
     steps = [[normalize(s) for s in side["steps"]] for side in (pred, ref)]
     longest = max(map(len, steps))
@@ -213,11 +212,16 @@ def score_steps(predictions: Sequence[str | None], references: Sequence[str]) ->
     steps section (parsed), ROUGE-L and corpus BLEU-4 over it, and the step-count error."""
     _check_lengths(predictions, references)
     steps = [["\n".join(parse_recipe(t or "")["steps"]) for t in side] for side in (predictions, references)]
-    counts = [abs(len(parse_recipe(p or "")["steps"]) - len(parse_recipe(r)["steps"]))
-              for p, r in zip(predictions, references)]
+    counts = [
+        abs(len(parse_recipe(p or "")["steps"]) - len(parse_recipe(r)["steps"]))
+        for p, r in zip(predictions, references)
+    ]
     n = len(counts)
-    return {"rouge_l": mean_rouge_l(*steps) if n else 0.0, "bleu4": bleu4(*steps),
-            "step_count_error": sum(counts) / n if n else None}
+    return {
+        "rouge_l": mean_rouge_l(*steps) if n else 0.0,
+        "bleu4": bleu4(*steps),
+        "step_count_error": sum(counts) / n if n else None,
+    }
 
 
 def score(modality: str, predictions: Sequence[str | None], references: Sequence[str]) -> dict:
@@ -246,7 +250,6 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     Floats print with 3 decimals, None and missing keys as "-", other values with str() ("|"
     escaped). No trailing newline; with no rows just the header and the separator line.
     """
-    lines = ["| " + " | ".join(_cell(c) for c in columns) + " |",
-             "|" + "|".join("---" for _ in columns) + "|"]
+    lines = ["| " + " | ".join(_cell(c) for c in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines)

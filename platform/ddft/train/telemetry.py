@@ -1,6 +1,7 @@
 """Training metrics for Prometheus: rank 0 sets Ray metrics at every report, and Ray exports them
 from each node's metrics port (KubeRay's Prometheus scrape) as ray_ddft_train_* with the job (ddft_job:
 Prometheus keeps `job` for its own scrape jobs) and run as tags. Grafana: infra/grafana/ddft-dashboard.json."""
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,9 @@ class TrainMetrics:
         from ray.util.metrics import Gauge
 
         self.tags = {"ddft_job": os.environ.get("DDFT_JOB", "unknown"), "run": os.environ.get("DDFT_RUN", "unknown")}
-        self.gauges = {key: Gauge(name, description=text, tag_keys=("ddft_job", "run"))
-                       for key, (name, text) in GAUGES.items()}
+        self.gauges = {
+            key: Gauge(name, description=text, tag_keys=("ddft_job", "run")) for key, (name, text) in GAUGES.items()
+        }
 
     def publish(self, metrics: dict) -> None:
         for key, gauge in self.gauges.items():

@@ -1,5 +1,6 @@
 """Pixel preparation for ddft's Video-LLaVA in vLLM, without torchvision (and without vLLM, so
 the project's venv tests it against transformers' own processors)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence

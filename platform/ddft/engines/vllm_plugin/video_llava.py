@@ -22,6 +22,7 @@ item's cache hash, so encoder outputs of one adapter are never reused for anothe
 reads slot N's weights from `$DDFT_VLLM_PROJECTOR_DIR/N.safetensors`, written by the engine before
 the request. Slot 0 is the base's own projector; slot ids are never reused for other weights.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,7 +36,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 from transformers import BatchFeature, VideoLlavaConfig
-
 from vllm.config import VllmConfig
 from vllm.config.multimodal import BaseDummyOptions
 from vllm.inputs import MultiModalDataDict
@@ -43,13 +43,17 @@ from vllm.model_executor.layers.activation import get_act_fn
 from vllm.model_executor.models.clip import CLIPVisionModel
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsLoRA, SupportsMultiModal
 from vllm.model_executor.models.module_mapping import MultiModelKeys
-from vllm.model_executor.models.utils import (AutoWeightsLoader, WeightsMapper, init_vllm_registered_model,
-                                              maybe_prefix)
+from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, init_vllm_registered_model, maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems, VideoProcessorItems
-from vllm.multimodal.processing import (BaseDummyInputsBuilder, BaseMultiModalProcessor, BaseProcessingInfo,
-                                        PromptReplacement, PromptUpdate)
+from vllm.multimodal.processing import (
+    BaseDummyInputsBuilder,
+    BaseMultiModalProcessor,
+    BaseProcessingInfo,
+    PromptReplacement,
+    PromptUpdate,
+)
 
 from ddft.engines.vllm_plugin import PROJECTOR_DIR_ENV, PROJECTOR_KWARG
 from ddft.engines.vllm_plugin.pixels import clip_pixels
@@ -70,8 +74,10 @@ class VideoLlavaProcessingInfo(BaseProcessingInfo):
         return self.ctx.get_hf_config(VideoLlavaConfig)
 
     def get_hf_processor(self, **kwargs):
-        raise NotImplementedError("ddft's Video-LLaVA prepares pixels itself (clip_pixels); transformers' "
-                                  "VideoLlavaProcessor needs torchvision")
+        raise NotImplementedError(
+            "ddft's Video-LLaVA prepares pixels itself (clip_pixels); transformers' "
+            "VideoLlavaProcessor needs torchvision"
+        )
 
     def get_supported_mm_processor_kwargs(self) -> dict[str, set[str]]:
         return {"text_kwargs": set(), "images_kwargs": set(), "videos_kwargs": set()}
@@ -91,9 +97,11 @@ class VideoLlavaProcessingInfo(BaseProcessingInfo):
             cfg = json.loads((folder / "preprocessor_config.json").read_text())
         size = self.get_hf_config().vision_config.image_size
         crop = cfg.get("crop_size") or {}
-        return {"size": int(crop.get("height", size)) if isinstance(crop, dict) else int(crop),
-                "mean": cfg.get("image_mean", [0.48145466, 0.4578275, 0.40821073]),
-                "std": cfg.get("image_std", [0.26862954, 0.26130258, 0.27577711])}
+        return {
+            "size": int(crop.get("height", size)) if isinstance(crop, dict) else int(crop),
+            "mean": cfg.get("image_mean", [0.48145466, 0.4578275, 0.40821073]),
+            "std": cfg.get("image_std", [0.26862954, 0.26130258, 0.27577711]),
+        }
 
     def tokens_per_frame(self) -> int:
         v = self.get_hf_config().vision_config
@@ -112,14 +120,22 @@ class VideoLlavaDummyInputsBuilder(BaseDummyInputsBuilder[VideoLlavaProcessingIn
         image, video = tok.convert_ids_to_tokens([cfg.image_token_index, cfg.video_token_index])
         return image * mm_counts.get("image", 0) + video * mm_counts.get("video", 0)
 
-    def get_dummy_mm_data(self, seq_len: int, mm_counts: Mapping[str, int],
-                          mm_options: Mapping[str, BaseDummyOptions]) -> MultiModalDataDict:
+    def get_dummy_mm_data(
+        self, seq_len: int, mm_counts: Mapping[str, int], mm_options: Mapping[str, BaseDummyOptions]
+    ) -> MultiModalDataDict:
         size = self.info.get_hf_config().vision_config.image_size
-        return {"image": self._get_dummy_images(width=size, height=size, num_images=mm_counts.get("image", 0),
-                                                overrides=mm_options.get("image")),
-                "video": self._get_dummy_videos(width=size, height=size, num_frames=DUMMY_FRAMES,
-                                                num_videos=mm_counts.get("video", 0),
-                                                overrides=mm_options.get("video"))}
+        return {
+            "image": self._get_dummy_images(
+                width=size, height=size, num_images=mm_counts.get("image", 0), overrides=mm_options.get("image")
+            ),
+            "video": self._get_dummy_videos(
+                width=size,
+                height=size,
+                num_frames=DUMMY_FRAMES,
+                num_videos=mm_counts.get("video", 0),
+                overrides=mm_options.get("video"),
+            ),
+        }
 
 
 class VideoLlavaMultiModalProcessor(BaseMultiModalProcessor[VideoLlavaProcessingInfo]):
@@ -129,9 +145,14 @@ class VideoLlavaMultiModalProcessor(BaseMultiModalProcessor[VideoLlavaProcessing
         out = {}
         images = hf_data.get("images") or []
         if images:
-            out["pixel_values"] = torch.from_numpy(np.concatenate(
-                [clip_pixels(np.asarray(img.convert("RGB") if hasattr(img, "convert") else img)[None], **px)
-                 for img in images]))
+            out["pixel_values"] = torch.from_numpy(
+                np.concatenate(
+                    [
+                        clip_pixels(np.asarray(img.convert("RGB") if hasattr(img, "convert") else img)[None], **px)
+                        for img in images
+                    ]
+                )
+            )
             out["image_projector"] = torch.full((len(images),), slot, dtype=torch.long)
         videos = hf_data.get("videos") or []
         if videos:
@@ -140,15 +161,22 @@ class VideoLlavaMultiModalProcessor(BaseMultiModalProcessor[VideoLlavaProcessing
             out["video_projector"] = torch.full((len(videos),), slot, dtype=torch.long)
         return BatchFeature(out)
 
-    def _get_mm_fields_config(self, hf_inputs: BatchFeature,
-                              hf_processor_mm_kwargs: Mapping[str, object]) -> Mapping[str, MultiModalFieldConfig]:
-        return {"pixel_values": MultiModalFieldConfig.batched("image"),
-                "image_projector": MultiModalFieldConfig.batched("image"),
-                "pixel_values_videos": MultiModalFieldConfig.batched("video"),
-                "video_projector": MultiModalFieldConfig.batched("video")}
+    def _get_mm_fields_config(
+        self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
+    ) -> Mapping[str, MultiModalFieldConfig]:
+        return {
+            "pixel_values": MultiModalFieldConfig.batched("image"),
+            "image_projector": MultiModalFieldConfig.batched("image"),
+            "pixel_values_videos": MultiModalFieldConfig.batched("video"),
+            "video_projector": MultiModalFieldConfig.batched("video"),
+        }
 
-    def _get_prompt_updates(self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs: Mapping[str, object],
-                            out_mm_kwargs: MultiModalKwargsItems) -> Sequence[PromptUpdate]:
+    def _get_prompt_updates(
+        self,
+        mm_items: MultiModalDataItems,
+        hf_processor_mm_kwargs: Mapping[str, object],
+        out_mm_kwargs: MultiModalKwargsItems,
+    ) -> Sequence[PromptUpdate]:
         cfg = self.info.get_hf_config()
 
         def video_tokens(i: int) -> list[int]:
@@ -158,11 +186,17 @@ class VideoLlavaMultiModalProcessor(BaseMultiModalProcessor[VideoLlavaProcessing
         updates = []
         if "image" in mm_items:
             mm_items.get_items("image", ImageProcessorItems)
-            updates.append(PromptReplacement(modality="image", target=[cfg.image_token_index],
-                                             replacement=[cfg.image_token_index] * self.info.num_image_tokens()))
+            updates.append(
+                PromptReplacement(
+                    modality="image",
+                    target=[cfg.image_token_index],
+                    replacement=[cfg.image_token_index] * self.info.num_image_tokens(),
+                )
+            )
         if "video" in mm_items:
-            updates.append(PromptReplacement(modality="video", target=[cfg.video_token_index],
-                                             replacement=video_tokens))
+            updates.append(
+                PromptReplacement(modality="video", target=[cfg.video_token_index], replacement=video_tokens)
+            )
         return updates
 
 
@@ -183,17 +217,20 @@ class Projector(nn.Module):
         return nn.functional.linear(self.act(h), weights["linear_2.weight"], weights.get("linear_2.bias"))
 
 
-@MULTIMODAL_REGISTRY.register_processor(VideoLlavaMultiModalProcessor, info=VideoLlavaProcessingInfo,
-                                        dummy_inputs=VideoLlavaDummyInputsBuilder)
+@MULTIMODAL_REGISTRY.register_processor(
+    VideoLlavaMultiModalProcessor, info=VideoLlavaProcessingInfo, dummy_inputs=VideoLlavaDummyInputsBuilder
+)
 class VideoLlavaForConditionalGeneration(nn.Module, SupportsLoRA, SupportsMultiModal):
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
-    hf_to_vllm_mapper = WeightsMapper(orig_to_new_prefix={
-        "model.language_model.": "language_model.model.",  # transformers >= 4.52 (ddft's bases)
-        "model.image_tower.": "image_tower.",
-        "model.video_tower.": "video_tower.",
-        "model.multi_modal_projector.": "multi_modal_projector.",
-        "lm_head.": "language_model.lm_head.",
-    })  # the original LanguageBind/Video-LLaVA-7B-hf layout (language_model.model.*, image_tower.*) is ours as is
+    hf_to_vllm_mapper = WeightsMapper(
+        orig_to_new_prefix={
+            "model.language_model.": "language_model.model.",  # transformers >= 4.52 (ddft's bases)
+            "model.image_tower.": "image_tower.",
+            "model.video_tower.": "video_tower.",
+            "model.multi_modal_projector.": "multi_modal_projector.",
+            "lm_head.": "language_model.lm_head.",
+        }
+    )  # the original LanguageBind/Video-LLaVA-7B-hf layout (language_model.model.*, image_tower.*) is ours as is
     PROJECTOR_CACHE = 16  # adapters' projectors kept in memory here (the engine's LRU decides what is served)
 
     @classmethod
@@ -211,14 +248,25 @@ class VideoLlavaForConditionalGeneration(nn.Module, SupportsLoRA, SupportsMultiM
         quant = vllm_config.quant_config
         layers = _layers_to_feature(config)
         with self._mark_tower_model(vllm_config, {"image", "video"}):
-            self.image_tower = CLIPVisionModel(config.vision_config, quant, num_hidden_layers_override=layers,
-                                               require_post_norm=False, prefix=maybe_prefix(prefix, "image_tower"))
-            self.video_tower = CLIPVisionModel(config.vision_config, quant, num_hidden_layers_override=layers,
-                                               require_post_norm=False, prefix=maybe_prefix(prefix, "video_tower"))
+            self.image_tower = CLIPVisionModel(
+                config.vision_config,
+                quant,
+                num_hidden_layers_override=layers,
+                require_post_norm=False,
+                prefix=maybe_prefix(prefix, "image_tower"),
+            )
+            self.video_tower = CLIPVisionModel(
+                config.vision_config,
+                quant,
+                num_hidden_layers_override=layers,
+                require_post_norm=False,
+                prefix=maybe_prefix(prefix, "video_tower"),
+            )
             self.multi_modal_projector = Projector(config)
         with self._mark_language_model(vllm_config):
-            self.language_model = init_vllm_registered_model(vllm_config=vllm_config, hf_config=config.text_config,
-                                                             prefix=maybe_prefix(prefix, "language_model"))
+            self.language_model = init_vllm_registered_model(
+                vllm_config=vllm_config, hf_config=config.text_config, prefix=maybe_prefix(prefix, "language_model")
+            )
         self._projectors: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
 
     # -- per-adapter projectors ------------------------------------------------------------------------
@@ -287,12 +335,15 @@ class VideoLlavaForConditionalGeneration(nn.Module, SupportsLoRA, SupportsMultiM
             for name, w in named:
                 for tower in ("model.image_tower.", "model.video_tower.", "image_tower.", "video_tower."):
                     if name.startswith(tower) and not name.startswith(tower + "vision_model."):
-                        name = tower + "vision_model." + name[len(tower):]
+                        name = tower + "vision_model." + name[len(tower) :]
                         break
                 yield name, w
 
         return AutoWeightsLoader(self).load_weights(towers_as_vllm(weights), mapper=self.hf_to_vllm_mapper)
 
     def get_mm_mapping(self) -> MultiModelKeys:
-        return MultiModelKeys.from_string_field(language_model="language_model", connector="multi_modal_projector",
-                                                tower_model=["image_tower", "video_tower"])
+        return MultiModelKeys.from_string_field(
+            language_model="language_model",
+            connector="multi_modal_projector",
+            tower_model=["image_tower", "video_tower"],
+        )
