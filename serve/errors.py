@@ -1,7 +1,8 @@
 """JSON errors for every route: {"error": <short code>, "detail": <what was wrong and the fix>}, and
 OpenAI's shape {"error": {"message", "type", "code", "param"}} on the OpenAI routes, so OpenAI
-clients show the message and code. The engines' typed exceptions map to HTTP here, in one table,
-for the plain and the streamed (SSE) answers alike."""
+clients show the message and code. The library's typed errors (ddft.errors: what kind of problem,
+with a code) map to HTTP here, in one table, wherever they are raised (the gateway, the registry,
+an engine on a replica) and for the plain and the streamed (SSE) answers alike."""
 
 import logging
 
@@ -10,17 +11,21 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ddft.adapters.registry import AdapterError
-from ddft.engines.base import EngineUnavailable
+from ddft.errors import BadArgument, Conflict, DdftError, Invalid, NotFound, TooLarge, Unavailable, UnsupportedFormat
 from ddft.store import StoreError
 
 log = logging.getLogger("ddft.serve")
 
-# An engine's exception -> (status, code); the first match wins (AdapterError is a ValueError).
-ENGINE_ERRORS = (
-    (AdapterError, 409, "adapter_unusable"),
-    (EngineUnavailable, 503, "engine_unavailable"),
-    (ValueError, 400, "bad_request"),
+# A kind of error -> its HTTP status; the first match wins (subclasses before their bases). The
+# code is the error's own. A plain ValueError from an engine is a bad request.
+STATUS = (
+    (TooLarge, 413),
+    (UnsupportedFormat, 415),
+    (BadArgument, 400),
+    (Invalid, 422),
+    (NotFound, 404),
+    (Conflict, 409),
+    (Unavailable, 503),
 )
 OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models")
 
@@ -47,6 +52,22 @@ def store_unreadable(err: StoreError) -> ApiError:
     )
 
 
+def status_of(err: DdftError) -> int:
+    return next(status for kind, status in STATUS if isinstance(err, kind))
+
+
+def from_error(err: BaseException) -> ApiError | None:
+    """The HTTP error for a typed library error (or a store failure); None for anything else."""
+    if isinstance(err, ApiError):
+        return err
+    if isinstance(err, StoreError):
+        return store_unreadable(err)
+    if isinstance(err, DdftError):
+        status = status_of(err)
+        return ApiError(status, err.code, err.detail, {"Retry-After": "30"} if status == 503 else None)
+    return None
+
+
 def from_engine(err: BaseException) -> ApiError:
     """The HTTP error for what a model replica raised. Ray re-raises a replica's exception as a
     RayTaskError that is also an instance of the original type; its `cause` is the original,
@@ -54,11 +75,10 @@ def from_engine(err: BaseException) -> ApiError:
     if isinstance(err, ApiError):
         return err
     cause = getattr(err, "cause", None) or err
-    if isinstance(cause, StoreError):
-        return store_unreadable(cause)
-    for kind, status, code in ENGINE_ERRORS:
-        if isinstance(cause, kind):
-            return ApiError(status, code, str(cause), {"Retry-After": "30"} if status == 503 else None)
+    if (known := from_error(cause)) is not None:
+        return known
+    if isinstance(cause, ValueError):
+        return ApiError(400, "bad_request", str(cause))
     log.error("generation failed: %s: %s", type(cause).__name__, str(cause)[:2000])
     return ApiError(500, "generation_failed", f"{type(cause).__name__}: {str(cause)[:300]} (see the replica's log)")
 
@@ -101,6 +121,12 @@ def install(api: FastAPI) -> None:
     @api.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
         return error_response(exc.status, exc.error, exc.detail, exc.headers, request.url.path)
+
+    @api.exception_handler(DdftError)
+    @api.exception_handler(StoreError)
+    async def _typed_error(request: Request, exc: Exception):
+        err = from_error(exc)
+        return error_response(err.status, err.error, err.detail, err.headers, request.url.path)
 
     @api.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):

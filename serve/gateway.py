@@ -25,13 +25,15 @@ from ray.serve.handle import DeploymentHandle
 
 from ddft import config as ddft_config
 from ddft.adapters import registry
-from ddft.adapters.registry import AdapterError, Manifest
-from ddft.adapters.upload import UploadError, base_spec, publish_upload, unpack
+from ddft.adapters.ref import AdapterRef
+from ddft.adapters.registry import Manifest
+from ddft.adapters.upload import base_spec, publish_upload, unpack
 from ddft.engines.base import Chunk, GenerateRequest, GenerateResult
+from ddft.errors import BadArgument, DdftError
+from ddft.models.info import BaseInfo
 from ddft.prompts import QUESTIONS
 from ddft.recipes import parse_recipe
 from ddft.store import Store, StoreError
-from ddft.tenants import TenantError
 from serve import errors, inputs, metrics, openapi_docs, sse
 from serve.auth import Auth
 from serve.decoder import Decoder
@@ -39,6 +41,7 @@ from serve.errors import ApiError, busy
 from serve.openai import ChunkStream, chat_choices, completion, parse_chat, parse_completion
 
 log = logging.getLogger("ddft.serve")
+MAX_HANDLES = 4096  # cached model handles (one per adapter version and streaming or not)
 RESOLVE_TTL_S = 2.0  # other gateways' uploads and deletes show up after this; our own at once
 ARCHIVE_TYPES = (
     "application/x-tar",
@@ -112,74 +115,42 @@ class Gateway:
         self.base_id = cfg.base.id
         self.auth = Auth(store, admin_key_sha256)
         self.spec = base_spec(store, self.base_id)  # the base's LM modules: what an upload may target
+        self.base = BaseInfo(self.base_id, self.spec.fingerprint, "")
         self.decode = Decoder()
         self.decode.warm()
         self._resolved: dict[tuple, tuple[float, Manifest | None]] = {}
+        self._handles: dict[tuple[str | None, bool], DeploymentHandle] = {}
 
     # -- adapters for a request --------------------------------------------------------------------
     async def _resolve(self, request: Request, modality: str, tenant: str | None, explicit) -> Manifest | None:
-        """The adapter for a request; `explicit` may be "name", "name/vN", "owner/name/vN" or
-        "<base>:owner/name/vN" (a /v1/models id)."""
-        if explicit is not None and (not isinstance(explicit, str) or not explicit.strip()):
-            raise ApiError(400, "bad_adapter", "adapter must be a name like 'video', 'video/v1' or 'ddft/video/v1'")
-        if isinstance(explicit, str):
-            explicit = explicit.strip().removeprefix(self.base_id + ":")
+        """The adapter for a request: registry.resolve decides (visibility, base, modality); `explicit`
+        is what the caller wrote, in AdapterRef's grammar (a /v1/models id too)."""
         request.state.modality = modality
-        key = (modality, tenant, explicit)
+        ref = None if explicit is None else AdapterRef.parse(explicit, self.base_id)
+        key = (modality, tenant, ref)
         hit = self._resolved.get(key)
         if hit and time.monotonic() - hit[0] < RESOLVE_TTL_S:
             manifest = hit[1]
         else:
-            try:
-                manifest = await asyncio.to_thread(self._lookup, modality, tenant, explicit)
-            except AdapterError as err:
-                raise ApiError(404, "unknown_adapter", str(err)) from None
-            except StoreError as err:
-                raise errors.store_unreadable(err) from None
-            except ValueError as err:
-                raise ApiError(400, "bad_adapter", str(err)) from None
-            if manifest is not None and manifest.base_fingerprint != self.spec.fingerprint:
-                raise ApiError(
-                    409,
-                    "adapter_other_base",
-                    f"adapter {manifest.ref} was made for base "
-                    f"{manifest.base_model_id!r}; this server serves {self.base_id!r}",
-                )
+            manifest = await asyncio.to_thread(registry.resolve, self.store, modality, tenant, ref, self.base)
             self._resolved[key] = (time.monotonic(), manifest)
-        if manifest is not None and manifest.modality not in (modality, ddft_config.JOINT):
-            raise ApiError(
-                422,
-                "adapter_modality",
-                f"adapter {manifest.ref} is for {manifest.modality} requests, this one is {modality}",
-            )
         request.state.adapter = manifest.ref if manifest else None
         return manifest
 
-    def _lookup(self, modality: str, tenant: str | None, explicit: str | None) -> Manifest | None:
-        if explicit is None or explicit.count("/") != 2:
-            return registry.resolve(self.store, modality, tenant, explicit)
-        owner, name, version = explicit.split("/")  # a full ref: that owner exactly
-        if not re.fullmatch(r"v\d+", version):
-            raise ValueError(f"adapter {explicit!r}: the version is written v<N>, e.g. ddft/video/v1")
-        manifest = (
-            registry.read_manifest(self.store, owner, name, int(version[1:])) if owner in self._owners(tenant) else None
-        )
-        if manifest is None:  # another tenant's adapter does not exist for you
-            raise AdapterError(
-                f"no adapter {explicit!r} for {'tenant ' + tenant if tenant else 'the platform'}; "
-                "GET /v1/models lists what is available"
-            )
-        return manifest
-
-    @staticmethod
-    def _owners(tenant: str | None) -> set[str]:
-        return {registry.PLATFORM_OWNER} | ({registry.tenant_owner(tenant)} if tenant else set())
-
     # -- generation on the model replicas ------------------------------------------------------------
-    def _handle(self, request: GenerateRequest, **options) -> DeploymentHandle:
-        if request.adapter is not None:  # multiplexing: to a replica already holding these weights
-            options["multiplexed_model_id"] = f"{request.adapter.ref}@{request.adapter.weights_sha256[:8]}"
-        return self.model.options(**options) if options else self.model
+    def _handle(self, request: GenerateRequest, stream: bool = False) -> DeploymentHandle:
+        """The model handle for a request, made once per (adapter, streaming) and kept: multiplexing
+        sends it to a replica already holding these weights."""
+        mux = f"{request.adapter.ref}@{request.adapter.weights_sha256[:8]}" if request.adapter else None
+        handle = self._handles.get((mux, stream))
+        if handle is None:
+            if len(self._handles) >= MAX_HANDLES:  # deleted adapters' handles go with the rest
+                self._handles.clear()
+            options = {"stream": True} if stream else {}
+            if mux is not None:
+                options["multiplexed_model_id"] = mux
+            handle = self._handles[(mux, stream)] = self.model.options(**options) if options else self.model
+        return handle
 
     def _timeout(self) -> ApiError:
         return ApiError(
@@ -523,7 +494,7 @@ class Gateway:
 
     async def _model_objects(self, request: Request) -> list[dict]:
         """OpenAI model objects: the base, and `<base>:<adapter ref>` for each adapter the caller may use."""
-        owners = self._owners(await self.auth.tenant(request))
+        owners = registry.visible_owners(await self.auth.tenant(request))
         try:
             manifests = await asyncio.to_thread(registry.list_adapters, self.store)
         except StoreError as err:
@@ -603,9 +574,10 @@ class Gateway:
                 max_rank=self.s.max_lora_rank,
                 max_bytes=limit,
             )
-        except UploadError as err:
-            metrics.get().uploads.labels(str(err.status)).inc()
-            raise ApiError(err.status, err.error, err.detail) from None
+        except DdftError as err:
+            refused = errors.from_error(err)
+            metrics.get().uploads.labels(str(refused.status)).inc()
+            raise refused from None
         except ApiError as err:
             metrics.get().uploads.labels(str(err.status)).inc()
             raise
@@ -650,7 +622,7 @@ class Gateway:
     def _own_manifest(self, tenant: str, name: str, version: int | None) -> Manifest:
         try:
             manifest = registry.read_manifest(self.store, registry.tenant_owner(tenant), name, version)
-        except AdapterError:
+        except BadArgument:  # a name no adapter can have
             manifest = None
         if manifest is None:  # the same answer whether it is someone else's or nobody's
             raise ApiError(
@@ -677,12 +649,7 @@ class Gateway:
     async def add_tenant(self, request: Request):
         await self.auth.admin(request)
         name = (await inputs.json_body(request)).get("name")
-        try:
-            key = await asyncio.to_thread(self.auth.tenants.add, name if isinstance(name, str) else "")
-        except TenantError as err:
-            raise ApiError(
-                err.status, "tenant_" + {400: "bad_name", 404: "unknown", 409: "exists"}[err.status], str(err)
-            ) from None
+        key = await asyncio.to_thread(self.auth.tenants.add, name if isinstance(name, str) else "")
         return JSONResponse({"name": name, "key": key, "detail": "shown once: store it now"}, status_code=201)
 
     @api.get("/v1/tenants")

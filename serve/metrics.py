@@ -12,7 +12,7 @@ import hashlib
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 
-from ddft.adapters.registry import TENANT_OWNER_PREFIX
+from ddft.adapters.ref import tenant_of
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 ENGINE_COUNTERS = {
@@ -29,7 +29,7 @@ def adapter_label(ref: str | None) -> str:
     by hashing their ref the same way."""
     if not ref:
         return "base"
-    if ref.startswith(TENANT_OWNER_PREFIX):
+    if tenant_of(ref.split("/")[0]) is not None:
         return "tenant:" + hashlib.sha256(ref.encode()).hexdigest()[:12]
     return ref
 

@@ -15,6 +15,7 @@ from ddft.adapters import registry
 from ddft.adapters.registry import AdapterError
 from ddft.config import LM_TARGETS
 from ddft.engines.base import Engine, GenerateRequest, make_engine
+from ddft.errors import Invalid
 from ddft.models.load import BaseInfo, ensure_base, load_base, local_base_dir
 from ddft.store import Store
 
@@ -181,8 +182,9 @@ def test_rejects_malformed_requests(engine, served):
         engine.generate([GenerateRequest("image", "Dish?", None, None, 2)])
     with pytest.raises(ValueError, match="modality"):
         engine.generate([GenerateRequest("audio", "Dish?", None, None, 2)])
-    with pytest.raises(AdapterError, match="is for video"):
+    with pytest.raises(Invalid, match="is for video") as err:
         engine.generate([GenerateRequest("text", "Dish?", None, manifests["video"], 2)])
+    assert err.value.code == "adapter_modality"
 
 
 def test_a_raw_prompt_is_the_whole_prompt(engine, served):

@@ -4,8 +4,10 @@ import hashlib
 
 import pytest
 
+from ddft.errors import BadArgument, Conflict, NotFound
 from ddft.store import Store
-from ddft.tenants import TENANTS_KEY, TenantError, Tenants, check_admin
+from ddft.tenants import TENANTS_KEY, Tenants, check_admin
+from serve.errors import status_of
 
 
 @pytest.fixture(params=["file", pytest.param("s3", marks=pytest.mark.integration)])
@@ -38,19 +40,19 @@ def test_add_authenticate_rotate_remove(store):
     assert tenants.authenticate(new) is None and tenants.names() == ["bistro"]
 
 
-def test_errors_carry_http_status(store):
+def test_errors_are_typed_and_map_to_http_status(store):
     tenants = Tenants(store)
     tenants.add("acme")
-    with pytest.raises(TenantError) as err:
+    with pytest.raises(Conflict) as err:
         tenants.add("acme")
-    assert err.value.status == 409
+    assert (status_of(err.value), err.value.code) == (409, "tenant_exists")
     for bad in ("", "Acme", "../x", "a/b", "%2e%2e", "-x", "a" * 58):
-        with pytest.raises(TenantError) as err:
+        with pytest.raises(BadArgument) as err:
             tenants.add(bad)
-        assert err.value.status == 400, bad
-    with pytest.raises(TenantError) as err:
+        assert (status_of(err.value), err.value.code) == (400, "tenant_bad_name"), bad
+    with pytest.raises(NotFound) as err:
         tenants.rotate("nobody")
-    assert err.value.status == 404
+    assert (status_of(err.value), err.value.code) == (404, "tenant_unknown")
     assert tenants.names() == ["acme"]
 
 

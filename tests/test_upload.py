@@ -13,9 +13,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ddft.adapters import registry
-from ddft.adapters.upload import UploadError, base_spec, publish_upload, unpack, validate_upload
+from ddft.adapters.upload import base_spec, publish_upload, unpack, validate_upload
+from ddft.errors import DdftError
 from ddft.models.load import ensure_base
 from ddft.store import Store
+from serve.errors import status_of
 from tests.test_engine_hf import lora_folder
 
 CFG, ST = "adapter_config.json", "adapter_model.safetensors"
@@ -70,10 +72,10 @@ def _publish(store, files, tiny, name="mine", modality="text", **limits):
     )
 
 
-def _refused(store, files, tiny, status, error, **kw) -> UploadError:
-    with pytest.raises(UploadError) as err:
+def _refused(store, files, tiny, status, error, **kw) -> DdftError:
+    with pytest.raises(DdftError) as err:
         _publish(store, files, tiny, **kw)
-    assert (err.value.status, err.value.error) == (status, error), err.value.detail
+    assert (status_of(err.value), err.value.code) == (status, error), err.value.detail
     assert not [k for k in store.list("adapters") if k.startswith("adapters/tenant-")]
     return err.value
 
@@ -110,8 +112,9 @@ def test_rank_pattern_and_fingerprint_are_honoured(tiny):
     assert cfg["rank_pattern"] == {"v_proj": 4}
     assert list(_tensors(tiny["pattern"])[Q0.replace("q_proj", "v_proj") + ".lora_A.weight"].shape) == [4, 64]
     bad = _with(tiny["pattern"], rank_pattern={"v_proj": 8})
-    with pytest.raises(UploadError, match="wrong_shape"):
+    with pytest.raises(DdftError) as err:
         validate_upload(bad, tiny["spec"], **LIMITS)
+    assert err.value.code == "wrong_shape"
     other = _with(
         tiny["good"], base_model_name_or_path="someone/renamed", ddft_base_fingerprint=tiny["spec"].fingerprint
     )
@@ -241,9 +244,9 @@ def test_zip_and_tar_gz_uploads_publish(tiny, store):
 
 
 def _unpack_refused(status, error, **kw):
-    with pytest.raises(UploadError) as err:
+    with pytest.raises(DdftError) as err:
         unpack(**kw)
-    assert (err.value.status, err.value.error) == (status, error), err.value.detail
+    assert (status_of(err.value), err.value.code) == (status, error), err.value.detail
 
 
 def test_bad_archives(tiny, tmp_path):

@@ -13,19 +13,12 @@ import time
 from datetime import UTC, datetime
 
 from ddft.adapters import registry
-from ddft.adapters.registry import _NAME
+from ddft.adapters.ref import NAME as _NAME
+from ddft.errors import BadArgument, Conflict, NotFound
 from ddft.store import Store
 
 TENANTS_KEY = "tenants.json"
 KEY_PREFIX = "ddft-"
-
-
-class TenantError(ValueError):
-    """A tenant operation that can't be done; status is the HTTP code it maps to."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 def _digest(key: str) -> bytes:
@@ -83,16 +76,18 @@ class Tenants:
         """Create a tenant; returns its key (the only time it is shown)."""
         # the owner "tenant-<name>" must itself be a valid registry name
         if not isinstance(name, str) or not _NAME.match(name) or not _NAME.match(registry.tenant_owner(name)):
-            raise TenantError(
-                400,
-                f"tenant name {name!r} is not allowed: use 1-57 lowercase letters, digits, "
+            raise BadArgument(
+                code="tenant_bad_name",
+                detail=f"tenant name {name!r} is not allowed: use 1-57 lowercase letters, digits, "
                 "'.', '_' or '-', starting with a letter or digit",
             )
         keys = []
 
         def change(tenants: dict) -> None:
             if name in tenants:
-                raise TenantError(409, f"tenant {name!r} already exists: rotate its key or remove it first")
+                raise Conflict(
+                    code="tenant_exists", detail=f"tenant {name!r} already exists: rotate its key or remove it first"
+                )
             keys[:] = [self._new_key(tenants, name, _now())]
 
         self._update(change)
@@ -104,7 +99,7 @@ class Tenants:
 
         def change(tenants: dict) -> None:
             if name not in tenants:
-                raise TenantError(404, f"no tenant {name!r}: add it first")
+                raise NotFound(code="tenant_unknown", detail=f"no tenant {name!r}: add it first")
             keys[:] = [self._new_key(tenants, name, tenants[name].get("created_at", _now()))]
 
         self._update(change)

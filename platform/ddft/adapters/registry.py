@@ -18,16 +18,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ddft.adapters.files import PICKLE_SUFFIXES, REQUIRED
-from ddft.models.load import BaseInfo
+from ddft.adapters.ref import PLATFORM_OWNER, AdapterRef, checked_name, tenant_owner, visible_owners
+from ddft.errors import Conflict, Invalid, NotFound
+from ddft.models.info import BaseInfo
 from ddft.store import Store
 
-PLATFORM_OWNER = "ddft"
-TENANT_OWNER_PREFIX = "tenant-"
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+__all__ = ["PLATFORM_OWNER", "AdapterRef", "tenant_owner", "visible_owners"]  # the names' one home is ref.py
 
 
-class AdapterError(ValueError):
-    """An adapter that can't be published or used; the message says what to fix."""
+class AdapterError(Conflict, ValueError):
+    """An adapter that can't be used here: made for another base, or beyond what an engine serves."""
+
+    default_code = "adapter_unusable"
 
 
 @dataclass
@@ -56,26 +58,16 @@ class Manifest:
         return f"{self.owner}/{self.name}/v{self.version}"
 
 
-def tenant_owner(tenant: str) -> str:
-    """The registry owner of a tenant's adapters (adapters/tenant-<tenant>/...)."""
-    return TENANT_OWNER_PREFIX + tenant
-
-
-def _checked(what: str, value: str) -> str:
-    if not _NAME.match(value):
-        raise AdapterError(
-            f"adapter {what} {value!r} is not allowed: use 1-64 lowercase letters, "
-            "digits, '.', '_' or '-', starting with a letter or digit"
-        )
-    return value
-
-
 def owner_prefix(owner: str) -> str:
-    return f"adapters/{_checked('owner', owner)}"
+    return f"adapters/{checked_name('owner', owner)}"
 
 
 def adapter_prefix(owner: str, name: str) -> str:
-    return f"{owner_prefix(owner)}/{_checked('name', name)}"
+    return f"{owner_prefix(owner)}/{checked_name('name', name)}"
+
+
+def _invalid(detail: str) -> Invalid:
+    return Invalid(detail, "invalid_adapter")
 
 
 def validate_dir(local_dir: Path) -> dict:
@@ -84,21 +76,21 @@ def validate_dir(local_dir: Path) -> dict:
     names = {p.name for p in local_dir.iterdir() if p.is_file()}
     pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
     if pickles:
-        raise AdapterError(
+        raise _invalid(
             f"refusing pickle files {pickles}: adapters must be safetensors only "
             "(save with save_pretrained(..., safe_serialization=True))"
         )
     missing = [n for n in REQUIRED if n not in names]
     if missing:
-        raise AdapterError(f"adapter folder lacks {missing}; a PEFT LoRA folder has {list(REQUIRED)}")
+        raise _invalid(f"adapter folder lacks {missing}; a PEFT LoRA folder has {list(REQUIRED)}")
     try:
         cfg = json.loads((local_dir / "adapter_config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterError(f"adapter_config.json is not valid JSON: {err}") from None
+        raise _invalid(f"adapter_config.json is not valid JSON: {err}") from None
     if cfg.get("peft_type") != "LORA":
-        raise AdapterError(f"peft_type is {cfg.get('peft_type')!r}; only LORA adapters are served")
+        raise _invalid(f"peft_type is {cfg.get('peft_type')!r}; only LORA adapters are served")
     if not isinstance(cfg.get("r"), int) or cfg["r"] < 1:
-        raise AdapterError(f"adapter_config.json r={cfg.get('r')!r}; it must be a positive integer")
+        raise _invalid(f"adapter_config.json r={cfg.get('r')!r}; it must be a positive integer")
     _check_safetensors(local_dir / "adapter_model.safetensors")
     return cfg
 
@@ -109,11 +101,11 @@ def _check_safetensors(path: Path) -> None:
     try:
         with safe_open(str(path), framework="pt") as f:
             if not list(f.keys()):
-                raise AdapterError(f"{path.name} holds no tensors")
-    except AdapterError:
+                raise _invalid(f"{path.name} holds no tensors")
+    except Invalid:
         raise
     except Exception as err:  # the safetensors parser's errors are plain strings
-        raise AdapterError(f"{path.name} is not a readable safetensors file: {err}") from None
+        raise _invalid(f"{path.name} is not a readable safetensors file: {err}") from None
 
 
 def _sha256(path: Path) -> str:
@@ -146,8 +138,9 @@ def _claim_version(store: Store, owner: str, name: str, token: str) -> int:
         version = max((v for v, _ in _markers(store, owner, name)), default=0) + 1
         if store.create_bytes(f"{prefix}/v{version}/.claim", token.encode()):
             return version
-    raise AdapterError(
-        f"{owner}/{name}: {MAX_CLAIM_TRIES} concurrent publishes took every version this one tried; publish again"
+    raise Conflict(
+        f"{owner}/{name}: {MAX_CLAIM_TRIES} concurrent publishes took every version this one tried; publish again",
+        "publish_contended",
     )
 
 
@@ -208,8 +201,9 @@ def publish(
         store.copy_prefix(staging, manifest.key)
         if not store.create_json(f"{manifest.key}/manifest.json", asdict(manifest)):  # last: now it exists
             version = None  # not ours to clean up
-            raise AdapterError(
-                f"{manifest.ref} was published by someone else while this publish held its claim; publish again"
+            raise Conflict(
+                f"{manifest.ref} was published by someone else while this publish held its claim; publish again",
+                "publish_contended",
             )
         version = None  # published: nothing of it to clean up
         return manifest
@@ -254,25 +248,57 @@ def download(store: Store, manifest: Manifest, local_dir: Path) -> Path:
     return local_dir
 
 
-def resolve(store: Store, modality: str, tenant: str | None = None, explicit: str | None = None) -> Manifest | None:
-    """Pick the adapter for a request, in DESIGN.md's order; None means the base answers.
-
-    explicit (owned by the tenant or the platform) -> the tenant's adapter for the modality ->
-    the platform's DDFT adapter for the modality -> the base.
-    """
-    owners = ([tenant_owner(tenant)] if tenant else []) + [PLATFORM_OWNER]
-    if explicit:
-        name, _, ver = explicit.partition("/v") if "/v" in explicit else (explicit, "", "")
-        for owner in owners:
-            m = read_manifest(store, owner, name, int(ver) if ver else None)
-            if m:
-                return m
+def check_base(manifest: Manifest, base_id: str, fingerprint: str) -> None:
+    """An adapter is served only on the base it was made for (the weights' fingerprint)."""
+    if manifest.base_fingerprint != fingerprint:
         raise AdapterError(
-            f"no adapter named {explicit!r} for {'tenant ' + tenant if tenant else 'the platform'}; "
-            "GET /v1/models lists what is available"
+            f"adapter {manifest.ref} was made for base {manifest.base_model_id!r} (fingerprint "
+            f"{manifest.base_fingerprint[:12]}), but this server serves {base_id!r} (fingerprint "
+            f"{fingerprint[:12]}): retrain or re-publish the adapter on this base",
+            "adapter_other_base",
         )
-    for owner in owners:
-        m = read_manifest(store, owner, modality)
-        if m:
-            return m
-    return None
+
+
+def check_modality(manifest: Manifest, modality: str) -> None:
+    """An adapter answers requests of its modality (a joint adapter, every modality)."""
+    from ddft.config import JOINT
+
+    if manifest.modality not in (modality, JOINT):
+        raise Invalid(
+            f"adapter {manifest.ref} is for {manifest.modality} requests, this one is {modality}", "adapter_modality"
+        )
+
+
+def resolve(
+    store: Store,
+    modality: str,
+    tenant: str | None = None,
+    explicit: str | AdapterRef | None = None,
+    base: BaseInfo | None = None,
+) -> Manifest | None:
+    """The adapter for a request, in DESIGN.md's order; None means the base answers. The one place
+    that decides what a caller may use: an explicit reference (str is parsed by AdapterRef.parse)
+    among the caller's and the platform's adapters -> the caller's adapter for the modality -> the
+    platform's DDFT adapter for it -> the base. NotFound for what the caller can't see (another
+    tenant's adapter does not exist for them); with `base`, AdapterError for another base's adapter;
+    Invalid for an adapter of another modality."""
+    owners = visible_owners(tenant)
+    manifest = None
+    if explicit is not None:
+        ref = explicit if isinstance(explicit, AdapterRef) else AdapterRef.parse(explicit)
+        for owner in [ref.owner] if ref.owner else owners:
+            if owner in owners and (manifest := read_manifest(store, owner, ref.name, ref.version)):
+                break
+        if manifest is None:
+            raise NotFound(
+                f"no adapter {str(ref)!r} for {'tenant ' + tenant if tenant else 'the platform'}; "
+                "GET /v1/models lists what is available",
+                "unknown_adapter",
+            )
+    else:
+        manifest = next((m for owner in owners if (m := read_manifest(store, owner, modality))), None)
+    if manifest is not None:
+        if base is not None:
+            check_base(manifest, base.id, base.fingerprint)
+        check_modality(manifest, modality)
+    return manifest

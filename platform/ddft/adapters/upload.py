@@ -3,7 +3,8 @@
 Everything here reads bytes: archives are never extracted to disk, pickle files are never opened,
 and adapter_model.safetensors is parsed by hand (its format is an 8-byte little-endian header
 length, a JSON header, then the raw tensor bytes) before the safetensors library touches it.
-Every refusal is an UploadError carrying the HTTP status, a short code and how to fix it.
+Every refusal is one of ddft.errors' kinds with a short code and how to fix it (serve/errors.py
+maps the kinds to HTTP).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from pathlib import Path, PurePosixPath
 
 from ddft.adapters import registry
 from ddft.adapters.files import PICKLE_SUFFIXES, REQUIRED
-from ddft.adapters.registry import AdapterError, Manifest
+from ddft.adapters.registry import Manifest
 from ddft.config import MODALITIES
-from ddft.models.load import INFO_FILE, BaseInfo, base_info, model_key
+from ddft.errors import BadArgument, Invalid, TooLarge, UnsupportedFormat
+from ddft.models.info import INFO_FILE, BaseInfo, base_info, model_key
 from ddft.store import Store
 
 DEFAULT_MAX_BYTES = 1 << 30  # a 7B LM with r=128 on q/k/v/o in fp32 is ~0.5 GiB
@@ -72,14 +74,6 @@ SAVE_HINT = (
 )
 
 
-class UploadError(ValueError):
-    """status: the HTTP code; error: a short snake_case code; detail: what was wrong and how to fix it."""
-
-    def __init__(self, status: int, error: str, detail: str):
-        super().__init__(f"{error}: {detail}")
-        self.status, self.error, self.detail = status, error, detail
-
-
 # -- unpacking ----------------------------------------------------------------------------------
 
 
@@ -92,14 +86,15 @@ def unpack(
 ) -> dict[str, bytes]:
     """{file name: bytes} from multipart files (base names kept) or a .tar/.tar.gz/.zip archive."""
     if (files is None) == (archive is None):
-        raise UploadError(400, "bad_upload", "send either the adapter's files or one archive of them")
+        raise BadArgument(code="bad_upload", detail="send either the adapter's files or one archive of them")
     if files is not None:
         out: dict[str, bytes] = {}
         for raw, data in files.items():
             name = PurePosixPath(str(raw).replace("\\", "/")).name  # a client's path says nothing to us
             if name in ("", ".", "..") or name in out:
-                raise UploadError(
-                    422, "bad_upload", f"file name {raw!r} is empty or given twice; send {list(REQUIRED)} once each"
+                raise Invalid(
+                    code="bad_upload",
+                    detail=f"file name {raw!r} is empty or given twice; send {list(REQUIRED)} once each",
                 )
             out[name] = bytes(data)
         _cap(sum(map(len, out.values())), max_bytes)
@@ -111,29 +106,26 @@ def unpack(
         return _flatten(_tar_members(archive, max_bytes))
     if archive[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
         return _flatten(_zip_members(archive, max_bytes))
-    raise UploadError(
-        422,
-        "bad_archive",
-        f"the upload ({content_type or 'no content type'}) is not a .tar, .tar.gz "
+    raise Invalid(
+        code="bad_archive",
+        detail=f"the upload ({content_type or 'no content type'}) is not a .tar, .tar.gz "
         "or .zip archive; send one of those, or the two files as multipart form data",
     )
 
 
 def _cap(total: int, max_bytes: int) -> None:
     if total > max_bytes:
-        raise UploadError(
-            413,
-            "too_large",
-            f"the adapter's files hold {total} bytes, over the limit of {max_bytes}; "
+        raise TooLarge(
+            code="too_large",
+            detail=f"the adapter's files hold {total} bytes, over the limit of {max_bytes}; "
             "lower the rank or target fewer modules",
         )
 
 
-def _bad_archive(why: str) -> UploadError:
-    return UploadError(
-        422,
-        "bad_archive",
-        f"{why}; archive only the adapter folder's regular files, with "
+def _bad_archive(why: str) -> Invalid:
+    return Invalid(
+        code="bad_archive",
+        detail=f"{why}; archive only the adapter folder's regular files, with "
         "relative paths (e.g. `tar czf adapter.tar.gz -C my-adapter .`)",
     )
 
@@ -145,8 +137,8 @@ def _gunzip(data: bytes, cap: int) -> bytes:
     except zlib.error as err:
         raise _bad_archive(f"the gzip stream is corrupt ({err})") from None
     if len(out) > cap:
-        raise UploadError(
-            413, "too_large", f"the archive inflates past {cap} bytes; lower the rank or target fewer modules"
+        raise TooLarge(
+            code="too_large", detail=f"the archive inflates past {cap} bytes; lower the rank or target fewer modules"
         )
     if not d.eof:
         raise _bad_archive("the gzip stream is truncated")
@@ -196,10 +188,9 @@ def _zip_members(data: bytes, max_bytes: int) -> list[tuple[str, bytes]]:
                 with zf.open(i) as f:
                     blob = f.read(left + 1)  # declared sizes can lie: never read past what's left
                 if len(blob) > left:
-                    raise UploadError(
-                        413,
-                        "too_large",
-                        f"the archive inflates past {max_bytes} bytes; lower the rank or target fewer modules",
+                    raise TooLarge(
+                        code="too_large",
+                        detail=f"the archive inflates past {max_bytes} bytes; lower the rank or target fewer modules",
                     )
                 left -= len(blob)
                 out.append((i.filename, blob))
@@ -275,14 +266,13 @@ def _validate(files: dict[str, bytes], spec: BaseSpec, *, max_rank: int, max_byt
     """validate_upload, also returning the safetensors header it checked."""
     pickles = sorted(n for n in files if n.lower().endswith(PICKLE_SUFFIXES))
     if pickles:
-        raise UploadError(
-            415,
-            "pickle_refused",
-            f"refusing {pickles}: pickle files can run code when loaded, so they are never opened; {SAVE_HINT}",
+        raise UnsupportedFormat(
+            code="pickle_refused",
+            detail=f"refusing {pickles}: pickle files can run code when loaded, so they are never opened; {SAVE_HINT}",
         )
     missing = [n for n in REQUIRED if n not in files]
     if missing:
-        raise UploadError(422, "missing_file", f"the upload lacks {missing}; {SAVE_HINT}")
+        raise Invalid(code="missing_file", detail=f"the upload lacks {missing}; {SAVE_HINT}")
     _cap(sum(map(len, files.values())), max_bytes)
     cfg = _check_config(files["adapter_config.json"], max_rank)
     _check_base(cfg, spec)
@@ -293,8 +283,8 @@ def _validate(files: dict[str, bytes], spec: BaseSpec, *, max_rank: int, max_byt
 
 
 def _check_config(raw: bytes, max_rank: int) -> dict:
-    def bad(why: str) -> UploadError:
-        return UploadError(422, "bad_config", f"adapter_config.json {why}; {SAVE_HINT}")
+    def bad(why: str) -> Invalid:
+        return Invalid(code="bad_config", detail=f"adapter_config.json {why}; {SAVE_HINT}")
 
     try:
         cfg = json.loads(raw)
@@ -314,18 +304,16 @@ def _check_config(raw: bytes, max_rank: int) -> dict:
     _dict(cfg, "alpha_pattern", bad)
     variants = [k for k in _VARIANTS if cfg.get(k)] + (["bias"] if cfg.get("bias", "none") != "none" else [])
     if variants:
-        raise UploadError(
-            422,
-            "unsupported_lora",
-            f"adapter_config.json sets {variants}: only plain LoRA is served "
+        raise Invalid(
+            code="unsupported_lora",
+            detail=f"adapter_config.json sets {variants}: only plain LoRA is served "
             "(no DoRA, LoRA bias, trainable tokens or other variants); retrain with those off",
         )
     too_high = {k: r for k, r in ranks.items() if r > max_rank}
     if too_high:
-        raise UploadError(
-            422,
-            "rank_too_high",
-            f"rank {too_high} is over this server's limit of {max_rank}; retrain with r <= {max_rank}",
+        raise Invalid(
+            code="rank_too_high",
+            detail=f"rank {too_high} is over this server's limit of {max_rank}; retrain with r <= {max_rank}",
         )
     return cfg
 
@@ -342,10 +330,9 @@ def _check_base(cfg: dict, spec: BaseSpec) -> None:
     basename = name.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
     if basename == spec.id or (name and name == spec.origin) or cfg.get("ddft_base_fingerprint") == spec.fingerprint:
         return
-    raise UploadError(
-        422,
-        "wrong_base",
-        f"the adapter was trained on base {name or '(none given)'!r}, but this "
+    raise Invalid(
+        code="wrong_base",
+        detail=f"the adapter was trained on base {name or '(none given)'!r}, but this "
         f"server's base is {spec.id!r} (from {spec.origin!r}, fingerprint {spec.fingerprint[:12]}); "
         f"train it on {spec.origin or spec.id!r}, or, if that is the same model, set "
         f"base_model_name_or_path to {spec.id!r} or ddft_base_fingerprint to {spec.fingerprint!r}",
@@ -355,8 +342,8 @@ def _check_base(cfg: dict, spec: BaseSpec) -> None:
 def _parse_safetensors(data: bytes) -> dict:
     """The header's {tensor name: {dtype, shape, data_offsets}}, every offset checked against the file."""
 
-    def bad(why: str) -> UploadError:
-        return UploadError(422, "bad_safetensors", f"adapter_model.safetensors {why}; {SAVE_HINT}, whole")
+    def bad(why: str) -> Invalid:
+        return Invalid(code="bad_safetensors", detail=f"adapter_model.safetensors {why}; {SAVE_HINT}, whole")
 
     if len(data) < 8:
         raise bad("is shorter than its 8-byte header length")
@@ -448,25 +435,24 @@ def _check_tensors(header: dict, cfg: dict, spec: BaseSpec) -> None:
         "trained biases or embedding LoRA"
     )
     if cfg.get("modules_to_save"):
-        raise UploadError(
-            422, "unknown_module", f"adapter_config.json has modules_to_save={cfg['modules_to_save']!r}; {lm_only}"
+        raise Invalid(
+            code="unknown_module",
+            detail=f"adapter_config.json has modules_to_save={cfg['modules_to_save']!r}; {lm_only}",
         )
     layers: dict[str, dict[str, str]] = {}  # module -> {"lora_A": key, "lora_B": key}
     for key in header:
         m = _LORA_KEY.match(key)
         if not m:
-            raise UploadError(
-                422,
-                "unknown_module",
-                f"tensor {key!r} is not a LoRA weight of the form "
+            raise Invalid(
+                code="unknown_module",
+                detail=f"tensor {key!r} is not a LoRA weight of the form "
                 f"base_model.model.<module>.lora_A.weight / lora_B.weight; {lm_only}",
             )
         if m[1] not in spec.modules:
             examples = list(spec.modules)[:3]
-            raise UploadError(
-                422,
-                "unknown_module",
-                f"module {m[1]!r} (tensor {key!r}) is not a Linear layer of "
+            raise Invalid(
+                code="unknown_module",
+                detail=f"module {m[1]!r} (tensor {key!r}) is not a Linear layer of "
                 f"{spec.id}'s language model; valid modules look like {examples}",
             )
         layers.setdefault(m[1], {})[m[2]] = key
@@ -475,23 +461,21 @@ def _check_tensors(header: dict, cfg: dict, spec: BaseSpec) -> None:
         for part, key in pair.items():
             want = [r, fan_in] if part == "lora_A" else [fan_out, r]
             if header[key]["shape"] != want:
-                raise UploadError(
-                    422,
-                    "wrong_shape",
-                    f"tensor {key!r} has shape {header[key]['shape']}, expected "
+                raise Invalid(
+                    code="wrong_shape",
+                    detail=f"tensor {key!r} has shape {header[key]['shape']}, expected "
                     f"{want} ({part} of a rank-{r} LoRA on a {fan_in}->{fan_out} Linear): was it "
                     f"trained on {spec.id} with r={r}?",
                 )
     for key, t in header.items():
         if t["dtype"] not in DTYPES:
-            raise UploadError(422, "bad_dtype", f"tensor {key!r} is {t['dtype']}; use one of {list(DTYPES)}")
+            raise Invalid(code="bad_dtype", detail=f"tensor {key!r} is {t['dtype']}; use one of {list(DTYPES)}")
     for module, pair in layers.items():
         if len(pair) != 2:
             (has,) = pair
-            raise UploadError(
-                422,
-                "bad_safetensors",
-                f"module {module!r} has {has} but not its other half: every "
+            raise Invalid(
+                code="bad_safetensors",
+                detail=f"module {module!r} has {has} but not its other half: every "
                 f"LoRA layer needs both lora_A and lora_B; {SAVE_HINT}",
             )
 
@@ -507,12 +491,12 @@ def _safe_open(data: bytes, keys: set[str]) -> None:
             with safe_open(str(path), framework="pt") as f:
                 ok = set(f.keys()) == keys
         except Exception as err:  # the library's errors are plain strings
-            raise UploadError(
-                422, "bad_safetensors", f"adapter_model.safetensors is unreadable ({err}); {SAVE_HINT}"
+            raise Invalid(
+                code="bad_safetensors", detail=f"adapter_model.safetensors is unreadable ({err}); {SAVE_HINT}"
             ) from None
     if not ok:
-        raise UploadError(
-            422, "bad_safetensors", f"adapter_model.safetensors reads differently than its header; {SAVE_HINT}"
+        raise Invalid(
+            code="bad_safetensors", detail=f"adapter_model.safetensors reads differently than its header; {SAVE_HINT}"
         )
 
 
@@ -532,26 +516,21 @@ def publish_upload(
 ) -> Manifest:
     """Validate, then publish as the next version of adapters/tenant-<tenant>/<name>/."""
     owner = registry.tenant_owner(tenant)
-    try:
-        registry.adapter_prefix(owner, name)  # checks the name
-    except AdapterError as err:
-        raise UploadError(400, "bad_name", str(err)) from None
+    registry.adapter_prefix(owner, name)  # checks the name: BadArgument (bad_name)
     if modality not in MODALITIES:
-        raise UploadError(400, "bad_modality", f"modality {modality!r} is not one of {list(MODALITIES)}")
+        raise BadArgument(code="bad_modality", detail=f"modality {modality!r} is not one of {list(MODALITIES)}")
     cfg, header = _validate(files, spec, max_rank=max_rank, max_bytes=max_bytes)
     files = {**files, "adapter_config.json": json.dumps(served_config(cfg, header, spec), indent=2).encode()}
     with tempfile.TemporaryDirectory(prefix="ddft-upload-") as tmp:
         for fname in REQUIRED:
             (Path(tmp) / fname).write_bytes(files[fname])
-        try:  # publish() takes the next version atomically and cleans up after itself on failure
-            return registry.publish(
-                store,
-                Path(tmp),
-                owner=owner,
-                name=name,
-                modality=modality,
-                source="uploaded",
-                base=BaseInfo(spec.id, spec.fingerprint, ""),
-            )
-        except AdapterError as err:
-            raise UploadError(422, "invalid_adapter", str(err)) from None
+        # publish() takes the next version atomically and cleans up after itself on failure
+        return registry.publish(
+            store,
+            Path(tmp),
+            owner=owner,
+            name=name,
+            modality=modality,
+            source="uploaded",
+            base=BaseInfo(spec.id, spec.fingerprint, ""),
+        )

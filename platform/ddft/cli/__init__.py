@@ -269,6 +269,7 @@ def _explain(err: BaseException, args) -> tuple[int, str]:
     import requests
 
     from ddft import client
+    from ddft.errors import DdftError, Unavailable
     from ddft.store import StoreError
 
     if isinstance(err, CliError):
@@ -297,6 +298,8 @@ def _explain(err: BaseException, args) -> tuple[int, str]:
         return FAILED, f"the server did not answer in time ({one_line(err)[:200]}); retry, or ask for less"
     if isinstance(err, StoreError):
         return FAILED, f"store: {one_line(err)}"
+    if isinstance(err, DdftError):  # the library's typed errors: a refusal, or "try later"
+        return (FAILED if isinstance(err, Unavailable) else REFUSED), f"{err.code}: {one_line(err.detail)}"
     if isinstance(err, OSError) and getattr(err, "filename", None):
         return USAGE, f"{err.strerror or err}: {err.filename}"
     raise err

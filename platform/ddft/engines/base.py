@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from ddft.errors import Unavailable
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -61,8 +63,10 @@ class Chunk:
     result: GenerateResult | None = None  # the whole answer, on the last chunk only
 
 
-class EngineUnavailable(RuntimeError):
+class EngineUnavailable(Unavailable):
     """An engine can't start (or went away) here; the message says why and what to use instead."""
+
+    default_code = "engine_unavailable"
 
 
 @runtime_checkable
@@ -125,8 +129,8 @@ def check_request(r: GenerateRequest, i: int | None = None) -> None:
     AdapterError for an adapter of another modality); `i` names the request in a list."""
     import numpy as np
 
-    from ddft.adapters.registry import AdapterError
-    from ddft.config import JOINT, MODALITIES
+    from ddft.adapters.registry import check_modality
+    from ddft.config import MODALITIES
 
     where = f"request {i}: " if i is not None else ""
     if r.modality not in MODALITIES:
@@ -141,8 +145,8 @@ def check_request(r: GenerateRequest, i: int | None = None) -> None:
         raise ValueError(f"{where}temperature is {r.temperature}; use 0 (greedy) or more")
     if not isinstance(r.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in r.stop):
         raise ValueError(f"{where}stop must be a list of non-empty strings, got {r.stop!r}")
-    if r.adapter is not None and r.adapter.modality not in (r.modality, JOINT):
-        raise AdapterError(f"{where}adapter {r.adapter.ref} is for {r.adapter.modality}, the request is {r.modality}")
+    if r.adapter is not None:
+        check_modality(r.adapter, r.modality)
     want = {"image": 3, "video": 4}.get(r.modality)
     if want is None:
         if r.pixels is not None:
@@ -151,18 +155,6 @@ def check_request(r: GenerateRequest, i: int | None = None) -> None:
         raise ValueError(
             f"{where}{r.modality} pixels must be a uint8 array shaped "
             f"{'(H, W, 3)' if want == 3 else '(frames, H, W, 3)'}, got {getattr(r.pixels, 'shape', None)}"
-        )
-
-
-def check_base(manifest: Manifest, base_id: str, fingerprint: str) -> None:
-    """An adapter is served only on the base it was made for (the weights' fingerprint)."""
-    from ddft.adapters.registry import AdapterError
-
-    if manifest.base_fingerprint != fingerprint:
-        raise AdapterError(
-            f"adapter {manifest.ref} was made for base {manifest.base_model_id!r} (fingerprint "
-            f"{manifest.base_fingerprint[:12]}), but this engine serves {base_id!r} (fingerprint "
-            f"{fingerprint[:12]}): retrain or re-publish the adapter on this base"
         )
 
 

@@ -40,8 +40,8 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 
 from ddft import prompts
 from ddft.adapters import registry
-from ddft.adapters.registry import AdapterError, Manifest
-from ddft.engines.base import STATS, AdapterCache, Chunk, GenerateRequest, GenerateResult, check_base, check_request
+from ddft.adapters.registry import AdapterError, Manifest, check_base
+from ddft.engines.base import STATS, AdapterCache, Chunk, GenerateRequest, GenerateResult, check_request
 from ddft.engines.batched_lora import BASE, AdapterBank, unsupported
 from ddft.engines.batcher import Batcher
 from ddft.engines.detok import TextStream, first_stop

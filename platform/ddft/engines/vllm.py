@@ -33,7 +33,7 @@ from pathlib import Path
 from ddft import prompts
 from ddft.adapters import registry
 from ddft.adapters.files import CONFIG, WEIGHTS
-from ddft.adapters.registry import AdapterError, Manifest
+from ddft.adapters.registry import AdapterError, Manifest, check_base
 from ddft.engines.base import (
     STATS,
     AdapterCache,
@@ -41,7 +41,6 @@ from ddft.engines.base import (
     EngineUnavailable,
     GenerateRequest,
     GenerateResult,
-    check_base,
     check_request,
 )
 from ddft.engines.detok import TextStream, first_stop

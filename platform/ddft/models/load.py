@@ -8,27 +8,15 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoProcessor, VideoLlavaForConditionalGeneration
 
+from ddft.models.info import INFO_FILE, BaseInfo, base_info, model_key
 from ddft.store import Store, StoreError
 
 log = logging.getLogger(__name__)
-INFO_FILE = "ddft_base.json"  # written last: a model dir without it is incomplete
-
-
-@dataclass(frozen=True)
-class BaseInfo:
-    id: str
-    fingerprint: str  # sha256 of the weights: adapters record it and refuse other bases
-    uri: str
-
-
-def model_key(model_id: str) -> str:
-    return f"models/{model_id}"
 
 
 def _sha256(path: Path) -> str:
@@ -51,17 +39,6 @@ def save_base(model, processor, out_dir: Path, model_id: str, origin: str) -> di
     info = {"id": model_id, "fingerprint": h, "origin": origin}
     (out_dir / INFO_FILE).write_text(json.dumps(info, indent=2))
     return info
-
-
-def base_info(store: Store, model_id: str) -> BaseInfo:
-    key = f"{model_key(model_id)}/{INFO_FILE}"
-    if not store.exists(key):
-        raise StoreError(
-            f"base model {model_id!r} is not in the store at {store.url(model_key(model_id))}: "
-            "run `ddft base build` / `make demo`, or set base.build or base.source in the config"
-        )
-    info = store.read_json(key)
-    return BaseInfo(id=model_id, fingerprint=info["fingerprint"], uri=store.url(model_key(model_id)))
 
 
 def ensure_base(store: Store, model_id: str, build: str | None = None, source: str | None = None) -> BaseInfo:

@@ -1,0 +1,88 @@
+"""Adapter references and owners: the one grammar for naming an adapter (torch- and store-free).
+
+    name              the caller's adapter of that name, else the platform's; the newest version
+    name/vN           ... that version
+    owner/name        that owner's, the newest version
+    owner/name/vN     exactly that (how answers and GET /v1/models name an adapter: Manifest.ref)
+    <base>:<any of the above>   an OpenAI model id; the base part must be the served base
+
+Owners are "ddft" (the platform's trained adapters) and "tenant-<tenant>". A second part that reads
+v<N> is a version, so no owner/name pair is ever read as name/vN the other way round.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ddft.errors import BadArgument, NotFound
+
+PLATFORM_OWNER = "ddft"
+TENANT_OWNER_PREFIX = "tenant-"
+NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")  # an owner or adapter name: one store path segment
+_VERSION = re.compile(r"^v(\d{1,9})$")
+SHAPES = "'video', 'video/v1', 'ddft/video' or 'ddft/video/v1'"
+
+
+def tenant_owner(tenant: str) -> str:
+    """The registry owner of a tenant's adapters (adapters/tenant-<tenant>/...)."""
+    return TENANT_OWNER_PREFIX + tenant
+
+
+def tenant_of(owner: str) -> str | None:
+    """The tenant an owner belongs to; None for the platform."""
+    return owner.removeprefix(TENANT_OWNER_PREFIX) if owner.startswith(TENANT_OWNER_PREFIX) else None
+
+
+def visible_owners(tenant: str | None) -> list[str]:
+    """Whose adapters a caller may use, in the order a bare name is looked up: their own, then the platform's."""
+    return ([tenant_owner(tenant)] if tenant else []) + [PLATFORM_OWNER]
+
+
+def checked_name(what: str, value: str) -> str:
+    """An owner or adapter name that is safe as a store path segment, or BadArgument saying the rule."""
+    if not isinstance(value, str) or not NAME.match(value):
+        raise BadArgument(
+            f"adapter {what} {value!r} is not allowed: use 1-64 lowercase letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit",
+            "bad_name",
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    name: str
+    owner: str | None = None  # None: the caller's, then the platform's
+    version: int | None = None  # None: the newest
+
+    @classmethod
+    def parse(cls, text: object, base_id: str | None = None) -> AdapterRef:
+        """The reference a caller wrote. BadArgument (bad_adapter) when it has no shape of the grammar;
+        NotFound (unknown_adapter) when it has one but names something that can't exist."""
+        if not isinstance(text, str) or not text.strip():
+            raise BadArgument(f"adapter must be a name like {SHAPES}", "bad_adapter")
+        text = text.strip()
+        if base_id is not None:
+            text = text.removeprefix(base_id + ":")
+        parts = text.split("/")
+        version = _VERSION.match(parts[-1]) if len(parts) > 1 else None
+        if version:
+            parts = parts[:-1]
+        elif len(parts) == 3:
+            raise BadArgument(f"adapter {text[:100]!r}: the version is written v<N>, e.g. ddft/video/v1", "bad_adapter")
+        if len(parts) > 2:
+            raise BadArgument(f"adapter {text[:100]!r} has too many parts: write {SHAPES}", "bad_adapter")
+        if not all(NAME.match(p) for p in parts):
+            raise NotFound(
+                f"no adapter {text[:100]!r}: adapter names are lowercase letters, digits, '.', '_' "
+                "or '-'; GET /v1/models lists what is available",
+                "unknown_adapter",
+            )
+        owner, name = parts if len(parts) == 2 else (None, parts[0])
+        return cls(name=name, owner=owner, version=int(version.group(1)) if version else None)
+
+    def __str__(self) -> str:
+        return "/".join(
+            ([self.owner] if self.owner else []) + [self.name] + ([f"v{self.version}"] if self.version else [])
+        )
