@@ -21,19 +21,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-import torch  # noqa: E402
+import torch
 
-from ddft import config  # noqa: E402
-from ddft.store import Store  # noqa: E402
+from ddft import config
+from ddft.store import Store
 
 
 def steady_rate(history: list[dict], warmup: int) -> float:
@@ -53,35 +50,28 @@ def prepared_rows(store: Store, modality: str, version: str) -> dict:
 
 def plain_loop(cfg: config.PipelineConfig, job: config.JobConfig, steps: int, threads: int) -> list[dict]:
     """The same job as a hand-written single-process loop; returns per-step {tokens, seconds}."""
-    from transformers import get_cosine_schedule_with_warmup
-
     from ddft.data.prepare import latest_version
     from ddft.models.load import load_base, local_base_dir
-    from ddft.train.loop import collate, lora_model, param_groups
+    from ddft.train.loop import accumulate, collate, lora_model, optimizer_for, optimizer_step
 
     torch.set_num_threads(threads)
     torch.manual_seed(job.optim.seed)
     store = Store.from_config(cfg.store)
     rows = prepared_rows(store, job.modality, latest_version(store, job.modality))
     base, processor = load_base(local_base_dir(store, cfg.base.id))
-    model = lora_model(base, job.lora.model_dump(), job.modality)
+    model = lora_model(base, job.lora, job.modality)
     optim = job.optim
-    optimizer = torch.optim.AdamW(param_groups(model, optim.model_dump()), weight_decay=optim.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(optim.warmup_ratio * steps), steps)
+    optimizer, scheduler = optimizer_for(model, optim, steps)
     model.train()
     n, bs, history, tokens, seconds, i = len(rows["input_ids"]), optim.batch_size, [], 0, 0.0, 0
-    while len(history) < steps:
+    while len(history) < steps:  # the job's own step (ddft.train.loop), fed from memory
         started = time.time()
         for _ in range(optim.grad_accum):
             idx = [(i + k) % n for k in range(bs)]
             i = (i + bs) % n
             batch = collate({k: [v[j] for j in idx] for k, v in rows.items()}, processor)
-            (model(**batch).loss / optim.grad_accum).backward()
-            tokens += int(batch["attention_mask"].sum())
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+            tokens += accumulate(model, batch, optim.grad_accum)[1]
+        optimizer_step(optimizer, scheduler)
         seconds += time.time() - started
         history.append({"step": len(history) + 1, "tokens": tokens, "seconds": seconds})
     return history
@@ -92,8 +82,7 @@ def ray_run(cfg: config.PipelineConfig, job: config.JobConfig) -> tuple[list[dic
     from ddft.cluster import ray_session
     from ddft.train.job import run_job
 
-    repo = str(Path(__file__).resolve().parents[1] / "platform")
-    with ray_session(num_cpus=job.resources.cpus_per_worker, runtime_env={"env_vars": {"PYTHONPATH": repo}}):
+    with ray_session(num_cpus=job.resources.cpus_per_worker):
         t0 = time.time()
         result = run_job(cfg, job, force=True, publish_adapter=False)
         wall = time.time() - t0

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddft.config import LM_TARGETS
+from ddft.config import LM_TARGETS, LoraSettings, OptimSettings
 from ddft.models.load import ensure_base, load_base, local_base_dir
 from ddft.prompts import encode, pad_batch, pixel_inputs
 from ddft.store import Store
@@ -15,7 +15,7 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)"),
 ]
-LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": LM_TARGETS, "train_projector": True}
+LORA = LoraSettings(r=8, alpha=16, dropout=0.0, target_modules=LM_TARGETS, train_projector=True)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_bf16_lora_with_gradient_checkpointing_learns_on_gpu(tiny):
     assert model.base_model.model.model.language_model.is_gradient_checkpointing
     lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert lora and all(p.dtype == torch.float32 for n, p in lora.items() if "lora_" in n)  # PEFT upcasts
-    optimizer = torch.optim.AdamW(param_groups(model, {"lr": 1e-2, "projector_lr": 1e-2}))
+    optimizer = torch.optim.AdamW(param_groups(model, OptimSettings(lr=1e-2, projector_lr=1e-2)))
     batch, losses = _video_batch(processor), []
     for _ in range(20):
         loss = model(**batch).loss
@@ -109,9 +109,9 @@ def test_video_llava_shaped_lora_step_in_bf16_on_gpu():
     )
     model, processor = _assemble(text, tok, _vision_config(1024, 4, 14), 14)
     model = model.to(torch.bfloat16)
-    lora = {**LORA, "r": 128, "alpha": 256}
+    lora = LORA.model_copy(update={"r": 128, "alpha": 256})
     peft_model = lora_model(model, lora, "video", gradient_checkpointing=True).cuda()
-    optimizer = torch.optim.AdamW(param_groups(peft_model, {"lr": 2e-4, "projector_lr": 2e-5}))
+    optimizer = torch.optim.AdamW(param_groups(peft_model, OptimSettings(lr=2e-4, projector_lr=2e-5)))
     batch = _video_batch(processor, n=4)
     assert batch["input_ids"].shape[1] > 2056
     times = []
@@ -138,16 +138,16 @@ def test_a_resumed_run_with_dropout_ends_with_the_same_weights_on_gpu(tiny, tmp_
 
     from transformers import get_cosine_schedule_with_warmup
 
-    from ddft.train.loop import load_checkpoint, new_state, save_checkpoint
+    from ddft.train.loop import TrainState, load_checkpoint, save_checkpoint
 
     _, path = tiny
-    lora = {**LORA, "dropout": 0.3}
+    lora = LORA.model_copy(update={"dropout": 0.3})
 
     def fresh():
         torch.manual_seed(0)
         base, processor = load_base(path)
         model = lora_model(base, lora, "video").cuda()
-        optimizer = torch.optim.AdamW(param_groups(model, {"lr": 1e-2, "projector_lr": 1e-2}))
+        optimizer = torch.optim.AdamW(param_groups(model, OptimSettings(lr=1e-2, projector_lr=1e-2)))
         return model, optimizer, get_cosine_schedule_with_warmup(optimizer, 1, 6), processor
 
     def steps(model, optimizer, scheduler, batch, n):
@@ -166,7 +166,7 @@ def test_a_resumed_run_with_dropout_ends_with_the_same_weights_on_gpu(tiny, tmp_
     model, optimizer, scheduler, _ = fresh()
     torch.cuda.manual_seed_all(1)
     steps(model, optimizer, scheduler, batch, 3)
-    save_checkpoint(model, optimizer, scheduler, Path(tmp_path), new_state())
+    save_checkpoint(model, optimizer, scheduler, Path(tmp_path), TrainState())
     torch.cuda.manual_seed_all(99)  # what a restarted worker's CUDA stream would be: anything else
     model, optimizer, scheduler, _ = fresh()
     load_checkpoint(model, optimizer, scheduler, Path(tmp_path))

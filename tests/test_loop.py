@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from ddft.config import LM_TARGETS
+from ddft.config import LM_TARGETS, LoraSettings, OptimSettings
 from ddft.models.build import build_tiny
 from ddft.prompts import encode
-from ddft.train.loop import collate, load_checkpoint, lora_model, new_state, param_groups, save_checkpoint
+from ddft.train.loop import TrainState, collate, load_checkpoint, lora_model, param_groups, save_checkpoint
 
-LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": LM_TARGETS, "train_projector": True}
+LORA = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=LM_TARGETS, train_projector=True)
 
 
 def _rows(processor):
@@ -56,7 +56,7 @@ def test_a_checkpoint_restores_weights_optimizer_scheduler_and_position(tiny, tm
     def setup():
         model, processor = build_tiny()
         peft_model = lora_model(model, LORA, "video")
-        opt = torch.optim.AdamW(param_groups(peft_model, {"lr": 1e-2, "projector_lr": 1e-3}))
+        opt = torch.optim.AdamW(param_groups(peft_model, OptimSettings(lr=1e-2, projector_lr=1e-3)))
         return peft_model, processor, opt, get_cosine_schedule_with_warmup(opt, 1, 10)
 
     def step(model, processor, opt, sched):
@@ -70,7 +70,7 @@ def test_a_checkpoint_restores_weights_optimizer_scheduler_and_position(tiny, tm
     a = setup()
     for _ in range(3):
         step(*a)
-    state = new_state() | {"step": 3, "position": 3, "epoch": 1}
+    state = TrainState(step=3, position=3, epoch=1)
     save_checkpoint(a[0], a[2], a[3], tmp_path, state)
     assert not any(p.suffix in (".bin", ".pt") for p in (tmp_path / "adapter").iterdir())  # adapter: safetensors
     expected = step(*a)

@@ -10,6 +10,7 @@ already published from the same fingerprint is not retrained unless forced.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -19,9 +20,9 @@ from pathlib import Path
 from ddft.adapters.registry import PLATFORM_OWNER, publish, read_manifest
 from ddft.config import JOINT, MODALITIES, JobConfig, PipelineConfig
 from ddft.data.prepare import latest_version, prepared_key, read_prepared
-from ddft.models.load import BaseInfo, base_info
+from ddft.models.info import BaseInfo, base_info
 from ddft.store import Store
-from ddft.train.loop import train_loop
+from ddft.train.loop import TrainState, WorkerConfig, train_loop
 
 
 @dataclass
@@ -104,20 +105,20 @@ def _datasets(
     return datasets, train.count(), has_val
 
 
-def loop_config(cfg: PipelineConfig, job: JobConfig, num_rows: int, has_val: bool = False) -> dict:
-    """Everything a worker needs, as plain data (it crosses process boundaries)."""
-    return {
-        "store": cfg.store.model_dump() | {"uri": Store.from_config(cfg.store).uri},  # absolute
-        "base_id": cfg.base.id,
-        "modality": job.modality,
-        "num_rows": num_rows,
-        "has_val": has_val,
-        "lora": job.lora.model_dump(),
-        "optim": job.optim.model_dump(),
-        "precision": job.precision,
-        "gradient_checkpointing": job.gradient_checkpointing,
-        "torch_threads": job.resources.torch_threads,
-    }
+def worker_config(cfg: PipelineConfig, job: JobConfig, num_rows: int, has_val: bool = False) -> WorkerConfig:
+    """Everything a worker needs, typed (it crosses process boundaries pickled)."""
+    return WorkerConfig(
+        store=cfg.store.model_copy(update={"uri": Store.from_config(cfg.store).uri}),  # absolute
+        base_id=cfg.base.id,
+        modality=job.modality,
+        num_rows=num_rows,
+        has_val=has_val,
+        lora=job.lora,
+        optim=job.optim,
+        precision=job.precision,
+        gradient_checkpointing=job.gradient_checkpointing,
+        torch_threads=job.resources.torch_threads,
+    )
 
 
 def _skipped(store: Store, job: JobConfig, fingerprint: str, started: float) -> JobResult | None:
@@ -167,8 +168,9 @@ def run_job(cfg: PipelineConfig, job: JobConfig, force: bool = False, publish_ad
     fs, runs_path = store.fs_path("runs")
     res = job.resources
     trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_config(cfg, job, num_rows, has_val),
+        # The typed config bound here, not train_loop_config: that one Ray also exports to the
+        # dashboard's run state, store credentials included.
+        functools.partial(train_loop, worker_config(cfg, job, num_rows, has_val)),
         scaling_config=ScalingConfig(
             num_workers=res.num_workers,
             use_gpu=res.gpus_per_worker > 0,
@@ -190,8 +192,8 @@ def run_job(cfg: PipelineConfig, job: JobConfig, force: bool = False, publish_ad
 
     # --- publish the final checkpoint's adapter ---
     with result.checkpoint.as_directory() as ckpt:
-        state = json.loads((Path(ckpt) / "train_state.json").read_text())
-        tokens_per_s = state["tokens"] / max(state["seconds"], 1e-9)
+        state = TrainState(**json.loads((Path(ckpt) / "train_state.json").read_text()))
+        tokens_per_s = state.tokens / max(state.seconds, 1e-9)
         manifest = None
         if publish_adapter:
             manifest = publish(
@@ -206,12 +208,12 @@ def run_job(cfg: PipelineConfig, job: JobConfig, force: bool = False, publish_ad
                     "job": job.name,
                     "job_fingerprint": fingerprint,
                     "dataset_versions": versions,
-                    "steps": state["step"],
-                    "first_loss": state["losses"][0],
-                    "last_loss": state["losses"][-1],
-                    "val_losses": state["val_losses"],
+                    "steps": state.step,
+                    "first_loss": state.losses[0],
+                    "last_loss": state.losses[-1],
+                    "val_losses": state.val_losses,
                     "tokens_per_s": round(tokens_per_s, 2),
-                    "resumed_from": state["resumed_from"],
+                    "resumed_from": state.resumed_from,
                     "run": run_uri,
                 },
             )
@@ -221,11 +223,11 @@ def run_job(cfg: PipelineConfig, job: JobConfig, force: bool = False, publish_ad
         "succeeded",
         started,
         time.time(),
-        steps=state["step"],
-        losses=state["losses"],
-        val_losses=state["val_losses"],
+        steps=state.step,
+        losses=state.losses,
+        val_losses=state.val_losses,
         tokens_per_s=tokens_per_s,
-        resumed_from=state["resumed_from"],
+        resumed_from=state.resumed_from,
         adapter=store.url(manifest.key) if manifest else None,
         run=run_uri,
     )

@@ -10,15 +10,38 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ddft.config import LoraSettings, OptimSettings, StoreConfig
+
 PROJECTOR = "multi_modal_projector"
 
 
-def lora_model(model, lora: dict, modality: str, gradient_checkpointing: bool = False):
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a Ray Train worker needs; it crosses the process boundary pickled, as typed values."""
+
+    store: StoreConfig  # with an absolute uri: workers run elsewhere
+    base_id: str
+    modality: str
+    num_rows: int  # train rows of the whole job: the steps of an epoch follow from it
+    has_val: bool
+    lora: LoraSettings
+    optim: OptimSettings
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    torch_threads: int | None = None
+
+    def total_steps(self, world: int) -> int:
+        o = self.optim
+        return o.max_steps or o.epochs * math.ceil(self.num_rows / (o.batch_size * o.grad_accum * world))
+
+
+def lora_model(model, lora: LoraSettings, modality: str, gradient_checkpointing: bool = False):
     """Wrap the base with LoRA on the language model (and the projector trained fully).
 
     Gradient checkpointing is non-reentrant: the reentrant kind gives no gradients to adapters
@@ -29,25 +52,51 @@ def lora_model(model, lora: dict, modality: str, gradient_checkpointing: bool = 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     config = LoraConfig(
-        r=lora["r"],
-        lora_alpha=lora["alpha"],
-        lora_dropout=lora["dropout"],
-        target_modules=lora["target_modules"],
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
         task_type="CAUSAL_LM",
-        modules_to_save=[PROJECTOR] if lora["train_projector"] and modality != "text" else None,
+        modules_to_save=[PROJECTOR] if lora.train_projector and modality != "text" else None,
     )
     return get_peft_model(model, config)
 
 
-def param_groups(model, optim: dict) -> list[dict]:
+def param_groups(model, optim: OptimSettings) -> list[dict]:
     proj, rest = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (proj if PROJECTOR in name else rest).append(p)
-    groups = [{"params": rest, "lr": optim["lr"]}]
+    groups = [{"params": rest, "lr": optim.lr}]
     if proj:
-        groups.append({"params": proj, "lr": optim["projector_lr"]})
+        groups.append({"params": proj, "lr": optim.projector_lr})
     return groups
+
+
+def optimizer_for(model, optim: OptimSettings, total_steps: int):
+    """AdamW over the LoRA (and projector) parameters with a warmup + cosine schedule."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW(param_groups(model, optim), weight_decay=optim.weight_decay)
+    return optimizer, get_cosine_schedule_with_warmup(
+        optimizer, math.ceil(optim.warmup_ratio * total_steps), total_steps
+    )
+
+
+def accumulate(model, batch: dict, grad_accum: int) -> tuple[torch.Tensor, int]:
+    """One micro-batch: forward and backward (the gradient scaled for accumulation); returns the
+    loss and the tokens processed (prompt, media placeholders and answer)."""
+    loss = model(**batch).loss
+    (loss / grad_accum).backward()
+    return loss, int(batch["attention_mask"].sum())
+
+
+def optimizer_step(optimizer, scheduler) -> None:
+    """The end of a step: clip, update, advance the schedule, clear the gradients."""
+    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def collate(rows: dict, processor) -> dict:
@@ -73,20 +122,20 @@ def collate(rows: dict, processor) -> dict:
     return batch
 
 
-def new_state() -> dict:
-    # `position` = micro-batches of the current epoch already trained on (the data position).
-    return {
-        "step": 0,
-        "epoch": 0,
-        "position": 0,
-        "micro": 0,
-        "tokens": 0,
-        "seconds": 0.0,
-        "losses": [],
-        "val_losses": [],
-        "history": [],
-        "resumed_from": [],
-    }
+@dataclass
+class TrainState:
+    """Where a run is; saved with every checkpoint as train_state.json (the job and the bench read it)."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0  # micro-batches of the current epoch already trained on (the data position)
+    micro: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    val_losses: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)  # per step: {step, tokens, seconds}
+    resumed_from: list[int] = field(default_factory=list)
 
 
 def rng_state() -> dict:
@@ -114,7 +163,7 @@ def set_rng_state(saved: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def save_checkpoint(model, optimizer, scheduler, out: Path, state: dict) -> None:
+def save_checkpoint(model, optimizer, scheduler, out: Path, state: TrainState) -> None:
     """Everything needed to go on exactly where training stopped: the same weights, optimizer
     moments, schedule, data position and random streams as if it never had."""
     model.save_pretrained(out / "adapter", safe_serialization=True)
@@ -122,10 +171,10 @@ def save_checkpoint(model, optimizer, scheduler, out: Path, state: dict) -> None
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
         out / "optimizer.pt",
     )
-    (out / "train_state.json").write_text(json.dumps(state, indent=2))
+    (out / "train_state.json").write_text(json.dumps(asdict(state), indent=2))
 
 
-def load_checkpoint(model, optimizer, scheduler, ckpt: Path) -> dict:
+def load_checkpoint(model, optimizer, scheduler, ckpt: Path) -> TrainState:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -134,7 +183,7 @@ def load_checkpoint(model, optimizer, scheduler, ckpt: Path) -> dict:
     optimizer.load_state_dict(extra["optimizer"])  # moves state to each parameter's device
     scheduler.load_state_dict(extra["scheduler"])
     set_rng_state(extra["rng"])
-    return json.loads((ckpt / "train_state.json").read_text())
+    return TrainState(**json.loads((ckpt / "train_state.json").read_text()))
 
 
 def validation_loss(model, shard, processor, device, batch_size: int, world: int) -> float | None:
@@ -155,10 +204,11 @@ def validation_loss(model, shard, processor, device, batch_size: int, world: int
     return float(sums[0] / sums[1]) if sums[1] else None
 
 
-def train_loop(cfg: dict) -> None:
+def train_loop(cfg: WorkerConfig) -> None:
+    """One Ray Train worker: setup (or resume), then steps over its data shard with a validation
+    loss at each epoch's end, reports and checkpoints on the configured steps."""
     import ray.train
     import ray.train.torch
-    from transformers import get_cosine_schedule_with_warmup
 
     from ddft.models.load import load_base, local_base_dir
     from ddft.store import Store
@@ -167,28 +217,27 @@ def train_loop(cfg: dict) -> None:
     # --- setup ---
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    optim, modality = cfg["optim"], cfg["modality"]
-    torch.manual_seed(optim["seed"] + rank)
-    torch.set_num_threads(cfg.get("torch_threads") or max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    store = Store(**cfg["store"])
-    dtype = torch.bfloat16 if cfg["precision"] == "bf16" else torch.float32
-    base, processor = load_base(local_base_dir(store, cfg["base_id"]), dtype=dtype)
-    model = lora_model(base, cfg["lora"], modality, cfg["gradient_checkpointing"])
-    peft_model = model
-    optimizer = torch.optim.AdamW(param_groups(model, optim), weight_decay=optim["weight_decay"])
-    model = ray.train.torch.prepare_model(model)  # to the device; DDP over gloo/nccl when world > 1
+    optim = cfg.optim
+    torch.manual_seed(optim.seed + rank)
+    torch.set_num_threads(cfg.torch_threads or max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    store = Store.from_config(cfg.store)
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    base, processor = load_base(local_base_dir(store, cfg.base_id), dtype=dtype)
+    peft_model = lora_model(base, cfg.lora, cfg.modality, cfg.gradient_checkpointing)
+    total = cfg.total_steps(world)
+    optimizer, scheduler = optimizer_for(peft_model, optim, total)
+    model = ray.train.torch.prepare_model(peft_model)  # to the device; DDP over gloo/nccl when world > 1
     device = ray.train.torch.get_device()
-    per_epoch = math.ceil(cfg["num_rows"] / (optim["batch_size"] * optim["grad_accum"] * world))
-    total = optim["max_steps"] or optim["epochs"] * per_epoch
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(optim["warmup_ratio"] * total), total)
-    state = new_state()
+    state = TrainState()
     latest = ray.train.get_checkpoint()  # set when Ray Train restarts us after a failure
     if latest:
         with latest.as_directory() as ckpt:
             state = load_checkpoint(peft_model, optimizer, scheduler, Path(ckpt))
-        state["resumed_from"].append(state["step"])
+        state.resumed_from.append(state.step)
     shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val") if cfg["has_val"] else None
+    val_shard = ray.train.get_dataset_shard("val") if cfg.has_val else None
+    telemetry = TrainMetrics() if rank == 0 else None
+    pending: dict = {}  # metrics waiting for the next report
 
     def report(metrics: dict, checkpoint: bool) -> None:
         """Rank 0 writes the checkpoint and the Prometheus gauges; every rank reports (a barrier)."""
@@ -201,62 +250,50 @@ def train_loop(cfg: dict) -> None:
                 save_checkpoint(peft_model, optimizer, scheduler, Path(tmp), state)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
 
-    pending: dict = {}  # metrics waiting for the next report
-    telemetry = TrainMetrics() if rank == 0 else None
-
     def validate() -> None:
-        loss = validation_loss(model, val_shard, processor, device, optim["batch_size"], world)
+        loss = validation_loss(model, val_shard, processor, device, optim.batch_size, world)
         if loss is not None:
-            state["val_losses"].append({"epoch": state["epoch"], "step": state["step"], "loss": round(loss, 5)})
+            state.val_losses.append({"epoch": state.epoch, "step": state.step, "loss": round(loss, 5)})
             pending["val_loss"] = loss
 
     # --- train ---
     model.train()
-    while state["step"] < total:
+    while state.step < total:
         started = time.time()
-        for i, rows in enumerate(shard.iter_batches(batch_size=optim["batch_size"], batch_format="numpy")):
-            if i < state["position"]:
+        for i, rows in enumerate(shard.iter_batches(batch_size=optim.batch_size, batch_format="numpy")):
+            if i < state.position:
                 continue  # trained on before the restart
             batch = {k: v.to(device) for k, v in collate(rows, processor).items()}
-            loss = model(**batch).loss
-            (loss / optim["grad_accum"]).backward()
-            state["tokens"] += int(batch["attention_mask"].sum())  # tokens processed: prompt, media, answer
-            state["position"], state["micro"] = i + 1, state["micro"] + 1
-            if state["micro"] % optim["grad_accum"]:
+            loss, tokens = accumulate(model, batch, optim.grad_accum)
+            state.tokens += tokens
+            state.position, state.micro = i + 1, state.micro + 1
+            if state.micro % optim.grad_accum:
                 continue
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            state["seconds"] += time.time() - started
+            optimizer_step(optimizer, scheduler)
+            state.step += 1
+            state.seconds += time.time() - started
             started = time.time()
-            state["losses"].append(round(loss.item(), 5))
-            state["history"].append(
-                {"step": state["step"], "tokens": state["tokens"], "seconds": round(state["seconds"], 4)}
-            )
-            done = state["step"] >= total
+            state.losses.append(round(loss.item(), 5))
+            state.history.append({"step": state.step, "tokens": state.tokens, "seconds": round(state.seconds, 4)})
+            done = state.step >= total
             if done:
                 validate()
-            every = optim["checkpoint_every"]
-            checkpoint = done or bool(every and state["step"] % every == 0)
-            if checkpoint or state["step"] % optim["report_every"] == 0:
+            every = optim.checkpoint_every
+            checkpoint = done or bool(every and state.step % every == 0)
+            if checkpoint or state.step % optim.report_every == 0:
                 # Same steps on every rank: report is a barrier across the workers.
-                report(
-                    {
-                        "step": state["step"],
-                        "epoch": state["epoch"],
-                        "loss": loss.item(),
-                        "lr": scheduler.get_last_lr()[0],
-                        "tokens": state["tokens"],
-                        "tokens_per_s": state["tokens"] / max(state["seconds"], 1e-9),
-                        **pending,
-                    },
-                    checkpoint,
-                )
+                metrics = {
+                    "step": state.step,
+                    "epoch": state.epoch,
+                    "loss": loss.item(),
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens": state.tokens,
+                    "tokens_per_s": state.tokens / max(state.seconds, 1e-9),
+                }
+                report(metrics | pending, checkpoint)
                 pending.clear()
             if done:
                 break
         else:  # a full pass over the data: the epoch ends with a validation loss
-            state["epoch"], state["position"] = state["epoch"] + 1, 0
+            state.epoch, state.position = state.epoch + 1, 0
             validate()
