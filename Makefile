@@ -93,22 +93,22 @@ clean-store:
 # exact vs decode-everything floor, image loading; options via BENCH_ARGS, e.g. BENCH_ARGS="--clips 80"
 .PHONY: bench-data
 bench-data: venv
-	$(PY) bench/data.py $(BENCH_ARGS)
+	$(PY) -m bench.data $(BENCH_ARGS)
 
 # make bench-train - one LoRA job two ways: Ray Train (+ Ray Data) vs a plain single-process PEFT
 # loop, same base, data and steps; steady-state tokens/s and Ray's start-up; options via BENCH_ARGS
 .PHONY: bench-train
 bench-train: venv
-	$(PY) bench/train.py $(BENCH_ARGS)
+	$(PY) -m bench.train $(BENCH_ARGS)
 
 # make bench-serve - multi-LoRA serving on the embedded base: mixed-adapter batch vs the base and vs
 # switching adapters one request at a time (engine), tenant upload -> first token, and /v1/recipes
 # latency with 8 concurrent clients over HTTP; options via BENCH_ARGS
 .PHONY: bench-serve
 bench-serve: venv venv-vllm
-	$(PY) bench/serve.py $(BENCH_ARGS)
+	$(PY) -m bench.serve $(BENCH_ARGS)
 
 # make openapi - regenerate docs/openapi.json from the app's routes (a test checks it is current)
 .PHONY: openapi
 openapi: venv
-	$(PY) serve/export_openapi.py
+	$(PY) -m serve.export_openapi

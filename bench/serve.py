@@ -27,12 +27,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "platform"), str(REPO)]
 
-from bench.serve_engine import PROMPT  # noqa: E402
-from ddft import client, config  # noqa: E402
-from ddft.store import Store  # noqa: E402
+from bench.serve_engine import PROMPT
+from ddft import client, config
+from ddft.store import Store
+
+REPO = Path(__file__).resolve().parents[1]
 
 ADMIN_KEY = "bench-admin-key"
 
@@ -128,7 +128,7 @@ def http_bench(
 
     with (
         tempfile.TemporaryDirectory(prefix="ddft-bench-serve-") as tmp,
-        ray_session(num_cpus=4, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}}),
+        ray_session(num_cpus=4),
     ):
         os.environ["DDFT_ADMIN_KEY"] = ADMIN_KEY
         try:

@@ -18,16 +18,13 @@ round is the one least disturbed by other processes.
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+import torch
 
-import torch  # noqa: E402
-
-from ddft.store import Store  # noqa: E402
+from ddft.store import Store
 
 PROMPT = "Write a long and detailed recipe for a vegetable soup, with every step explained."
 

@@ -18,20 +18,19 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # serve/ is a top-level folder of the repo, not part of the package
+from ddft import client, config
+from ddft.cluster import LOCAL_IP, ray_session
+from ddft.data import formats
+from ddft.data.prepare import PrepareError, prepare_all
+from ddft.recipes import format_quantity
+from ddft.store import Store, StoreError
 
-from ddft import client, config  # noqa: E402
-from ddft.cluster import LOCAL_IP, ray_session  # noqa: E402
-from ddft.data import formats  # noqa: E402
-from ddft.data.prepare import PrepareError, prepare_all  # noqa: E402
-from ddft.recipes import format_quantity  # noqa: E402
-from ddft.store import Store, StoreError  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 GCS_PORT, DASHBOARD_PORT = 6380, 8265
 ADDRESS, DASHBOARD = f"{LOCAL_IP}:{GCS_PORT}", f"http://{LOCAL_IP}:{DASHBOARD_PORT}"
 # Serve replicas import serve.app from the repo and read the same store as this process.
-RUNTIME_ENV = {"env_vars": {"PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}}
+RUNTIME_ENV = {"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}}
 # `ray start` turns on token auth (token in ~/.ray/auth_token); clients must say so to send it.
 RAY_AUTH = {"RAY_AUTH_MODE": "token"}
 MARKER = REPO / ".demo" / "cluster-started"  # the demo stops only a cluster it started

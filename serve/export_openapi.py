@@ -1,11 +1,9 @@
 """make openapi: write the app's OpenAPI document to docs/openapi.json (the README links it)."""
 
 import json
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "platform"), str(REPO)]
 
 
 def document() -> dict:

@@ -11,7 +11,6 @@ decoded here in a child process; adapter uploads are validated here before they 
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -29,12 +28,12 @@ from ddft.adapters.ref import AdapterRef
 from ddft.adapters.registry import Manifest
 from ddft.adapters.upload import base_spec, publish_upload, unpack
 from ddft.engines.base import Chunk, GenerateRequest, GenerateResult
-from ddft.errors import BadArgument, DdftError
+from ddft.errors import DdftError
 from ddft.models.info import BaseInfo
 from ddft.prompts import QUESTIONS
 from ddft.recipes import parse_recipe
 from ddft.store import Store, StoreError
-from serve import errors, inputs, metrics, openapi_docs, sse
+from serve import errors, inputs, openapi_docs, prometheus, sse
 from serve.auth import Auth
 from serve.decoder import Decoder
 from serve.errors import ApiError, busy
@@ -90,7 +89,7 @@ async def _observe(request: Request, call_next):
         route = request.scope.get("route")
         endpoint = getattr(route, "path", "unmatched")
         if endpoint not in ("/metrics", "/healthz"):
-            metrics.get().observe(
+            prometheus.get().observe(
                 endpoint,
                 getattr(request.state, "modality", "none"),
                 getattr(request.state, "adapter", None),
@@ -184,11 +183,11 @@ class Gateway:
                 response.cancel()
                 raise self._timeout() from None
 
-        metrics.get().queue_depth.inc()
+        prometheus.get().queue_depth.inc()
         try:
             result = await self._first(call)
         finally:
-            metrics.get().queue_depth.dec()
+            prometheus.get().queue_depth.dec()
         self._count(request, result)
         return result
 
@@ -212,7 +211,7 @@ class Gateway:
             replies = handle.stream.remote(request)
             return await next_chunk()
 
-        metrics.get().queue_depth.inc()
+        prometheus.get().queue_depth.inc()
         chunk = None
         try:
             chunk = await self._first(start)
@@ -225,7 +224,7 @@ class Gateway:
             self._count(request, chunk.result)  # before the last yield: the consumer closes us after it
             yield chunk
         finally:
-            metrics.get().queue_depth.dec()
+            prometheus.get().queue_depth.dec()
             if replies is not None and (chunk is None or chunk.result is None):
                 replies.cancel()  # timed out, failed or the client left: the replica stops the request
 
@@ -261,8 +260,8 @@ class Gateway:
     @staticmethod
     def _count(request: GenerateRequest, result: GenerateResult) -> None:
         if hasattr(result, "replica"):  # a ServedResult: the replica's engine counters
-            metrics.get().replica_stats(result.replica, result.stats)
-        metrics.get().count_tokens(
+            prometheus.get().replica_stats(result.replica, result.stats)
+        prometheus.get().count_tokens(
             request.modality,
             result.adapter,
             result.timings.get("prompt_tokens", 0),
@@ -576,12 +575,12 @@ class Gateway:
             )
         except DdftError as err:
             refused = errors.from_error(err)
-            metrics.get().uploads.labels(str(refused.status)).inc()
+            prometheus.get().uploads.labels(str(refused.status)).inc()
             raise refused from None
         except ApiError as err:
-            metrics.get().uploads.labels(str(err.status)).inc()
+            prometheus.get().uploads.labels(str(err.status)).inc()
             raise
-        metrics.get().uploads.labels("201").inc()
+        prometheus.get().uploads.labels("201").inc()
         self._resolved.clear()
         return JSONResponse(self._adapter_view(manifest), status_code=201)
 
@@ -599,11 +598,6 @@ class Gateway:
             "weights_sha256": m.weights_sha256,
         }
 
-    @staticmethod
-    def _name_version(path: str) -> tuple[str, int | None]:
-        m = re.fullmatch(r"(.+)/v(\d+)", path)
-        return (m.group(1), int(m.group(2))) if m else (path, None)
-
     @api.get("/v1/adapters")
     async def list_adapters(self, request: Request):
         tenant = await self.auth.tenant(request, required=True)
@@ -614,35 +608,33 @@ class Gateway:
     async def get_adapter(self, name: str, request: Request):
         """One of your adapters (name or name/vN): its manifest and versions."""
         tenant = await self.auth.tenant(request, required=True)
-        name, version = self._name_version(name)
-        manifest = await asyncio.to_thread(self._own_manifest, tenant, name, version)
-        versions = await asyncio.to_thread(registry.versions, self.store, registry.tenant_owner(tenant), name)
+        _, manifest = await asyncio.to_thread(self._own, tenant, name)
+        versions = await asyncio.to_thread(registry.versions, self.store, manifest.owner, manifest.name)
         return {**self._adapter_view(manifest), "versions": versions, "metrics": manifest.metrics}
 
-    def _own_manifest(self, tenant: str, name: str, version: int | None) -> Manifest:
+    def _own(self, tenant: str, path: str) -> tuple[AdapterRef, Manifest]:
+        """Your adapter named by a route's path: name (the newest) or name/vN, AdapterRef's grammar;
+        404 alike for someone else's, nobody's and a name no adapter can have."""
+        owner = registry.tenant_owner(tenant)
         try:
-            manifest = registry.read_manifest(self.store, registry.tenant_owner(tenant), name, version)
-        except BadArgument:  # a name no adapter can have
-            manifest = None
-        if manifest is None:  # the same answer whether it is someone else's or nobody's
-            raise ApiError(
-                404,
-                "unknown_adapter",
-                f"you have no adapter {name!r}"
-                + (f" version {version}" if version else "")
-                + "; GET /v1/adapters lists yours",
-            )
-        return manifest
+            ref = AdapterRef.parse(path)
+        except DdftError:
+            ref = None
+        manifest = None
+        if ref is not None and ref.owner in (None, owner):
+            manifest = registry.read_manifest(self.store, owner, ref.name, ref.version)
+        if manifest is None:
+            raise ApiError(404, "unknown_adapter", f"you have no adapter {path[:100]!r}; GET /v1/adapters lists yours")
+        return ref, manifest
 
     @api.delete("/v1/adapters/{name:path}")
     async def delete_adapter(self, name: str, request: Request):
         """Delete one version (name/vN) or every version (name) of your adapter."""
         tenant = await self.auth.tenant(request, required=True)
-        name, version = self._name_version(name)
-        await asyncio.to_thread(self._own_manifest, tenant, name, version)
-        deleted = await asyncio.to_thread(registry.delete, self.store, registry.tenant_owner(tenant), name, version)
+        ref, manifest = await asyncio.to_thread(self._own, tenant, name)
+        deleted = await asyncio.to_thread(registry.delete, self.store, manifest.owner, manifest.name, ref.version)
         self._resolved.clear()
-        return {"deleted": [f"{registry.tenant_owner(tenant)}/{name}/v{v}" for v in deleted]}
+        return {"deleted": [str(AdapterRef(manifest.name, manifest.owner, v)) for v in deleted]}
 
     # -- tenants (admin key) -------------------------------------------------------------------------
     @api.post("/v1/tenants", openapi_extra=openapi_docs.TENANT)
@@ -685,4 +677,4 @@ class Gateway:
 
     @api.get("/metrics")
     async def prometheus(self):
-        return Response(metrics.get().render(), media_type=metrics.CONTENT_TYPE)
+        return Response(prometheus.get().render(), media_type=prometheus.CONTENT_TYPE)

@@ -6,8 +6,8 @@ doesn't depend on the video has no matched - mismatched gap."""
 import pytest
 
 from ddft.data.synthetic import write_kitchen
+from ddft.eval.scores import score_recipes
 from ddft.store import Store
-from ddft.train.metrics import score_recipes
 
 KITCHEN = {"seed": 0, "dishes": 6, "held_out_dishes": 2, "images_per_dish": 8, "recipes": 12, "qa_pairs": 60}
 # Held-out margins over the base, per modality's headline metric.
@@ -56,7 +56,7 @@ def test_the_gap_bars_pass_a_model_that_reads_the_video_and_fail_one_that_does_n
     """evaluate's mismatched inputs: each held-out video swapped for another one's (of a different
     recipe), the reference kept. A model that writes the recipe of the video it is shown clears the
     ingredient-F1 gap bar; one that writes a fixed recipe has no gap at all."""
-    from ddft.train.evaluate import mismatched
+    from ddft.eval.evaluate import mismatched
 
     held_out = _held_out(recipes)
     rows = [

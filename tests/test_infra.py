@@ -476,8 +476,8 @@ def test_a_broken_cluster_launcher_yaml_fails(mutate):
 
 
 def serve_metric_labels() -> dict[str, set[str]]:
-    """The series names serve/metrics.py exposes, each with its labels."""
-    from serve import metrics
+    """The series names serve/prometheus.py exposes, each with its labels."""
+    from serve import prometheus as metrics
 
     m = metrics.Metrics()
     exposed = {}
@@ -494,7 +494,7 @@ def serve_metric_labels() -> dict[str, set[str]]:
             exposed[name + s] = set(labels) | ({"le"} if s == "_bucket" else set())
     for family in m.engines.collect():
         exposed[family.name + ("_total" if family.type == "counter" else "")] = set()
-    assert exposed, "serve/metrics.py exposes nothing?"
+    assert exposed, "serve/prometheus.py exposes nothing?"
     return exposed
 
 
@@ -541,7 +541,7 @@ def test_dashboard_panels_query_known_metrics_with_their_labels():
             names = set(METRIC.findall(expr))
             assert names, f"panel {p['title']!r} queries no ddft metric: {expr}"
             unknown = names - set(known)
-            assert not unknown, f"panel {p['title']!r}: {unknown} is not a ddft metric (serve/metrics.py or training)"
+            assert not unknown, f"panel {p['title']!r}: {unknown} is not a ddft metric (serve/prometheus.py or train)"
             allowed = set().union(*(known[n] for n in names))
             assert labels_used(expr) <= allowed, f"{p['title']!r}: labels {labels_used(expr) - allowed} not on {names}"
             used |= names

@@ -83,7 +83,7 @@ def trained(ray_cluster, tmp_path_factory):
 def scores(trained) -> dict:
     """`ddft eval` on the trained adapters, once: {(set, modality, model name, inputs): row}."""
     from ddft.adapters.registry import read_manifest
-    from ddft.train import evaluate
+    from ddft.eval import evaluate
 
     store = Store.from_config(trained.store)
     rows = evaluate.evaluate(store, trained.base.id, max_new_tokens=MAX_NEW_TOKENS)
@@ -144,7 +144,7 @@ def test_the_directed_adapter_reads_its_modality_and_beats_the_base(scores, moda
     ),
 )
 def test_directed_beats_the_equal_budget_joint_on_two_of_three_modalities(scores):
-    from ddft.train.metrics import HEADLINE
+    from ddft.eval.scores import HEADLINE
 
     wins = {
         m: scores[("held-out", m, m, "matched")][HEADLINE[m]] > scores[("held-out", m, "joint", "matched")][HEADLINE[m]]

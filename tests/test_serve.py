@@ -16,7 +16,7 @@ from ddft import client
 from ddft.config import ConfigError
 from ddft.models.load import ensure_base
 from ddft.store import Store
-from serve.metrics import adapter_label
+from serve.prometheus import adapter_label
 from tests.serve_fixture import ADMIN_KEY, make_mp4, make_png, running_app, write_config
 from tests.test_engine_hf import lora_folder
 
@@ -549,6 +549,7 @@ def test_backpressure_is_503_with_retry_after():
         for call in (Gateway.func_or_class._generate, first_chunk):
             gateway = object.__new__(Gateway.func_or_class.__bases__[0])  # our class, without Serve's ingress wrapper
             gateway.model, gateway.s = Handle(exc), SimpleNamespace(request_timeout_s=5)
+            gateway._handles = {}
             with pytest.raises(ApiError) as err:
                 asyncio.run(call(gateway, GenerateRequest("text", "hi")))
             assert err.value.status == 503 and int(err.value.headers["Retry-After"]) > 0

@@ -270,7 +270,7 @@ def test_train_all_on_a_store_without_data_says_what_to_run(ray_cluster, tmp_pat
 
 
 def test_evaluate_scores_base_and_adapters_and_records_them(prepared):
-    from ddft.train import evaluate
+    from ddft.eval import evaluate
 
     cfg, store, _, _ = prepared
     if not read_manifest(store, "ddft", "video"):

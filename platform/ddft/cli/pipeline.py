@@ -142,8 +142,8 @@ def follow(jobs, job_id: str, quiet: bool):
 
 
 def cmd_eval(args) -> int:
+    from ddft.eval import evaluate
     from ddft.store import Store
-    from ddft.train import evaluate
 
     cfg = load_config(args.config)
     store = Store.from_config(cfg.store)
@@ -167,15 +167,10 @@ def cmd_serve(args) -> int:
     from ddft.store import Store
 
     cfg = load_config(args.config)
-    if not (REPO / "serve" / "app.py").is_file():
-        raise CliError(USAGE, f"ddft serve runs from a source checkout: no serve/app.py under {REPO}")
     base_info(Store.from_config(cfg.store), cfg.base.id)  # the base must be there (StoreError names the fix)
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))  # the `serve` package lives in the checkout, beside platform/
     from ddft.cluster import ray_session
 
-    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    with ray_session(address=args.address, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}):
+    with ray_session(address=args.address):  # the `serve` package is installed beside ddft
         print(f"serving {cfg.base.id} on http://{cfg.serve.host}:{cfg.serve.port} (Ctrl-C stops)", file=sys.stderr)
         try:
             serve_blocking(str(args.config), args.engine)

@@ -33,9 +33,9 @@ from ddft.adapters.registry import PLATFORM_OWNER, Manifest, read_manifest
 from ddft.config import JOINT, DataConfig
 from ddft.data.prepare import good_rows, latest_version
 from ddft.engines.base import GenerateRequest
+from ddft.eval.scores import HEADLINE, markdown_table, normalize, score, score_steps
 from ddft.prompts import QUESTIONS
 from ddft.store import Store
-from ddft.train import metrics
 
 # Which prepared splits each set reads, per modality (see the module's docstring).
 SETS = {
@@ -103,7 +103,7 @@ def mismatched(rows: list[dict], modality: str) -> list[dict]:
             out.append({**r, "question": swap_entity(r["question"], kinds) or r["question"]})
             continue
         after = rows[i + 1 :] + rows[:i]
-        other = next((o for o in after if metrics.normalize(o["answer"]) != metrics.normalize(r["answer"])), r)
+        other = next((o for o in after if normalize(o["answer"]) != normalize(r["answer"])), r)
         out.append({**r, "pixels": other["pixels"], "pixel_shape": other.get("pixel_shape")})
     return out
 
@@ -146,14 +146,14 @@ def _request(row: dict, modality: str, adapter: Manifest | None, max_new_tokens:
 
 def eval_sets(store: Store, modalities, limit: int | None = None, data: DataConfig | None = None) -> list[EvalSet]:
     sets = [
-        EvalSet(name, m, held_out(store, m, limit, splits[m]), partial(metrics.score, m))
+        EvalSet(name, m, held_out(store, m, limit, splits[m]), partial(score, m))
         for name, splits in SETS.items()
         for m in modalities
         if m in splits
     ]
     if data is not None and "video" in modalities:
         rows, skipped = youcook2_rows(store, data, limit)
-        sets.append(EvalSet("youcook2", "video", rows, metrics.score_steps, skipped))
+        sets.append(EvalSet("youcook2", "video", rows, score_steps, skipped))
     return [s for s in sets if s.rows]
 
 
@@ -222,7 +222,7 @@ def evaluate(
                     for key, v in scores.items()
                     if isinstance(v, float) and isinstance(matched[model].get(key), float)
                 }
-                row["headline_gap"] = row["gap"].get(metrics.HEADLINE[es.modality])
+                row["headline_gap"] = row["gap"].get(HEADLINE[es.modality])
             if es.skipped:
                 row["skipped_reasons"] = es.skipped[:5]
             results.append(row)
@@ -247,7 +247,7 @@ def table(results: list[dict]) -> str:
         "step_count_error",
         "headline_gap",
     ]
-    return metrics.markdown_table(results, columns)
+    return markdown_table(results, columns)
 
 
 def save(store: Store, results: list[dict]) -> str:

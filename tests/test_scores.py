@@ -1,6 +1,6 @@
 import pytest
 
-from ddft.train.metrics import (
+from ddft.eval.scores import (
     HEADLINE,
     accuracy,
     bleu4,
@@ -187,7 +187,7 @@ def test_markdown_table():
 
 
 def test_score_steps_compares_steps_with_steps():
-    from ddft.train.metrics import score_steps
+    from ddft.eval.scores import score_steps
 
     ref = "Steps:\n1. Chop the onion.\n2. Stir the pot."
     pred = "Ingredients:\n- 2 onion\nSteps:\n1. Chop the onion.\n2. Stir the pot.\n3. Enjoy!"
