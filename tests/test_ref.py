@@ -76,3 +76,27 @@ def test_resolve_decides_visibility_base_and_modality(tmp_path):
     with pytest.raises(Conflict) as err:
         registry.resolve(store, "video", None, "video", BaseInfo("other", "0" * 64, ""))
     assert (status_of(err.value), err.value.code) == (409, "adapter_other_base")
+
+
+@pytest.mark.parametrize("cut", [4, 40, -3])
+def test_publish_refuses_broken_weights_and_leaves_nothing(tmp_path, cut):
+    """The one check every published adapter passes reads the safetensors header from bytes (no
+    torch): a file cut short anywhere is refused, and no version, claim or staging file stays."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    store = Store(str(tmp_path / "store"))
+    folder = tmp_path / "a"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
+    save_file({"w": torch.ones(4, 4), "v": torch.zeros(2)}, str(folder / "adapter_model.safetensors"))
+    files = registry.read_dir(folder)
+    assert registry.validate_files(files)["r"] == 2
+    weights = files["adapter_model.safetensors"]
+    files["adapter_model.safetensors"] = weights[:cut]
+    with pytest.raises(Invalid) as err:
+        registry.publish(store, files, owner="ddft", name="x", modality="text", base=BaseInfo("b", "f", ""), source="t")
+    assert err.value.code == "invalid_adapter" and "safetensors" in err.value.detail
+    assert store.list("adapters") == []

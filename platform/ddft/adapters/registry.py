@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ddft.adapters.files import PICKLE_SUFFIXES, REQUIRED
+from ddft.adapters.files import CONFIG, PICKLE_SUFFIXES, REQUIRED, WEIGHTS
 from ddft.adapters.ref import PLATFORM_OWNER, AdapterRef, checked_name, tenant_owner, visible_owners
 from ddft.errors import Conflict, Invalid, NotFound
 from ddft.models.info import BaseInfo
@@ -70,46 +70,75 @@ def _invalid(detail: str) -> Invalid:
     return Invalid(detail, "invalid_adapter")
 
 
-def validate_dir(local_dir: Path) -> dict:
-    """Check a PEFT adapter folder without executing anything in it; return adapter_config."""
-    local_dir = Path(local_dir)
-    names = {p.name for p in local_dir.iterdir() if p.is_file()}
+def read_dir(local_dir: Path) -> dict[str, bytes]:
+    """A PEFT folder's adapter files (and README.md), by name; pickles are refused, never read."""
+    names = {p.name for p in Path(local_dir).iterdir() if p.is_file()}
+    _refuse_pickles(names)
+    return {n: (Path(local_dir) / n).read_bytes() for n in (*REQUIRED, "README.md") if n in names}
+
+
+def _refuse_pickles(names) -> None:
     pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
     if pickles:
         raise _invalid(
             f"refusing pickle files {pickles}: adapters must be safetensors only "
             "(save with save_pretrained(..., safe_serialization=True))"
         )
-    missing = [n for n in REQUIRED if n not in names]
+
+
+def validate_files(files: dict[str, bytes]) -> dict:
+    """Check an adapter's files without executing anything in them; return adapter_config. The one
+    check every published adapter passes, trained or uploaded (uploads are checked against the base
+    before this, by adapters/upload.py)."""
+    _refuse_pickles(files)
+    missing = [n for n in REQUIRED if n not in files]
     if missing:
         raise _invalid(f"adapter folder lacks {missing}; a PEFT LoRA folder has {list(REQUIRED)}")
     try:
-        cfg = json.loads((local_dir / "adapter_config.json").read_text())
+        cfg = json.loads(files[CONFIG])
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise _invalid(f"adapter_config.json is not valid JSON: {err}") from None
-    if cfg.get("peft_type") != "LORA":
-        raise _invalid(f"peft_type is {cfg.get('peft_type')!r}; only LORA adapters are served")
+    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
+        raise _invalid(
+            f"peft_type is {cfg.get('peft_type') if isinstance(cfg, dict) else None!r}; only LORA adapters are served"
+        )
     if not isinstance(cfg.get("r"), int) or cfg["r"] < 1:
         raise _invalid(f"adapter_config.json r={cfg.get('r')!r}; it must be a positive integer")
-    _check_safetensors(local_dir / "adapter_model.safetensors")
+    _check_safetensors(files[WEIGHTS])
     return cfg
 
 
-def _check_safetensors(path: Path) -> None:
-    from safetensors import safe_open
-
+def _check_safetensors(data: bytes) -> None:
+    """The safetensors header read from bytes (no torch): JSON, at least one tensor, and data
+    offsets that tile the rest of the file exactly."""
+    bad = f"{WEIGHTS} is not a readable safetensors file"
+    if len(data) < 8:
+        raise _invalid(f"{bad}: {len(data)} bytes")
+    n = int.from_bytes(data[:8], "little")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            if not list(f.keys()):
-                raise _invalid(f"{path.name} holds no tensors")
-    except Invalid:
-        raise
-    except Exception as err:  # the safetensors parser's errors are plain strings
-        raise _invalid(f"{path.name} is not a readable safetensors file: {err}") from None
+        header = json.loads(data[8 : 8 + n]) if 8 + n <= len(data) else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise _invalid(f"{bad}: its header is not JSON")
+    tensors = [v for k, v in header.items() if k != "__metadata__"]
+    if not tensors:
+        raise _invalid(f"{WEIGHTS} holds no tensors")
+    try:
+        spans = sorted((int(t["data_offsets"][0]), int(t["data_offsets"][1])) for t in tensors)
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise _invalid(f"{bad}: a tensor lacks data_offsets") from None
+    end = 0
+    for start, stop in spans:
+        if start != end or stop < start:
+            raise _invalid(f"{bad}: tensor data overlaps or leaves gaps")
+        end = stop
+    if 8 + n + end != len(data):
+        raise _invalid(f"{bad}: the header describes {end} bytes of data, the file holds {len(data) - 8 - n}")
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def versions(store: Store, owner: str, name: str) -> list[int]:
@@ -163,7 +192,7 @@ def list_adapters(store: Store, owner: str | None = None) -> list[Manifest]:
 
 def publish(
     store: Store,
-    local_dir: Path,
+    adapter: Path | dict[str, bytes],
     *,
     owner: str,
     name: str,
@@ -172,15 +201,17 @@ def publish(
     source: str,
     metrics: dict | None = None,
 ) -> Manifest:
-    """Validate and publish a PEFT folder as the next version; returns its manifest."""
-    cfg = validate_dir(local_dir)
+    """Validate and publish an adapter (a PEFT folder, or its files by name) as the next version;
+    returns its manifest."""
+    files = read_dir(adapter) if isinstance(adapter, Path) else adapter
+    cfg = validate_files(files)
     prefix = adapter_prefix(owner, name)
     staging = f"{prefix}/.staging/{uuid.uuid4().hex}"
-    files = [p for p in Path(local_dir).iterdir() if p.is_file() and p.name in (*REQUIRED, "README.md")]
     version = None
     try:
-        for p in files:
-            store.write_bytes(f"{staging}/{p.name}", p.read_bytes())
+        for fname in (*REQUIRED, "README.md"):
+            if fname in files:
+                store.write_bytes(f"{staging}/{fname}", files[fname])
         version = _claim_version(store, owner, name, staging)
         manifest = Manifest(
             name=name,
@@ -192,7 +223,7 @@ def publish(
             rank=cfg["r"],
             alpha=cfg.get("lora_alpha", cfg["r"]),
             target_modules=cfg.get("target_modules"),
-            weights_sha256=_sha256(Path(local_dir) / "adapter_model.safetensors"),
+            weights_sha256=_sha256(files[WEIGHTS]),
             source=source,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             metrics=metrics or {},
@@ -243,7 +274,7 @@ def download(store: Store, manifest: Manifest, local_dir: Path) -> Path:
     for fname in REQUIRED:
         (local_dir / fname).parent.mkdir(parents=True, exist_ok=True)
         (local_dir / fname).write_bytes(store.read_bytes(f"{manifest.key}/{fname}"))
-    if _sha256(local_dir / "adapter_model.safetensors") != manifest.weights_sha256:
+    if _sha256((local_dir / WEIGHTS).read_bytes()) != manifest.weights_sha256:
         raise AdapterError(f"{manifest.ref}: weights don't match the manifest's sha256; republish it")
     return local_dir
 

@@ -521,16 +521,13 @@ def publish_upload(
         raise BadArgument(code="bad_modality", detail=f"modality {modality!r} is not one of {list(MODALITIES)}")
     cfg, header = _validate(files, spec, max_rank=max_rank, max_bytes=max_bytes)
     files = {**files, "adapter_config.json": json.dumps(served_config(cfg, header, spec), indent=2).encode()}
-    with tempfile.TemporaryDirectory(prefix="ddft-upload-") as tmp:
-        for fname in REQUIRED:
-            (Path(tmp) / fname).write_bytes(files[fname])
-        # publish() takes the next version atomically and cleans up after itself on failure
-        return registry.publish(
-            store,
-            Path(tmp),
-            owner=owner,
-            name=name,
-            modality=modality,
-            source="uploaded",
-            base=BaseInfo(spec.id, spec.fingerprint, ""),
-        )
+    # publish() takes the next version atomically and cleans up after itself on failure
+    return registry.publish(
+        store,
+        {n: files[n] for n in REQUIRED},
+        owner=owner,
+        name=name,
+        modality=modality,
+        source="uploaded",
+        base=BaseInfo(spec.id, spec.fingerprint, ""),
+    )
