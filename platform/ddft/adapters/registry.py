@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ddft.adapters.files import CONFIG, PICKLE_SUFFIXES, REQUIRED, WEIGHTS
+from ddft.adapters.files import CONFIG, PICKLE_SUFFIXES, REQUIRED, WEIGHTS, parse_safetensors
 from ddft.adapters.ref import PLATFORM_OWNER, AdapterRef, checked_name, tenant_owner, visible_owners
 from ddft.errors import Conflict, Invalid, NotFound
 from ddft.models.info import BaseInfo
@@ -104,37 +104,11 @@ def validate_files(files: dict[str, bytes]) -> dict:
         )
     if not isinstance(cfg.get("r"), int) or cfg["r"] < 1:
         raise _invalid(f"adapter_config.json r={cfg.get('r')!r}; it must be a positive integer")
-    _check_safetensors(files[WEIGHTS])
+    try:
+        parse_safetensors(files[WEIGHTS])
+    except Invalid as err:  # refused here as the adapter, whatever part of it is broken
+        raise _invalid(err.detail) from None
     return cfg
-
-
-def _check_safetensors(data: bytes) -> None:
-    """The safetensors header read from bytes (no torch): JSON, at least one tensor, and data
-    offsets that tile the rest of the file exactly."""
-    bad = f"{WEIGHTS} is not a readable safetensors file"
-    if len(data) < 8:
-        raise _invalid(f"{bad}: {len(data)} bytes")
-    n = int.from_bytes(data[:8], "little")
-    try:
-        header = json.loads(data[8 : 8 + n]) if 8 + n <= len(data) else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        header = None
-    if not isinstance(header, dict):
-        raise _invalid(f"{bad}: its header is not JSON")
-    tensors = [v for k, v in header.items() if k != "__metadata__"]
-    if not tensors:
-        raise _invalid(f"{WEIGHTS} holds no tensors")
-    try:
-        spans = sorted((int(t["data_offsets"][0]), int(t["data_offsets"][1])) for t in tensors)
-    except (KeyError, TypeError, ValueError, IndexError):
-        raise _invalid(f"{bad}: a tensor lacks data_offsets") from None
-    end = 0
-    for start, stop in spans:
-        if start != end or stop < start:
-            raise _invalid(f"{bad}: tensor data overlaps or leaves gaps")
-        end = stop
-    if 8 + n + end != len(data):
-        raise _invalid(f"{bad}: the header describes {end} bytes of data, the file holds {len(data) - 8 - n}")
 
 
 def _sha256(data: bytes) -> str:

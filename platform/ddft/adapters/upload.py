@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import re
 import stat
 import tarfile
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ddft.adapters import registry
-from ddft.adapters.files import PICKLE_SUFFIXES, REQUIRED
+from ddft.adapters.files import PICKLE_SUFFIXES, REQUIRED, parse_safetensors
 from ddft.adapters.registry import Manifest
 from ddft.config import MODALITIES
 from ddft.errors import BadArgument, Invalid, TooLarge, UnsupportedFormat
@@ -31,25 +30,7 @@ from ddft.store import Store
 
 DEFAULT_MAX_BYTES = 1 << 30  # a 7B LM with r=128 on q/k/v/o in fp32 is ~0.5 GiB
 TAR_OVERHEAD = 1 << 20  # tar headers and padding on top of the members' own bytes
-MAX_HEADER = 100 << 20  # the safetensors library's own limit on the JSON header
 DTYPES = ("F32", "F16", "BF16")
-_ITEMSIZE = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U64": 8,
-    "U32": 4,
-    "U16": 2,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-}
 _LORA_KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_A|lora_B)\.weight$")
 # LoRA variants whose weights or forward differ from plain LoRA: the engine serves plain LoRA only
 _VARIANTS = (
@@ -276,7 +257,7 @@ def _validate(files: dict[str, bytes], spec: BaseSpec, *, max_rank: int, max_byt
     _cap(sum(map(len, files.values())), max_bytes)
     cfg = _check_config(files["adapter_config.json"], max_rank)
     _check_base(cfg, spec)
-    header = _parse_safetensors(files["adapter_model.safetensors"])
+    header = parse_safetensors(files["adapter_model.safetensors"], f"; {SAVE_HINT}, whole")
     _check_tensors(header, cfg, spec)
     _safe_open(files["adapter_model.safetensors"], set(header))
     return cfg, header
@@ -337,59 +318,6 @@ def _check_base(cfg: dict, spec: BaseSpec) -> None:
         f"train it on {spec.origin or spec.id!r}, or, if that is the same model, set "
         f"base_model_name_or_path to {spec.id!r} or ddft_base_fingerprint to {spec.fingerprint!r}",
     )
-
-
-def _parse_safetensors(data: bytes) -> dict:
-    """The header's {tensor name: {dtype, shape, data_offsets}}, every offset checked against the file."""
-
-    def bad(why: str) -> Invalid:
-        return Invalid(code="bad_safetensors", detail=f"adapter_model.safetensors {why}; {SAVE_HINT}, whole")
-
-    if len(data) < 8:
-        raise bad("is shorter than its 8-byte header length")
-    n = int.from_bytes(data[:8], "little")
-    if n > min(len(data) - 8, MAX_HEADER):
-        raise bad(f"declares a {n}-byte header in a {len(data)}-byte file (truncated?)")
-    try:
-        header = json.loads(data[8 : 8 + n])
-    except (ValueError, UnicodeDecodeError):
-        raise bad("has a header that is not JSON") from None
-    if not isinstance(header, dict) or not isinstance(header.pop("__metadata__", {}), dict):
-        raise bad("has a malformed header")
-    if not header:
-        raise bad("holds no tensors")
-    body, spans = len(data) - 8 - n, []
-    for key, t in header.items():
-        if not (
-            isinstance(t, dict)
-            and isinstance(t.get("dtype"), str)
-            and _ints(t.get("shape"))
-            and _ints(t.get("data_offsets"))
-            and len(t["data_offsets"]) == 2
-        ):
-            raise bad(f"has a malformed entry for tensor {key!r}")
-        begin, end = t["data_offsets"]
-        if not 0 <= begin <= end <= body:
-            raise bad(f"is truncated: tensor {key!r} needs bytes {begin}-{end} but the data section has {body}")
-        size = _ITEMSIZE.get(t["dtype"])
-        if size and end - begin != math.prod(t["shape"]) * size:
-            raise bad(
-                f"has {end - begin} bytes for tensor {key!r}, but {t['dtype']} {t['shape']} needs "
-                f"{math.prod(t['shape']) * size}"
-            )
-        spans.append((begin, end))
-    pos = 0
-    for begin, end in sorted(spans):
-        if begin != pos:
-            raise bad(f"has tensors that overlap or leave gaps (at byte {pos} of the data section)")
-        pos = end
-    if pos != body:
-        raise bad(f"has a {body}-byte data section but its tensors account for {pos} bytes")
-    return header
-
-
-def _ints(value) -> bool:
-    return isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)
 
 
 def _pattern_value(module: str, pattern: dict, default):
