@@ -32,7 +32,7 @@ from ddft.errors import DdftError
 from ddft.models.info import BaseInfo
 from ddft.prompts import QUESTIONS
 from ddft.recipes import parse_recipe
-from ddft.store import Store, StoreError
+from ddft.store import Store
 from serve import errors, inputs, openapi_docs, prometheus, sse
 from serve.auth import Auth
 from serve.decoder import Decoder
@@ -494,10 +494,7 @@ class Gateway:
     async def _model_objects(self, request: Request) -> list[dict]:
         """OpenAI model objects: the base, and `<base>:<adapter ref>` for each adapter the caller may use."""
         owners = registry.visible_owners(await self.auth.tenant(request))
-        try:
-            manifests = await asyncio.to_thread(registry.list_adapters, self.store)
-        except StoreError as err:
-            raise errors.store_unreadable(err) from None
+        manifests = await asyncio.to_thread(registry.list_adapters, self.store)  # StoreError: errors.install
         data = [{"id": self.base_id, "object": "model", "owned_by": registry.PLATFORM_OWNER, "root": self.base_id}]
         for m in manifests:
             if m.owner in owners and m.base_fingerprint == self.spec.fingerprint:
