@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from ddft.engines.lru import COUNTERS, AdapterLRU
 from ddft.errors import Unavailable
 
 if TYPE_CHECKING:
@@ -96,32 +97,30 @@ class Engine(Protocol):
         requests, prompt_tokens, new_tokens (for /metrics)."""
 
 
-STATS = (
-    "adapter_loads",
-    "adapter_hits",
-    "adapter_misses",
-    "adapter_evictions",
-    "requests",
-    "prompt_tokens",
-    "new_tokens",
-)  # the counters every engine's stats() returns
+ENGINE_STATS = ("requests", "prompt_tokens", "new_tokens")  # counted by the engine; the adapter ones by its LRU
+STATS = COUNTERS + ENGINE_STATS  # the counters every engine's stats() returns
 
 
 class AdapterCache:
-    """What engines share: the resident refs (LRU first) and the counters, read without a lock
-    so health checks and /metrics never wait for a running batch."""
+    """What engines share: their adapters' LRU (engines/lru.py) and the counters, read without a
+    lock so health checks and /metrics never wait for a running batch."""
 
-    _resident: tuple[Manifest, ...] = ()  # replaced whole, never mutated: safe to read from any thread
-    _stats: dict[str, int]
+    adapters: AdapterLRU
+    _stats: dict[str, int]  # the engine's own: requests, prompt_tokens, new_tokens
 
     def loaded_adapters(self) -> list[str]:
-        return [m.ref for m in self._resident]
+        return [m.ref for m in self.adapters.resident]
 
     def resident_adapters(self) -> list[Manifest]:
-        return list(self._resident)
+        return list(self.adapters.resident)
+
+    def evict_adapter(self, ref: str) -> bool:
+        """Drop an adapter from memory now (its owner deleted it); False if it wasn't resident."""
+        with self._lock:
+            return self.adapters.evict(ref)
 
     def stats(self) -> dict[str, int]:
-        return dict(self._stats)
+        return {**self._stats, **self.adapters.counters}
 
 
 def check_request(r: GenerateRequest, i: int | None = None) -> None:

@@ -25,11 +25,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import tempfile
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -41,10 +39,11 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from ddft import prompts
 from ddft.adapters import registry
 from ddft.adapters.registry import AdapterError, Manifest, check_base
-from ddft.engines.base import STATS, AdapterCache, Chunk, GenerateRequest, GenerateResult, check_request
+from ddft.engines.base import ENGINE_STATS, AdapterCache, Chunk, GenerateRequest, GenerateResult, check_request
 from ddft.engines.batched_lora import BASE, AdapterBank, unsupported
 from ddft.engines.batcher import Batcher
 from ddft.engines.detok import TextStream, first_stop
+from ddft.engines.lru import AdapterLRU, adapter_key
 from ddft.models.load import base_info, load_base, local_base_dir
 from ddft.store import Store, StoreError
 
@@ -78,11 +77,6 @@ class _MixedProjector(ModulesToSaveWrapper):
                 out = y.new_empty((len(x), *y.shape[1:]))
             out[rows] = y
         return out
-
-
-def _peft_name(manifest: Manifest) -> str:
-    """A PEFT adapter name for a manifest: module-dict safe (no '.' or '/'), unique per weights."""
-    return re.sub(r"[^A-Za-z0-9_]", "_", manifest.ref) + "_" + manifest.weights_sha256[:8]
 
 
 class _Sink:
@@ -173,12 +167,10 @@ class HFEngine(AdapterCache):
         max_batch_size: int = 8,
         batch_wait_s: float = 0.01,
     ):
-        if cache_size < 1:
-            raise ValueError(f"cache_size is {cache_size}; it must be at least 1")
+        self.adapters = AdapterLRU(cache_size, self._load, self._unload)
         self.store = store if isinstance(store, Store) else Store(store)
         self.info = base_info(self.store, base_model_id)
         self.base_id = base_model_id
-        self.cache_size = cache_size
         self.device = torch.device(device)
         started = time.perf_counter()
         model, self.processor = load_base(local_base_dir(self.store, base_model_id), dtype=dtype)
@@ -190,86 +182,58 @@ class HFEngine(AdapterCache):
         self._peft: PeftModel | None = None
         self._bank: AdapterBank | None = None  # the LoRA layers' stacked adapters
         self.batched_lora = True  # False: PEFT's own adapter_names loop (for comparison)
-        self._stats = dict.fromkeys(STATS, 0)
-        self._cache: OrderedDict[str, Manifest] = OrderedDict()  # peft name -> manifest, LRU first
-        self._resident: tuple[Manifest, ...] = ()  # LRU first: readable while a batch runs
+        self._stats = dict.fromkeys(ENGINE_STATS, 0)
         self._lock = threading.RLock()  # one batch or adapter load at a time
         self._batcher = Batcher(self._run_batch, max_batch_size, batch_wait_s)  # concurrent streams
         log.info("engine hf: base %s loaded in %.1fs on %s", base_model_id, self.load_s, self.device)
 
     # -- adapters ----------------------------------------------------------------------------------
     def load_adapter(self, manifest: Manifest, pinned: frozenset[str] = frozenset()) -> str:
-        """Make an adapter resident (or refresh it in the LRU); return its PEFT name.
-
-        Evicts the least recently used adapters beyond cache_size, never those in `pinned`.
-        """
+        """Make an adapter resident (or refresh it in the LRU); return its PEFT name. The least
+        recently used beyond cache_size go, never those in `pinned` (a batch's names)."""
         with self._lock:
-            name = _peft_name(manifest)
-            if name in self._cache:
-                self._stats["adapter_hits"] += 1
-                self._cache.move_to_end(name)
-                self._resident = tuple(self._cache.values())
-                return name
-            self._stats["adapter_misses"] += 1
-            check_base(manifest, self.base_id, self.info.fingerprint)
-            with tempfile.TemporaryDirectory(prefix="ddft-adapter-") as tmp:
-                path = str(registry.download(self.store, manifest, Path(tmp)))
-                why = unsupported(PeftConfig.from_pretrained(path))
-                if why:
-                    raise AdapterError(
-                        f"adapter {manifest.ref} can't be served by the hf engine: {why}; "
-                        f"re-train or re-publish it as plain LoRA"
-                    )
-                try:
-                    if self._peft is None:
-                        self._peft = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=False)
-                    else:
-                        self._peft.load_adapter(path, adapter_name=name, is_trainable=False)
-                except Exception as err:  # a config or weights that don't fit this base
-                    if self._peft is not None and name in self._peft.peft_config:
-                        self._peft.delete_adapter(name)
-                    raise AdapterError(
-                        f"adapter {manifest.ref} could not be loaded on base {self.base_id!r}: "
-                        f"{type(err).__name__}: {str(err)[:300]}"
-                    ) from err
-            if self._peft.active_adapter not in self._peft.peft_config:  # all were evicted: PEFT kept a stale one
-                self._peft.set_adapter(name)
-            self._peft.eval()
-            for module in self._peft.modules():
-                if type(module) is ModulesToSaveWrapper:
-                    module.__class__ = _MixedProjector
-            if self._bank is None:
-                self._bank = AdapterBank(self._peft)
-            self._bank.adopt()
-            self._stats["adapter_loads"] += 1
-            self._cache[name] = manifest
-            self._evict(pinned | {name})
-            self._resident = tuple(self._cache.values())
-            log.info("engine hf: adapter %s loaded (%d resident)", manifest.ref, len(self._cache))
-            return name
+            return self.adapters.acquire(manifest, pinned)
 
-    def _evict(self, keep: frozenset[str] | set[str]) -> None:
-        for name in list(self._cache):
-            if len(self._cache) <= self.cache_size:
-                break
-            if name not in keep:
-                self._drop(name, "LRU")
+    def _load(self, manifest: Manifest) -> str:
+        """Inject an adapter into the PEFT model (the LRU's loader); its PEFT name."""
+        name = adapter_key(manifest)
+        check_base(manifest, self.base_id, self.info.fingerprint)
+        with tempfile.TemporaryDirectory(prefix="ddft-adapter-") as tmp:
+            path = str(registry.download(self.store, manifest, Path(tmp)))
+            why = unsupported(PeftConfig.from_pretrained(path))
+            if why:
+                raise AdapterError(
+                    f"adapter {manifest.ref} can't be served by the hf engine: {why}; "
+                    f"re-train or re-publish it as plain LoRA"
+                )
+            try:
+                if self._peft is None:
+                    self._peft = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=False)
+                else:
+                    self._peft.load_adapter(path, adapter_name=name, is_trainable=False)
+            except Exception as err:  # a config or weights that don't fit this base
+                if self._peft is not None and name in self._peft.peft_config:
+                    self._peft.delete_adapter(name)
+                raise AdapterError(
+                    f"adapter {manifest.ref} could not be loaded on base {self.base_id!r}: "
+                    f"{type(err).__name__}: {str(err)[:300]}"
+                ) from err
+        if self._peft.active_adapter not in self._peft.peft_config:  # all were evicted: PEFT kept a stale one
+            self._peft.set_adapter(name)
+        self._peft.eval()
+        for module in self._peft.modules():
+            if type(module) is ModulesToSaveWrapper:
+                module.__class__ = _MixedProjector
+        if self._bank is None:
+            self._bank = AdapterBank(self._peft)
+        self._bank.adopt()
+        log.info("engine hf: adapter %s loaded (%d resident before it)", manifest.ref, len(self.adapters))
+        return name
 
-    def _drop(self, name: str, why: str) -> None:
-        manifest = self._cache.pop(name)
+    def _unload(self, manifest: Manifest, name: str) -> None:
         self._peft.delete_adapter(name)
         self._bank.adopt()  # restack without it
-        self._stats["adapter_evictions"] += 1
-        log.info("engine hf: adapter %s evicted (%s)", manifest.ref, why)
-
-    def evict_adapter(self, ref: str) -> bool:
-        """Drop an adapter (every resident copy of that ref) now; False if none was resident."""
-        with self._lock:
-            names = [n for n, m in self._cache.items() if m.ref == ref]
-            for name in names:
-                self._drop(name, "asked")
-            self._resident = tuple(self._cache.values())
-            return bool(names)
+        log.info("engine hf: adapter %s evicted", manifest.ref)
 
     # -- generation --------------------------------------------------------------------------------
     def generate(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
@@ -347,8 +311,8 @@ class HFEngine(AdapterCache):
         chunk, names = [], set()
         for i in idxs:
             a = requests[i].adapter
-            name = _peft_name(a) if a else None
-            if name and name not in names and len(names) == self.cache_size:
+            name = adapter_key(a) if a else None
+            if name and name not in names and len(names) == self.adapters.size:
                 yield chunk
                 chunk, names = [], set()
             chunk.append(i)
@@ -359,7 +323,7 @@ class HFEngine(AdapterCache):
 
     def _prepare(self, modality: str, reqs: list[GenerateRequest]) -> tuple[dict, list[str]]:
         """Model inputs (left-padded, pixels included) and the per-row PEFT adapter names."""
-        needed = frozenset(_peft_name(r.adapter) for r in reqs if r.adapter)
+        needed = frozenset(adapter_key(r.adapter) for r in reqs if r.adapter)
         names = [self.load_adapter(r.adapter, pinned=needed) if r.adapter else BASE for r in reqs]
         rows = [
             prompts.encode(
@@ -386,7 +350,7 @@ class HFEngine(AdapterCache):
         modality = requests[0].modality
         with self._lock, torch.inference_mode():
             inputs, names = self._prepare(modality, requests)
-            if self._cache:  # LoRA layers hold adapters: every row names its own
+            if self.adapters:  # LoRA layers hold adapters: every row names its own
                 with self._forward_context(names):
                     out = self._peft(**inputs, adapter_names=names)
             else:
@@ -413,7 +377,7 @@ class HFEngine(AdapterCache):
             stopping_criteria=StoppingCriteriaList([ends]),
         )
         with torch.inference_mode():
-            if self._cache:  # LoRA layers hold adapters: every row names its own
+            if self.adapters:  # LoRA layers hold adapters: every row names its own
                 with self._forward_context(names):
                     out = self._peft.generate(**kwargs, adapter_names=names)
             else:  # no adapter (yet, or evicted all): the injected layers are the bare base

