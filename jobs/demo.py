@@ -24,6 +24,7 @@ from ddft.data import formats
 from ddft.data.prepare import PrepareError, prepare_all
 from ddft.recipes import format_quantity
 from ddft.store import Store, StoreError
+from ddft.train.launcher import read_results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,8 +90,9 @@ def stop_cluster() -> None:
         MARKER.unlink()
 
 
-def submit_training(config_path: str, store: Store, retrain: bool = False) -> list[dict]:
-    """The documented command, with the store made absolute (the job's working dir is a copy)."""
+def submit_training(config_path: str, cfg: config.PipelineConfig, store: Store, retrain: bool = False) -> list:
+    """The documented command, with the store made absolute (the job's working dir is a copy); the
+    jobs' outcomes come from the store (runs/_results), where the job wrote them."""
     env_vars = {"DDFT_STORE": store.uri, **_aws_env()}
     cmd = [
         _ray_bin(),
@@ -113,16 +115,16 @@ def submit_training(config_path: str, store: Store, retrain: bool = False) -> li
         config_path,
         "--force" if retrain else "",
     )
+    submitted = time.time()
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    results = None
     for line in proc.stdout:
-        if line.startswith("DDFT_RESULTS "):
-            results = json.loads(line.removeprefix("DDFT_RESULTS "))
-        elif "Reporting training result" not in line:  # one line per step per job is too much here
+        if "Reporting training result" not in line:  # one line per step per job is too much here
             sys.stdout.write(line)
-    if proc.wait() != 0 or results is None:
+    names = [j.name for j in cfg.jobs]
+    results = read_results(store, names, since=submitted)
+    if proc.wait() != 0 or len(results) != len(names):
         raise SystemExit(f"training job failed (exit {proc.returncode}); see the log above")
-    return results
+    return [results[n] for n in names]
 
 
 def try_it(cfg: config.PipelineConfig, store: Store, config_path: Path, engine: str | None = None) -> dict:
@@ -197,7 +199,7 @@ def run(config_path: Path, num_cpus: int, keep_serving: bool, retrain: bool = Fa
             times["base + kitchen + prepare"] = time.time() - t
         t = time.time()
         results = submit_training(
-            str(config_path.relative_to(REPO) if config_path.is_relative_to(REPO) else config_path), store, retrain
+            str(config_path.relative_to(REPO) if config_path.is_relative_to(REPO) else config_path), cfg, store, retrain
         )
         times["train (ray job submit)"] = time.time() - t
         with ray_session(address=ADDRESS, runtime_env=RUNTIME_ENV):
@@ -218,8 +220,8 @@ def run(config_path: Path, num_cpus: int, keep_serving: bool, retrain: bool = Fa
         print(f"  prepared {p.summary()}\n    at {store.url(p.key)}")
     for r in results:
         print(
-            f"  job {r['name']:6} {r['status']:9} steps {r['steps']:3}  loss {r['losses'][0]:.3f} -> "
-            f"{r['losses'][-1]:.3f}  {r['tokens_per_s']:.0f} tokens/s  adapter {r['adapter']}"
+            f"  job {r.name:6} {r.status:9} steps {r.steps:3}  loss {r.losses[0]:.3f} -> "
+            f"{r.losses[-1]:.3f}  {r.tokens_per_s:.0f} tokens/s  adapter {r.adapter}"
         )
     print(
         f"  recipe answered by {answers['recipe']['adapter']} on engine {engine or cfg.serve.engine}; "

@@ -14,6 +14,8 @@ from pathlib import Path
 from ray import serve
 
 from ddft import config as ddft_config
+from ddft.adapters import registry
+from ddft.adapters.ref import PLATFORM_OWNER
 from ddft.engines.base import serve_options
 from ddft.models.load import base_info
 from ddft.store import Store
@@ -22,7 +24,7 @@ from serve.gateway import Gateway
 from serve.model_server import ModelServer
 
 
-def model_deployment(cfg: ddft_config.PipelineConfig):
+def model_deployment(cfg: ddft_config.ServeConfig):
     """ModelServer with Serve multiplexing sized to the adapter cache and a bounded queue.
 
     The subclass is made here (not importable by name), so Ray ships it by value with the
@@ -77,7 +79,7 @@ def vllm_python(s: ddft_config.ServeSettings) -> str:
 
 
 def build_app(args: dict):
-    """Ray Serve application builder: args = {"config": "<PipelineConfig YAML>"[, "engine": "hf"|"vllm"]}
+    """Ray Serve application builder: args = {"config": "<config YAML>"[, "engine": "hf"|"vllm"]}
     (engine overrides the config's serve.engine).
 
     The config is validated first (ConfigError lists every problem) and the base must be in the
@@ -90,24 +92,29 @@ def build_app(args: dict):
         problems.append("config: required; e.g. serve run serve.app:build_app config=jobs/configs/demo.yaml")
     if problems:
         raise ddft_config.ConfigError("serve arguments", problems)
-    cfg = ddft_config.load(Path(path))
+    cfg = ddft_config.load(Path(path), ddft_config.ServeConfig)  # a whole-loop file: its serve part
     if engine:
         doc = cfg.model_dump(mode="json")
         doc["serve"]["engine"] = engine
-        cfg = ddft_config.validate(ddft_config.PipelineConfig, doc, source=f"{path} with engine={engine}")
+        cfg = ddft_config.validate(ddft_config.ServeConfig, doc, source=f"{path} with engine={engine}")
     store = Store.from_config(cfg.store)
-    base_info(store, cfg.base.id)  # StoreError naming the fix when the base is missing
+    base = base_info(store, cfg.base.id)  # StoreError naming the fix when the base is missing
     s = cfg.serve
     admin_key = os.environ.get(s.admin_key_env)
+    ranks = []  # vLLM sizes its LoRA slots once: the platform's adapters of this base must fit
+    if s.engine == "vllm":
+        ours = registry.list_adapters(store, PLATFORM_OWNER)
+        ranks = [m.rank for m in ours if m.base_fingerprint == base.fingerprint]
+    options = serve_options(cfg, adapter_ranks=ranks)
     model = model_deployment(cfg).bind(
-        store, cfg.base.id, engine=s.engine, device="cuda" if s.gpus_per_replica > 0 else "cpu", **serve_options(cfg)
+        store, cfg.base.id, engine=s.engine, device="cuda" if s.gpus_per_replica > 0 else "cpu", **options
     )
     return Gateway.bind(model, cfg, store, sha256(admin_key) if admin_key else None)
 
 
 def run(config_path: str | Path, blocking: bool = False, engine: str | None = None) -> str:
     """Start Serve on the config's host/port, deploy the app, return its base URL (the demo's path)."""
-    cfg = ddft_config.load(Path(config_path))
+    cfg = ddft_config.load(Path(config_path), ddft_config.ServeConfig)
     app = build_app({"config": str(config_path), **({"engine": engine} if engine else {})})
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(app, name="ddft", route_prefix="/", blocking=blocking)

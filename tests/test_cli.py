@@ -208,7 +208,7 @@ class FakeJobs:
         return "raysubmit_test"
 
     async def tail_job_logs(self, job_id):
-        for chunk in ("training video\n", "DDFT_RESULTS []\n"):
+        for chunk in ("training video\n", "job video succeeded\n"):
             yield chunk
 
     def get_job_status(self, job_id):
@@ -228,7 +228,7 @@ def test_train_address_submits_streams_and_exits_with_the_job(capsys, tmp_path, 
     code, out, err = run(
         capsys, "train", "--config", config, "--address", "http://127.0.0.1:8265", "--only", "video,text", "--force"
     )
-    assert code == 0 and "training video" in out and "DDFT_RESULTS []" in out and "raysubmit_test" in err
+    assert code == 0 and "training video" in out and "job video succeeded" in out and "raysubmit_test" in err
     entrypoint, env = FakeJobs.submitted[-1]
     assert entrypoint.startswith("python jobs/train_all.py --config ")
     assert entrypoint.endswith("--only video,text --force")

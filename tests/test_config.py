@@ -53,7 +53,7 @@ def test_bad_config_lists_every_problem(tmp_path):
         "base.buld: unknown key",
         "the keys here are ['build', 'id', 'source']",
         "jobs.0.name: got 'Img'",
-        "(lowercase letters, digits, - and _)",
+        "(lowercase letters, digits, '.', - and _ (64 at most)",
         "jobs.0.modality: got 'audio'",
         "jobs.0.optim.lr: got -1",
         "precision bf16 needs resources.gpus_per_worker",
@@ -156,3 +156,26 @@ def test_the_kitchen_menu_is_checked():
     assert config.KITCHEN_DISHES == len(DISHES)
     with pytest.raises(config.ConfigError, match="more than the kitchen's 8 dishes"):
         config.validate(config.PipelineConfig, _pipeline([_job("text")], synthetic={"dishes": 7, "held_out_dishes": 2}))
+
+
+def test_serving_and_training_each_read_their_part_of_one_file(tmp_path):
+    """ServeConfig needs no training jobs; TrainConfig no serve settings; a file may hold both (then
+    every section is checked whichever part reads it), and a key of no part is refused."""
+    serve_only = tmp_path / "serve.yaml"
+    serve_only.write_text("base: {id: b}\nserve: {port: 9000}\n")
+    assert config.load(serve_only, config.ServeConfig).serve.port == 9000
+    with pytest.raises(config.ConfigError, match="jobs"):
+        config.load(serve_only, config.TrainConfig)
+    whole = config.load(REPO / "jobs/configs/demo.yaml")
+    serving = config.load(REPO / "jobs/configs/demo.yaml", config.ServeConfig)
+    training = config.load(REPO / "jobs/configs/demo.yaml", config.TrainConfig)
+    assert serving.serve == whole.serve and training.jobs == whole.jobs and "jobs" not in type(serving).model_fields
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("base: {id: b}\njobs: [{name: t, modality: text}]\nserv: {port: 9000}\n")
+    for part in (config.ServeConfig, config.TrainConfig, config.PipelineConfig):
+        with pytest.raises(config.ConfigError, match="serv: unknown key"):
+            config.load(typo, part)
+    broken_serve = tmp_path / "broken.yaml"
+    broken_serve.write_text("base: {id: b}\njobs: [{name: t, modality: text}]\nserve: {port: 0}\n")
+    with pytest.raises(config.ConfigError, match="serve.port"):
+        config.load(broken_serve, config.TrainConfig)

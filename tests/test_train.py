@@ -1,7 +1,6 @@
 """LoRA jobs on Ray Train: the loss falls on a fixed seed, the published adapter is complete,
 reloads with PEFT and changes the output; train_all runs three jobs at the same time."""
 
-import json
 import os
 import re
 import signal
@@ -174,6 +173,7 @@ def test_train_all_survives_a_killed_worker_and_a_broken_job(prepared, tmp_path)
     from ddft.data.prepare import latest_version
     from ddft.models.load import base_info
     from ddft.train.job import job_fingerprint, run_job, run_name
+    from ddft.train.launcher import read_results
 
     cfg, store, _, _ = prepared
     # The killed job: dropout on (so the random streams must be restored too), a checkpoint every 2
@@ -186,16 +186,17 @@ def test_train_all_survives_a_killed_worker_and_a_broken_job(prepared, tmp_path)
     killed = video.model_copy(update={"name": "video-killed", **settings})
     straight = run_job(cfg, video.model_copy(update={"name": "video-straight", **settings}), force=True)
     assert straight.status == "succeeded" and straight.resumed_from == []
-    reference = read_manifest(store, "ddft", "video")
+    reference = read_manifest(store, "ddft", "video-straight")  # published under the job's name
     broken = cfg.job("text").model_copy(update={"name": "broken", "dataset_version": "no-such-version"})
     jobs = [killed, cfg.job("text"), broken]
     config_path = tmp_path / "cfg.yaml"
     config_path.write_text(yaml.safe_dump(cfg.model_copy(update={"jobs": jobs}).model_dump(mode="json")))
     run = run_name(killed, job_fingerprint(killed, {"video": latest_version(store, "video")}, base_info(store, "tiny")))
     before = {
-        m: (read_manifest(store, "ddft", m).version if read_manifest(store, "ddft", m) else 0)
-        for m in ("video", "text")
+        n: (read_manifest(store, "ddft", n).version if read_manifest(store, "ddft", n) else 0)
+        for n in ("video-killed", "text")
     }
+    submitted = time.time()
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
     train_all = [sys.executable, str(REPO / "jobs/train_all.py"), "--config", str(config_path)]
     proc = subprocess.Popen(train_all, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -205,24 +206,25 @@ def test_train_all_survives_a_killed_worker_and_a_broken_job(prepared, tmp_path)
     finally:
         proc.kill()
     assert proc.returncode == 1, stdout[-3000:] + stderr[-3000:]  # one job failed
-    results = _results(stdout)
-    assert [results[n]["status"] for n in ("video-killed", "text", "broken")] == ["succeeded"] * 2 + ["failed"]
-    assert "prepared text version no-such-version not found" in results["broken"]["error"]
+    results = read_results(store, ["video-killed", "text", "broken"], since=submitted)  # the store, not stdout
+    assert [results[n].status for n in ("video-killed", "text", "broken")] == ["succeeded"] * 2 + ["failed"]
+    assert "prepared text version no-such-version not found" in results["broken"].error
     assert "job broken failed: StoreError: prepared text version no-such-version" in stderr
     ok = [results[n] for n in ("video-killed", "text")]
     # Their run times overlap: every job started before any job ended.
-    assert max(r["started"] for r in ok) < min(r["ended"] for r in ok)
+    assert max(r.started for r in ok) < min(r.ended for r in ok)
     for r in ok:
-        assert r["steps"] == 8 and len(r["losses"]) == 8 and r["losses"][-1] < r["losses"][0]
-        assert r["val_losses"] and r["val_losses"][-1]["step"] == 8
-        assert read_manifest(store, "ddft", r["modality"]).version == before[r["modality"]] + 1
+        assert r.steps == 8 and len(r.losses) == 8 and r.losses[-1] < r.losses[0]
+        assert r.val_losses and r.val_losses[-1]["step"] == 8
+        assert read_manifest(store, "ddft", r.name).version == before[r.name] + 1
+        assert r.adapter == store.url(read_manifest(store, "ddft", r.name).key)
     # Only the killed job restarted, from a checkpoint (every 2 steps), and it ended with the weights
     # of the uninterrupted run: every tensor of the adapter (LoRA and projector), to 1e-6.
-    assert results["text"]["resumed_from"] == []
-    (at,) = results["video-killed"]["resumed_from"]
+    assert results["text"].resumed_from == []
+    (at,) = results["video-killed"].resumed_from
     assert at in (2, 4, 6), at
-    assert results["video-killed"]["losses"] == pytest.approx(straight.losses, abs=1e-4)
-    resumed = read_manifest(store, "ddft", "video")
+    assert results["video-killed"].losses == pytest.approx(straight.losses, abs=1e-4)
+    resumed = read_manifest(store, "ddft", "video-killed")
     a, b = (
         load_file(download(store, m, tmp_path / m.ref.replace("/", "-")) / "adapter_model.safetensors")
         for m in (reference, resumed)
@@ -235,17 +237,14 @@ def test_train_all_survives_a_killed_worker_and_a_broken_job(prepared, tmp_path)
     )
 
     # Resubmitted as it is: the published adapters are up to date, nothing trains.
+    resubmitted = time.time()
     again = subprocess.run(
         train_all + ["--only", "video-killed,text"], env=env, capture_output=True, text=True, timeout=300
     )
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
-    assert {r["status"] for r in _results(again.stdout).values()} == {"skipped"}
-    assert {m: read_manifest(store, "ddft", m).version for m in before} == {m: v + 1 for m, v in before.items()}
-
-
-def _results(stdout: str) -> dict:
-    line = next(line for line in stdout.splitlines() if line.startswith("DDFT_RESULTS "))
-    return {r["name"]: r for r in json.loads(line.removeprefix("DDFT_RESULTS "))}
+    results = read_results(store, ["video-killed", "text"], since=resubmitted)
+    assert {r.status for r in results.values()} == {"skipped"} and len(results) == 2
+    assert {n: read_manifest(store, "ddft", n).version for n in before} == {n: v + 1 for n, v in before.items()}
 
 
 def test_train_all_on_a_store_without_data_says_what_to_run(ray_cluster, tmp_path):

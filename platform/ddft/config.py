@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ddft.adapters.ref import NAME
+
 Modality = Literal["image", "video", "text"]
 MODALITIES: tuple[str, ...] = ("image", "video", "text")
 JOINT = "joint"  # one adapter trained on every modality mixed: the paper's baseline against DDFT
@@ -161,7 +163,11 @@ class Resources(Strict):
 
 
 class JobConfig(Strict):
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="lowercase letters, digits, - and _")
+    name: str = Field(
+        pattern=NAME.pattern,
+        description="lowercase letters, digits, '.', - and _ (64 at most): its adapter is published as ddft/<name>, "
+        "and the job named after its modality trains the adapter that modality's requests get by default",
+    )
     modality: Literal["image", "video", "text", "joint"] = Field(
         description="the modality whose data trains this adapter, or 'joint' for all of them mixed"
     )
@@ -283,14 +289,21 @@ class ServeSettings(Strict):
         return self
 
 
-class PipelineConfig(Strict):
-    """The whole DDFT loop: store, base, data, the training jobs and the serve app."""
+class ServeConfig(Strict):
+    """What the serve app needs: the store, the base and the serve settings (no training jobs)."""
+
+    store: StoreConfig = StoreConfig()
+    base: BaseModelConfig
+    serve: ServeSettings = ServeSettings()
+
+
+class TrainConfig(Strict):
+    """What data preparation, training and evaluation need: the store, the base, data and jobs."""
 
     store: StoreConfig = StoreConfig()
     base: BaseModelConfig
     data: DataConfig = DataConfig()
     jobs: list[JobConfig] = Field(min_length=1)
-    serve: ServeSettings = ServeSettings()
 
     @model_validator(mode="after")
     def _unique_jobs(self):
@@ -334,6 +347,10 @@ class PipelineConfig(Strict):
             if j.name == name:
                 return j
         raise ConfigError("jobs", [f"no job named {name!r}; jobs are {[j.name for j in self.jobs]}"])
+
+
+class PipelineConfig(TrainConfig, ServeConfig):
+    """The whole DDFT loop in one file (jobs/configs/*.yaml): both parts, sharing store and base."""
 
 
 def _model_at(model: type[BaseModel] | None, loc: tuple) -> type[BaseModel] | None:
@@ -400,4 +417,9 @@ def load(path: str | Path, model: type[BaseModel] = PipelineConfig):
     if isinstance(data, dict) and os.environ.get(STORE_ENV) and "store" in model.model_fields:
         # `make demo STORE=s3://...` and `ray job submit` (whose working dir is a copy) point here.
         data = {**data, "store": {**(data.get("store") or {}), "uri": os.environ[STORE_ENV]}}
+    if model is not PipelineConfig and isinstance(data, dict) and set(data) - set(model.model_fields):
+        # A whole-loop file: every section is checked (a broken serve section fails training too,
+        # before hours of it), then the part asked for is taken. A file of one part is that part.
+        whole = validate(PipelineConfig, data, str(path))
+        return model.model_validate({k: getattr(whole, k) for k in model.model_fields})
     return validate(model, data, str(path))

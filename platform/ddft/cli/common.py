@@ -32,12 +32,13 @@ def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def load_config(path: str):
-    """The validated PipelineConfig; an invalid one is a usage error (2) naming every key."""
+def load_config(path: str, part: str = "train"):
+    """The validated config of one part of the loop ("train": data, jobs; "serve": the serve app), from
+    a file that may hold both; an invalid one is a usage error (2) naming every key."""
     from ddft import config
 
     try:
-        return config.load(path)  # refused here, before any Ray work
+        return config.load(path, config.ServeConfig if part == "serve" else config.TrainConfig)  # before any Ray
     except config.ConfigError as err:
         raise CliError(
             USAGE,

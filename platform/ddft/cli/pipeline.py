@@ -3,7 +3,6 @@ adapter listing. Each validates its config first, then calls the library."""
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import sys
@@ -41,7 +40,8 @@ def cmd_train(args) -> int:
     if args.no_wait:
         raise CliError(USAGE, "--no-wait needs --address (it submits the training as a Ray job and returns)")
     from ddft.cluster import ray_session
-    from ddft.train.launcher import run_all, table
+    from ddft.store import Store
+    from ddft.train.launcher import RESULTS, run_all, table
 
     only = [n.strip() for n in args.only.split(",")] if args.only else None
     with ray_session():
@@ -50,7 +50,7 @@ def cmd_train(args) -> int:
     for r in results:
         if r.error:
             print(f"job {r.name} failed: {r.error}", file=sys.stderr)
-    print("DDFT_RESULTS " + json.dumps([r.__dict__ for r in results]))  # for scripts (the demo)
+    print(f"results: {Store.from_config(cfg.store).url(RESULTS)}/<job>.json")  # what scripts read
     return OK if all(r.status != "failed" for r in results) else FAILED
 
 
@@ -166,7 +166,7 @@ def cmd_serve(args) -> int:
     from ddft.models.load import base_info
     from ddft.store import Store
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, "serve")
     base_info(Store.from_config(cfg.store), cfg.base.id)  # the base must be there (StoreError names the fix)
     from ddft.cluster import ray_session
 
@@ -183,6 +183,6 @@ def cmd_adapters_list_store(args) -> int:
     from ddft.adapters.registry import list_adapters
     from ddft.store import Store
 
-    for m in list_adapters(Store.from_config(load_config(args.config).store)):
+    for m in list_adapters(Store.from_config(load_config(args.config, "serve").store)):
         print(f"{m.ref:32} {m.modality:6} base={m.base_model_id} rank={m.rank} source={m.source}")
     return OK

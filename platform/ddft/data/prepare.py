@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from ddft.config import JOINT, MODALITIES, DataConfig, PipelineConfig
+from ddft.config import JOINT, MODALITIES, DataConfig, TrainConfig
 from ddft.data import formats
 from ddft.data.media import MediaError, load_image, sample_frames
 from ddft.models.load import BaseInfo, ensure_base, local_base_dir
@@ -318,7 +318,7 @@ def write_synthetic(store: Store, data: DataConfig) -> None:
     store.write_json(marker, settings)
 
 
-def prepare_all(cfg: PipelineConfig) -> list[Prepared]:
+def prepare_all(cfg: TrainConfig) -> list[Prepared]:
     """The data stages of the loop: base in the store, (synthetic) raw data, each modality prepared."""
     store = Store.from_config(cfg.store)
     base = ensure_base(store, cfg.base.id, cfg.base.build, cfg.base.source)

@@ -13,7 +13,7 @@ a whole batch synchronously (evaluation, benchmarks). Engines are imported lazil
 from __future__ import annotations
 
 import importlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from ddft.adapters.registry import Manifest
-    from ddft.config import PipelineConfig
+    from ddft.config import ServeConfig
 
 
 @dataclass
@@ -160,9 +160,12 @@ def check_request(r: GenerateRequest, i: int | None = None) -> None:
 ENGINES = {"hf": "ddft.engines.hf:HFEngine", "vllm": "ddft.engines.vllm:VLLMEngine"}
 
 
-def serve_options(cfg: PipelineConfig, engine: str | None = None) -> dict:
+def serve_options(cfg: ServeConfig, engine: str | None = None, adapter_ranks: Iterable[int] = ()) -> dict:
     """The engine keywords a config sets (besides store, base and device), for its serve.engine or
-    `engine`: one place for both engines, used by the app and the benchmarks alike."""
+    `engine`: one place for both engines, used by the app and the benchmarks alike. `adapter_ranks`:
+    the platform's adapters' (in the store); a whole-loop config adds its jobs' own."""
+    from ddft.config import TrainConfig
+
     s = cfg.serve
     if (engine or s.engine) == "hf":
         return {
@@ -173,7 +176,8 @@ def serve_options(cfg: PipelineConfig, engine: str | None = None) -> dict:
     from ddft.engines.vllm import LORA_RANKS  # no vLLM import
 
     # tenant uploads are capped at serve.max_lora_rank; the platform's adapters have their jobs' ranks
-    need = max([s.max_lora_rank] + [j.lora.r for j in cfg.jobs])
+    jobs = cfg.jobs if isinstance(cfg, TrainConfig) else []
+    need = max([s.max_lora_rank, *adapter_ranks] + [j.lora.r for j in jobs])
     rank = next((r for r in LORA_RANKS if r >= need), LORA_RANKS[-1])
     v = s.vllm
     return {

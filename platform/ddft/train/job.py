@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ddft.adapters.registry import PLATFORM_OWNER, publish, read_manifest
-from ddft.config import JOINT, MODALITIES, JobConfig, PipelineConfig
+from ddft.config import JOINT, MODALITIES, JobConfig, TrainConfig
 from ddft.data.prepare import latest_version, prepared_key, read_prepared
 from ddft.models.info import BaseInfo, base_info
 from ddft.store import Store
@@ -105,7 +105,7 @@ def _datasets(
     return datasets, train.count(), has_val
 
 
-def worker_config(cfg: PipelineConfig, job: JobConfig, num_rows: int, has_val: bool = False) -> WorkerConfig:
+def worker_config(cfg: TrainConfig, job: JobConfig, num_rows: int, has_val: bool = False) -> WorkerConfig:
     """Everything a worker needs, typed (it crosses process boundaries pickled)."""
     return WorkerConfig(
         store=cfg.store.model_copy(update={"uri": Store.from_config(cfg.store).uri}),  # absolute
@@ -123,7 +123,7 @@ def worker_config(cfg: PipelineConfig, job: JobConfig, num_rows: int, has_val: b
 
 def _skipped(store: Store, job: JobConfig, fingerprint: str, started: float) -> JobResult | None:
     """The already published adapter of this exact job, if there is one."""
-    manifest = read_manifest(store, PLATFORM_OWNER, job.modality)
+    manifest = read_manifest(store, PLATFORM_OWNER, job.name)
     if not manifest or manifest.metrics.get("job_fingerprint") != fingerprint:
         return None
     m = manifest.metrics
@@ -141,7 +141,7 @@ def _skipped(store: Store, job: JobConfig, fingerprint: str, started: float) -> 
     )
 
 
-def run_job(cfg: PipelineConfig, job: JobConfig, force: bool = False, publish_adapter: bool = True) -> JobResult:
+def run_job(cfg: TrainConfig, job: JobConfig, force: bool = False, publish_adapter: bool = True) -> JobResult:
     """Train one job (or find it already done) and publish its adapter; `publish_adapter=False`
     trains without publishing (benchmarks)."""
     import ray.train
@@ -200,7 +200,7 @@ def run_job(cfg: PipelineConfig, job: JobConfig, force: bool = False, publish_ad
                 store,
                 Path(ckpt) / "adapter",
                 owner=PLATFORM_OWNER,
-                name=job.modality,
+                name=job.name,  # two jobs of one modality never collide
                 modality=job.modality,
                 base=base,
                 source="trained",

@@ -2,29 +2,49 @@
 
 Each job's driver is a zero-CPU Ray task that calls TorchTrainer.fit(), so the jobs run side
 by side and Ray's scheduler queues the workers that don't fit yet instead of deadlocking.
-One job failing does not stop the others.
+One job failing does not stop the others. Every job's outcome (a JobResult) is written to the
+store, `runs/_results/<job>.json`: scripts and the demo read results there, never from stdout.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
-from ddft.config import PipelineConfig
+from ddft.config import TrainConfig
+from ddft.store import Store
 from ddft.train.job import JobResult, run_job
 
+RESULTS = "runs/_results"  # no run is named so: job names start with a letter or digit
 
-def _drive(cfg_json: str, name: str, force: bool) -> JobResult:
-    cfg = PipelineConfig.model_validate_json(cfg_json)
+
+def result_key(job: str) -> str:
+    return f"{RESULTS}/{job}.json"
+
+
+def read_results(store: Store, jobs: list[str], since: float = 0.0) -> dict[str, JobResult]:
+    """The last outcome of each named job that ended after `since` (a job with none is left out)."""
+    out = {}
+    for name in jobs:
+        if store.exists(result_key(name)):
+            r = JobResult(**store.read_json(result_key(name)))
+            if r.ended >= since:
+                out[name] = r
+    return out
+
+
+def _drive(cfg: TrainConfig, name: str, force: bool) -> JobResult:
     started = time.time()
     try:
-        return run_job(cfg, cfg.job(name), force=force)
-    except Exception as err:  # reported in the table; the other jobs go on
-        return JobResult(
-            name, cfg.job(name).modality, "failed", started, time.time(), error=f"{type(err).__name__}: {err}"[:2000]
-        )
+        result = run_job(cfg, cfg.job(name), force=force)
+    except Exception as err:  # reported in the table and the store; the other jobs go on
+        error = f"{type(err).__name__}: {err}"[:2000]
+        result = JobResult(name, cfg.job(name).modality, "failed", started, time.time(), error=error)
+    Store.from_config(cfg.store).write_json(result_key(name), dataclasses.asdict(result))
+    return result
 
 
-def run_all(cfg: PipelineConfig, only: list[str] | None = None, force: bool = False) -> list[JobResult]:
+def run_all(cfg: TrainConfig, only: list[str] | None = None, force: bool = False) -> list[JobResult]:
     """Every job (or those named in `only`) at once; a job already published from the same
     settings and data is skipped unless `force`."""
     import ray
@@ -35,7 +55,7 @@ def run_all(cfg: PipelineConfig, only: list[str] | None = None, force: bool = Fa
         raise ValueError(f"--only names unknown jobs {unknown}; jobs in the config: {names}")
     chosen = [n for n in names if not only or n in only]
     drive = ray.remote(num_cpus=0, max_retries=0)(_drive)
-    refs = [drive.remote(cfg.model_dump_json(), n, force) for n in chosen]
+    refs = [drive.remote(cfg, n, force) for n in chosen]
     return ray.get(refs)
 
 
