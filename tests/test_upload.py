@@ -4,6 +4,8 @@ import gzip
 import io
 import json
 import pickle
+import subprocess
+import sys
 import tarfile
 import zipfile
 
@@ -13,8 +15,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ddft.adapters import registry
-from ddft.adapters.upload import base_spec, publish_upload, unpack, validate_upload
+from ddft.adapters.archive import unpack
+from ddft.adapters.upload import publish_upload, validate_upload
 from ddft.errors import DdftError
+from ddft.models.info import LORA_TARGETS_FILE, base_spec
 from ddft.models.load import ensure_base
 from ddft.store import Store
 from serve.errors import status_of
@@ -37,6 +41,7 @@ def tiny(tmp_path_factory):
     store = Store(str(tmp / "base-store"))
     ensure_base(store, "tiny", build="tiny")
     return dict(
+        store=store,
         spec=base_spec(store, "tiny"),
         good=_adapter(store, tmp, "good"),
         projector=_adapter(store, tmp, "projector", modules_to_save=["multi_modal_projector"]),
@@ -87,6 +92,27 @@ def test_base_spec_names_lm_linears_as_peft_saves_them(tiny):
     assert all(".language_model." in m for m in spec.modules)  # no vision tower, projector or lm_head
     for key in _tensors(tiny["good"]):
         assert key.split(".lora_")[0].removeprefix("base_model.model.") in spec.modules
+
+
+def test_the_bases_lora_targets_are_written_when_it_is_saved_and_read_without_torch(tiny, tmp_path):
+    """The gateway checks uploads against the base's Linear shapes: saved with the base (no torch to
+    read them); a base saved before that file existed gets it once, from its config alone."""
+    store = tiny["store"]
+    written = store.read_json(f"models/tiny/{LORA_TARGETS_FILE}")
+    assert {k: tuple(v) for k, v in written.items()} == tiny["spec"].modules
+    code = (
+        "import sys; from ddft.store import Store; from ddft.models.info import base_spec; "
+        f"spec = base_spec(Store({store.uri!r}), 'tiny'); "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules; print(len(spec.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and int(out.stdout) == len(written), out.stderr[-2000:]
+    old = Store(str(tmp_path / "old"))  # the same base, saved without the file
+    for key in store.list("models/tiny"):
+        if not key.endswith(LORA_TARGETS_FILE):
+            old.write_bytes(key, store.read_bytes(key))
+    assert base_spec(old, "tiny").modules == tiny["spec"].modules  # the meta-device skeleton's
+    assert old.exists(f"models/tiny/{LORA_TARGETS_FILE}")
 
 
 def test_good_upload_publishes_versions_and_delete_removes_them(tiny, store, tmp_path):

@@ -1,6 +1,6 @@
 """A tenant's uploaded LoRA adapter, checked in memory before anything reaches the store.
 
-Everything here reads bytes: archives are never extracted to disk, pickle files are never opened,
+Everything here reads bytes (adapters/archive.py unpacks them): pickle files are never opened,
 and adapter_model.safetensors is parsed by hand (its format is an 8-byte little-endian header
 length, a JSON header, then the raw tensor bytes) before the safetensors library touches it.
 Every refusal is one of ddft.errors' kinds with a short code and how to fix it (serve/errors.py
@@ -9,27 +9,18 @@ maps the kinds to HTTP).
 
 from __future__ import annotations
 
-import io
 import json
 import re
-import stat
-import tarfile
-import tempfile
-import zipfile
-import zlib
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
 
 from ddft.adapters import registry
+from ddft.adapters.archive import check_total
 from ddft.adapters.files import PICKLE_SUFFIXES, REQUIRED, parse_safetensors
 from ddft.adapters.registry import Manifest
 from ddft.config import MODALITIES
-from ddft.errors import BadArgument, Invalid, TooLarge, UnsupportedFormat
-from ddft.models.info import INFO_FILE, BaseInfo, base_info, model_key
+from ddft.errors import BadArgument, Invalid, UnsupportedFormat
+from ddft.models.info import BaseInfo, BaseSpec
 from ddft.store import Store
 
-DEFAULT_MAX_BYTES = 1 << 30  # a 7B LM with r=128 on q/k/v/o in fp32 is ~0.5 GiB
-TAR_OVERHEAD = 1 << 20  # tar headers and padding on top of the members' own bytes
 DTYPES = ("F32", "F16", "BF16")
 _LORA_KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_A|lora_B)\.weight$")
 # LoRA variants whose weights or forward differ from plain LoRA: the engine serves plain LoRA only
@@ -55,186 +46,6 @@ SAVE_HINT = (
 )
 
 
-# -- unpacking ----------------------------------------------------------------------------------
-
-
-def unpack(
-    files: dict[str, bytes] | None = None,
-    archive: bytes | None = None,
-    content_type: str = "",
-    *,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-) -> dict[str, bytes]:
-    """{file name: bytes} from multipart files (base names kept) or a .tar/.tar.gz/.zip archive."""
-    if (files is None) == (archive is None):
-        raise BadArgument(code="bad_upload", detail="send either the adapter's files or one archive of them")
-    if files is not None:
-        out: dict[str, bytes] = {}
-        for raw, data in files.items():
-            name = PurePosixPath(str(raw).replace("\\", "/")).name  # a client's path says nothing to us
-            if name in ("", ".", "..") or name in out:
-                raise Invalid(
-                    code="bad_upload",
-                    detail=f"file name {raw!r} is empty or given twice; send {list(REQUIRED)} once each",
-                )
-            out[name] = bytes(data)
-        _cap(sum(map(len, out.values())), max_bytes)
-        return out
-    if archive[:2] == b"\x1f\x8b":
-        archive = _gunzip(archive, max_bytes + TAR_OVERHEAD)
-        return _flatten(_tar_members(archive, max_bytes))
-    if archive[257:262] == b"ustar":
-        return _flatten(_tar_members(archive, max_bytes))
-    if archive[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
-        return _flatten(_zip_members(archive, max_bytes))
-    raise Invalid(
-        code="bad_archive",
-        detail=f"the upload ({content_type or 'no content type'}) is not a .tar, .tar.gz "
-        "or .zip archive; send one of those, or the two files as multipart form data",
-    )
-
-
-def _cap(total: int, max_bytes: int) -> None:
-    if total > max_bytes:
-        raise TooLarge(
-            code="too_large",
-            detail=f"the adapter's files hold {total} bytes, over the limit of {max_bytes}; "
-            "lower the rank or target fewer modules",
-        )
-
-
-def _bad_archive(why: str) -> Invalid:
-    return Invalid(
-        code="bad_archive",
-        detail=f"{why}; archive only the adapter folder's regular files, with "
-        "relative paths (e.g. `tar czf adapter.tar.gz -C my-adapter .`)",
-    )
-
-
-def _gunzip(data: bytes, cap: int) -> bytes:
-    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    try:
-        out = d.decompress(data, cap + 1)  # never inflate more than the cap: a gzip bomb stops here
-    except zlib.error as err:
-        raise _bad_archive(f"the gzip stream is corrupt ({err})") from None
-    if len(out) > cap:
-        raise TooLarge(
-            code="too_large", detail=f"the archive inflates past {cap} bytes; lower the rank or target fewer modules"
-        )
-    if not d.eof:
-        raise _bad_archive("the gzip stream is truncated")
-    return out
-
-
-def _check_path(name: str) -> None:
-    norm = name.replace("\\", "/")
-    if norm.startswith("/") or re.match(r"^[A-Za-z]:", norm) or ".." in norm.split("/") or "\x00" in norm:
-        raise _bad_archive(f"member {name!r} has an absolute path or '..'")
-
-
-def _tar_members(data: bytes, max_bytes: int) -> list[tuple[str, bytes]]:
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
-            members = tf.getmembers()
-            for m in members:
-                _check_path(m.name)
-                if m.issym() or m.islnk():
-                    raise _bad_archive(f"member {m.name!r} is a link")
-                if not (m.isfile() or m.isdir()):
-                    raise _bad_archive(f"member {m.name!r} is not a regular file")
-            files = [m for m in members if m.isfile()]
-            _cap(sum(m.size for m in files), max_bytes)  # sizes from the headers, before reading
-            return [(m.name, tf.extractfile(m).read(m.size)) for m in files]
-    except (tarfile.TarError, EOFError, OSError) as err:
-        raise _bad_archive(f"the tar archive is unreadable ({err})") from None
-
-
-def _zip_members(data: bytes, max_bytes: int) -> list[tuple[str, bytes]]:
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            infos = zf.infolist()
-            for i in infos:
-                _check_path(i.filename)
-                kind = stat.S_IFMT(i.external_attr >> 16)  # the unix file type, when a unix zip recorded one
-                if kind == stat.S_IFLNK:
-                    raise _bad_archive(f"member {i.filename!r} is a link")
-                if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
-                    raise _bad_archive(f"member {i.filename!r} is not a regular file")
-                if i.flag_bits & 0x1:
-                    raise _bad_archive(f"member {i.filename!r} is encrypted")
-            files = [i for i in infos if not i.is_dir()]
-            _cap(sum(i.file_size for i in files), max_bytes)
-            out, left = [], max_bytes
-            for i in files:
-                with zf.open(i) as f:
-                    blob = f.read(left + 1)  # declared sizes can lie: never read past what's left
-                if len(blob) > left:
-                    raise TooLarge(
-                        code="too_large",
-                        detail=f"the archive inflates past {max_bytes} bytes; lower the rank or target fewer modules",
-                    )
-                left -= len(blob)
-                out.append((i.filename, blob))
-            return out
-    except (zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError, EOFError, OSError) as err:
-        raise _bad_archive(f"the zip archive is unreadable ({err})") from None
-
-
-def _flatten(members: list[tuple[str, bytes]]) -> dict[str, bytes]:
-    """Files at the top level or in one folder -> {base name: bytes}."""
-    out: dict[str, bytes] = {}
-    folders = set()
-    for path, data in members:
-        parts = [p for p in path.replace("\\", "/").split("/") if p not in ("", ".")]
-        if not parts or parts[0] == "__MACOSX":  # macOS Finder's resource forks
-            continue
-        if len(parts) > 2:
-            raise _bad_archive(f"member {path!r} is nested too deep: files must sit at the top level or in one folder")
-        folders.add(tuple(parts[:-1]))
-        if len(folders) > 1 or parts[-1] in out:
-            raise _bad_archive(f"member {path!r} is in a second folder or repeats a name: keep one adapter per archive")
-        out[parts[-1]] = data
-    return out
-
-
-# -- the base's shape ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BaseSpec:
-    id: str
-    fingerprint: str
-    origin: str
-    modules: dict[str, tuple[int, int]]  # LM Linear name, as PEFT names it -> (in_features, out_features)
-
-
-_SPECS: dict[tuple[str, str], BaseSpec] = {}
-
-
-def base_spec(store: Store, base_id: str) -> BaseSpec:
-    """The base's language-model Linear layers, from its config.json alone (a meta-device skeleton)."""
-    if (store.uri, base_id) in _SPECS:
-        return _SPECS[(store.uri, base_id)]
-    import torch
-    import transformers
-
-    info = base_info(store, base_id)
-    origin = store.read_json(f"{model_key(base_id)}/{INFO_FILE}").get("origin", "")
-    with tempfile.TemporaryDirectory(prefix="ddft-spec-") as tmp:
-        (Path(tmp) / "config.json").write_bytes(store.read_bytes(f"{model_key(base_id)}/config.json"))
-        config = transformers.AutoConfig.from_pretrained(tmp)
-    cls = getattr(transformers, (config.architectures or [""])[0], None)
-    with torch.device("meta"):  # shapes only: no memory, no weights read
-        model = cls._from_config(config) if cls else transformers.AutoModelForImageTextToText.from_config(config)
-    modules = {
-        n: (m.in_features, m.out_features)
-        for n, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and ".language_model." in f".{n}."
-    }
-    spec = _SPECS[(store.uri, base_id)] = BaseSpec(base_id, info.fingerprint, origin, modules)
-    return spec
-
-
 # -- validation ---------------------------------------------------------------------------------
 
 
@@ -254,7 +65,7 @@ def _validate(files: dict[str, bytes], spec: BaseSpec, *, max_rank: int, max_byt
     missing = [n for n in REQUIRED if n not in files]
     if missing:
         raise Invalid(code="missing_file", detail=f"the upload lacks {missing}; {SAVE_HINT}")
-    _cap(sum(map(len, files.values())), max_bytes)
+    check_total(sum(map(len, files.values())), max_bytes)
     cfg = _check_config(files["adapter_config.json"], max_rank)
     _check_base(cfg, spec)
     header = parse_safetensors(files["adapter_model.safetensors"], f"; {SAVE_HINT}, whole")
@@ -409,19 +220,15 @@ def _check_tensors(header: dict, cfg: dict, spec: BaseSpec) -> None:
 
 
 def _safe_open(data: bytes, keys: set[str]) -> None:
-    """Last check by the safetensors library itself (no pickle anywhere in it)."""
-    from safetensors import safe_open
+    """Last check by the safetensors library itself (no pickle anywhere in it), from the bytes."""
+    import safetensors
 
-    with tempfile.TemporaryDirectory(prefix="ddft-upload-") as tmp:
-        path = Path(tmp) / "adapter_model.safetensors"
-        path.write_bytes(data)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                ok = set(f.keys()) == keys
-        except Exception as err:  # the library's errors are plain strings
-            raise Invalid(
-                code="bad_safetensors", detail=f"adapter_model.safetensors is unreadable ({err}); {SAVE_HINT}"
-            ) from None
+    try:
+        ok = {name for name, _ in safetensors.deserialize(data)} == keys
+    except Exception as err:  # the library's errors are plain strings
+        raise Invalid(
+            code="bad_safetensors", detail=f"adapter_model.safetensors is unreadable ({err}); {SAVE_HINT}"
+        ) from None
     if not ok:
         raise Invalid(
             code="bad_safetensors", detail=f"adapter_model.safetensors reads differently than its header; {SAVE_HINT}"

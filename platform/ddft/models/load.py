@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoProcessor, VideoLlavaForConditionalGeneration
 
-from ddft.models.info import INFO_FILE, BaseInfo, base_info, model_key
+from ddft.models.info import INFO_FILE, LORA_TARGETS_FILE, BaseInfo, base_info, model_key
 from ddft.store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -27,13 +27,40 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def lora_targets(model) -> dict[str, list[int]]:
+    """The language model's Linear layers (PEFT's names) and their [in, out] features: what a LoRA
+    upload may target. Works on a meta-device skeleton too (shapes only)."""
+    return {
+        n: [m.in_features, m.out_features]
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and ".language_model." in f".{n}."
+    }
+
+
+def write_lora_targets(store: Store, model_id: str) -> None:
+    """LORA_TARGETS_FILE for a base saved before it existed: from its config.json alone."""
+    import json
+
+    import transformers
+
+    with tempfile.TemporaryDirectory(prefix="ddft-spec-") as tmp:
+        (Path(tmp) / "config.json").write_bytes(store.read_bytes(f"{model_key(model_id)}/config.json"))
+        config = transformers.AutoConfig.from_pretrained(tmp)
+    cls = getattr(transformers, (config.architectures or [""])[0], None)
+    with torch.device("meta"):  # shapes only: no memory, no weights read
+        model = cls._from_config(config) if cls else transformers.AutoModelForImageTextToText.from_config(config)
+    store.write_bytes(f"{model_key(model_id)}/{LORA_TARGETS_FILE}", json.dumps(lora_targets(model)).encode())
+
+
 def save_base(model, processor, out_dir: Path, model_id: str, origin: str) -> dict:
-    """Save as safetensors + processor, and the info file that names the weights' fingerprint."""
+    """Save as safetensors + processor, the LoRA-able layers, and (last) the info file that names
+    the weights' fingerprint."""
     import json
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     processor.save_pretrained(out_dir)
+    (out_dir / LORA_TARGETS_FILE).write_text(json.dumps(lora_targets(model)))
     weights = sorted(out_dir.glob("*.safetensors"))
     h = hashlib.sha256("".join(_sha256(w) for w in weights).encode()).hexdigest()
     info = {"id": model_id, "fingerprint": h, "origin": origin}
