@@ -24,20 +24,21 @@ from ray.serve.handle import DeploymentHandle
 
 from ddft import config as ddft_config
 from ddft.adapters import registry
+from ddft.adapters.archive import unpack
 from ddft.adapters.ref import AdapterRef
 from ddft.adapters.registry import Manifest
-from ddft.adapters.upload import base_spec, publish_upload, unpack
+from ddft.adapters.upload import publish_upload
 from ddft.engines.base import Chunk, GenerateRequest, GenerateResult
 from ddft.errors import DdftError
-from ddft.models.info import BaseInfo
+from ddft.models.info import BaseInfo, base_spec
 from ddft.prompts import QUESTIONS
 from ddft.recipes import parse_recipe
 from ddft.store import Store
-from serve import errors, inputs, openapi_docs, prometheus, sse
+from serve import bodies, errors, inputs, openapi_docs, prometheus, sse
 from serve.auth import Auth
 from serve.decoder import Decoder
 from serve.errors import ApiError, busy
-from serve.openai import ChunkStream, chat_choices, completion, parse_chat, parse_completion
+from serve.openai import ChunkStream, adapter_of, chat_choices, chat_input, completion
 
 log = logging.getLogger("ddft.serve")
 MAX_HANDLES = 4096  # cached model handles (one per adapter version and streaming or not)
@@ -104,7 +105,7 @@ class Gateway:
     def __init__(
         self,
         model: DeploymentHandle,
-        cfg: ddft_config.PipelineConfig,
+        cfg: ddft_config.ServeConfig,
         store: Store,
         admin_key_sha256: str | None = None,
     ):
@@ -112,6 +113,7 @@ class Gateway:
         self.s = cfg.serve
         _openapi(self.s)  # /openapi.json states this config's limits
         self.base_id = cfg.base.id
+        self.limits = bodies.Limits(self.s.max_new_tokens, self.s.max_n, self.base_id)  # what bodies may ask
         self.auth = Auth(store, admin_key_sha256)
         self.spec = base_spec(store, self.base_id)  # the base's LM modules: what an upload may target
         self.base = BaseInfo(self.base_id, self.spec.fingerprint, "")
@@ -276,20 +278,6 @@ class Gateway:
             if k in result.timings
         }
 
-    def _request(
-        self, modality: str, question: str, pixels, manifest, body: dict, tokens_field: str = "max_new_tokens"
-    ) -> GenerateRequest:
-        return GenerateRequest(
-            modality,
-            question,
-            pixels,
-            manifest,
-            inputs.max_tokens(body.get(tokens_field), self.s.max_new_tokens, tokens_field),
-            inputs.temperature(body.get("temperature")),
-            inputs.stop(body.get("stop")),
-            inputs.seed(body.get("seed")),
-        )
-
     @property
     def _media_limit(self) -> int:
         return int(self.s.max_media_mb * MB)
@@ -326,17 +314,11 @@ class Gateway:
                     '(curl -F video=@clip.mp4 ...), or JSON {"video_uri": "<store key or URI>"}',
                 )
             data = inputs.check_size(await upload.read(), self._media_limit, "video")
-            body = {k: v for k, v in form.items() if isinstance(v, str)}
+            body = bodies.parse(bodies.RecipeForm, {k: v for k, v in form.items() if isinstance(v, str)}, self.limits)
         elif ctype.startswith("application/json"):
-            body = await inputs.json_body(request)  # a URI: no media in the body, so the small cap
-            if "video_uri" not in body:
-                raise ApiError(
-                    400,
-                    "missing_video",
-                    'JSON requests give {"video_uri": "<store key or URI>"}; '
-                    "or upload the file as multipart field 'video'",
-                )
-            uri = body["video_uri"]
+            # a URI: no media in the body, so the small cap
+            body = bodies.parse(bodies.RecipeJson, await inputs.json_body(request), self.limits)
+            uri = body.video_uri
         else:
             raise ApiError(
                 415,
@@ -344,9 +326,9 @@ class Gateway:
                 f"Content-Type {ctype[:80]!r}: upload multipart/form-data "
                 "with a 'video' file, or send application/json with video_uri",
             )
-        manifest = await self._resolve(request, "video", tenant, body.get("adapter"))
-        gen = self._request("video", QUESTIONS["video"], None, manifest, body)
-        gen.pixels, decode_s = await self._media_from("video", data, uri)
+        manifest = await self._resolve(request, "video", tenant, body.adapter)
+        pixels, decode_s = await self._media_from("video", data, uri)
+        gen = GenerateRequest("video", QUESTIONS["video"], pixels, manifest, **body.generation(self.s.max_new_tokens))
         t2 = time.perf_counter()
         if not streaming:
             return self._recipe(await self._generate(gen), decode_s, t0, t2)
@@ -385,38 +367,15 @@ class Gateway:
         """{"modality": "text"|"image", "question", "image_b64" | "image_uri"} -> the answer."""
         t0 = time.perf_counter()
         tenant = await self.auth.tenant(request)
-        body = await inputs.json_body(request, self._media_limit * 4 // 3 + MB)  # base64 media inside
-        modality = body.get("modality")
-        if modality == "video":
-            raise ApiError(400, "bad_modality", "videos go to POST /v1/recipes (multipart 'video' or video_uri)")
-        if modality not in ("text", "image"):
-            raise ApiError(400, "bad_modality", f'modality {str(modality)[:40]!r}: use "text" or "image"')
-        question = body.get("question", QUESTIONS.get(modality))
-        if not isinstance(question, str) or not question.strip():
-            raise ApiError(
-                400,
-                "missing_question",
-                'give a non-empty "question" string'
-                + (" (image questions default to the dish question)" if modality == "image" else ""),
-            )
-        data = None
+        raw = await inputs.json_body(request, self._media_limit * 4 // 3 + MB)  # base64 media inside
+        body = bodies.parse(bodies.Generate, raw, self.limits)
+        modality = body.modality
+        manifest = await self._resolve(request, modality, tenant, body.adapter)
+        pixels, decode_s = None, 0.0
         if modality == "image":
-            given = [k for k in ("image_b64", "image_uri") if body.get(k) is not None]
-            if len(given) != 1:
-                raise ApiError(
-                    400,
-                    "missing_image",
-                    "give exactly one of image_b64 (base64 of the file) or image_uri (a store key or URI)",
-                )
-            if given[0] == "image_b64":
-                data = inputs.b64(body["image_b64"], "image_b64")
-        elif body.get("image_b64") is not None or body.get("image_uri") is not None:
-            raise ApiError(400, "bad_request", 'a text request carries no image; use modality "image"')
-        manifest = await self._resolve(request, modality, tenant, body.get("adapter"))
-        gen = self._request(modality, question.strip(), None, manifest, body)
-        decode_s = 0.0
-        if modality == "image":
-            gen.pixels, decode_s = await self._media_from("image", data, body.get("image_uri"))
+            pixels, decode_s = await self._media_from("image", body.image(), body.image_uri)
+        question = (body.question or QUESTIONS[modality]).strip()
+        gen = GenerateRequest(modality, question, pixels, manifest, **body.generation(self.s.max_new_tokens))
         t1 = time.perf_counter()
         result = await self._generate(gen)
         t2 = time.perf_counter()
@@ -438,16 +397,19 @@ class Gateway:
         """OpenAI-compatible; `model` is the base id or "<base>:<adapter>"; text, image_url, video_url;
         "stream": true answers with chat.completion.chunk events (SSE)."""
         tenant = await self.auth.tenant(request)
-        body = await inputs.json_body(request, self._media_limit * 4 // 3 + MB)  # data: URLs inside
-        chat = parse_chat(body, self.base_id, self.s.max_n)
-        manifest = await self._resolve(request, chat.modality, tenant, chat.adapter)
-        tokens_field = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        gen = self._request(chat.modality, chat.question, None, manifest, body, tokens_field)
-        if chat.modality != "text":
-            gen.pixels, _ = await self._media_from(chat.modality, chat.media, chat.media_uri)
+        raw = await inputs.json_body(request, self._media_limit * 4 // 3 + MB)  # data: URLs inside
+        chat = bodies.parse(bodies.Chat, raw, self.limits)
+        conversation = chat_input(chat, self.base_id)
+        manifest = await self._resolve(request, conversation.modality, tenant, conversation.adapter)
+        pixels = None
+        if conversation.modality != "text":
+            pixels, _ = await self._media_from(conversation.modality, conversation.media, conversation.media_uri)
+        gen = GenerateRequest(
+            conversation.modality, conversation.question, pixels, manifest, **chat.generation(self.s.max_new_tokens)
+        )
         model = self._model_id(manifest)
         if not chat.stream:
-            return completion(model, await self._choices(gen, chat.n))
+            return completion(model, await self._choices(gen, chat.n or 1))
         out = ChunkStream(model, chat.include_usage)
         return await self._openai_stream(request, gen, out, head=[sse.event(out.role())])
 
@@ -456,14 +418,12 @@ class Gateway:
         """OpenAI-compatible text completions: the prompt is continued as it is (no chat template);
         `model` is the base id or "<base>:<adapter>" (a text adapter); "stream": true as OpenAI streams."""
         tenant = await self.auth.tenant(request)
-        body = await inputs.json_body(request, MB)
-        req = parse_completion(body, self.base_id, self.s.max_n)
-        manifest = await self._resolve(request, "text", tenant, req.adapter)
-        gen = self._request("text", req.prompt, None, manifest, body, "max_tokens")
-        gen.raw = True
+        req = bodies.parse(bodies.Completion, await inputs.json_body(request, MB), self.limits)
+        manifest = await self._resolve(request, "text", tenant, adapter_of(req.model, self.base_id))
+        gen = GenerateRequest("text", req.text, None, manifest, raw=True, **req.generation(self.s.max_new_tokens))
         model = self._model_id(manifest)
         if not req.stream:
-            return completion(model, await self._choices(gen, req.n), text=True)
+            return completion(model, await self._choices(gen, req.n or 1), text=True)
         return await self._openai_stream(request, gen, ChunkStream(model, req.include_usage, text=True))
 
     def _model_id(self, manifest: Manifest | None) -> str:
@@ -637,8 +597,8 @@ class Gateway:
     @api.post("/v1/tenants", openapi_extra=openapi_docs.TENANT)
     async def add_tenant(self, request: Request):
         await self.auth.admin(request)
-        name = (await inputs.json_body(request)).get("name")
-        key = await asyncio.to_thread(self.auth.tenants.add, name if isinstance(name, str) else "")
+        name = bodies.parse(bodies.NewTenant, await inputs.json_body(request)).name
+        key = await asyncio.to_thread(self.auth.tenants.add, name)
         return JSONResponse({"name": name, "key": key, "detail": "shown once: store it now"}, status_code=201)
 
     @api.get("/v1/tenants")

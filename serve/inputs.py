@@ -1,9 +1,7 @@
-"""Reading and checking what a request sends: bodies with a size cap, JSON, store URIs, and the
-generation knobs (max tokens, temperature, stop, seed). Every refusal names the field and the fix."""
+"""Reading what a request sends: bodies through a size cap, JSON objects, store URIs (what the
+body's fields mean is serve/bodies.py's). Every refusal names what was wrong and the fix."""
 
 import asyncio
-import base64
-import binascii
 
 from fastapi import Request
 
@@ -127,57 +125,6 @@ async def read_store(store: Store, uri, limit: int, prefixes: list[str]) -> byte
     return check_size(data, limit, "file")
 
 
-def integer(value):
-    """JSON's integers as Python ints: 5.0 is the integer 5 to JSON (and JSON Schema); anything else
-    comes back as it is, for the caller to refuse."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
-        return int(value)
-    return value
-
-
-def max_tokens(value, cap: int, field: str = "max_new_tokens") -> int:
-    if value is None:
-        return cap
-    if isinstance(value, str) and value.isdigit():  # multipart form fields are strings
-        value = int(value)
-    value = integer(value)
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= cap:
-        raise ApiError(400, f"bad_{field}", f"{field} must be an integer from 1 to {cap}")
-    return value
-
-
-def temperature(value) -> float:
-    if value is None:
-        return 0.0
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 2:
-        raise ApiError(400, "bad_temperature", "temperature must be a number from 0 (greedy) to 2")
-    return float(value)
-
-
-def stop(value) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or len(value) > 4 or not all(isinstance(s, str) and 0 < len(s) <= 64 for s in value):
-        raise ApiError(400, "bad_stop", "stop must be a string or a list of up to 4 non-empty strings")
-    return value
-
-
-def seed(value) -> int | None:
-    if value is None:
-        return None
-    value = integer(value)
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
-        raise ApiError(400, "bad_seed", "seed must be a non-negative integer")
-    return value
-
-
 def flag(value, field: str) -> bool:
     """A yes/no query parameter (?stream=true)."""
     if value is None or value.lower() in ("false", "0", ""):
@@ -185,17 +132,3 @@ def flag(value, field: str) -> bool:
     if value.lower() in ("true", "1"):
         return True
     raise ApiError(400, f"bad_{field}", f"{field} must be true or false")
-
-
-def b64(value, field: str) -> bytes:
-    if not isinstance(value, str):
-        raise ApiError(400, f"bad_{field}", f"{field} must be a base64 string")
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(
-            400,
-            f"bad_{field}",
-            f"{field} is not valid base64 (standard alphabet, padded); e.g. "
-            "base64.b64encode(open(path, 'rb').read()).decode()",
-        ) from None

@@ -1,8 +1,12 @@
-"""Request bodies for the OpenAPI document (the routes read raw requests, to check sizes and
-give precise errors, so FastAPI can't infer them). GET /openapi.json and /docs serve it;
-docs/openapi.json is the committed copy (`make openapi`)."""
+"""The OpenAPI document's route tables: request bodies from serve/bodies.py's models (the routes
+read raw requests through a size cap and validate them with those models, so FastAPI can't infer
+them), responses and errors. GET /openapi.json and /docs serve it; docs/openapi.json is the
+committed copy (`make openapi`)."""
 
 import copy
+
+from ddft.adapters.ref import NAME as _NAME
+from serve import bodies
 
 ERROR = {
     "description": "JSON error",
@@ -48,70 +52,22 @@ def _errors(*codes: int, shape: dict = ERROR) -> dict:
     return {str(c): shape for c in codes}
 
 
-def _json(properties: dict, required: list[str]) -> dict:
-    return {"application/json": {"schema": {"type": "object", "properties": properties, "required": required}}}
+# Request schemas are the models' (serve/bodies.py): the server validates with the same models, so
+# a body they accept is never refused as malformed (400). What a schema can't say (media that
+# decodes, an adapter of the request's modality, one medium per conversation, tensors that fit the
+# base) is a 422. Token and choice maxima follow the serve config (finish()). Nested models go to
+# components/schemas (SCHEMAS), where their $refs point.
+SCHEMAS: dict[str, dict] = {}
 
 
-# Request schemas are as strict as the server: a body they accept is never refused as malformed
-# (400). What a schema can't say (media that decodes, an adapter of the request's modality, one
-# medium per conversation, tensors that fit the base) is a 422. Token and choice maxima follow
-# the serve config (finish()).
-TEXT = {"type": "string", "pattern": r"\S"}  # something besides blanks
-KEY = {
-    "type": "string",
-    "minLength": 1,
-    "pattern": r"^[^\x00-\x1f\x7f]+$",
-    "description": "a store key (or a URI inside the server's store) under serve.media_prefixes, "
-    "e.g. datasets/raw/clips/one.mp4",
-}
-BASE64 = {"type": "string", "pattern": r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"}
-STOP = {
-    "oneOf": [
-        {"type": "string", "minLength": 1, "maxLength": 64},
-        {"type": "array", "maxItems": 4, "items": {"type": "string", "minLength": 1, "maxLength": 64}},
-    ]
-}
+def schema(model: type[bodies.Body]) -> dict:
+    doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    SCHEMAS.update(doc.pop("$defs", {}))
+    return doc
 
 
-def _nullable(fields: dict) -> dict:
-    """The same fields, each also null (the server takes null as absent)."""
-    out = {}
-    for name, schema in fields.items():
-        if "oneOf" in schema:
-            out[name] = {**schema, "oneOf": [*schema["oneOf"], {"type": "null"}]}
-        else:
-            kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
-            out[name] = {**schema, "type": [*kinds, *(["null"] if "null" not in kinds else [])]}
-    return out
-
-
-GEN = {
-    "adapter": {**TEXT, "description": "name, name/vN, owner/name/vN or <base>:owner/name/vN"},
-    "max_new_tokens": {"type": "integer", "minimum": 1},
-    "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-    "stop": STOP,
-    "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
-}
-FORM_GEN = {k: GEN[k] for k in ("adapter", "max_new_tokens")}  # multipart fields: text, never null
-GEN = _nullable(GEN)
-MODEL = {"type": "string", "minLength": 1, "description": "the base id or <base>:<adapter> (GET /v1/models)"}
-OPENAI_GEN = {
-    "max_tokens": {"type": "integer", "minimum": 1},
-    "max_completion_tokens": {"type": "integer", "minimum": 1},
-    "temperature": GEN["temperature"],
-    "stop": STOP,
-    "seed": GEN["seed"],
-    "n": {"type": "integer", "minimum": 1, "description": "choices, up to serve.max_n; n > 1 is not streamed"},
-    "stream": {"type": "boolean"},
-    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
-}
-OPENAI_GEN = _nullable(OPENAI_GEN)
-# stream_options only with "stream": true, and n > 1 only unstreamed
-STREAM_RULES = {
-    "dependentSchemas": {"stream_options": {"required": ["stream"], "properties": {"stream": {"const": True}}}},
-    "if": {"required": ["stream"], "properties": {"stream": {"const": True}}},
-    "then": {"properties": {"n": {"maximum": 1}}},
-}
+def _json_body(model: type[bodies.Body]) -> dict:
+    return {"application/json": {"schema": schema(model)}}
 
 
 def _sse(description: str) -> dict:
@@ -127,6 +83,7 @@ def _sse(description: str) -> dict:
     }
 
 
+_FORM = schema(bodies.RecipeForm)
 RECIPES = {
     "requestBody": {
         "required": True,
@@ -136,10 +93,13 @@ RECIPES = {
                     "type": "object",
                     "required": ["video"],
                     "maxProperties": 8,
-                    "properties": {"video": {"type": "string", "format": "binary"}, **FORM_GEN},
+                    "properties": {
+                        "video": {"type": "string", "format": "binary"},
+                        **{k: bodies.non_null(v) for k, v in _FORM["properties"].items()},  # form fields: text
+                    },
                 }
             },
-            **_json({"video_uri": KEY, **GEN}, ["video_uri"]),
+            **_json_body(bodies.RecipeJson),
         },
     },
     "parameters": [
@@ -158,102 +118,12 @@ RECIPES = {
 }
 
 GENERATE = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "oneOf": [
-                        {
-                            "type": "object",
-                            "required": ["modality", "question"],
-                            "properties": {"modality": {"type": "string", "enum": ["text"]}, "question": TEXT, **GEN},
-                        },
-                        {
-                            "type": "object",
-                            "required": ["modality", "image_b64"],
-                            "properties": {
-                                "modality": {"type": "string", "enum": ["image"]},
-                                "question": TEXT,
-                                "image_b64": BASE64,
-                                **GEN,
-                            },
-                        },
-                        {
-                            "type": "object",
-                            "required": ["modality", "image_uri"],
-                            "properties": {
-                                "modality": {"type": "string", "enum": ["image"]},
-                                "question": TEXT,
-                                "image_uri": KEY,
-                                **GEN,
-                            },
-                        },
-                    ]
-                }
-            }
-        },
-    },
+    "requestBody": {"required": True, "content": _json_body(bodies.Generate)},
     "responses": _errors(400, 401, 404, 413, 422, 502, 503),
 }
 
-_URL = {
-    "type": "object",
-    "required": ["url"],
-    "properties": {"url": {**KEY, "description": "a data: URL (base64) or a store key under serve.media_prefixes"}},
-}
-PART = {
-    "oneOf": [
-        {
-            "type": "object",
-            "required": ["type", "text"],
-            "properties": {"type": {"type": "string", "enum": ["text"]}, "text": TEXT},
-        },
-        {
-            "type": "object",
-            "required": ["type", "image_url"],
-            "properties": {"type": {"type": "string", "enum": ["image_url"]}, "image_url": _URL},
-        },
-        {
-            "type": "object",
-            "required": ["type", "video_url"],
-            "properties": {"type": {"type": "string", "enum": ["video_url"]}, "video_url": _URL},
-        },
-    ]
-}
 CHAT = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["model", "messages"],
-                    **STREAM_RULES,
-                    "properties": {
-                        "model": MODEL,
-                        "messages": {
-                            "type": "array",
-                            "minItems": 1,
-                            "items": {
-                                "type": "object",
-                                "required": ["role", "content"],
-                                "properties": {
-                                    "role": {"type": "string", "enum": ["system", "user", "assistant"]},
-                                    "content": {
-                                        "oneOf": [TEXT, {"type": "array", "minItems": 1, "items": PART}],
-                                        "description": "a string, or parts: text, image_url {url}, "
-                                        "video_url {url} (one medium per conversation)",
-                                    },
-                                },
-                            },
-                        },
-                        **OPENAI_GEN,
-                    },
-                }
-            }
-        },
-    },
+    "requestBody": {"required": True, "content": _json_body(bodies.Chat)},
     "responses": {
         **_sse("data: <chat.completion.chunk>, as OpenAI streams them"),
         **_errors(400, 401, 404, 413, 422, 502, 503, shape=OPENAI_ERROR),
@@ -261,34 +131,14 @@ CHAT = {
 }
 
 COMPLETIONS = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["model", "prompt"],
-                    **STREAM_RULES,
-                    "properties": {
-                        "model": {**MODEL, "description": "the base id or <base>:<adapter> (a text adapter)"},
-                        "prompt": {
-                            "description": "the whole prompt, continued as it is (no chat template): "
-                            "a string, or a list of one",
-                            "oneOf": [TEXT, {"type": "array", "items": TEXT, "minItems": 1, "maxItems": 1}],
-                        },
-                        **OPENAI_GEN,
-                    },
-                }
-            }
-        },
-    },
+    "requestBody": {"required": True, "content": _json_body(bodies.Completion)},
     "responses": {
         **_sse("data: <text_completion chunk>, as OpenAI streams them"),
         **_errors(400, 401, 404, 413, 422, 502, 503, shape=OPENAI_ERROR),
     },
 }
 
-NAME = {"type": "string", "pattern": "^[a-z0-9][a-z0-9_.-]{0,63}$"}
+NAME = {"type": "string", "pattern": _NAME.pattern}
 UPLOAD = {
     "requestBody": {
         "required": True,
@@ -326,10 +176,7 @@ UPLOAD = {
 }
 
 TENANT = {
-    "requestBody": {
-        "required": True,
-        "content": _json({"name": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_.-]{0,56}$"}}, ["name"]),
-    },
+    "requestBody": {"required": True, "content": _json_body(bodies.NewTenant)},
     "responses": _errors(401, 403, 409),
 }
 
@@ -377,14 +224,17 @@ _LIMITS = {
 
 
 def _bound(node, limits: dict) -> None:
-    """Set each limited field's maximum, wherever it sits in a schema (oneOf branches included)."""
+    """Set each limited field's maximum, wherever it sits in a schema (oneOf branches included, and
+    a nullable field's integer branch)."""
     if isinstance(node, dict):
         for key, value in node.items():
             if key == "properties" and isinstance(value, dict):
-                for field, schema in value.items():
-                    kinds = schema.get("type") if isinstance(schema, dict) else None
-                    if field in _LIMITS and "integer" in (kinds if isinstance(kinds, list) else [kinds]):
-                        schema["maximum"] = limits[_LIMITS[field]]
+                for field, prop in value.items():
+                    if field not in _LIMITS or not isinstance(prop, dict):
+                        continue
+                    for branch in prop.get("anyOf", [prop]):
+                        if branch.get("type") == "integer":
+                            branch["maximum"] = limits[_LIMITS[field]]
             _bound(value, limits)
     elif isinstance(node, list):
         for item in node:
@@ -420,9 +270,11 @@ def finish(doc: dict, openai_routes: tuple[str, ...], limits: dict) -> dict:
                 if param.get("in") == "path" and (method, path) in _PATH_NAMES:
                     param["schema"] = {"type": "string", "pattern": _PATH_NAMES[(method, path)]}
             _bound(op.get("requestBody"), limits)
-    schemas = doc.get("components", {}).get("schemas", {})
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
+    schemas.update(copy.deepcopy(SCHEMAS))  # the bodies' nested models
+    _bound(schemas, limits)
     if "components" in doc and not schemas:
         doc["components"].pop("schemas", None)
         if not doc["components"]:

@@ -4,7 +4,7 @@ what a caller may use."""
 import pytest
 
 from ddft.adapters import registry
-from ddft.adapters.ref import AdapterRef, tenant_of, tenant_owner, visible_owners
+from ddft.adapters.ref import SHAPE, AdapterRef, tenant_of, tenant_owner, visible_owners
 from ddft.errors import BadArgument, Conflict, Invalid, NotFound
 from ddft.models.info import BaseInfo
 from ddft.store import Store
@@ -35,12 +35,16 @@ def test_every_shape_of_the_grammar_parses_and_prints_back(text, ref):
         ("a/b/c/v1", BadArgument, "bad_adapter"),
         ("Video", NotFound, "unknown_adapter"),  # can't exist: no store path has it
         ("../x/v1", NotFound, "unknown_adapter"),
+        ("other-base:ddft/video", NotFound, "unknown_adapter"),  # not this base's: names nothing here
+        ("x/y:a/b", NotFound, "unknown_adapter"),
     ],
 )
 def test_malformed_references_say_which_kind(text, kind, code):
     with pytest.raises(kind) as err:
-        AdapterRef.parse(text)
+        AdapterRef.parse(text, base_id="tiny")
     assert err.value.code == code and status_of(err.value) in (400, 404)
+    # the documented shape (the OpenAPI pattern of `adapter`) says which: 400s are exactly the misshapen
+    assert bool(SHAPE.match(text) if isinstance(text, str) else False) == (code != "bad_adapter")
 
 
 def test_owner_naming_has_one_home():

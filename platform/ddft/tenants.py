@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 
 from ddft.adapters import registry
 from ddft.adapters.ref import NAME as _NAME
+from ddft.adapters.ref import TENANT_NAME
 from ddft.errors import BadArgument, Conflict, NotFound
 from ddft.store import Store
 
@@ -74,8 +75,7 @@ class Tenants:
 
     def add(self, name: str) -> str:
         """Create a tenant; returns its key (the only time it is shown)."""
-        # the owner "tenant-<name>" must itself be a valid registry name
-        if not isinstance(name, str) or not _NAME.match(name) or not _NAME.match(registry.tenant_owner(name)):
+        if not isinstance(name, str) or not TENANT_NAME.match(name):
             raise BadArgument(
                 code="tenant_bad_name",
                 detail=f"tenant name {name!r} is not allowed: use 1-57 lowercase letters, digits, "

@@ -20,8 +20,14 @@ from ddft.errors import BadArgument, NotFound
 PLATFORM_OWNER = "ddft"
 TENANT_OWNER_PREFIX = "tenant-"
 NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")  # an owner or adapter name: one store path segment
+# a tenant's name: NAME, short enough that its owner "tenant-<name>" is a NAME too
+TENANT_NAME = re.compile(rf"^[a-z0-9][a-z0-9_.-]{{0,{63 - len(TENANT_OWNER_PREFIX)}}}$")
 _VERSION = re.compile(r"^v(\d{1,9})$")
 SHAPES = "'video', 'video/v1', 'ddft/video' or 'ddft/video/v1'"
+# The grammar's shape, for JSON Schema (serve/bodies.py documents `adapter` fields with it): a string
+# of this shape parses or names nothing (404, unknown_adapter); any other is refused (400, bad_adapter).
+# "<base>:" is anything up to the last ':'; a prefix that is not the served base names nothing.
+SHAPE = re.compile(r"^\s*(?:\S*:)?[^/:\s][^/:]*(?:/[^/:]+)?(?:/v[0-9]{1,9})?\s*$")
 
 
 def tenant_owner(tenant: str) -> str:
@@ -65,6 +71,12 @@ class AdapterRef:
         text = text.strip()
         if base_id is not None:
             text = text.removeprefix(base_id + ":")
+        if ":" in text:
+            raise NotFound(
+                f"no adapter {text[:100]!r} here: an adapter of another base model, or not a name; "
+                "GET /v1/models lists what is available",
+                "unknown_adapter",
+            )
         parts = text.split("/")
         version = _VERSION.match(parts[-1]) if len(parts) > 1 else None
         if version:
