@@ -10,6 +10,7 @@ decoded here in a child process; adapter uploads are validated here before they 
 """
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -38,6 +39,7 @@ from serve import bodies, errors, inputs, openapi_docs, prometheus, sse
 from serve.auth import Auth
 from serve.decoder import Decoder
 from serve.errors import ApiError, busy
+from serve.model_server import ServedResult
 from serve.openai import ChunkStream, adapter_of, chat_choices, chat_input, completion
 
 log = logging.getLogger("ddft.serve")
@@ -261,7 +263,7 @@ class Gateway:
 
     @staticmethod
     def _count(request: GenerateRequest, result: GenerateResult) -> None:
-        if hasattr(result, "replica"):  # a ServedResult: the replica's engine counters
+        if isinstance(result, ServedResult):  # the replica's engine counters
             prometheus.get().replica_stats(result.replica, result.stats)
         prometheus.get().count_tokens(
             request.modality,
@@ -630,7 +632,7 @@ class Gateway:
             return errors.error_response(
                 503, "unhealthy", "no model replica answered; retry shortly", {"Retry-After": "5"}
             )
-        return {"status": "ok", **(info if self.auth.is_admin(request) else {})}
+        return {"status": "ok", **(dataclasses.asdict(info) if self.auth.is_admin(request) else {})}
 
     @api.get("/metrics")
     async def prometheus(self):

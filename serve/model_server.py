@@ -35,6 +35,17 @@ class ServedResult(GenerateResult):
     stats: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass
+class ReplicaInfo:
+    """What a replica says about itself (GET /healthz with the admin key)."""
+
+    base: str
+    replica: str
+    loaded_adapters: list[str]  # least recently used first
+    ongoing: int  # requests in this replica now
+    stats: dict[str, int]  # the engine's counters
+
+
 class ModelServer:
     def __init__(self, store: Store, base_id: str, *, engine: str = "hf", device: str = "cpu", **options):
         """`options`: the engine's own keywords (engines.base.serve_options of the serve config); hf forms
@@ -115,11 +126,7 @@ class ModelServer:
             log.info("dropped deleted adapters %s", dropped)
         return dropped
 
-    def info(self) -> dict:
-        return {
-            "base": self.engine.base_id,
-            "replica": self.replica,
-            "loaded_adapters": self.engine.loaded_adapters(),
-            "ongoing": self._ongoing,
-            "stats": self.engine.stats(),
-        }
+    def info(self) -> ReplicaInfo:
+        return ReplicaInfo(
+            self.engine.base_id, self.replica, self.engine.loaded_adapters(), self._ongoing, self.engine.stats()
+        )
