@@ -102,6 +102,12 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=16, help="optimizer steps each way (default 16)")
     ap.add_argument("--warmup", type=int, default=4, help="first steps left out of the rate (default 4)")
     ap.add_argument("--cpus", type=int, default=2, help="CPUs (torch threads) for each way (default 2)")
+    ap.add_argument(
+        "--ray-niceness",
+        type=int,
+        default=None,
+        help="also run the Ray way with its workers at this niceness (Ray's own default is 15) and report it",
+    )
     args = ap.parse_args(argv)
     if not 0 < args.warmup < args.steps:
         sys.exit(f"--warmup {args.warmup} must be between 1 and --steps {args.steps} - 1")
@@ -134,6 +140,11 @@ def main(argv=None) -> int:
     )
     if [h["tokens"] for h in history] != [h["tokens"] for h in plain]:
         print("warning: the two ways saw different token counts per step", file=sys.stderr)
+    other = None
+    if args.ray_niceness is not None:
+        niced = job.model_copy(update={"resources": job.resources.model_copy(update={"niceness": args.ray_niceness})})
+        other, _, other_trained = ray_run(cfg, niced)
+        print(f"ray at niceness {args.ray_niceness}: {len(other)} steps in {other_trained:.1f} s", flush=True)
     again = plain_loop(cfg, job, args.steps, args.cpus)
     print(f"plain: {args.steps} steps again, {again[-1]['seconds']:.1f} s", flush=True)
 
@@ -154,6 +165,12 @@ def main(argv=None) -> int:
                 "ratio": round(ray_rate / plain_rate, 3),
                 "plain_drift": round(after / before, 3),  # far from 1: the machine's speed changed; rerun
                 "ray_startup_s": round(wall - trained, 1),
+                "ray_niceness": job.resources.niceness,
+                **(
+                    {f"ratio_at_niceness_{args.ray_niceness}": round(steady_rate(other, args.warmup) / plain_rate, 3)}
+                    if other
+                    else {}
+                ),
             }
         )
     )

@@ -115,7 +115,10 @@ def _kill_after_first_checkpoint(store, run: str, proc, timeout: float = 600) ->
         except ValueError:  # caught mid-write
             registered = None
         if pid and registered:
+            niceness = os.getpriority(os.PRIO_PROCESS, pid)
             os.kill(pid, signal.SIGKILL)
+            # the job's resources.niceness (0), not Ray's default 15 for workers
+            assert niceness == 0, f"the training worker ran at niceness {niceness}"
             return pid
         time.sleep(0.3)
     raise AssertionError(f"no registered checkpoint of run {run} with a live worker appeared")

@@ -57,7 +57,7 @@ def job_fingerprint(job: JobConfig, versions: dict[str, str], base: BaseInfo) ->
         exclude={
             "max_failures": True,
             "optim": {"checkpoint_every"},
-            "resources": {"cpus_per_worker", "gpus_per_worker", "torch_threads"},
+            "resources": {"cpus_per_worker", "gpus_per_worker", "torch_threads", "niceness"},
         },
     )
     blob = json.dumps({"job": settings, "data": versions, "base": base.fingerprint}, sort_keys=True)
@@ -183,7 +183,10 @@ def run_job(cfg: TrainConfig, job: JobConfig, force: bool = False, publish_adapt
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=job.max_failures),
             # Named in the workers' environment: logs, `ps e` and operators can tell jobs apart.
-            worker_runtime_env={"env_vars": {"DDFT_JOB": job.name, "DDFT_RUN": name}},
+            # RAY_worker_niceness: the raylet starts these workers at that priority (Ray's default 15)
+            worker_runtime_env={
+                "env_vars": {"DDFT_JOB": job.name, "DDFT_RUN": name, "RAY_worker_niceness": str(res.niceness)}
+            },
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(execution_options=ingest),
