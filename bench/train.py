@@ -165,7 +165,7 @@ def main(argv=None) -> int:
                 "ratio": round(ray_rate / plain_rate, 3),
                 "plain_drift": round(after / before, 3),  # far from 1: the machine's speed changed; rerun
                 "ray_startup_s": round(wall - trained, 1),
-                "ray_niceness": job.resources.niceness,
+                "ray_niceness": job.resources.niceness if job.resources.niceness is not None else 15,
                 **(
                     {f"ratio_at_niceness_{args.ray_niceness}": round(steady_rate(other, args.warmup) / plain_rate, 3)}
                     if other

@@ -117,8 +117,8 @@ def _kill_after_first_checkpoint(store, run: str, proc, timeout: float = 600) ->
         if pid and registered:
             niceness = os.getpriority(os.PRIO_PROCESS, pid)
             os.kill(pid, signal.SIGKILL)
-            # the job's resources.niceness (0), not Ray's default 15 for workers
-            assert niceness == 0, f"the training worker ran at niceness {niceness}"
+            # the job's resources.niceness, not Ray's default 15 for workers
+            assert niceness == 5, f"the training worker ran at niceness {niceness}"
             return pid
         time.sleep(0.3)
     raise AssertionError(f"no registered checkpoint of run {run} with a live worker appeared")
@@ -186,7 +186,8 @@ def test_train_all_survives_a_killed_worker_and_a_broken_job(prepared, tmp_path)
         "lora": video.lora.model_copy(update={"dropout": 0.1}),
         "optim": video.optim.model_copy(update={"checkpoint_every": 2}),
     }
-    killed = video.model_copy(update={"name": "video-killed", **settings})
+    niced = video.resources.model_copy(update={"niceness": 5})
+    killed = video.model_copy(update={"name": "video-killed", "resources": niced, **settings})
     straight = run_job(cfg, video.model_copy(update={"name": "video-straight", **settings}), force=True)
     assert straight.status == "succeeded" and straight.resumed_from == []
     reference = read_manifest(store, "ddft", "video-straight")  # published under the job's name

@@ -160,12 +160,12 @@ class Resources(Strict):
         "the worker's CPUs (fewer than cores keeps concurrent jobs from "
         "oversubscribing a small machine)",
     )
-    niceness: int = Field(
-        0,
+    niceness: int | None = Field(
+        None,
         ge=0,
         le=19,
-        description="the workers' CPU priority (Unix nice): Ray starts workers at 15, below its own "
-        "daemons, which costs a training worker up to a quarter of its speed on a busy small node",
+        description="the workers' CPU priority (Unix nice); default: Ray's (15, below its own daemons, "
+        "so a busy node's daemons stay responsive); 0 ranks them with the daemons",
     )
 
 
