@@ -39,7 +39,7 @@ from serve import bodies, errors, inputs, openapi_docs, prometheus, sse
 from serve.auth import Auth
 from serve.decoder import Decoder
 from serve.errors import ApiError, busy
-from serve.model_server import ServedResult
+from serve.model_server import ServedResult, multiplexed_id
 from serve.openai import ChunkStream, adapter_of, chat_choices, chat_input, completion
 
 log = logging.getLogger("ddft.serve")
@@ -144,7 +144,7 @@ class Gateway:
     def _handle(self, request: GenerateRequest, stream: bool = False) -> DeploymentHandle:
         """The model handle for a request, made once per (adapter, streaming) and kept: multiplexing
         sends it to a replica already holding these weights."""
-        mux = f"{request.adapter.ref}@{request.adapter.weights_sha256[:8]}" if request.adapter else None
+        mux = multiplexed_id(request.adapter) if request.adapter else None
         handle = self._handles.get((mux, stream))
         if handle is None:
             if len(self._handles) >= MAX_HANDLES:  # deleted adapters' handles go with the rest

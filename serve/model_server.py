@@ -27,6 +27,12 @@ SWEEP_EVERY_S = 10.0  # how often a replica looks for resident adapters that wer
 _ARRIVING: contextvars.ContextVar[Manifest | None] = contextvars.ContextVar("ddft_arriving_adapter", default=None)
 
 
+def multiplexed_id(manifest: Manifest) -> str:
+    """The one Serve multiplexed model id of an adapter version (its ref and weights): the gateway
+    asks for it and the replica's loader registers it, so Serve routes by adapter."""
+    return f"{manifest.ref}@{manifest.weights_sha256[:8]}"
+
+
 @dataclass
 class ServedResult(GenerateResult):
     """A result as a replica answers it: which replica, and its engine's counters (for /metrics)."""
@@ -60,14 +66,14 @@ class ModelServer:
         except Exception:  # outside Serve (unit tests)
             self.replica = "local"
 
-    async def load_adapter(self, ref: str) -> str:
+    async def load_adapter(self, model_id: str) -> str:
         """The multiplexed loader (wrapped by serve.multiplexed in app.py): loads the adapter the
-        calling request brought."""
+        calling request brought; `model_id` is its multiplexed_id."""
         manifest = _ARRIVING.get()
-        if manifest is None or manifest.ref != ref:
-            raise RuntimeError(f"the multiplexed loader was asked for {ref!r} outside a request that brought it")
+        if manifest is None or multiplexed_id(manifest) != model_id:
+            raise RuntimeError(f"the multiplexed loader was asked for {model_id!r} outside a request that brought it")
         await asyncio.to_thread(self.engine.load_adapter, manifest)
-        return ref
+        return model_id
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         """The engine's chunks (a Serve streaming method); the last carries a ServedResult."""
@@ -75,7 +81,7 @@ class ModelServer:
         try:
             if request.adapter is not None:
                 _ARRIVING.set(request.adapter)
-                await self.load_adapter(request.adapter.ref)
+                await self.load_adapter(multiplexed_id(request.adapter))
             async for chunk in self.engine.stream(request):
                 if chunk.result is not None:  # timings include queue_s: the engine knows when its batch began
                     chunk.result = ServedResult(**vars(chunk.result), replica=self.replica, stats=self.engine.stats())
