@@ -112,6 +112,17 @@ def _limits(info: ValidationInfo) -> Limits:
     return info.context if isinstance(info.context, Limits) else Limits()
 
 
+def _settings(tokens: int, temperature: float | None, stop: str | list[str] | None, seed: int | None) -> dict:
+    """GenerateRequest's settings from a validated body's fields (null is the default). Plain
+    values: building another model here would validate again, without the config's limits."""
+    return {
+        "max_new_tokens": tokens,
+        "temperature": float(temperature or 0.0),
+        "stop": [stop] if isinstance(stop, str) else list(stop or []),
+        "seed": seed,
+    }
+
+
 class Body(BaseModel):
     # Unknown fields are ignored (OpenAI clients send many); the documented ones are checked.
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -128,15 +139,9 @@ class Knobs(Body):
 
     check_cap = field_validator("max_new_tokens")(classmethod(_within))
 
-    def generation(self, cap: int, tokens: int | None = None) -> dict:
+    def generation(self, cap: int) -> dict:
         """The GenerateRequest settings this body asks for (`cap` when it names no token limit)."""
-        stop = self.stop
-        return {
-            "max_new_tokens": tokens if tokens is not None else (self.max_new_tokens or cap),
-            "temperature": float(self.temperature or 0.0),
-            "stop": [stop] if isinstance(stop, str) else list(stop or []),
-            "seed": self.seed,
-        }
+        return _settings(self.max_new_tokens or cap, self.temperature, self.stop, self.seed)
 
 
 class RecipeJson(Knobs):
@@ -154,7 +159,7 @@ class RecipeForm(Body):
     check_cap = field_validator("max_new_tokens")(classmethod(_within))
 
     def generation(self, cap: int) -> dict:
-        return Knobs(adapter=self.adapter, max_new_tokens=self.max_new_tokens).generation(cap)
+        return _settings(self.max_new_tokens or cap, None, None, None)
 
 
 Base64 = Annotated[StrictStr, Field(pattern=r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$")]
@@ -299,7 +304,7 @@ class OpenAIKnobs(Body):
 
     def generation(self, cap: int) -> dict:
         tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return Knobs(temperature=self.temperature, stop=self.stop, seed=self.seed).generation(cap, tokens or cap)
+        return _settings(tokens or cap, self.temperature, self.stop, self.seed)
 
 
 class Chat(OpenAIKnobs):

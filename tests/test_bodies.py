@@ -97,3 +97,14 @@ def test_the_documented_schema_is_the_models():
         ["modality", "image_b64"],
         ["modality", "image_uri"],
     ]
+
+
+def test_the_configs_token_cap_holds_when_the_settings_are_read():
+    """A body validated under a cap above the default (96) keeps its token count: reading the
+    settings re-validates nothing (a multipart recipe asking for 200 of 400 was a 500)."""
+    wide = bodies.Limits(max_new_tokens=400, max_n=4, base_id="tiny")
+    form = bodies.parse(bodies.RecipeForm, {"max_new_tokens": "200"}, wide)
+    assert form.generation(400)["max_new_tokens"] == 200
+    chat = bodies.parse(bodies.Chat, {**CHAT, "max_tokens": 300, "stop": "x"}, wide)
+    assert chat.generation(400) == {"max_new_tokens": 300, "temperature": 0.0, "stop": ["x"], "seed": None}
+    assert bodies.parse(bodies.Chat, CHAT, wide).generation(400)["max_new_tokens"] == 400
