@@ -13,7 +13,6 @@ import time
 from datetime import UTC, datetime
 
 from ddft.adapters import registry
-from ddft.adapters.ref import NAME as _NAME
 from ddft.adapters.ref import TENANT_NAME
 from ddft.errors import BadArgument, Conflict, NotFound
 from ddft.store import Store
@@ -109,7 +108,7 @@ class Tenants:
         """Remove the tenant and every adapter it uploaded; False if there was neither. Idempotent:
         if deleting the adapters fails part way, removing again finishes it, so a new tenant of
         the same name never inherits them."""
-        if not isinstance(name, str) or not _NAME.match(registry.tenant_owner(name)):
+        if not isinstance(name, str) or not TENANT_NAME.match(name):
             return False
         removed = []
 
