@@ -65,6 +65,11 @@ def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
+def _folder(prefix: str, key: str) -> bool:
+    """A listing's prefix written with a final "/" (and not the root): the folder's objects only."""
+    return bool(key) and str(prefix).replace("\\", "/").endswith("/")
+
+
 def _under(key: str, prefix: str) -> bool:
     return not prefix or key == prefix or key.startswith(prefix + "/")
 
@@ -159,10 +164,10 @@ class _Local:
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self.path(key), dst)
 
-    def keys(self, prefix: str) -> list[str]:
+    def keys(self, prefix: str, folder: bool = False) -> list[str]:
         p = self.path(prefix)
         if p.is_file():
-            return [prefix]
+            return [] if folder else [prefix]
         # os.walk skips folders that vanish mid-walk (a concurrent delete), where rglob raises
         return [
             (pathlib.Path(d) / f).relative_to(self.root).as_posix()
@@ -171,9 +176,9 @@ class _Local:
             if not _bookkeeping(f)
         ]
 
-    def entries(self, prefix: str) -> list[tuple[str, int, str]]:
+    def entries(self, prefix: str, folder: bool = False) -> list[tuple[str, int, str]]:
         out = []
-        for key in self.keys(prefix):
+        for key in self.keys(prefix, folder):
             try:
                 st = self.path(key).stat()
             except FileNotFoundError:  # deleted since it was listed
@@ -341,10 +346,14 @@ class _S3:
         dst.parent.mkdir(parents=True, exist_ok=True)
         self.client.download_file(self.bucket, self.full(key), str(dst))
 
-    def _objects(self, prefix: str):
-        """Listed objects under prefix (including directory markers ending in '/')."""
+    def _objects(self, prefix: str, folder: bool = False):
+        """Listed objects under prefix (including directory markers ending in '/'). S3 matches
+        prefixes by characters, so listing "a/b" also sends a/b-2/..., a/b2/... (filtered out here);
+        `folder` lists "a/b/" only: the objects under the folder, without its siblings' (nor an
+        object named "a/b" itself)."""
         base = self.full(prefix)
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
+        ask = base + "/" if folder and base else base
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=ask):
             for obj in page.get("Contents", []):
                 if _under(obj["Key"].rstrip("/"), base):
                     yield obj
@@ -352,14 +361,14 @@ class _S3:
     def _iter(self, prefix: str):
         return (obj["Key"] for obj in self._objects(prefix))
 
-    def keys(self, prefix: str) -> list[str]:
-        return [key for key, _, _ in self.entries(prefix)]
+    def keys(self, prefix: str, folder: bool = False) -> list[str]:
+        return [key for key, _, _ in self.entries(prefix, folder)]
 
-    def entries(self, prefix: str) -> list[tuple[str, int, str]]:
+    def entries(self, prefix: str, folder: bool = False) -> list[tuple[str, int, str]]:
         n = len(self.prefix) + 1 if self.prefix else 0
         return [
             (o["Key"][n:], o["Size"], o.get("ETag", "").strip('"'))
-            for o in self._objects(prefix)
+            for o in self._objects(prefix, folder)
             if not o["Key"].endswith("/")
         ]
 
@@ -507,16 +516,20 @@ class Store:
             return self._b.exists(k)
 
     def list(self, prefix: str = "") -> list[str]:
+        """Every key under prefix, sorted: "a/b" is the object a/b and the objects under a/b/ (never
+        a/b2/...); "a/b/" (a final "/") only those under the folder, which on S3 is one listing of
+        exactly them, where "a/b" also pages through a/b2/..., a/b-x/... to skip them."""
         p = _clean_key(prefix)
         with self._b.errors(self.url(p)):
-            return sorted(self._b.keys(p))
+            return sorted(self._b.keys(p, _folder(prefix, p)))
 
     def entries(self, prefix: str = "") -> list[tuple[str, int, str]]:
-        """(key, size, change tag) of every object under prefix, sorted; the tag is the ETag on
-        S3 and the modification time on file://, so a fingerprint needs no object reads."""
+        """(key, size, change tag) of every object under prefix, sorted (a final "/" as in list);
+        the tag is the ETag on S3 and the modification time on file://, so a fingerprint needs no
+        object reads."""
         p = _clean_key(prefix)
         with self._b.errors(self.url(p)):
-            return sorted(self._b.entries(p))
+            return sorted(self._b.entries(p, _folder(prefix, p)))
 
     def delete(self, prefix: str) -> None:
         p = _clean_key(prefix)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +22,7 @@ from ddft.adapters.files import CONFIG, PICKLE_SUFFIXES, REQUIRED, WEIGHTS, pars
 from ddft.adapters.ref import PLATFORM_OWNER, AdapterRef, checked_name, tenant_owner, visible_owners
 from ddft.errors import Conflict, Invalid, NotFound
 from ddft.models.info import BaseInfo
-from ddft.store import Store
+from ddft.store import Store, StoreError
 
 __all__ = ["PLATFORM_OWNER", "AdapterRef", "tenant_owner", "visible_owners"]  # the names' one home is ref.py
 
@@ -125,7 +126,7 @@ def _markers(store: Store, owner: str, name: str) -> set[tuple[int, str]]:
     prefix = adapter_prefix(owner, name)
     return {
         (int(m.group(1)), m.group(2))
-        for key in store.list(prefix)
+        for key in store.list(prefix + "/")  # the folder only: never adapters/<owner>/<name>2/...
         if (m := re.fullmatch(rf"{re.escape(prefix)}/v(\d+)/(manifest\.json|\.claim)", key))
     }
 
@@ -153,15 +154,49 @@ def read_manifest(store: Store, owner: str, name: str, version: int | None = Non
         if not vs:
             return None
         version = vs[-1]
-    key = f"{adapter_prefix(owner, name)}/v{version}/manifest.json"
-    return Manifest(**store.read_json(key)) if store.exists(key) else None
+    return _read_manifest(store, f"{adapter_prefix(owner, name)}/v{version}/manifest.json")
+
+
+def _read_manifest(store: Store, key: str) -> Manifest | None:
+    """The manifest at key, None when there is none: one read (no existence check first); only a
+    read that fails asks whether the key exists, to tell "none" from a store error."""
+    try:
+        doc = store.read_json(key)
+    except StoreError:
+        if store.exists(key):
+            raise
+        return None
+    return Manifest(**doc)
+
+
+# Where list_adapters finds published versions in its one listing: adapters/<owner>/<name>/v<N>/manifest.json
+_MANIFEST_KEY = re.compile(r"adapters/([^/]+)/([^/]+)/v(\d+)/manifest\.json")
+LIST_READERS = 8  # manifests read at once by list_adapters (boto3's default pool holds 10 connections)
 
 
 def list_adapters(store: Store, owner: str | None = None) -> list[Manifest]:
-    """The newest version of every adapter (of one owner, or all)."""
-    keys = store.list(f"adapters/{owner}" if owner else "adapters")
-    pairs = sorted({tuple(k.split("/")[1:3]) for k in keys if k.endswith("/manifest.json")})
-    return [m for o, n in pairs if (m := read_manifest(store, o, n))]
+    """The newest version of every adapter (of one owner, or all), by (owner, name). One listing of
+    the owner's (or every) adapter folder says which versions exist (those with a manifest), so
+    only the newest version's manifest of each adapter is read, LIST_READERS at a time."""
+    newest: dict[tuple[str, str], int] = {}
+    for key in store.list(f"adapters/{owner}/" if owner else "adapters/"):
+        if m := _MANIFEST_KEY.fullmatch(key):
+            pair = (m.group(1), m.group(2))
+            newest[pair] = max(newest.get(pair, 0), int(m.group(3)))
+    pairs = sorted(newest)
+
+    def newest_manifest(pair: tuple[str, str]) -> Manifest | None:
+        o, n = pair
+        found = _read_manifest(store, f"{adapter_prefix(o, n)}/v{newest[pair]}/manifest.json")
+        # deleted since the listing: the adapter's versions now (another newest, or none)
+        return found if found is not None else read_manifest(store, o, n)
+
+    if len(pairs) <= 1:
+        found = [newest_manifest(p) for p in pairs]
+    else:
+        with ThreadPoolExecutor(min(LIST_READERS, len(pairs)), thread_name_prefix="ddft-list") as pool:
+            found = list(pool.map(newest_manifest, pairs))
+    return [m for m in found if m is not None]
 
 
 def publish(
@@ -234,7 +269,7 @@ def delete_owner(store: Store, owner: str) -> list[str]:
     """Remove every adapter of an owner (a removed tenant's); returns the refs deleted. Manifests
     go first, so each version stops existing at once."""
     prefix = owner_prefix(owner)
-    keys = store.list(prefix)
+    keys = store.list(prefix + "/")
     manifests = sorted(k for k in keys if k.endswith("/manifest.json"))
     for key in manifests:
         store.delete(key)
