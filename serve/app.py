@@ -20,7 +20,7 @@ from ddft.engines.base import serve_options
 from ddft.models.load import base_info
 from ddft.store import Store
 from serve.auth import sha256
-from serve.gateway import Gateway
+from serve.gateway import GATEWAY_CPUS, Gateway
 from serve.model_server import ModelServer
 
 
@@ -37,6 +37,8 @@ def model_deployment(cfg: ddft_config.ServeConfig):
         {"load_adapter": serve.multiplexed(max_num_models_per_replica=s.adapter_cache_size)(ModelServer.load_adapter)},
     )
     actor = {"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica}
+    if s.placement.model_resources:
+        actor["resources"] = dict(s.placement.model_resources)
     if s.engine == "vllm":  # vLLM's own torch and transformers: the replica runs on its venv's interpreter
         actor["runtime_env"] = {"py_executable": vllm_python(s)}
     return serve.deployment(
@@ -51,7 +53,16 @@ def model_deployment(cfg: ddft_config.ServeConfig):
         health_check_timeout_s=60,
         graceful_shutdown_timeout_s=5,
         ray_actor_options=actor,
+        **({"max_replicas_per_node": s.placement.max_replicas_per_node} if s.placement.max_replicas_per_node else {}),
     )
+
+
+def gateway_deployment(cfg: ddft_config.ServeConfig):
+    """The gateway, on the nodes serve.placement.gateway_resources name (anywhere when none)."""
+    resources = cfg.serve.placement.gateway_resources
+    if not resources:
+        return Gateway
+    return Gateway.options(ray_actor_options={"num_cpus": GATEWAY_CPUS, "resources": dict(resources)})
 
 
 def vllm_python(s: ddft_config.ServeSettings) -> str:
@@ -109,13 +120,16 @@ def build_app(args: dict):
     model = model_deployment(cfg).bind(
         store, cfg.base.id, engine=s.engine, device="cuda" if s.gpus_per_replica > 0 else "cpu", **options
     )
-    return Gateway.bind(model, cfg, store, sha256(admin_key) if admin_key else None)
+    return gateway_deployment(cfg).bind(model, cfg, store, sha256(admin_key) if admin_key else None)
 
 
 def run(config_path: str | Path, blocking: bool = False, engine: str | None = None) -> str:
     """Start Serve on the config's host/port, deploy the app, return its base URL (the demo's path)."""
     cfg = ddft_config.load(Path(config_path), ddft_config.ServeConfig)
     app = build_app({"config": str(config_path), **({"engine": engine} if engine else {})})
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.start(
+        proxy_location=cfg.serve.placement.proxy_location,
+        http_options={"host": cfg.serve.host, "port": cfg.serve.port},
+    )
     serve.run(app, name="ddft", route_prefix="/", blocking=blocking)
     return f"http://{cfg.serve.host}:{cfg.serve.port}"

@@ -101,7 +101,10 @@ async def _observe(request: Request, call_next):
             )
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
+GATEWAY_CPUS = 0.25
+
+
+@serve.deployment(ray_actor_options={"num_cpus": GATEWAY_CPUS}, max_ongoing_requests=256)
 @serve.ingress(api)
 class Gateway:
     def __init__(

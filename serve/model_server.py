@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import ray
 from ray import serve
 
 from ddft.adapters import registry
@@ -50,6 +51,7 @@ class ReplicaInfo:
     loaded_adapters: list[str]  # least recently used first
     ongoing: int  # requests in this replica now
     stats: dict[str, int]  # the engine's counters
+    node: str = ""  # the Ray node it runs on (its id)
 
 
 class ModelServer:
@@ -63,8 +65,9 @@ class ModelServer:
         self._swept_at = float("-inf")
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
+            self.node = ray.get_runtime_context().get_node_id()
         except Exception:  # outside Serve (unit tests)
-            self.replica = "local"
+            self.replica, self.node = "local", ""
 
     async def load_adapter(self, model_id: str) -> str:
         """The multiplexed loader (wrapped by serve.multiplexed in app.py): loads the adapter the
@@ -134,5 +137,10 @@ class ModelServer:
 
     def info(self) -> ReplicaInfo:
         return ReplicaInfo(
-            self.engine.base_id, self.replica, self.engine.loaded_adapters(), self._ongoing, self.engine.stats()
+            self.engine.base_id,
+            self.replica,
+            self.engine.loaded_adapters(),
+            self._ongoing,
+            self.engine.stats(),
+            self.node,
         )

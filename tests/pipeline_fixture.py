@@ -32,6 +32,16 @@ def tiny_config(store_uri: str, steps: int = 8, **store_extra) -> PipelineConfig
     )
 
 
+def registered_checkpoint(store: Store, run: str) -> bool:
+    """Ray Train has registered a checkpoint of the run (its snapshot names one: a checkpoint folder
+    alone may still be on its way to the controller)."""
+    snapshot = f"runs/{run}/checkpoint_manager_snapshot.json"
+    try:
+        return bool(store.exists(snapshot) and store.read_json(snapshot).get("latest_checkpoint_result"))
+    except ValueError:  # caught mid-write
+        return False
+
+
 METRICS_PORT_ENV = "DDFT_TEST_RAY_METRICS_PORT"
 
 

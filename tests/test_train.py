@@ -104,17 +104,13 @@ def _train_worker_pid(run: str) -> int | None:
 
 
 def _kill_after_first_checkpoint(store, run: str, proc, timeout: float = 600) -> int:
-    """SIGKILL the run's worker once Ray Train has registered a checkpoint (its snapshot names one:
-    a checkpoint folder alone may still be on its way to the controller)."""
-    snapshot = f"runs/{run}/checkpoint_manager_snapshot.json"
+    """SIGKILL the run's worker once Ray Train has registered a checkpoint."""
+    from tests.pipeline_fixture import registered_checkpoint
+
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         pid = _train_worker_pid(run)
-        try:
-            registered = store.exists(snapshot) and store.read_json(snapshot).get("latest_checkpoint_result")
-        except ValueError:  # caught mid-write
-            registered = None
-        if pid and registered:
+        if pid and registered_checkpoint(store, run):
             niceness = os.getpriority(os.PRIO_PROCESS, pid)
             os.kill(pid, signal.SIGKILL)
             # the job's resources.niceness, not Ray's default 15 for workers

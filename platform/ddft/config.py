@@ -235,6 +235,25 @@ class VllmSettings(Strict):
     max_num_seqs: int = Field(32, ge=1, description="requests in one running batch")
 
 
+class ServePlacement(Strict):
+    """Where the app's parts run on a cluster of many nodes (Ray custom resources and Serve options)."""
+
+    max_replicas_per_node: int | None = Field(
+        None, ge=1, description="model replicas on one node at most: spread, a node lost loses at most this many"
+    )
+    model_resources: dict[str, float] = Field(
+        {}, description="custom Ray resources each model replica needs (a node group: e.g. {gpu-node: 1})"
+    )
+    gateway_resources: dict[str, float] = Field(
+        {},
+        description="custom Ray resources the gateway needs: pin it where the HTTP proxy runs "
+        "(e.g. a resource only the head has), so losing a worker node never drops a request in flight",
+    )
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
+        "EveryNode", description="Serve's HTTP proxies: one per node (behind a load balancer) or on the head only"
+    )
+
+
 class ServeSettings(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -249,6 +268,7 @@ class ServeSettings(Strict):
     max_n: int = Field(4, ge=1, le=16, description="most choices one chat request may ask for (OpenAI's n)")
     adapter_cache_size: int = Field(8, ge=1, description="adapters kept loaded per replica (LRU)")
     num_replicas: int = Field(1, ge=1, description="replicas at start (autoscaling: serve/config.yaml)")
+    placement: ServePlacement = ServePlacement()
     cpus_per_replica: float = Field(1.0, gt=0)
     gpus_per_replica: float = Field(0.0, ge=0)
     max_batch_size: int = Field(8, ge=1, le=256, description="requests (any adapters) batched into one forward")

@@ -37,6 +37,7 @@ class JobResult:
     val_losses: list = field(default_factory=list)
     tokens_per_s: float = 0.0  # over training steps only: set-up and restarts are not counted
     resumed_from: list = field(default_factory=list)  # steps a restarted worker went on from
+    nodes: list = field(default_factory=list)  # Ray node ids its rank 0 ran on: the first, then after each restart
     adapter: str | None = None  # store URI of the published version
     run: str | None = None  # store URI of the Ray Train run (checkpoints, metrics)
     error: str | None = None
@@ -237,6 +238,7 @@ def run_job(cfg: TrainConfig, job: JobConfig, force: bool = False, publish_adapt
         val_losses=state.val_losses,
         tokens_per_s=tokens_per_s,
         resumed_from=state.resumed_from,
+        nodes=state.nodes,
         adapter=store.url(manifest.key) if manifest else None,
         run=run_uri,
     )

@@ -48,13 +48,18 @@ def run_all(cfg: TrainConfig, only: list[str] | None = None, force: bool = False
     """Every job (or those named in `only`) at once; a job already published from the same
     settings and data is skipped unless `force`."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     names = [j.name for j in cfg.jobs]
     unknown = sorted(set(only or []) - set(names))
     if unknown:
         raise ValueError(f"--only names unknown jobs {unknown}; jobs in the config: {names}")
     chosen = [n for n in names if not only or n in only]
-    drive = ray.remote(num_cpus=0, max_retries=0)(_drive)
+    # Each job's driver (and the Ray Train controller, which Ray Train puts beside it) runs on this
+    # node, the one `ray job submit` runs the entrypoint on: losing any other node loses only
+    # workers, which Ray Train restarts from the last checkpoint.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    drive = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=here)(_drive)
     refs = [drive.remote(cfg, n, force) for n in chosen]
     return ray.get(refs)
 

@@ -136,6 +136,7 @@ class TrainState:
     val_losses: list[dict] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)  # per step: {step, tokens, seconds}
     resumed_from: list[int] = field(default_factory=list)
+    nodes: list[str] = field(default_factory=list)  # the Ray node rank 0 ran on, at the start and after each restart
 
 
 def rng_state() -> dict:
@@ -234,6 +235,7 @@ def train_loop(cfg: WorkerConfig) -> None:
         with latest.as_directory() as ckpt:
             state = load_checkpoint(peft_model, optimizer, scheduler, Path(ckpt))
         state.resumed_from.append(state.step)
+    state.nodes.append(ray.get_runtime_context().get_node_id())
     shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if cfg.has_val else None
     telemetry = TrainMetrics() if rank == 0 else None
