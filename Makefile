@@ -108,6 +108,14 @@ bench-train: venv
 bench-serve: venv venv-vllm
 	$(PY) -m bench.serve $(BENCH_ARGS)
 
+# make bench-scale - many adapters and tenants: registry resolve and listing with 5,000 tenant
+# adapters on an S3 endpoint (moto on 127.0.0.1), 64 distinct adapters in one mixed batch vs the
+# base, the adapter-affinity hit rate of 2 replicas under Zipf traffic over HTTP, and tenant upload
+# -> first token; options via BENCH_ARGS, e.g. BENCH_ARGS="--parts registry --adapters 1000"
+.PHONY: bench-scale
+bench-scale: venv
+	$(PY) -m bench.scale $(BENCH_ARGS)
+
 # make openapi - regenerate docs/openapi.json from the app's routes (a test checks it is current)
 .PHONY: openapi
 openapi: venv
