@@ -459,10 +459,14 @@ class Gateway:
     async def _model_objects(self, request: Request) -> list[dict]:
         """OpenAI model objects: the base, and `<base>:<adapter ref>` for each adapter the caller may use."""
         owners = registry.visible_owners(await self.auth.tenant(request))
-        manifests = await asyncio.to_thread(registry.list_adapters, self.store)  # StoreError: errors.install
+
+        def visible() -> list[Manifest]:  # the caller's and the platform's folders, never the whole store
+            return [m for owner in owners for m in registry.list_adapters(self.store, owner)]
+
+        manifests = await asyncio.to_thread(visible)  # StoreError: errors.install
         data = [{"id": self.base_id, "object": "model", "owned_by": registry.PLATFORM_OWNER, "root": self.base_id}]
         for m in manifests:
-            if m.owner in owners and m.base_fingerprint == self.spec.fingerprint:
+            if m.base_fingerprint == self.spec.fingerprint:
                 data.append(
                     {
                         "id": self._model_id(m),
