@@ -3,9 +3,16 @@
 A batch may mix adapters: every row runs through its own LoRA in one forward, during prefill and
 every decode step. The LoRA layers do it in two batched matmuls per layer (batched_lora.py: stacked
 adapter weights, BGMV-style); PEFT's `adapter_names=[...]` (one name per row, "__base__" for the
-bare base) still drives the projector's copies below. Requests are grouped by modality (their pixel
-inputs differ) and sampling temperature. Each row ends at its own end of sequence, stop string or
-max_new_tokens; sampled rows draw from their own seeded generator, whatever else is in the batch.
+bare base) still drives the projector's copies below.
+
+Loading an adapter: a plain LoRA on the language model (every tenant upload, a text adapter) is hot-loaded,
+its safetensors written straight into a free slot of the layers' stacks (`AdapterBank.load`), and
+PEFT never hears of it (its rows are "__base__" to PEFT's hook: no projector copy, no other layer);
+anything else (a projector trained in full) is loaded by PEFT, then stacked. Both answer the same.
+
+Requests are grouped by modality (their pixel inputs differ) and sampling temperature. Each row
+ends at its own end of sequence, stop string or max_new_tokens; sampled rows draw from their own
+seeded generator, whatever else is in the batch.
 
 Streams (`stream`) wait in a Batcher (batcher.py) that forms the next batch when the engine is
 free; the batch runs in a worker thread, and the per-row stopping criterion, which sees every
@@ -25,22 +32,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import safetensors.torch
 import torch
-from peft import PeftConfig, PeftModel
+from peft import LoraConfig, PeftConfig, PeftModel
 from peft.utils.other import ModulesToSaveWrapper
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from ddft import prompts
 from ddft.adapters import registry
+from ddft.adapters.files import WEIGHTS
 from ddft.adapters.registry import AdapterError, Manifest, check_base
 from ddft.engines.base import ENGINE_STATS, AdapterCache, Chunk, GenerateRequest, GenerateResult, check_request
-from ddft.engines.batched_lora import BASE, AdapterBank, unsupported
+from ddft.engines.batched_lora import BASE, AdapterBank, needs_peft, unsupported
 from ddft.engines.batcher import Batcher
 from ddft.engines.detok import TextStream, first_stop
 from ddft.engines.lru import AdapterLRU, adapter_key
@@ -174,14 +184,17 @@ class HFEngine(AdapterCache):
         self.device = torch.device(device)
         started = time.perf_counter()
         model, self.processor = load_base(local_base_dir(self.store, base_model_id), dtype=dtype)
-        self.model = model.to(self.device).eval()
+        # frozen as PEFT's first inject would freeze it (the LoRA layers may be ours, made before PEFT's)
+        self.model = model.to(self.device).eval().requires_grad_(False)
         self.load_s = time.perf_counter() - started
         tok = self.processor.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.eos_id = tok.eos_token_id
-        self._peft: PeftModel | None = None
-        self._bank: AdapterBank | None = None  # the LoRA layers' stacked adapters
+        self._peft: PeftModel | None = None  # made by the first adapter PEFT loads
+        self._bank = AdapterBank(self.model)  # the LoRA layers' stacked adapters
+        self._hot: set[str] = set()  # adapters only in the bank's stacks (hot-loaded: no PEFT module)
         self.batched_lora = True  # False: PEFT's own adapter_names loop (for comparison)
+        self.hot_load = True  # False: every adapter through PEFT's load (for comparison)
         self._stats = dict.fromkeys(ENGINE_STATS, 0)
         self._lock = threading.RLock()  # one batch or adapter load at a time
         self._batcher = Batcher(self._run_batch, max_batch_size, batch_wait_s)  # concurrent streams
@@ -195,44 +208,94 @@ class HFEngine(AdapterCache):
             return self.adapters.acquire(manifest, pinned)
 
     def _load(self, manifest: Manifest) -> str:
-        """Inject an adapter into the PEFT model (the LRU's loader); its PEFT name."""
+        """Make an adapter resident (the LRU's loader): hot-loaded into the stacks when it is plain
+        LoRA on Linear layers, else injected by PEFT and stacked; its name."""
         name = adapter_key(manifest)
         check_base(manifest, self.base_id, self.info.fingerprint)
         with tempfile.TemporaryDirectory(prefix="ddft-adapter-") as tmp:
-            path = str(registry.download(self.store, manifest, Path(tmp)))
-            why = unsupported(PeftConfig.from_pretrained(path))
+            path = registry.download(self.store, manifest, Path(tmp))
+            config = PeftConfig.from_pretrained(str(path))
+            why = unsupported(config)
             if why:
                 raise AdapterError(
                     f"adapter {manifest.ref} can't be served by the hf engine: {why}; "
                     f"re-train or re-publish it as plain LoRA"
                 )
-            try:
-                if self._peft is None:
-                    self._peft = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=False)
-                else:
-                    self._peft.load_adapter(path, adapter_name=name, is_trainable=False)
-            except Exception as err:  # a config or weights that don't fit this base
-                if self._peft is not None and name in self._peft.peft_config:
-                    self._peft.delete_adapter(name)
-                raise AdapterError(
-                    f"adapter {manifest.ref} could not be loaded on base {self.base_id!r}: "
-                    f"{type(err).__name__}: {str(err)[:300]}"
-                ) from err
+            why = "hot loads are off" if not (self.hot_load and self.batched_lora) else needs_peft(config)
+            if why is None:
+                why = self._bank.load(name, config, safetensors.torch.load((path / WEIGHTS).read_bytes()))
+            if why is None:
+                self._hot.add(name)
+                log.info("engine hf: adapter %s hot-loaded (%d resident before it)", manifest.ref, len(self.adapters))
+                return name
+            self._peft_load(manifest, name, str(path))
+        self._bank.add_peft(name)
+        log.info(
+            "engine hf: adapter %s loaded by PEFT, %s (%d resident before it)", manifest.ref, why, len(self.adapters)
+        )
+        return name
+
+    # PEFT's weights are made, and their requires_grad flipped (PEFT makes the active adapter
+    # trainable, and puts back what it found after a load), in inference mode only: weights made in a
+    # batch's load are inference tensors, which torch won't give requires_grad=True outside it.
+    @torch.inference_mode()
+    def _peft_load(self, manifest: Manifest, name: str, path: str) -> None:
+        try:
+            if self._peft is None:
+                self._peft = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=False)
+            else:
+                self._peft.load_adapter(path, adapter_name=name, is_trainable=False)
+        except Exception as err:  # a config or weights that don't fit this base
+            if self._peft is not None and name in self._peft.peft_config:
+                self._peft.delete_adapter(name)
+            raise AdapterError(
+                f"adapter {manifest.ref} could not be loaded on base {self.base_id!r}: "
+                f"{type(err).__name__}: {str(err)[:300]}"
+            ) from err
+        self._peft_loaded(name)
+
+    def _peft_loaded(self, name: str) -> None:
+        """After PEFT added an adapter: eval mode, an active adapter, our projector and LoRA classes."""
         if self._peft.active_adapter not in self._peft.peft_config:  # all were evicted: PEFT kept a stale one
             self._peft.set_adapter(name)
         self._peft.eval()
         for module in self._peft.modules():
             if type(module) is ModulesToSaveWrapper:
                 module.__class__ = _MixedProjector
-        if self._bank is None:
-            self._bank = AdapterBank(self._peft)
         self._bank.adopt()
-        log.info("engine hf: adapter %s loaded (%d resident before it)", manifest.ref, len(self.adapters))
-        return name
+
+    @torch.inference_mode()
+    def _to_peft(self, name: str) -> None:
+        """Give a hot-loaded adapter PEFT modules (PEFT's own mixed loop, `batched_lora` off, needs
+        them): a LoRA of its stacked weights, A and B·scaling with scaling 1, so the same numbers."""
+        weights = self._bank.weights(name)
+        ranks = {re.escape(m): a.shape[0] for m, (a, _) in weights.items()}  # exact names as patterns
+        config = LoraConfig(
+            r=max(ranks.values()),
+            lora_alpha=max(ranks.values()),
+            target_modules=sorted(weights),
+            rank_pattern=ranks,
+            alpha_pattern=ranks,
+            inference_mode=True,
+        )
+        if self._peft is None:
+            self._peft = PeftModel(self.model, config, adapter_name=name)
+        else:
+            self._peft.add_adapter(name, config)
+        for module, (a, b) in weights.items():
+            layer = self._bank.layers[module]
+            layer.lora_A[name].weight.copy_(a)
+            layer.lora_B[name].weight.copy_(b)
+        self._peft_loaded(name)
+        self._hot.discard(name)
 
     def _unload(self, manifest: Manifest, name: str) -> None:
-        self._peft.delete_adapter(name)
-        self._bank.adopt()  # restack without it
+        if name in self._hot:
+            self._hot.discard(name)
+        else:
+            with torch.inference_mode():  # PEFT makes another adapter active (see _peft_load)
+                self._peft.delete_adapter(name)
+        self._bank.remove(name)  # its slot is free for the next one
         log.info("engine hf: adapter %s evicted", manifest.ref)
 
     # -- generation --------------------------------------------------------------------------------
@@ -339,23 +402,29 @@ class HFEngine(AdapterCache):
         inputs = {k: v.to(self.device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
         return inputs, names
 
-    def _forward_context(self, names: list[str]):
-        """Every row through its adapter: the batched LoRA path, or PEFT's own loop when it's off."""
-        if self._bank is not None and self.batched_lora:
-            return self._bank.batch(names)
-        return contextlib.nullcontext()
+    def _forward(self, method: str, inputs: dict, names: list[str]):
+        """model.forward or .generate with every row through its adapter: the batched LoRA path, or
+        PEFT's own loop when it's off. PEFT's hook drives the projector copies (and PEFT's other
+        layers): a hot-loaded adapter has none, so it is the bare base to PEFT."""
+        if self.batched_lora:
+            context = self._bank.batch(names)
+        else:
+            for name in dict.fromkeys(names):
+                if name in self._hot:
+                    self._to_peft(name)
+            context = contextlib.nullcontext()
+        with context:
+            if self._peft is not None and self._peft.peft_config:
+                known = self._peft.peft_config
+                return getattr(self._peft, method)(**inputs, adapter_names=[n if n in known else BASE for n in names])
+            return getattr(self.model, method)(**inputs)
 
     def forward_logits(self, requests: list[GenerateRequest]) -> torch.Tensor:
         """Next-token logits of the prompts (batch, vocab), one modality per call; for checks."""
         modality = requests[0].modality
         with self._lock, torch.inference_mode():
             inputs, names = self._prepare(modality, requests)
-            if self.adapters:  # LoRA layers hold adapters: every row names its own
-                with self._forward_context(names):
-                    out = self._peft(**inputs, adapter_names=names)
-            else:
-                out = self.model(**inputs)
-            return out.logits[:, -1].float().cpu()
+            return self._forward("forward", inputs, names).logits[:, -1].float().cpu()
 
     def _run(
         self, modality: str, temperature: float, reqs: list[GenerateRequest], sinks: list[_Sink] | None = None
@@ -377,11 +446,7 @@ class HFEngine(AdapterCache):
             stopping_criteria=StoppingCriteriaList([ends]),
         )
         with torch.inference_mode():
-            if self.adapters:  # LoRA layers hold adapters: every row names its own
-                with self._forward_context(names):
-                    out = self._peft.generate(**kwargs, adapter_names=names)
-            else:  # no adapter (yet, or evicted all): the injected layers are the bare base
-                out = self.model.generate(**kwargs)
+            out = self._forward("generate", kwargs, names)
         t2 = time.perf_counter()
         results = []
         prompt_tokens = inputs["attention_mask"].sum(1).tolist()
