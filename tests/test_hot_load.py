@@ -270,3 +270,19 @@ def test_hot_load_on_gpu_in_bf16(served, more):
     torch.testing.assert_close(hot.forward_logits(reqs), peft.forward_logits(reqs), atol=0, rtol=0)
     assert _hot(hot, more["r4"]) and hot._bank.layers[Q0]._stack[0].device.type == "cuda"
     assert [r.token_ids for r in hot.generate(reqs)] == [r.token_ids for r in peft.generate(reqs)]
+
+
+def test_a_peft_adapter_loads_again_after_hot_ones_pushed_every_peft_adapter_out(served, more):
+    """PEFT's model can be left with no adapter at all now (hot ones don't count in it): loading a
+    projector adapter into it again failed with PEFT's 'Please specify at least one adapter to set'
+    (a 409 in test_serve's LRU test), reproduced here first."""
+    store, _, manifests = served
+    img, _ = _media(0)
+    engine = make_engine("hf", store=store, base_model_id="tiny", cache_size=1)
+    image = GenerateRequest("image", "What dish?", img, manifests["image"], 3)
+    first = engine.forward_logits([image])  # through PEFT: the projector is trained in full
+    engine.forward_logits([GenerateRequest("text", "Salt?", None, more["r4"], 3)])  # hot; image evicted
+    assert engine.loaded_adapters() == [more["r4"].ref]
+    torch.testing.assert_close(engine.forward_logits([image]), first, **EXACT)
+    engine.forward_logits([GenerateRequest("text", "Salt?", None, more["r8"], 3)])
+    torch.testing.assert_close(engine.forward_logits([image]), first, **EXACT)

@@ -46,13 +46,13 @@ from peft.utils.other import ModulesToSaveWrapper
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from ddft import prompts
-from ddft.adapters import registry
 from ddft.adapters.files import WEIGHTS
 from ddft.adapters.registry import AdapterError, Manifest, check_base
 from ddft.engines.base import ENGINE_STATS, AdapterCache, Chunk, GenerateRequest, GenerateResult, check_request
 from ddft.engines.batched_lora import BASE, AdapterBank, needs_peft, unsupported
 from ddft.engines.batcher import Batcher
 from ddft.engines.detok import TextStream, first_stop
+from ddft.engines.host_tier import HostTier
 from ddft.engines.lru import AdapterLRU, adapter_key
 from ddft.models.load import base_info, load_base, local_base_dir
 from ddft.store import Store, StoreError
@@ -176,8 +176,10 @@ class HFEngine(AdapterCache):
         dtype: torch.dtype = torch.float32,
         max_batch_size: int = 8,
         batch_wait_s: float = 0.01,
+        host_cache_mb: float = 512.0,
     ):
         self.adapters = AdapterLRU(cache_size, self._load, self._unload)
+        self.host = HostTier(host_cache_mb)
         self.store = store if isinstance(store, Store) else Store(store)
         self.info = base_info(self.store, base_model_id)
         self.base_id = base_model_id
@@ -213,7 +215,7 @@ class HFEngine(AdapterCache):
         name = adapter_key(manifest)
         check_base(manifest, self.base_id, self.info.fingerprint)
         with tempfile.TemporaryDirectory(prefix="ddft-adapter-") as tmp:
-            path = registry.download(self.store, manifest, Path(tmp))
+            path = self.host.download(self.store, manifest, Path(tmp))
             config = PeftConfig.from_pretrained(str(path))
             why = unsupported(config)
             if why:
@@ -244,6 +246,8 @@ class HFEngine(AdapterCache):
             if self._peft is None:
                 self._peft = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=False)
             else:
+                if not self._peft.peft_config:  # every PEFT adapter was evicted (hot ones aren't PEFT's): PEFT
+                    self._peft.base_model.active_adapter = name  # re-activates its active ones, and [] is refused
                 self._peft.load_adapter(path, adapter_name=name, is_trainable=False)
         except Exception as err:  # a config or weights that don't fit this base
             if self._peft is not None and name in self._peft.peft_config:
