@@ -20,6 +20,7 @@ ENGINE_COUNTERS = {
     "adapter_hits": "requests whose adapter was already resident",
     "adapter_misses": "requests whose adapter had to be loaded",
     "adapter_evictions": "adapters evicted from a replica's cache (LRU or deleted)",
+    "adapter_host_hits": "adapter loads served from a replica's host-memory tier, not the store",
 }
 
 

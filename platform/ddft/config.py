@@ -267,6 +267,9 @@ class ServeSettings(Strict):
     max_new_tokens: int = Field(96, ge=1, le=4096)
     max_n: int = Field(4, ge=1, le=16, description="most choices one chat request may ask for (OpenAI's n)")
     adapter_cache_size: int = Field(8, ge=1, description="adapters kept loaded per replica (LRU)")
+    host_cache_mb: float = Field(
+        512.0, ge=0, description="adapters' files kept in a replica's host memory, loaded or not (0: off)"
+    )
     num_replicas: int = Field(1, ge=1, description="replicas at start (autoscaling: serve/config.yaml)")
     placement: ServePlacement = ServePlacement()
     cpus_per_replica: float = Field(1.0, gt=0)

@@ -277,14 +277,20 @@ def delete_owner(store: Store, owner: str) -> list[str]:
     return [k[len("adapters/") : -len("/manifest.json")] for k in manifests]
 
 
-def download(store: Store, manifest: Manifest, local_dir: Path) -> Path:
-    """Fetch an adapter's files and check them against the manifest's hash."""
-    local_dir = Path(local_dir)
-    for fname in REQUIRED:
-        (local_dir / fname).parent.mkdir(parents=True, exist_ok=True)
-        (local_dir / fname).write_bytes(store.read_bytes(f"{manifest.key}/{fname}"))
-    if _sha256((local_dir / WEIGHTS).read_bytes()) != manifest.weights_sha256:
+def fetch(store: Store, manifest: Manifest) -> dict[str, bytes]:
+    """An adapter's files by name, checked against the manifest's hash."""
+    files = {fname: store.read_bytes(f"{manifest.key}/{fname}") for fname in REQUIRED}
+    if _sha256(files[WEIGHTS]) != manifest.weights_sha256:
         raise AdapterError(f"{manifest.ref}: weights don't match the manifest's sha256; republish it")
+    return files
+
+
+def download(store: Store, manifest: Manifest, local_dir: Path) -> Path:
+    """Fetch an adapter's files (checked) into a folder."""
+    local_dir = Path(local_dir)
+    local_dir.mkdir(parents=True, exist_ok=True)
+    for fname, data in fetch(store, manifest).items():
+        (local_dir / fname).write_bytes(data)
     return local_dir
 
 

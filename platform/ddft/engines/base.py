@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from ddft.engines.host_tier import HOST_COUNTERS, HostTier
 from ddft.engines.lru import COUNTERS, AdapterLRU
 from ddft.errors import Unavailable
 
@@ -83,6 +84,9 @@ class Engine(Protocol):
     def load_adapter(self, manifest: Manifest) -> str:
         """Make an adapter resident (evicting the least recently used beyond the cache size)."""
 
+    def prefetch_adapter(self, manifest: Manifest) -> None:
+        """Make an adapter resident ahead of its request (which counts its hit or miss)."""
+
     def evict_adapter(self, ref: str) -> bool:
         """Drop an adapter from memory now (e.g. its owner deleted it); False if it wasn't resident."""
 
@@ -98,7 +102,7 @@ class Engine(Protocol):
 
 
 ENGINE_STATS = ("requests", "prompt_tokens", "new_tokens")  # counted by the engine; the adapter ones by its LRU
-STATS = COUNTERS + ENGINE_STATS  # the counters every engine's stats() returns
+STATS = COUNTERS + HOST_COUNTERS + ENGINE_STATS  # the counters every engine's stats() returns
 
 
 class AdapterCache:
@@ -106,6 +110,7 @@ class AdapterCache:
     lock so health checks and /metrics never wait for a running batch."""
 
     adapters: AdapterLRU
+    host: HostTier  # the adapters' files in host memory, resident or not (host_tier.py)
     _stats: dict[str, int]  # the engine's own: requests, prompt_tokens, new_tokens
 
     def loaded_adapters(self) -> list[str]:
@@ -114,13 +119,20 @@ class AdapterCache:
     def resident_adapters(self) -> list[Manifest]:
         return list(self.adapters.resident)
 
+    def prefetch_adapter(self, manifest: Manifest) -> None:
+        """Make an adapter resident ahead of the request that brings it (Serve's multiplexed loader);
+        that request, not this call, counts as the adapter's hit or miss."""
+        with self._lock:
+            self.adapters.acquire(manifest, prefetch=True)
+
     def evict_adapter(self, ref: str) -> bool:
         """Drop an adapter from memory now (its owner deleted it); False if it wasn't resident."""
+        self.host.drop(ref)
         with self._lock:
             return self.adapters.evict(ref)
 
     def stats(self) -> dict[str, int]:
-        return {**self._stats, **self.adapters.counters}
+        return {**self._stats, **self.adapters.counters, **self.host.counters}
 
 
 def check_request(r: GenerateRequest, i: int | None = None) -> None:
@@ -170,6 +182,7 @@ def serve_options(cfg: ServeConfig, engine: str | None = None, adapter_ranks: It
     if (engine or s.engine) == "hf":
         return {
             "cache_size": s.adapter_cache_size,
+            "host_cache_mb": s.host_cache_mb,
             "max_batch_size": s.max_batch_size,
             "batch_wait_s": s.batch_wait_timeout_s,
         }
@@ -182,6 +195,7 @@ def serve_options(cfg: ServeConfig, engine: str | None = None, adapter_ranks: It
     v = s.vllm
     return {
         "cache_size": s.adapter_cache_size,
+        "host_cache_mb": s.host_cache_mb,
         "max_lora_rank": rank,
         "kv_cache_gib": v.kv_cache_gib,
         "gpu_memory_utilization": v.gpu_memory_utilization,

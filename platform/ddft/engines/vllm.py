@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ddft import prompts
-from ddft.adapters import registry
 from ddft.adapters.files import CONFIG, WEIGHTS
 from ddft.adapters.registry import AdapterError, Manifest, check_base
 from ddft.engines.base import (
@@ -43,6 +42,7 @@ from ddft.engines.base import (
     check_request,
 )
 from ddft.engines.detok import TextStream, first_stop
+from ddft.engines.host_tier import HostTier
 from ddft.engines.lru import AdapterLRU
 from ddft.engines.vllm_plugin import ARCHITECTURE, PROJECTOR_DIR_ENV, PROJECTOR_KWARG
 from ddft.models.load import base_info, local_base_dir, model_key
@@ -134,8 +134,10 @@ class VLLMEngine(AdapterCache):
         kv_cache_gib: int = 2,
         gpu_memory_utilization: float = 0.85,
         max_num_seqs: int = 32,
+        host_cache_mb: float = 512.0,
     ):
         self.adapters = AdapterLRU(cache_size, self._load, self._unload)
+        self.host = HostTier(host_cache_mb)
         if max_lora_rank not in LORA_RANKS:
             raise ValueError(f"max_lora_rank is {max_lora_rank}; vLLM takes one of {list(LORA_RANKS)}")
         self.store = store if isinstance(store, Store) else Store(store)
@@ -241,7 +243,7 @@ class VLLMEngine(AdapterCache):
         lora_id = next(self._ids)
         folder = Path(self._dir.name) / f"lora-{lora_id}"
         with tempfile.TemporaryDirectory(prefix="download-", dir=self._dir.name) as tmp:
-            src = registry.download(self.store, manifest, Path(tmp))
+            src = self.host.download(self.store, manifest, Path(tmp))
             try:
                 projector = split_adapter(Path(src), folder)
             except AdapterError as err:
