@@ -461,7 +461,7 @@ class Gateway:
         owners = registry.visible_owners(await self.auth.tenant(request))
 
         def visible() -> list[Manifest]:  # the caller's and the platform's folders, never the whole store
-            return [m for owner in owners for m in registry.list_adapters(self.store, owner)]
+            return [m for owner in sorted(owners) for m in registry.list_adapters(self.store, owner)]
 
         manifests = await asyncio.to_thread(visible)  # StoreError: errors.install
         data = [{"id": self.base_id, "object": "model", "owned_by": registry.PLATFORM_OWNER, "root": self.base_id}]

@@ -75,7 +75,7 @@ class ModelServer:
         manifest = _ARRIVING.get()
         if manifest is None or multiplexed_id(manifest) != model_id:
             raise RuntimeError(f"the multiplexed loader was asked for {model_id!r} outside a request that brought it")
-        await asyncio.to_thread(self.engine.load_adapter, manifest)
+        await asyncio.to_thread(self.engine.prefetch_adapter, manifest)
         return model_id
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[Chunk]:

@@ -490,6 +490,7 @@ def test_lru_eviction_and_reload_and_metrics(app_url):
     client.post_recipe(url, make_mp4())
     again = client.generate(url, "text", "Boil an egg?", api_key=keys["beta"], adapter="lru0")
     assert again["answer"] == first["answer"] and again["adapter"] == "tenant-beta/lru0/v1"
+    client.generate(url, "text", "Boil an egg?", api_key=keys["beta"], adapter="lru0")  # resident now: a hit
     assert client.health(url) == {"status": "ok"}  # probes see no tenant's adapters
     assert len(client.health(url, admin_key=ADMIN_KEY)["loaded_adapters"]) <= 4
     metrics = requests.get(f"{url}/metrics", timeout=60).text

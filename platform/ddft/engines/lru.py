@@ -34,6 +34,7 @@ class AdapterLRU(Generic[E]):
         self.size, self._load, self._unload = size, load, unload
         self._entries: OrderedDict[str, tuple[Manifest, E]] = OrderedDict()  # least recently used first
         self._holds: dict[str, int] = {}  # requests using an adapter now: never evicted while held
+        self._prefetched: set[str] = set()  # loaded ahead of their request, which counted its miss
         self.resident: tuple[Manifest, ...] = ()
         self.counters = dict.fromkeys(COUNTERS, 0)
 
@@ -43,18 +44,26 @@ class AdapterLRU(Generic[E]):
     def __contains__(self, manifest: Manifest) -> bool:
         return adapter_key(manifest) in self._entries
 
-    def acquire(self, manifest: Manifest, pinned: Collection[str] = (), hold: bool = False) -> E:
+    def acquire(
+        self, manifest: Manifest, pinned: Collection[str] = (), hold: bool = False, prefetch: bool = False
+    ) -> E:
         """The adapter's entry, loaded if it isn't resident (its error raised, nothing kept), made the
         most recent; then the least recent beyond `size` go, never one in `pinned` (keys) or held.
-        `hold`: keep it until `release` (a request in flight)."""
+        `hold`: keep it until `release` (a request in flight). `prefetch`: loaded ahead of the request
+        that will acquire it (Serve's multiplexed loader): each request counts one hit or one miss."""
         key = adapter_key(manifest)
         if key in self._entries:
-            self._count("adapter_hits")
+            if not prefetch and key in self._prefetched:
+                self._prefetched.discard(key)  # its request: the miss was counted when it loaded
+            elif not prefetch:
+                self._count("adapter_hits")
             self._entries.move_to_end(key)
         else:
             self._count("adapter_misses")
             self._entries[key] = (manifest, self._load(manifest))
             self._count("adapter_loads")
+            if prefetch:
+                self._prefetched.add(key)
         if hold:
             self._holds[key] = self._holds.get(key, 0) + 1
         entry = self._entries[key][1]
@@ -89,6 +98,7 @@ class AdapterLRU(Generic[E]):
 
     def _drop(self, key: str, why: str) -> None:
         manifest, entry = self._entries.pop(key)
+        self._prefetched.discard(key)
         self._count("adapter_evictions")
         self._unload(manifest, entry)
 
