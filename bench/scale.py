@@ -58,7 +58,7 @@ from unittest import mock
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-from bench.serve import ADMIN_KEY, fresh_adapters, http_bench, pct
+from bench.serve import ADMIN_KEY, fresh_adapters, http_bench, pct, start_app
 from ddft import client, config
 from ddft.adapters import registry
 from ddft.adapters.registry import Manifest
@@ -371,7 +371,6 @@ def affinity_bench(args, cfg) -> dict:
 
     from ddft.cluster import ray_session
     from ddft.models.load import ensure_base
-    from serve.app import run
 
     with tempfile.TemporaryDirectory(prefix="ddft-bench-affinity-") as tmp:
         doc = cfg.model_dump(mode="json")
@@ -393,11 +392,7 @@ def affinity_bench(args, cfg) -> dict:
         folders = fresh_adapters(store, base["id"], Path(tmp), args.affinity_adapters)
         order = zipf_order(args.affinity_adapters, args.affinity_requests, args.zipf, args.seed)
         with ray_session(num_cpus=4):
-            os.environ["DDFT_ADMIN_KEY"] = ADMIN_KEY
-            try:
-                url = run(cfg_path)
-            finally:
-                del os.environ["DDFT_ADMIN_KEY"]
+            url = start_app(cfg_path)
             try:
                 key = client.add_tenant(url, f"zipf{int(time.time())}", admin_key=ADMIN_KEY)
                 for i, folder in enumerate(folders):

@@ -118,23 +118,29 @@ def _base_id(url: str) -> str:
     return requests.get(f"{url}/v1/models", timeout=60).json()["data"][0]["id"]
 
 
+def start_app(cfg_path) -> str:
+    """The app of a config on the running Ray cluster, tenant management on (ADMIN_KEY); its URL."""
+    from serve.app import run
+
+    os.environ["DDFT_ADMIN_KEY"] = ADMIN_KEY  # build_app reads it in this process
+    try:
+        return run(cfg_path)
+    finally:
+        del os.environ["DDFT_ADMIN_KEY"]
+
+
 def http_bench(
     cfg_path: Path, store: Store, base_id: str, uploads: int, recipes: int, clients: int, new_tokens: int
 ) -> dict:
     from ray import serve
 
     from ddft.cluster import ray_session
-    from serve.app import run
 
     with (
         tempfile.TemporaryDirectory(prefix="ddft-bench-serve-") as tmp,
         ray_session(num_cpus=4),
     ):
-        os.environ["DDFT_ADMIN_KEY"] = ADMIN_KEY
-        try:
-            url = run(cfg_path)
-        finally:
-            del os.environ["DDFT_ADMIN_KEY"]
+        url = start_app(cfg_path)
         try:
             client.generate(url, "text", "Warm up?", max_new_tokens=1)
             with ThreadPoolExecutor(clients) as pool:

@@ -107,6 +107,18 @@ class TwoNodes:
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         return json.loads(out.stdout.strip().splitlines()[-1])
 
+    def entrypoint(self, script: str, config: Path, timeout: float) -> subprocess.CompletedProcess:
+        """jobs/<script> --config <config> as `ray job submit` runs it, on the head; it must succeed."""
+        out = subprocess.run(
+            [sys.executable, str(REPO / "jobs" / script), "--config", str(config)],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        return out
+
     def nodes(self) -> dict[str, list[str]]:
         """{"head": [id], "worker": [ids of live worker nodes]}"""
         return self.python(

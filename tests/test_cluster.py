@@ -63,14 +63,7 @@ def setup(cluster, s3_endpoint, tmp_path_factory):
     cfg = validate(PipelineConfig, doc)
     path = tmp_path_factory.mktemp("cluster") / "cluster.yaml"
     path.write_text(yaml.safe_dump(doc))
-    prepare = subprocess.run(
-        [sys.executable, str(REPO / "jobs/prepare_data.py"), "--config", str(path)],
-        env=cluster.env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert prepare.returncode == 0, prepare.stdout[-3000:] + prepare.stderr[-3000:]
+    cluster.entrypoint("prepare_data.py", path, timeout=900)
     return cfg, path, Store.from_config(cfg.store)
 
 
@@ -81,14 +74,7 @@ def spread(cluster, setup):
 
     _, path, store = setup
     started = time.time()
-    train = subprocess.run(
-        [sys.executable, str(REPO / "jobs/train_all.py"), "--config", str(path)],
-        env=cluster.env(),
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    cluster.entrypoint("train_all.py", path, timeout=1200)
     return read_results(store, list(JOBS), since=started)
 
 
