@@ -149,6 +149,8 @@ def cmd_eval(args) -> int:
     store = Store.from_config(cfg.store)
     results = evaluate.evaluate(store, cfg.base.id, limit=args.limit, data=cfg.data)
     print(evaluate.table(results))
+    for note in results.notes:  # a set not evaluated, rows left out: the table only counts them
+        print(f"note: {note}", file=sys.stderr)
     print(f"written to {evaluate.save(store, results)} and into the adapters' manifests")
     return OK
 

@@ -6,10 +6,12 @@ reason starts with a code word and a colon ("not_utf8: ...", "label_out_of_range
 plane counts skipped samples by that word.
 
 Codes: not_utf8 (any text file), then
-  FoodX-251  bad_row, duplicate_id, label_out_of_range, missing_file
+  FoodX-251  bad_row, duplicate_id, label_out_of_range, missing_file (an image; a split with none of
+             its images found, or no class list or label file, is a DataError naming the closest miss)
   Tasty      missing_file, ambiguous_video, bad_xml, bad_ingredient, empty_recipe, bad_alignment,
              store_error, split_conflict, missing_folder
-  YouCook2   not_object, bad_field, no_annotations, bad_segment, empty_sentence, duplicate_id
+  YouCook2   not_object, bad_field, no_annotations, bad_segment, empty_sentence, duplicate_id; the
+             evaluation adds missing_file (no video file) and the media reasons (too_few_frames ...)
   QA         not_json, not_object, short_row, empty_question, empty_answer
 
 Each dataset has its module in ddft.data.readers; this module is where callers import them from.
@@ -19,7 +21,7 @@ from ddft.data.readers.common import DataError, Records
 from ddft.data.readers.foodx import FoodxDataset, read_foodx
 from ddft.data.readers.qa import QA_SPLITS, QAPair, read_qa
 from ddft.data.readers.tasty import TASTY_FRAME_STRIDE, TastyRecipe, read_tasty
-from ddft.data.readers.youcook2 import YOUCOOK2_SUBSETS, YoucookVideo, read_youcook2
+from ddft.data.readers.youcook2 import YOUCOOK2_SUBSETS, YoucookVideo, find_youcook2, read_youcook2
 
 __all__ = [
     "DataError",
@@ -33,6 +35,7 @@ __all__ = [
     "QA_SPLITS",
     "YoucookVideo",
     "read_youcook2",
+    "find_youcook2",
     "TASTY_FRAME_STRIDE",
     "YOUCOOK2_SUBSETS",
 ]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -108,23 +109,31 @@ def mismatched(rows: list[dict], modality: str) -> list[dict]:
     return out
 
 
-def youcook2_rows(store: Store, data: DataConfig, limit: int | None = None) -> tuple[list[dict], list[str]]:
-    """YouCook2 validation videos as eval rows (frames sampled like training), and the videos that
-    could not be used, each with its reason (reported, never dropped silently)."""
-    from ddft.data.formats import read_youcook2
+def youcook2_root(data: DataConfig) -> str:
+    return f"{data.raw_prefix.rstrip('/')}/{data.youcook2.strip('/')}"
+
+
+def youcook2_rows(store: Store, data: DataConfig, limit: int | None = None) -> tuple[list[dict], list[str]] | None:
+    """YouCook2 validation videos as eval rows (frames sampled like training), the first `limit`
+    usable ones, and the videos that could not be used, each with its reason (reported, never
+    dropped silently); None when there is no YouCook2 folder. Videos but none usable is a DataError
+    with the reasons: a set that vanished would hide them."""
+    from ddft.data.formats import DataError, find_youcook2, read_youcook2
     from ddft.data.media import MediaError, sample_frames
 
-    root = f"{data.raw_prefix.rstrip('/')}/{data.youcook2.strip('/')}"
-    annotations = f"{root}/youcookii_annotations_trainval.json"
-    if not store.exists(annotations):
-        return [], []
-    videos = read_youcook2(store, annotations, subset="validation")
-    files = {k.rsplit("/", 1)[-1].rsplit(".", 1)[0]: k for k in store.list(f"{root}/raw_videos/validation")}
+    found = find_youcook2(store, youcook2_root(data))
+    if found is None:
+        return None
+    videos = read_youcook2(store, found.annotations, subset="validation")
+    files = found.video_keys(store, "validation")
     rows, skipped = [], [f"{vid}: {reason}" for vid, reason in videos.problems]
-    for v in videos[:limit]:
+    for v in videos:
+        if limit is not None and len(rows) >= limit:
+            break
         key = files.get(v.id)
         if key is None:
-            skipped.append(f"{v.id}: no video under {store.url(root)}/raw_videos/validation/{v.recipe_type}/")
+            where = f"{store.url(found.videos)}/validation/{v.recipe_type}/"
+            skipped.append(f"{v.id}: missing_file: no {v.id}.<ext> under {where}")
             continue
         try:
             frames = sample_frames(store.read_bytes(key), data.frames, strategy="uniform")
@@ -132,6 +141,14 @@ def youcook2_rows(store: Store, data: DataConfig, limit: int | None = None) -> t
             skipped.append(f"{v.id}: {err}")
             continue
         rows.append({"id": v.id, "question": QUESTIONS["video"], "answer": v.text, "pixels": frames})
+    if not rows:
+        counts = Counter(s.split(": ", 2)[1] for s in skipped)  # "<video>: <code>: <detail>"
+        why = ", ".join(f"{n} {code}" for code, n in counts.most_common())
+        raise DataError(
+            f"YouCook2 at {store.url(found.annotations)} ({found.layout} layout): no validation video can be "
+            + (f"used ({why}; e.g. {'; '.join(skipped[:3])})" if skipped else "used: it lists none")
+            + "; fix that, or point data.youcook2 elsewhere to evaluate without YouCook2"
+        )
     return rows, skipped
 
 
@@ -144,17 +161,40 @@ def _request(row: dict, modality: str, adapter: Manifest | None, max_new_tokens:
     )
 
 
-def eval_sets(store: Store, modalities, limit: int | None = None, data: DataConfig | None = None) -> list[EvalSet]:
+def eval_sets(
+    store: Store, modalities, limit: int | None = None, data: DataConfig | None = None
+) -> tuple[list[EvalSet], list[str]]:
+    """The sets to score, and notes for the user: a set that isn't there, rows left out."""
     sets = [
         EvalSet(name, m, held_out(store, m, limit, splits[m]), partial(score, m))
         for name, splits in SETS.items()
         for m in modalities
         if m in splits
     ]
+    sets, notes = [s for s in sets if s.rows], []
     if data is not None and "video" in modalities:
-        rows, skipped = youcook2_rows(store, data, limit)
-        sets.append(EvalSet("youcook2", "video", rows, score_steps, skipped))
-    return [s for s in sets if s.rows]
+        found = youcook2_rows(store, data, limit)
+        if found is None:
+            notes.append(
+                f"youcook2: not evaluated, nothing at {store.url(youcook2_root(data))} "
+                "(data.youcook2 names that folder under data.raw_prefix)"
+            )
+        else:
+            sets.append(EvalSet("youcook2", "video", found[0], score_steps, found[1]))
+    for s in sets:
+        if s.skipped:
+            more = f" and {len(s.skipped) - 3} more" if len(s.skipped) > 3 else ""
+            notes.append(f"{s.dataset} {s.modality}: {len(s.skipped)} left out: {'; '.join(s.skipped[:3])}{more}")
+    return sets, notes
+
+
+class Results(list):
+    """The result rows, plus `notes`: what the user should read beside the table (a set not
+    evaluated and why, rows left out)."""
+
+    def __init__(self, rows=(), notes=()):
+        super().__init__(rows)
+        self.notes = list(notes)
 
 
 def evaluate(
@@ -172,13 +212,15 @@ def evaluate(
     modality (default: the platform's DDFT adapter and, when one was trained, the joint adapter
     beside it), with matched inputs; then, on the held-out set, each adapter with mismatched
     inputs and its `gap` (matched - mismatched, per metric). With `data`, YouCook2-format videos
-    are scored as well."""
+    are scored as well. The rows come as Results: their `notes` are for the user (a set not
+    evaluated, rows left out)."""
     from ddft.engines.hf import HFEngine
 
+    sets, notes = eval_sets(store, modalities, limit, data)
     engine = HFEngine(store, base_id, cache_size=4)
     joint = read_manifest(store, PLATFORM_OWNER, JOINT)
-    results = []
-    for es in eval_sets(store, modalities, limit, data):
+    results = Results(notes=notes)
+    for es in sets:
         default = [m for m in (read_manifest(store, PLATFORM_OWNER, es.modality), joint) if m]
         models = [None] + (adapters or {}).get(es.modality, default)
         budget = (
@@ -255,7 +297,8 @@ def save(store: Store, results: list[dict]) -> str:
     set's name, "<set> (mismatched)" for the counterfactual rows)."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     key = f"eval/{stamp}"
-    store.write_text(f"{key}.md", table(results) + "\n")
+    notes = "".join(f"\n- {n}" for n in getattr(results, "notes", []))
+    store.write_text(f"{key}.md", table(results) + "\n" + notes + "\n" * bool(notes))
     store.write_json(f"{key}.json", results)
     for r in results:
         if r["model"].startswith("base:"):

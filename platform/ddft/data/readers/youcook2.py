@@ -1,16 +1,69 @@
-"""YouCook2 (evaluation only): the annotations JSON and raw_videos/<subset>/<recipe_type>/<id>.*."""
+"""YouCook2 (evaluation only): the annotations JSON and raw_videos/<subset>/<recipe_type>/<id>.<ext>,
+found by find_youcook2 in the release's layout (YouCookII/annotations/ beside YouCookII/raw_videos/)
+or a flat one."""
 
 from __future__ import annotations
 
 import json
+import posixpath
 from dataclasses import dataclass
 
-from ddft.data.readers.common import DataError, Records, Skip
+from ddft.data.readers.common import DataError, Records, Skip, keys_under
+from ddft.data.readers.foodx import top_level
 from ddft.recipes import format_recipe
 from ddft.store import Store
 
-
 YOUCOOK2_SUBSETS = ("training", "validation", "testing")
+YOUCOOK2_ANNOTATIONS = "youcookii_annotations_trainval.json"
+# (layout, the annotations JSON, the raw_videos folder), under the root given, in the order tried
+_YOUCOOK2_LAYOUTS = (
+    ("release", f"YouCookII/annotations/{YOUCOOK2_ANNOTATIONS}", "YouCookII/raw_videos"),
+    ("YouCookII folder", f"annotations/{YOUCOOK2_ANNOTATIONS}", "raw_videos"),
+    ("flat", YOUCOOK2_ANNOTATIONS, "raw_videos"),
+)
+# Beside the videos, downloaders leave files that are not videos (youtube-dl's info JSON, thumbnails,
+# partial downloads): any other extension counts as a video, so .mp4, .mkv, .webm ... all work.
+_NOT_VIDEO = {".json", ".part", ".ytdl", ".jpg", ".jpeg", ".png", ".webp", ".txt", ".description", ".vtt", ".srt"}
+
+
+@dataclass(frozen=True)
+class YoucookLayout:
+    annotations: str  # key of youcookii_annotations_trainval.json
+    videos: str  # the raw_videos folder: <videos>/<subset>/<recipe_type>/<id>.<ext>
+    layout: str  # "release", "YouCookII folder" or "flat"
+
+    def video_keys(self, store: Store, subset: str) -> dict[str, str]:
+        """Video id -> key of its file under <videos>/<subset>/ (whatever its extension)."""
+        keys = {}
+        for key in reversed(keys_under(store, f"{self.videos}/{subset}")):  # the first by name wins
+            stem, ext = posixpath.splitext(posixpath.basename(key))
+            if ext.lower() not in _NOT_VIDEO:
+                keys[stem] = key
+        return keys
+
+
+def find_youcook2(store: Store, root: str) -> YoucookLayout | None:
+    """Where YouCook2's annotations and videos are under `root` (see _YOUCOOK2_LAYOUTS); None when
+    nothing at all is there. Files but no annotations JSON is an error naming where it was looked for."""
+    root = root.rstrip("/")
+    for layout, ann_key, videos in _YOUCOOK2_LAYOUTS:
+        if store.exists(f"{root}/{ann_key}"):
+            return YoucookLayout(f"{root}/{ann_key}", f"{root}/{videos}", layout)
+    keys = keys_under(store, root)
+    if not keys:
+        return None
+    jsons = [k for k in keys if k.endswith(".json")]
+    deeper = [posixpath.dirname(k).removesuffix("/annotations") for k in jsons if k.endswith(YOUCOOK2_ANNOTATIONS)]
+    if deeper:
+        fix = f"found it under {store.url(deeper[0])}: point data.youcook2 at that folder"
+    else:
+        found = ", ".join(k[len(root) + 1 :] for k in jsons[:5]) if jsons else "no .json file"
+        fix = (
+            f"found {found}; the folder holds {top_level(keys, root)}: put the release's YouCookII/ "
+            f"there (annotations/{YOUCOOK2_ANNOTATIONS} beside raw_videos/)"
+        )
+    looked = ", ".join(a.removesuffix(YOUCOOK2_ANNOTATIONS) or "the folder itself" for _, a, _ in _YOUCOOK2_LAYOUTS)
+    raise DataError(f"YouCook2 at {store.url(root)}: no {YOUCOOK2_ANNOTATIONS} in {looked}; {fix}")
 
 
 @dataclass
@@ -89,10 +142,14 @@ def read_youcook2(store: Store, key: str, *, subset: str | None = None) -> Recor
     try:
         doc = json.loads(store.read_bytes(key))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{store.url(key)}: not a UTF-8 JSON file: {e}") from None
+        raise DataError(f"{store.url(key)}: not a UTF-8 JSON file: {e}") from None
     database = doc.get("database") if isinstance(doc, dict) else None
     if not isinstance(database, dict):
-        raise ValueError(f"{store.url(key)}: expected {{'database': {{video id: ...}}}}")
+        found = f"keys {sorted(doc)[:5]}" if isinstance(doc, dict) else f"a JSON {type(doc).__name__}"
+        raise DataError(
+            f"{store.url(key)}: expected YouCook2's {{'database': {{video id: ...}}}}, found {found}; "
+            f"is it {YOUCOOK2_ANNOTATIONS} as released?"
+        )
     videos = Records()
     for vid, entry in sorted(database.items()):
         given = entry.get("subset") if isinstance(entry, dict) else None
