@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from ddft.data.formats import YoucookVideo, read_foodx, read_qa, read_tasty, read_youcook2
+from ddft.data.formats import DataError, YoucookVideo, read_foodx, read_qa, read_tasty, read_youcook2
 from ddft.recipes import Ingredient
 from ddft.store import Store
 
@@ -76,7 +76,7 @@ RECIPE_XML = """<?xml version="1.0" encoding="utf-8"?>
 
 def _tasty(store):
     store.write_text("tasty/rice-bowl/recipe.xml", RECIPE_XML)
-    store.write_text("tasty/rice-bowl/csvalignment.dat", "0,3\n4,9\n-1,-1\n")
+    store.write_text("tasty/rice-bowl/csvalignment.dat", "1,4\n5,10\n-1,-1\n")  # 5-frame blocks from 1
     store.write_bytes("tasty/rice-bowl/recipe_video.mp4", b"mp4")
     # <step> children, a differently named video, and no title
     store.write_text(
@@ -88,7 +88,7 @@ def _tasty(store):
     store.write_bytes("tasty/salty/salty.mp4", b"mp4")
     # alignment lines don't match the steps
     store.write_text("tasty/broken/recipe.xml", RECIPE_XML)
-    store.write_text("tasty/broken/csvalignment.dat", "0,3\n")
+    store.write_text("tasty/broken/csvalignment.dat", "1,4\n")
     store.write_bytes("tasty/broken/recipe_video.mp4", b"mp4")
     store.write_text("tasty/SPLITS/split_1/TRAIN_split_1.txt", "rice-bowl\nbroken\n")
     store.write_text("tasty/SPLITS/split_1/TEST_split_1.txt", "salty\nghost\n")
@@ -103,32 +103,35 @@ def test_tasty(store):
     assert bowl.title == "Rice Bowl"
     assert bowl.ingredients == [Ingredient("rice", 2.0, "cup", "rinsed"), Ingredient("salt", 0.5, "tsp")]
     assert bowl.steps == ["Rinse the rice.", "Boil the rice.", "Enjoy!"]
-    assert bowl.step_spans == [(0, 15), (20, 45), None]
+    assert bowl.step_spans == [(0, 19), (20, 49), None]  # frames 1-20 and 21-50, counted from 1
     assert bowl.video_key == "tasty/rice-bowl/recipe_video.mp4"
     assert bowl.split == "train"
     assert bowl.text == (
         "Ingredients:\n- 2 cup rice\n- 1/2 tsp salt\nSteps:\n1. Rinse the rice.\n2. Boil the rice.\n3. Enjoy!"
     )
-    assert (salty.title, salty.steps, salty.step_spans) == ("salty", ["Salt it."], [(10, 10)])
+    assert (salty.title, salty.steps, salty.step_spans) == ("salty", ["Salt it."], [(5, 9)])
     assert (salty.video_key, salty.split) == ("tasty/salty/salty.mp4", "test")
     assert recipes.problems == [
         ("broken", "bad_alignment: csvalignment.dat has 1 lines for 3 steps"),
-        ("ghost", "missing_folder: listed in a split but has no folder"),
+        ("ghost", "missing_folder: listed in SPLITS/split_1 but has no folder"),
     ]
+    assert recipes.layout == (
+        "flat: recipe folders and SPLITS/ side by side; split set split_1 (chosen: it lists 3 of 3 recipe folders)"
+    )
 
 
 def test_tasty_bad_recipes_become_problems(store):
     store.write_text("tasty/a/recipe.xml", "<recipe><ingredients>")
-    store.write_text("tasty/a/csvalignment.dat", "0,1\n")
+    store.write_text("tasty/a/csvalignment.dat", "1,1\n")
     store.write_text("tasty/b/recipe.xml", RECIPE_XML.replace("1/2 tsp; salt", "; "))
-    store.write_text("tasty/b/csvalignment.dat", "0,1\n1,2\n-1,-1\n")
+    store.write_text("tasty/b/csvalignment.dat", "1,1\n1,2\n-1,-1\n")
     store.write_bytes("tasty/b/v.mp4", b"")
     store.write_text("tasty/c/recipe.xml", RECIPE_XML)
-    store.write_text("tasty/c/csvalignment.dat", "0,1\n5,2\n-1,-1\n")
+    store.write_text("tasty/c/csvalignment.dat", "1,1\n5,2\n-1,-1\n")
     store.write_bytes("tasty/c/recipe_video.mp4", b"")
     store.write_text("tasty/d/recipe.xml", RECIPE_XML)
-    store.write_text("tasty/d/csvalignment.dat", "0,1\n1,2\n-1,-1\n")
-    recipes = read_tasty(store, "tasty")
+    store.write_text("tasty/d/csvalignment.dat", "1,1\n1,2\n-1,-1\n")
+    recipes = read_tasty(store, "tasty", unlisted="train")  # no split lists here
     assert list(recipes) == []
     reasons = dict(recipes.problems)
     assert {rid: r.split(":")[0] for rid, r in reasons.items()} == {
@@ -138,7 +141,10 @@ def test_tasty_bad_recipes_become_problems(store):
         "d": "missing_file",
     }
     assert "'; '" in reasons["b"] and "bad span" in reasons["c"] and "mp4" in reasons["d"]
-    with pytest.raises(ValueError, match="no such split set"):
+    with pytest.raises(DataError, match="no split lists under .*tasty_unlisted: train"):
+        read_tasty(store, "tasty")
+    store.write_text("tasty/SPLITS/split_1/TRAIN_1.txt", "a\n")
+    with pytest.raises(DataError, match="no split set 'split_9' under .*found \\['split_1'\\]"):
         read_tasty(store, "tasty", split_set="split_9")
 
 

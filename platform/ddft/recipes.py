@@ -18,7 +18,7 @@ tokens to learn. Notes ("rinsed") are kept by the native readers but left out of
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from fractions import Fraction
 
 __all__ = [
@@ -39,10 +39,17 @@ class Ingredient:
     quantity: float | None = None
     unit: str | None = None
     note: str | None = None
+    # The second amount some recipes give ("1 1/2 cups ; flour ; 190 g" -> 190.0 g).
+    alt_quantity: float | None = None
+    alt_unit: str | None = None
 
     def as_dict(self) -> dict:
-        """The serving/parse shape: notes are not part of the recipe text."""
+        """The serving/parse shape: notes and second amounts are not part of the recipe text."""
         return {"name": self.name, "quantity": self.quantity, "unit": self.unit}
+
+    def full_dict(self) -> dict:
+        """Every part, as the prepared data keeps it."""
+        return asdict(self)
 
 
 # Canonical unit -> spellings seen in recipes (matched case-insensitively, trailing "." ignored).
@@ -139,23 +146,33 @@ def parse_ingredient_text(text: str) -> Ingredient:
 
 
 def parse_tasty_ingredient(line: str) -> Ingredient:
-    """Tasty's "amount; name, note" line, e.g. "2 cups; rice, rinsed" -> 2.0 cup rice (rinsed).
+    """Tasty's "amount ; name, note [; second amount]" line, e.g. "2 cups; rice, rinsed" -> 2.0 cup
+    rice (rinsed), "1 ½ cups ; all-purpose flour ; 190 g" -> 1.5 cup all-purpose flour, 190.0 g.
 
     A line without ";" is read as free text ("2 cups rice", "salt"). Amount words that are not a
-    unit ("1 large; egg") go in front of the name ("large egg").
+    unit ("1 large; egg") go in front of the name ("large egg"). Every part is kept: what a second
+    amount holds besides quantity and unit, and any part after it, join the note.
     """
     if ";" not in line:
         try:
             return parse_ingredient_text(line)
         except ValueError:
             raise ValueError(f"not an ingredient line: {line!r}") from None
-    amount, _, rest = line.partition(";")
+    amount, rest, *more = (p.strip() for p in line.split(";"))
     quantity, unit, extra = _split_amount(amount)
     name, _, note = rest.partition(",")
     name = " ".join(f"{extra} {name}".split())
     if not re.search(r"[^\W\d_]", name):
         raise ValueError(f"not an ingredient line: {line!r}")
-    return Ingredient(name, quantity, unit, note.strip() or None)
+    notes = [note.strip()] if note.strip() else []
+    alt_quantity = alt_unit = None
+    if more and more[0]:
+        alt_quantity, alt_unit, leftover = _split_amount(more[0])
+        if alt_quantity is None and alt_unit is None:
+            leftover = more[0]
+        notes += [leftover] if leftover else []
+    notes += [p for p in more[1:] if p]
+    return Ingredient(name, quantity, unit, "; ".join(notes) or None, alt_quantity, alt_unit)
 
 
 def format_quantity(q: float) -> str:

@@ -48,6 +48,18 @@ def keys_under(store: Store, prefix: str) -> list[str]:
     return [k for k in store.list(prefix) if k.startswith(prefix)]
 
 
+def top_level(keys: list[str], prefix: str, most: int = 8) -> str:
+    """What a folder holds at its top level ("annot/, train_set/, readme.txt"), for messages."""
+    names = set()
+    for key in keys:
+        first, slash, _ = key[len(prefix) + 1 :].partition("/")
+        names.add(first + slash)
+    names = sorted(names)
+    if not names:
+        return "nothing"
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def _not_utf8(err: UnicodeDecodeError, data: bytes) -> str:
     return f"not_utf8: byte {data[err.start]:#04x} at offset {err.start}"
 
@@ -75,6 +87,4 @@ def read_utf8(store: Store, key: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise Skip(
-            "not_utf8", f"{posixpath.basename(key)} has byte {data[e.start]:#04x} at offset {e.start}"
-        ) from None
+        raise Skip("not_utf8", f"{posixpath.basename(key)} has byte {data[e.start]:#04x} at offset {e.start}") from None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import posixpath
 from dataclasses import dataclass, field
 
-from ddft.data.readers.common import DataError, keys_under, lines
+from ddft.data.readers.common import DataError, keys_under, lines, top_level
 from ddft.store import Store
 
 
@@ -35,18 +35,6 @@ _FOODX_SPLITS = {
 }
 _ANNOT_DIRS = ("", "annot/")  # where class_list.txt and the label files may be, under the root
 _LABEL_FILES = [f for official, kaggle, _ in _FOODX_SPLITS.values() for f in (official, kaggle)]
-
-
-def top_level(keys: list[str], prefix: str, most: int = 8) -> str:
-    """What a folder holds at its top level ("annot/, train_set/, readme.txt"), for messages."""
-    names = set()
-    for key in keys:
-        first, slash, _ = key[len(prefix) + 1 :].partition("/")
-        names.add(first + slash)
-    names = sorted(names)
-    if not names:
-        return "nothing"
-    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def _find(present: set[str], prefix: str, names) -> str | None:

@@ -12,7 +12,6 @@ import re
 from ddft.data.readers.common import Records, Skip, lines
 from ddft.store import Store
 
-
 _QA_COLUMNS = ("question", "answer")
 QA_SPLITS = ("train", "val", "test")
 _UNDECODABLE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a non-UTF-8 byte

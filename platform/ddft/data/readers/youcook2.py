@@ -8,8 +8,7 @@ import json
 import posixpath
 from dataclasses import dataclass
 
-from ddft.data.readers.common import DataError, Records, Skip, keys_under
-from ddft.data.readers.foodx import top_level
+from ddft.data.readers.common import DataError, Records, Skip, keys_under, top_level
 from ddft.recipes import format_recipe
 from ddft.store import Store
 
