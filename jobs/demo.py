@@ -136,7 +136,9 @@ def try_it(cfg: config.PipelineConfig, store: Store, config_path: Path, engine: 
     raw = cfg.data.raw_prefix
     held_out = [
         r
-        for r in formats.read_tasty(store, f"{raw}/{cfg.data.tasty}", split_set=cfg.data.tasty_split)
+        for r in formats.read_tasty(
+            store, f"{raw}/{cfg.data.tasty}", split_set=cfg.data.tasty_split, unlisted=cfg.data.tasty_unlisted
+        )
         if r.split == "test"
     ][0]
     recipe = client.post_recipe(url, store.read_bytes(held_out.video_key))

@@ -148,6 +148,27 @@ def test_bad_config_exits_2_naming_the_keys(capsys, tmp_path):
     assert code == 2 and "missing.yaml" in err
 
 
+def test_data_errors_print_as_what_they_are_with_the_fix(capsys, tmp_path, monkeypatch):
+    """A dataset that can't be read is an expected error: its kind and fix, never "unexpected"."""
+    import contextlib
+
+    import ddft.cluster
+
+    monkeypatch.setattr(ddft.cluster, "ray_session", contextlib.nullcontext)  # fails before Ray is needed
+    (tmp_path / "store/datasets/raw/tasty/downloads").mkdir(parents=True)
+    (tmp_path / "store/datasets/raw/tasty/downloads/tasty.tar").write_text("x")
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"store: {{uri: {tmp_path / 'store'}}}\nbase: {{id: tiny, build: tiny}}\n"
+        "jobs: [{name: video, modality: video}]\n"
+    )
+    code, _, err = run(capsys, "data", "prepare", "--config", str(config))
+    line = err.strip().splitlines()[-1]  # after the base build's progress bar
+    assert code == common.REFUSED, err
+    assert line.startswith("ddft data prepare: bad_data: Tasty: no recipe folders under ") and "unexpected" not in err
+    assert "point data.tasty at the release's root" in line
+
+
 def test_unreachable_server_and_cluster_exit_4(capsys, tmp_path, monkeypatch):
     url = closed_url()
     monkeypatch.setenv(common.URL_ENV, url)  # the URL from the environment

@@ -69,7 +69,11 @@ def test_defaults_and_layout(kitchen):
     raw = "datasets/raw"
     assert store.read_text(f"{raw}/foodx251/class_list.txt").startswith("0 tomato_soup\n1 green_salad\n")
     assert store.read_text(f"{raw}/foodx251/train_info.csv").startswith("train_00000.jpg,0\n")
-    assert store.exists(f"{raw}/tasty/SPLITS/split_1/TEST_split_1.txt")
+    # Tasty and YouCook2 as their releases lay them out
+    assert store.exists(f"{raw}/tasty/SPLITS/split_16/TEST_16.txt")
+    assert store.read_text(f"{raw}/tasty/ALL_RECIPES.txt").splitlines() == sorted(summary["recipes"])
+    assert store.exists(f"{raw}/tasty/ALL_RECIPES_without_videos/tomato-soup-1/csvalignment.dat")
+    assert store.exists(f"{raw}/youcook2/YouCookII/annotations/youcookii_annotations_trainval.json")
 
 
 def test_foodx_reads_back_and_dishes_differ_in_colour(kitchen):
@@ -113,11 +117,11 @@ def test_tasty_reads_back_and_video_shows_the_recipe(kitchen):
         tray_row = vr.get_batch(list(range(60))).asnumpy()[
             :, round(224 * 0.11), round(224 * 0.2) + 2 : round(224 * 0.8) - 2
         ]
-        # Every frame of an ingredient's step (the span's last 5-frame block included) shows as
-        # many icons of its colour as the amount says: the amounts and the alignment are right.
+        # Every frame of an ingredient's step, first to last, shows as many icons of its colour as
+        # the amount says: the amounts and the alignment (the release's 1-based blocks) are right.
         for ing, (first, last) in zip(r.ingredients, r.step_spans):
             food = FOODS[ing.name]
-            counts = {_icon_runs(row, food.colour) for row in tray_row[first : last + 5]}
+            counts = {_icon_runs(row, food.colour) for row in tray_row[first : last + 1]}
             assert counts == {ing.quantity / food.per_icon}, (r.id, ing, counts)
 
 
@@ -159,12 +163,13 @@ def test_held_out_recipes_read_back_in_youcook2_layout(kitchen):
     store, summary = kitchen
     raw = "datasets/raw"
     held_out = sorted(summary["splits"]["val"] + summary["splits"]["test"])
-    videos = read_youcook2(store, f"{raw}/youcook2/youcookii_annotations_trainval.json", subset="validation")
+    yc2 = f"{raw}/youcook2/YouCookII"
+    videos = read_youcook2(store, f"{yc2}/annotations/youcookii_annotations_trainval.json", subset="validation")
     assert not videos.problems and [v.id for v in videos] == held_out == summary["youcook2"]
     for v in videos:
         tasty_steps = summary["recipes"][v.id]["text"].split("Steps:\n", 1)[1].splitlines()
         assert [f"{i}. {s}" for i, s in enumerate(v.steps, 1)] == tasty_steps[:-1]  # all but "Enjoy!"
         assert v.segments[-1][1] == v.duration == 6.0 and v.segments[0][0] == 0.0
-        assert store.read_bytes(f"{raw}/youcook2/raw_videos/validation/{v.recipe_type}/{v.id}.mp4") == store.read_bytes(
-            f"{raw}/tasty/{v.id}/recipe_video.mp4"
+        assert store.read_bytes(f"{yc2}/raw_videos/validation/{v.recipe_type}/{v.id}.mp4") == store.read_bytes(
+            f"{raw}/tasty/ALL_RECIPES_without_videos/{v.id}/recipe_video.mp4"
         )

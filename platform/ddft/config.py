@@ -94,15 +94,22 @@ class DataConfig(Strict):
         None, description="write the synthetic kitchen into raw_prefix before preparing"
     )
     raw_prefix: str = "datasets/raw"
-    foodx: str = "foodx251"
-    tasty: str = "tasty"
-    tasty_split: str = "split_1"
+    foodx: str = Field(
+        "foodx251", description="FoodX-251 root under raw_prefix: official (annot/ or not), Kaggle flat or nested"
+    )
+    tasty: str = Field("tasty", description="Tasty Videos root under raw_prefix: the release's own root")
+    tasty_split: str | None = Field(
+        None, description="split set under SPLITS/ (split_2511, split_4022); unset: the one listing the most recipes"
+    )
+    tasty_unlisted: Literal["exclude", "train"] = Field(
+        "exclude", description="a recipe no list of the split set names: left out and counted, or trained on"
+    )
     qa: str = "cooking_qa/qa.jsonl"
     youcook2: str = Field(
         "youcook2",
-        description="YouCook2 folder under raw_prefix (youcookii_annotations_"
-        "trainval.json + raw_videos/<subset>/<recipe_type>/<id>.*), evaluation only; "
-        "`ddft eval` skips it when absent",
+        description="YouCook2 root under raw_prefix (the release's YouCookII/annotations/ beside "
+        "YouCookII/raw_videos/<subset>/<recipe_type>/<id>.*, or those two folders, or the JSON beside "
+        "raw_videos/), evaluation only; `ddft eval` says so and goes on when it is absent",
     )
     frames: int = Field(8, ge=1, le=64, description="frames sampled per video")
     frame_strategy: Literal["uniform", "keyframe", "steps"] = Field(

@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -24,18 +24,22 @@ import pyarrow as pa
 from ddft.config import JOINT, MODALITIES, DataConfig, TrainConfig
 from ddft.data import formats
 from ddft.data.media import MediaError, load_image, sample_frames
+from ddft.data.readers.common import DataError
 from ddft.models.load import BaseInfo, ensure_base, local_base_dir
 from ddft.prompts import QUESTIONS, encode
 from ddft.store import Store, StoreError
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA = pa.schema(
     [
         ("id", pa.string()),
         ("split", pa.string()),
         ("question", pa.string()),
         ("answer", pa.string()),
+        # Video: the recipe's ingredients with every part the source gives (JSON list of
+        # {name, quantity, unit, note, alt_quantity, alt_unit}); the answer text keeps fewer.
+        ("ingredients", pa.string()),
         ("input_ids", pa.list_(pa.int32())),
         ("labels", pa.list_(pa.int32())),
         ("pixels", pa.binary()),
@@ -46,8 +50,8 @@ SCHEMA = pa.schema(
 COLUMNS = tuple(SCHEMA.names)
 
 
-class PrepareError(RuntimeError):
-    pass
+class PrepareError(DataError):
+    """A modality can't be prepared from its data (too many bad samples, none usable)."""
 
 
 @dataclass(frozen=True)
@@ -56,17 +60,26 @@ class Prepared:
     version: str
     key: str  # store key of the version's folder
     counts: dict  # kept samples per split
-    skipped: dict  # {"total", "by_reason", "examples"}
+    skipped: dict  # bad samples: {"total", "by_reason", "examples"}
     seconds: float
     reused: bool
+    excluded: dict  # good samples a rule left out, as `skipped`
+    decisions: dict  # changes made inside kept samples, by kind
+    layout: str | None  # the source layout the reader found
 
     def summary(self) -> str:
         kept = sum(self.counts.values())
-        return (
+        parts = [
             f"{self.modality}: read {kept + self.skipped['total']}, kept {kept} {self.counts}, skipped "
-            f"{self.skipped['total']} {self.skipped['by_reason']}, {self.seconds:.1f} s, version "
-            f"{self.version}{' (reused)' if self.reused else ''}"
-        )
+            f"{self.skipped['total']} {self.skipped['by_reason']}"
+        ]
+        if self.excluded["total"]:
+            parts.append(f"excluded {self.excluded['total']} {self.excluded['by_reason']}")
+        if self.decisions:
+            parts.append(f"decisions {self.decisions}")
+        if self.layout:
+            parts.append(f"layout {self.layout}")
+        return ", ".join(parts) + f", {self.seconds:.1f} s, version {self.version}{' (reused)' if self.reused else ''}"
 
 
 def prepared_key(modality: str, version: str | None = None) -> str:
@@ -99,45 +112,65 @@ def qa_split(pair: formats.QAPair) -> str:
     return "val" if pair.fact and _hash100("phrasing:" + pair[0]) < 10 else "train"
 
 
-def list_samples(store: Store, data: DataConfig, modality: str) -> tuple[list[dict], list[tuple[str, str]], str]:
-    """The samples of one modality as plain dicts, the reader's problems, and the raw prefix read."""
+@dataclass
+class Listing:
+    """What a reader found for one modality: the samples, the bad ones (problems), the good ones a
+    rule left out (excluded), the changes made inside kept ones (decisions) and the layout."""
+
+    items: list[dict]
+    problems: list[tuple[str, str]]
+    prefix: str
+    excluded: list[tuple[str, str]] = field(default_factory=list)
+    decisions: dict = field(default_factory=dict)
+    layout: str | None = None
+
+
+def list_samples(store: Store, data: DataConfig, modality: str) -> Listing:
+    """The samples of one modality as plain dicts, with what the reader left out and why."""
     raw = data.raw_prefix.rstrip("/")
     if modality == "image":
         fx = formats.read_foodx(store, f"{raw}/{data.foodx}")
         items = [
-            {
-                "id": key.rsplit("/", 1)[-1],
-                "split": split,
-                "media_key": key,
-                "spans": None,
-                "question": QUESTIONS["image"],
-                "answer": name.replace("_", " "),
-            }
+            _item(key.rsplit("/", 1)[-1], split, QUESTIONS["image"], name.replace("_", " "), key)
             for split, rows in sorted(fx.splits.items())
             for key, _label, name in rows
         ]
-        return items, fx.problems, f"{raw}/{data.foodx}"
+        return Listing(items, fx.problems, f"{raw}/{data.foodx}", layout=getattr(fx, "layout", None))
     if modality == "video":
-        recipes = formats.read_tasty(store, f"{raw}/{data.tasty}", split_set=data.tasty_split)
+        recipes = formats.read_tasty(
+            store, f"{raw}/{data.tasty}", split_set=data.tasty_split, unlisted=data.tasty_unlisted
+        )
         items = [
-            {
-                "id": r.id,
-                "split": r.split or "train",
-                "media_key": r.video_key,
-                "spans": json.dumps(r.step_spans),
-                "question": QUESTIONS["video"],
-                "answer": r.text,
-            }
+            _item(
+                r.id,
+                r.split,
+                QUESTIONS["video"],
+                r.text,
+                r.video_key,
+                spans=json.dumps(r.step_spans),
+                ingredients=json.dumps([i.full_dict() for i in r.ingredients]),
+            )
             for r in recipes
         ]
-        return items, recipes.problems, f"{raw}/{data.tasty}"
+        return Listing(
+            items, recipes.problems, f"{raw}/{data.tasty}", recipes.excluded, dict(recipes.decisions), recipes.layout
+        )
     pairs = formats.read_qa(store, f"{raw}/{data.qa}")
-    items = [
-        {"id": f"qa-{i:06d}", "split": qa_split(pair), "media_key": None, "spans": None, "question": q, "answer": a}
-        for i, pair in enumerate(pairs)
-        for q, a in [pair]
-    ]
-    return items, pairs.problems, f"{raw}/{data.qa}"
+    items = [_item(f"qa-{i:06d}", qa_split(pair), pair[0], pair[1]) for i, pair in enumerate(pairs)]
+    return Listing(items, pairs.problems, f"{raw}/{data.qa}")
+
+
+def _item(id_, split, question, answer, media_key=None, spans=None, ingredients="") -> dict:
+    # "" rather than None: Ray Data hands an all-None column to a numpy batch as float NaNs.
+    return {
+        "id": id_,
+        "split": split,
+        "media_key": media_key,
+        "spans": spans,
+        "ingredients": ingredients,
+        "question": question,
+        "answer": answer,
+    }
 
 
 class _Encode:
@@ -182,6 +215,7 @@ class _Encode:
             except StoreError as err:
                 out = {"error": f"missing_file: {err}"}
             base = {k: item[k] for k in ("id", "split", "question", "answer")}
+            base["ingredients"] = str(item["ingredients"]) or None
             rows.append({"input_ids": [], "labels": [], "pixels": None, "pixel_shape": [], **base, **out})
         return pa.Table.from_pylist(rows, schema=SCHEMA)  # plain parquet types: any reader can use them
 
@@ -219,28 +253,53 @@ def good_rows(store: Store, modality: str, version: str, splits, columns) -> lis
     return [r for r in rows if not r["error"] and r["split"] in splits]
 
 
+def _gate(modality: str, skipped: dict, kept: int, data: DataConfig, excluded: dict) -> None:
+    """Fail on data that is mostly bad or has nothing usable, whether the version is new or reused."""
+    total = kept + skipped["total"]
+    top = ", ".join(f"{r} ({n})" for r, n in skipped["by_reason"].items()) or "none"
+    if kept == 0:
+        left = f"; {excluded['total']} more left out by rule: {excluded['by_reason']}" if excluded["total"] else ""
+        raise PrepareError(
+            f"{modality}: no usable samples ({total} read, all bad){left}; reasons: {top}; "
+            f"examples: {skipped['examples'][:3] + excluded['examples'][:2]}"
+        )
+    ratio = skipped["total"] / max(total, 1)
+    if ratio > data.max_skip_ratio:
+        raise PrepareError(
+            f"{modality}: {skipped['total']} of {total} samples are bad ({ratio:.0%} > max_skip_ratio "
+            f"{data.max_skip_ratio:.0%}); reasons: {top}; examples: {skipped['examples'][:3]}; fix the data, or "
+            "raise data.max_skip_ratio to train on the rest"
+        )
+
+
 def prepare(store: Store, data: DataConfig, base: BaseInfo, modality: str) -> Prepared:
-    """Prepare one modality; reuse the existing version when nothing changed."""
+    """Prepare one modality; reuse the existing version when nothing changed (the skip-ratio gate
+    is applied either way: it is a setting, not part of the data)."""
     import ray
 
     t0 = time.time()
-    items, problems, raw_prefix = list_samples(store, data, modality)
-    if not items:
-        raise PrepareError(
-            f"{modality}: no samples found under {store.url(raw_prefix)} "
-            f"({len(problems)} problems, e.g. {problems[:3]})"
-        )
-    version = _fingerprint(items, store.entries(raw_prefix), base, modality, data)
+    found = list_samples(store, data, modality)
+    excluded = _skip_report(found.excluded)
+    if not found.items:
+        _gate(modality, _skip_report(found.problems), 0, data, excluded)
+    version = _fingerprint(found.items, store.entries(found.prefix), base, modality, data)
     key = prepared_key(modality, version)
-    if store.exists(f"{key}/manifest.json"):
-        m = store.read_json(f"{key}/manifest.json")
+
+    def done(m: dict, reused: bool) -> Prepared:
+        _gate(modality, m["skipped"], sum(m["counts"].values()), data, m.get("excluded", excluded))
         store.write_json(f"{prepared_key(modality)}/latest.json", {"version": version})
-        return Prepared(modality, version, key, m["counts"], m["skipped"], time.time() - t0, True)
+        return Prepared(
+            modality, version, key, m["counts"], m["skipped"], time.time() - t0, reused,
+            m.get("excluded", excluded), m.get("decisions", {}), m.get("layout"),
+        )  # fmt: skip
+
+    if store.exists(f"{key}/manifest.json"):
+        return done(store.read_json(f"{key}/manifest.json"), True)
 
     store.delete(key)  # a crashed earlier attempt may have left shards without a manifest
     fs, path = store.fs_path(key)
     (
-        ray.data.from_items(items)
+        ray.data.from_items(found.items)
         .map_batches(
             _Encode,
             fn_constructor_kwargs=dict(store=store, base_id=base.id, modality=modality, data=data),
@@ -252,21 +311,10 @@ def prepare(store: Store, data: DataConfig, base: BaseInfo, modality: str) -> Pr
         .write_parquet(path, filesystem=fs)
     )
     written = shard_columns(store, key).to_pylist()
-    failed = [(r["id"], r["error"]) for r in written if r["error"]]
-    skipped = _skip_report(problems + failed)
-    total = len(items) + len(problems)
-    ratio = skipped["total"] / max(total, 1)
-    if ratio > data.max_skip_ratio:
+    if len(written) != len(found.items):  # every sample must come out as a row, good or bad
         store.delete(key)
-        top = ", ".join(f"{r} ({n})" for r, n in skipped["by_reason"].items())
-        raise PrepareError(
-            f"{modality}: {skipped['total']} of {total} samples are bad ({ratio:.0%} > "
-            f"max_skip_ratio {data.max_skip_ratio:.0%}); reasons: {top}; "
-            f"examples: {skipped['examples'][:3]}"
-        )
-    if len(written) != len(items):  # every sample must come out as a row, good or bad
-        raise PrepareError(f"{modality}: {len(items)} samples went in, {len(written)} rows came out")
-    counts = dict(sorted(Counter(r["split"] for r in written if not r["error"]).items()))
+        raise PrepareError(f"{modality}: {len(found.items)} samples went in, {len(written)} rows came out")
+    failed = [(r["id"], r["error"]) for r in written if r["error"]]
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "modality": modality,
@@ -274,16 +322,23 @@ def prepare(store: Store, data: DataConfig, base: BaseInfo, modality: str) -> Pr
         "input_fingerprint": version,  # the version *is* the fingerprint of inputs + settings
         "base_model": base.id,
         "columns": list(COLUMNS),
-        "counts": counts,
-        "skipped": skipped,
+        "counts": dict(sorted(Counter(r["split"] for r in written if not r["error"]).items())),
+        "skipped": _skip_report(found.problems + failed),
+        "excluded": excluded,
+        "decisions": dict(sorted(found.decisions.items())),
+        "layout": found.layout,
         "frames": data.frames if modality == "video" else None,
         "frame_strategy": data.frame_strategy if modality == "video" else None,
-        "source": store.url(raw_prefix),
+        "source": store.url(found.prefix),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    try:
+        _gate(modality, manifest["skipped"], sum(manifest["counts"].values()), data, excluded)
+    except PrepareError:
+        store.delete(key)  # nothing half-made stays behind
+        raise
     store.write_json(f"{key}/manifest.json", manifest)
-    store.write_json(f"{prepared_key(modality)}/latest.json", {"version": version})
-    return Prepared(modality, version, key, counts, skipped, time.time() - t0, False)
+    return done(manifest, False)
 
 
 def read_prepared(store: Store, modality: str, version: str | None = None, split: str | None = "train"):
@@ -308,13 +363,17 @@ def read_prepared(store: Store, modality: str, version: str | None = None, split
 def write_synthetic(store: Store, data: DataConfig) -> None:
     """Write the synthetic kitchen once per settings: rewriting identical files would only
     change their mtimes, and with them every prepared version's fingerprint."""
-    from ddft.data.synthetic import write_kitchen
+    from ddft.data.synthetic import KITCHEN_FOLDERS, KITCHEN_LAYOUT, write_kitchen
 
-    marker = f"{data.raw_prefix.rstrip('/')}/.synthetic.json"
-    settings = data.synthetic.model_dump()
-    if store.exists(marker) and store.read_json(marker) == settings:
-        return
-    write_kitchen(store, data.raw_prefix, **settings)
+    raw = data.raw_prefix.rstrip("/")
+    marker = f"{raw}/.synthetic.json"
+    settings = {**data.synthetic.model_dump(), "layout": KITCHEN_LAYOUT}
+    if store.exists(marker):
+        if store.read_json(marker) == settings:
+            return
+        for folder in KITCHEN_FOLDERS:  # ours (the marker says so): an older kitchen's files go
+            store.delete(f"{raw}/{folder}")
+    write_kitchen(store, data.raw_prefix, **data.synthetic.model_dump())
     store.write_json(marker, settings)
 
 

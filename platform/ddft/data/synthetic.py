@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass
 from xml.sax.saxutils import escape
@@ -32,6 +33,7 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ddft.data.readers.tasty import RECIPES_FOLDER as TASTY_RECIPES
 from ddft.recipes import Ingredient, format_quantity, format_recipe
 from ddft.store import Store
 
@@ -390,7 +392,13 @@ def _native_amount(food: Food, quantity: float, rng: np.random.Generator) -> str
     return f"{number} {singular if quantity <= 1 else plural}"
 
 
+def _tokenized(text: str) -> str:
+    """Text as the Tasty release's tools decode it: word tokens joined by spaces ("the pot .")."""
+    return " ".join(re.sub(r"([.,;!?])", r" \1 ", text).split()) + " "
+
+
 def _recipe_xml(title: str, lines: list[str], steps: list[str]) -> str:
+    lines, steps = [_tokenized(s) for s in lines], [_tokenized(s) for s in steps]
     ing = "".join(f"    <ingredient>{escape(s)}</ingredient>\n" for s in lines)
     # The released Tasty files nest <steps_updated> elements inside <steps_updated>.
     st = "".join(f"    <steps_updated>{escape(s)}</steps_updated>\n" for s in steps)
@@ -401,6 +409,9 @@ def _recipe_xml(title: str, lines: list[str], steps: list[str]) -> str:
     )
 
 
+# The layout the kitchen writes: a store written with another is rewritten (2: the releases' own trees).
+KITCHEN_LAYOUT = 2
+KITCHEN_FOLDERS = ("foodx251", "tasty", "youcook2", "cooking_qa")
 HELD_OUT_VIDEOS = 2  # recipe videos of each held-out dish (each with its own amounts)
 
 
@@ -488,7 +499,7 @@ def write_kitchen(
         for k, (step, nb) in enumerate(zip(plan, sizes)):
             n = nb * _STRIDE + (n_frames - blocks * _STRIDE if k == len(plan) - 1 else 0)
             frames += [scene.frame(step, t, n) for t in range(n)]
-            spans.append(f"{start // _STRIDE},{start // _STRIDE + nb - 1}\n")
+            spans.append(f"{start // _STRIDE + 1},{start // _STRIDE + nb}\n")  # blocks count from 1
             segments.append(
                 {"id": k, "segment": [round(start / fps, 2), round((start + n) / fps, 2)], "sentence": step.text}
             )
@@ -504,14 +515,16 @@ def write_kitchen(
             for i in ingredients
         ]
         steps = [s.text for s in plan] + ["Enjoy!"]
-        put(f"tasty/{rid}/recipe.xml", _recipe_xml(f"{dish.name.capitalize()} #{round_ + 1}", native, steps))
-        put(f"tasty/{rid}/csvalignment.dat", "".join(spans) + "-1,-1\n")
+        folder = f"tasty/{TASTY_RECIPES}/{rid}"
+        put(f"{folder}/recipe.xml", _recipe_xml(f"{dish.name.capitalize()} #{round_ + 1}", native, steps))
+        put(f"{folder}/csvalignment.dat", "".join(spans) + "-1,-1\n")
+        put(f"{folder}/fps.txt", f"{fps}\n")
         video = encode_mp4(frames, fps)
-        put(f"tasty/{rid}/recipe_video.mp4", video)
+        put(f"{folder}/recipe_video.mp4", video)
         splits[split].append(rid)
         if split != "train":  # held-out recipes again in YouCook2's layout, for its evaluation path
             recipe_type = str(101 + dish_i)
-            put(f"youcook2/raw_videos/validation/{recipe_type}/{rid}.mp4", video)
+            put(f"youcook2/YouCookII/raw_videos/validation/{recipe_type}/{rid}.mp4", video)
             youcook[rid] = {
                 "duration": round(n_frames / fps, 2),
                 "subset": "validation",
@@ -524,10 +537,15 @@ def write_kitchen(
             "frames": n_frames,
             "text": format_recipe(ingredients, steps),
         }
+    # The release's split files: SPLITS/split_<n>/{TRAIN,VAL,TEST}_<n>.txt, n the number of recipes.
+    n = sum(map(len, splits.values()))
     for split, ids in splits.items():
-        put(f"tasty/SPLITS/split_1/{split.upper()}_split_1.txt", "".join(f"{i}\n" for i in ids))
-
-    put("youcook2/youcookii_annotations_trainval.json", json.dumps({"database": youcook}, indent=1))
+        put(f"tasty/SPLITS/split_{n}/{split.upper()}_{n}.txt", "".join(f"{i}\n" for i in ids))
+    put("tasty/ALL_RECIPES.txt", "".join(f"{i}\n" for i in sorted(summary_recipes)))
+    put(
+        "youcook2/YouCookII/annotations/youcookii_annotations_trainval.json",
+        json.dumps({"database": youcook}, indent=1),
+    )
 
     qa = _qa_pairs(kitchen, classic, _rng(seed, 4), qa_pairs, {d.name for d in unseen})
     put("cooking_qa/qa.jsonl", "".join(json.dumps(row) + "\n" for row in qa))
