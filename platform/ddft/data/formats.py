@@ -9,7 +9,9 @@ Codes: not_utf8 (any text file), then
   FoodX-251  bad_row, duplicate_id, label_out_of_range, missing_file (an image; a split with none of
              its images found, or no class list or label file, is a DataError naming the closest miss)
   Tasty      missing_file, ambiguous_video, bad_xml, bad_ingredient, empty_recipe, bad_alignment,
-             store_error, split_conflict, missing_folder
+             store_error, split_conflict, missing_folder; excluded by rule: unlisted (in no list of
+             the split set); decisions: empty_ingredient_skipped, second_amount_kept,
+             alignment_extra_lines_ignored, decoded_from_recipe_encoded, unlisted_trained_on
   YouCook2   not_object, bad_field, no_annotations, bad_segment, empty_sentence, duplicate_id; the
              evaluation adds missing_file (no video file) and the media reasons (too_few_frames ...)
   QA         not_json, not_object, short_row, empty_question, empty_answer

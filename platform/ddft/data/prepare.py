@@ -135,7 +135,7 @@ def list_samples(store: Store, data: DataConfig, modality: str) -> Listing:
             for split, rows in sorted(fx.splits.items())
             for key, _label, name in rows
         ]
-        return Listing(items, fx.problems, f"{raw}/{data.foodx}", layout=getattr(fx, "layout", None))
+        return Listing(items, fx.problems, f"{raw}/{data.foodx}", layout=fx.layout)
     if modality == "video":
         recipes = formats.read_tasty(
             store, f"{raw}/{data.tasty}", split_set=data.tasty_split, unlisted=data.tasty_unlisted
