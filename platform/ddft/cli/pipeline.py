@@ -151,7 +151,9 @@ def cmd_eval(args) -> int:
     print(evaluate.table(results))
     for note in results.notes:  # a set not evaluated, rows left out: the table only counts them
         print(f"note: {note}", file=sys.stderr)
-    print(f"written to {evaluate.save(store, results)} and into the adapters' manifests")
+    report = evaluate.save(store, results)
+    print(f"written to {report} and into the adapters' manifests")
+    print(f"chart: {report.png}")
     return OK
 
 

@@ -15,8 +15,8 @@ data, with matched inputs and with mismatched ones.
   numbers are what users would get. Videos in YouCook2's format, when the store has them, are
   scored too (steps against steps: YouCook2 lists no ingredients).
 
-The table goes to the store (eval/<timestamp>.{md,json}) and each adapter's scores into its
-manifest's metrics.
+The table goes to the store (eval/<timestamp>.{md,json}), with its chart (eval/<timestamp>.png,
+chart.py), and each adapter's scores into its manifest's metrics.
 """
 
 from __future__ import annotations
@@ -292,14 +292,26 @@ def table(results: list[dict]) -> str:
     return markdown_table(results, columns)
 
 
-def save(store: Store, results: list[dict]) -> str:
-    """Write the table (markdown + JSON) and put each adapter's scores into its manifest (under the
-    set's name, "<set> (mismatched)" for the counterfactual rows)."""
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    key = f"eval/{stamp}"
-    notes = "".join(f"\n- {n}" for n in getattr(results, "notes", []))
-    store.write_text(f"{key}.md", table(results) + "\n" + notes + "\n" * bool(notes))
+class Report(str):
+    """Where `save` wrote the table: the .md's URL (the string itself), `.json` and `.png` (the
+    chart, chart.py) beside it."""
+
+    json: str
+    png: str
+
+
+def save(store: Store, results: list[dict]) -> Report:
+    """Write the table (markdown + JSON), its chart (PNG) and put each adapter's scores into its
+    manifest (under the set's name, "<set> (mismatched)" for the counterfactual rows)."""
+    from ddft.eval import chart
+
+    now = time.gmtime()
+    key = f"eval/{time.strftime('%Y%m%d-%H%M%S', now)}"
+    notes = getattr(results, "notes", [])
+    bullets = "".join(f"\n- {n}" for n in notes)
+    store.write_text(f"{key}.md", table(results) + "\n" + bullets + "\n" * bool(bullets))
     store.write_json(f"{key}.json", results)
+    store.write_bytes(f"{key}.png", chart.png(results, time.strftime("%Y-%m-%d %H:%M:%S UTC", now), notes))
     for r in results:
         if r["model"].startswith("base:"):
             continue
@@ -310,4 +322,6 @@ def save(store: Store, results: list[dict]) -> str:
         evals = {**manifest.metrics.get("eval", {}), where: {**scores, "report": store.url(f"{key}.md")}}
         manifest.metrics = {**manifest.metrics, "eval": evals}
         store.write_json(f"{manifest.key}/manifest.json", asdict(manifest))
-    return store.url(f"{key}.md")
+    report = Report(store.url(f"{key}.md"))
+    report.json, report.png = store.url(f"{key}.json"), store.url(f"{key}.png")
+    return report
