@@ -628,6 +628,15 @@ class Gateway:
         """The try-a-recipe page (serve/web/index.html): a static page that calls this API."""
         return HTMLResponse(WEB_PAGE.read_text(encoding="utf-8"))
 
+    @api.get("/eval/latest.png", include_in_schema=False)
+    async def eval_chart(self):
+        """The page's picture: the newest chart `ddft eval` saved (eval/<time>.png); 404 no_eval_chart
+        before the first one."""
+        from ddft.eval import chart
+
+        _, png = await asyncio.to_thread(chart.latest, self.store)
+        return Response(png, media_type="image/png", headers={"Cache-Control": "no-cache"})
+
     @api.get("/healthz")
     async def healthz(self, request: Request):
         """For probes: the status only. With the admin key, also a replica's details (its loaded

@@ -124,3 +124,35 @@ def test_save_writes_the_chart_beside_the_table_and_latest_finds_the_newest(tmp_
     store.write_text("eval/99999999-999999.md", "not a chart")
     assert chart.latest(store) == ("eval/29991231-235959.png", PNG_SIGNATURE + b"newer")
 
+
+def test_the_gateway_route_returns_the_newest_png_or_a_json_404(tmp_path):
+    """GET /eval/latest.png, the gateway's own method behind a bare FastAPI app with the serve
+    errors installed (the same mapping, no Ray): the newest PNG's bytes, or 404 no_eval_chart."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from serve import errors
+    from serve.gateway import Gateway, api
+
+    assert api.url_path_for("eval_chart") == "/eval/latest.png"
+    assert "/eval/latest.png" not in api.openapi()["paths"]  # a page asset, like /, not the API
+    gateway = object.__new__(Gateway.func_or_class.__bases__[0])  # our class, without Serve's wrapper
+    gateway.store = Store(str(tmp_path / "store"))
+    app = FastAPI()
+    errors.install(app)
+
+    @app.get("/eval/latest.png")
+    async def eval_chart():
+        return await Gateway.func_or_class.eval_chart(gateway)
+
+    http = TestClient(app)
+
+    missing = http.get("/eval/latest.png")
+    assert missing.status_code == 404 and missing.headers["content-type"] == "application/json"
+    assert missing.json()["error"] == "no_eval_chart" and "ddft eval" in missing.json()["detail"]
+
+    gateway.store.write_bytes("eval/20260101-000000.png", PNG_SIGNATURE + b"old")
+    gateway.store.write_bytes("eval/20261130-120000.png", PNG_SIGNATURE + b"new")
+    got = http.get("/eval/latest.png")
+    assert got.status_code == 200 and got.headers["content-type"] == "image/png"
+    assert got.content == PNG_SIGNATURE + b"new" and got.headers["cache-control"] == "no-cache"
