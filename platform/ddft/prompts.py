@@ -72,6 +72,8 @@ def prompt_ids(tokenizer, modality: str, question: str, raw: bool = False) -> li
 
 def pixel_inputs(processor, modality: str, pixels: list[np.ndarray]) -> dict:
     """Model pixel inputs for a batch: one HxWx3 uint8 array per image, or TxHxWx3 per video."""
+    # Ray hands arrays over read-only (zero-copy), and torch.from_numpy warns on those: copy just them.
+    pixels = [p.copy() if isinstance(p, np.ndarray) and not p.flags.writeable else p for p in pixels]
     if modality == "image":
         out = processor.image_processor(images=pixels, return_tensors="pt", return_legacy_image_output=False)
         return {"pixel_values": out["pixel_values"]}
@@ -90,7 +92,7 @@ def pad_batch(rows: list[dict], pad_id: int) -> dict:
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
-        ids[i, width - n :] = torch.as_tensor(r["input_ids"])
+        ids[i, width - n :] = torch.tensor(r["input_ids"])  # a copy: Ray Data's arrays are read-only
         mask[i, width - n :] = 1
-        labels[i, width - n :] = torch.as_tensor(r["labels"])
+        labels[i, width - n :] = torch.tensor(r["labels"])
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
