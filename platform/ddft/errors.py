@@ -41,6 +41,14 @@ class Invalid(DdftError, ValueError):
     default_code = "invalid"
 
 
+class BadConstraint(Invalid):
+    """A grammar or JSON Schema (OpenAI's response_format) that can't constrain decoding: it doesn't
+    compile, or it uses a keyword the decoder would not enforce. A well-formed request whose content
+    can't be used: a malformed response_format is refused before, as the request's own shape."""
+
+    default_code = "bad_response_format"
+
+
 class TooLarge(Invalid):
     default_code = "too_large"
 

@@ -13,13 +13,26 @@ One format, learnt by the video adapter and parsed back by the server:
 Ingredient lines are "<quantity> <unit> <name>", each part optional except the name; units are
 normalised (cups -> cup) and quantities printed compactly (2, 1/2, 1 1/2) so the tiny model has few
 tokens to learn. Notes ("rinsed") are kept by the native readers but left out of the text.
+
+This module is also the one home of what a served recipe is (`Recipe`: its JSON Schema is the one
+docs/openapi.json publishes for POST /v1/recipes) and of the grammar both engines decode recipes
+under (`recipe_grammar`). The grammar is over this text format, not JSON: the video adapter learnt
+to write this text, so constraining it keeps what it learnt (a JSON constraint would ask it for a
+format it never saw), and every text the grammar accepts is canonical, so it reads back exactly:
+`format_recipe(*parse(text)) == text`, at least one ingredient and one step, units from `UNITS`,
+quantities > 0 (tests/test_grammar.py checks both directions). A text cut short by max_new_tokens
+still parses into the schema (a prefix of the grammar's language parses line by line).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import asdict, dataclass
 from fractions import Fraction
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "Ingredient",
@@ -30,6 +43,10 @@ __all__ = [
     "format_ingredient",
     "format_recipe",
     "parse_recipe",
+    "Recipe",
+    "RecipeIngredient",
+    "read_recipe",
+    "recipe_grammar",
 ]
 
 
@@ -234,3 +251,134 @@ def parse_recipe(text: str) -> dict:
         else:
             steps.append(" ".join(body.split()))
     return {"ingredients": ingredients, "steps": steps}
+
+
+# -- the served recipe: its schema and the grammar that guarantees it ------------------------------
+# The letters a name may use (ASCII and Latin-1's; no digit, comma or vulgar fraction, which the
+# ingredient parser reads as amounts or notes): one class for the schema's pattern and the grammar.
+LETTERS = "A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u00ff"
+MAX_STEPS = 40  # steps the grammar numbers (1. .. 40.); the learnt recipes have about 5 to 20
+
+
+class RecipeIngredient(BaseModel):
+    """One ingredient of a served recipe (`Ingredient.as_dict`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # anchored, so the pattern means the same whether a validator searches (JSON Schema) or matches (xgrammar)
+    name: str = Field(pattern=f"^.*[{LETTERS}].*$", description="what it is, e.g. 'rice'")
+    quantity: Annotated[float, Field(gt=0)] | None = Field(description="how much, in `unit`s; null: unstated")
+    unit: Literal[tuple(sorted(UNITS))] | None = Field(description="null: a count (3 egg) or unstated")
+
+
+class Recipe(BaseModel):
+    """A recipe as the server answers it: what `parse_recipe` reads from a text of the format above."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ingredients: list[RecipeIngredient]
+    steps: list[Annotated[str, Field(pattern=r"^\S(.*\S)?$")]]  # no length bounds beside a pattern: xgrammar
+    # would not enforce them, so the schema stays one a client can decode under (response_format) too
+
+
+def read_recipe(text: str, cut: bool = False) -> Recipe:
+    """A model's recipe text as a validated `Recipe` (pydantic's ValidationError: it isn't one).
+    `cut`: the text was cut short (max_new_tokens), so its last line may be partial and is left out."""
+    if cut:
+        text = text.rpartition("\n")[0]
+    return Recipe.model_validate(parse_recipe(text))
+
+
+def _char_class(chars: set[str]) -> str:
+    """An EBNF character class of exactly `chars` (runs of consecutive code points as ranges), written
+    so xgrammar and llama.cpp's GBNF readers (llguidance's) read it alike: a "-" first, as itself."""
+    points, parts, i = sorted(ord(c) for c in chars if c != "-"), ["-"] if "-" in chars else [], 0
+    while i < len(points):
+        j = i
+        while j + 1 < len(points) and points[j + 1] == points[j] + 1:
+            j += 1
+        lo, hi = (_class_char(points[k]) for k in (i, j))
+        parts.append(lo if i == j else f"{lo}{hi}" if j == i + 1 else f"{lo}-{hi}")
+        i = j + 1
+    return f"[{''.join(parts)}]"
+
+
+def _class_char(point: int) -> str:
+    c = chr(point)
+    if c in "\\]^[":
+        return "\\" + c
+    return c if c.isprintable() and not c.isspace() else f"\\u{point:04x}"
+
+
+def _letters() -> set[str]:
+    out = set()
+    for run in re.findall(r".-.|.", LETTERS):
+        lo, hi = (run[0], run[2]) if len(run) == 3 else (run, run)
+        out |= {chr(p) for p in range(ord(lo), ord(hi) + 1)}
+    return out
+
+
+def _word_except(rule: str, excluded: set[str], first: set[str], rest: set[str]) -> list[str]:
+    """EBNF rules `rule`: a word (a char of `first`, then any of `rest`) that is none of `excluded`
+    in any letter case: a trie of the excluded words, each node ending the word when its prefix
+    isn't excluded, or leaving the trie with any other character."""
+    trie: dict = {}
+    for word in sorted(excluded):
+        node = trie
+        for c in word:
+            node = node.setdefault(c, {})
+        node[""] = {}
+    rules, names = [], {}
+
+    def visit(node: dict, name: str, depth: int) -> None:
+        chars = first if depth == 0 else rest
+        taken = {v for c in node if c for v in (c, c.upper())}
+        alts = [] if depth == 0 or "" in node else ['""']
+        for c in sorted(k for k in node if k):
+            child = names.setdefault(id(node[c]), f"{rule}-{len(names) + 1}")
+            alts.append(f"{_char_class({c, c.upper()})} {child}")
+            visit(node[c], child, depth + 1)
+        if chars - taken:
+            alts.append(f"{_char_class(chars - taken)} {rule}-rest*")
+        rules.append(f"{name} ::= {' | '.join(alts)}")
+
+    visit(trie, rule, 0)
+    rules.append(f"{rule}-rest ::= {_char_class(rest)}")
+    return rules
+
+
+@functools.cache
+def recipe_grammar() -> str:
+    """The recipe text format as an EBNF grammar (xgrammar's dialect, which vLLM's structured
+    outputs take too): every text it accepts reads back through `parse_recipe` into a `Recipe`
+    whose `format_recipe` is that very text (canonical quantities and units, names the ingredient
+    parser can't misread, steps numbered 1., 2., ...), with at least one ingredient and one step."""
+    letters = _letters()
+    first_word = letters | set("'-")  # the parser reads the first word (unit, "a"/"an"): letters only
+    later = letters | set("0123456789'-&/().%+")
+    spellings = set(_UNIT_OF)
+    step_char = {chr(p) for p in range(33, 127)} | {chr(p) for p in range(0xA1, 0x100)}
+    lines = [
+        'root ::= " "? "Ingredients:\\n" ingredient+ "Steps:\\n" step-1',
+        'ingredient ::= "- " (qty " " unit " " name | qty " " name-no-unit | unit " " name | name-bare) "\\n"',
+        # format_quantity's forms: 2, 1/2, 1 1/2 (eighths, thirds, quarters, halves in lowest terms),
+        # else a decimal that no such fraction equals (0.3; never 0.5 or 2.0)
+        'qty ::= whole (" " frac)? | frac | ("0" | whole) "." decimals',
+        "whole ::= [1-9] [0-9]? [0-9]? [0-9]?",
+        "frac ::= " + " | ".join(f'"{f}"' for f in ("1/2", "1/3", "2/3", "1/4", "3/4", "1/8", "3/8", "5/8", "7/8")),
+        "decimals ::= [1-46-9] | [013-689] [1-9] | [27] [1-46-9] | [0-9] [0-9] [1-46-9] "
+        '| ([024579] [0-9] | [16] [013-9] | [38] [0-689]) "5"',
+        "unit ::= " + " | ".join(f'"{u}"' for u in sorted(UNITS, key=lambda u: (-len(u), u))),
+        'name ::= word (" " more)*',
+        'name-no-unit ::= not-unit (" " more)*',
+        'name-bare ::= not-unit-or-a (" " more)*',
+        f"word ::= {_char_class(letters)} {_char_class(later)}*",
+        f"more ::= {_char_class(later)}+",
+        *_word_except("not-unit", spellings, letters, first_word),
+        *_word_except("not-unit-or-a", spellings | {"a", "an"}, letters, first_word),
+        f'text ::= {_char_class(step_char)}+ (" " {_char_class(step_char)}+)*',
+    ]
+    for k in range(1, MAX_STEPS + 1):
+        lead = f'"{k}. "' if k == 1 else f'"\\n{k}. "'
+        lines.append(f"step-{k} ::= {lead} text" + (f" step-{k + 1}?" if k < MAX_STEPS else ""))
+    return "\n".join(lines) + "\n"

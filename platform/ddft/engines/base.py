@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from ddft.adapters.registry import Manifest
     from ddft.config import ServeConfig
+    from ddft.engines.grammar import Constraint
 
 
 @dataclass
@@ -39,6 +40,7 @@ class GenerateRequest:
     stop: list[str] = field(default_factory=list)  # generation ends at the first of these (not returned)
     seed: int | None = None  # sampled decoding is reproducible with a seed
     raw: bool = False  # text only: the question is the whole prompt, no chat template (/v1/completions)
+    constraint: Constraint | None = None  # the answer must match it (grammar.py): a grammar or a JSON Schema
 
 
 @dataclass
@@ -80,6 +82,9 @@ class Engine(Protocol):
 
     def generate(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
         """Answer every request (in order), each with its own adapter, as one mixed batch."""
+
+    def prepare(self, constraint: Constraint) -> None:
+        """Compile a constraint ahead of the requests that use it (the recipe grammar at start)."""
 
     def load_adapter(self, manifest: Manifest) -> str:
         """Make an adapter resident (evicting the least recently used beyond the cache size)."""
@@ -156,6 +161,11 @@ def check_request(r: GenerateRequest, i: int | None = None) -> None:
         raise ValueError(f"{where}temperature is {r.temperature}; use 0 (greedy) or more")
     if not isinstance(r.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in r.stop):
         raise ValueError(f"{where}stop must be a list of non-empty strings, got {r.stop!r}")
+    if r.constraint is not None:
+        from ddft.engines.grammar import Constraint
+
+        if not isinstance(r.constraint, Constraint):
+            raise ValueError(f"{where}constraint must be a ddft.engines.grammar.Constraint, got {r.constraint!r}")
     if r.adapter is not None:
         check_modality(r.adapter, r.modality)
     want = {"image": 3, "video": 4}.get(r.modality)

@@ -12,7 +12,8 @@ anything else (a projector trained in full) is loaded by PEFT, then stacked. Bot
 
 Requests are grouped by modality (their pixel inputs differ) and sampling temperature. Each row
 ends at its own end of sequence, stop string or max_new_tokens; sampled rows draw from their own
-seeded generator, whatever else is in the batch.
+seeded generator, whatever else is in the batch. A row with a constraint (a grammar or a JSON
+Schema) takes only the tokens it allows (grammar.ConstrainedRows), beside free rows in the batch.
 
 Streams (`stream`) wait in a Batcher (batcher.py) that forms the next batch when the engine is
 free; the batch runs in a worker thread, and the per-row stopping criterion, which sees every
@@ -52,6 +53,7 @@ from ddft.engines.base import ENGINE_STATS, AdapterCache, Chunk, GenerateRequest
 from ddft.engines.batched_lora import BASE, AdapterBank, needs_peft, unsupported
 from ddft.engines.batcher import Batcher
 from ddft.engines.detok import TextStream, first_stop
+from ddft.engines.grammar import Compiler, ConstrainedRows, Constraint
 from ddft.engines.host_tier import HostTier
 from ddft.engines.lru import AdapterLRU, adapter_key
 from ddft.models.load import base_info, load_base, local_base_dir
@@ -200,6 +202,7 @@ class HFEngine(AdapterCache):
         self._stats = dict.fromkeys(ENGINE_STATS, 0)
         self._lock = threading.RLock()  # one batch or adapter load at a time
         self._batcher = Batcher(self._run_batch, max_batch_size, batch_wait_s)  # concurrent streams
+        self._grammars: Compiler | None = None  # constraints compiled for this tokenizer (made on first use)
         log.info("engine hf: base %s loaded in %.1fs on %s", base_model_id, self.load_s, self.device)
 
     # -- adapters ----------------------------------------------------------------------------------
@@ -303,6 +306,17 @@ class HFEngine(AdapterCache):
         log.info("engine hf: adapter %s evicted", manifest.ref)
 
     # -- generation --------------------------------------------------------------------------------
+    def _compiler(self) -> Compiler:
+        if self._grammars is None:
+            vocab = self.model.get_output_embeddings().weight.shape[0]
+            self._grammars = Compiler(self.processor.tokenizer, vocab)
+        return self._grammars
+
+    def prepare(self, constraint: Constraint) -> None:
+        """Compile a constraint now (the recipe grammar takes seconds on a large vocabulary), so the
+        first request that uses it doesn't wait for it."""
+        self._compiler()(constraint)
+
     def generate(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
         for i, r in enumerate(requests):
             check_request(r, i)
@@ -440,6 +454,8 @@ class HFEngine(AdapterCache):
         tok = self.processor.tokenizer
         ends = _RowEnds(width, reqs, self.eos_id, tok, sinks)
         sampling = [_RowSampling(temperature, [r.seed for r in reqs], self.device)] if temperature > 0 else []
+        if any(r.constraint is not None for r in reqs):  # before sampling: a masked token stays impossible
+            sampling.insert(0, ConstrainedRows(self._compiler(), [r.constraint for r in reqs]))
         kwargs = dict(
             inputs,
             max_new_tokens=max(r.max_new_tokens for r in reqs),

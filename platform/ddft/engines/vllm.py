@@ -10,7 +10,8 @@ model replicas with that interpreter) and is imported only inside the functions 
 Prompts are the very token ids the `hf` engine and training use (`prompts.prompt_ids`), so both
 engines give the same greedy tokens. DDFT's image/video adapters train the projector in full
 (`modules_to_save`): vLLM gets the adapter's LoRA part, and the projector goes to the model's
-per-request projector slots (see vllm_plugin/video_llava.py). vLLM's AsyncLLM runs on this
+per-request projector slots (see vllm_plugin/video_llava.py). A request's constraint (grammar.py)
+goes to vLLM's structured outputs, xgrammar as on the hf engine. vLLM's AsyncLLM runs on this
 engine's own event loop thread, so `stream` works from any event loop and `generate` from any thread.
 """
 
@@ -42,9 +43,11 @@ from ddft.engines.base import (
     check_request,
 )
 from ddft.engines.detok import TextStream, first_stop
+from ddft.engines.grammar import Constraint, vllm_params
 from ddft.engines.host_tier import HostTier
 from ddft.engines.lru import AdapterLRU
 from ddft.engines.vllm_plugin import ARCHITECTURE, PROJECTOR_DIR_ENV, PROJECTOR_KWARG
+from ddft.errors import BadConstraint
 from ddft.models.load import base_info, local_base_dir, model_key
 from ddft.store import Store
 
@@ -206,10 +209,13 @@ class VLLMEngine(AdapterCache):
 
     @staticmethod
     async def _start(args: dict):
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        # constraints go through xgrammar, as on the hf engine (grammar.py), never another backend
+        structured = StructuredOutputsConfig(backend="xgrammar")
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**args, structured_outputs_config=structured))
 
     def _call(self, coro, timeout: float | None = None):
         """Run a coroutine on the engine's loop from any other thread; its result."""
@@ -274,6 +280,11 @@ class VLLMEngine(AdapterCache):
         log.info("engine vllm: adapter %s evicted", manifest.ref)
 
     # -- generation ----------------------------------------------------------------------------------
+    def prepare(self, constraint: Constraint) -> None:
+        """Compile a constraint now (vLLM keeps it compiled): one token of a request under it, on the
+        engine's own loop (a caller inside a running event loop, a Serve replica's start, may block)."""
+        self._call(self.answer(GenerateRequest("text", "Hello", max_new_tokens=1, constraint=constraint)), 600)
+
     def _engine_input(self, r: GenerateRequest, slot: int) -> dict:
         ids = prompts.prompt_ids(self.tokenizer, r.modality, r.question, r.raw)
         if r.modality == "text":
@@ -294,8 +305,9 @@ class VLLMEngine(AdapterCache):
     async def _pump(self, r: GenerateRequest, out: asyncio.Queue, caller: asyncio.AbstractEventLoop) -> None:
         """On the engine's loop: one request through vLLM, each delta put on the caller's queue."""
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
         from vllm.lora.request import LoRARequest
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         def put(item):
             caller.call_soon_threadsafe(out.put_nowait, item)
@@ -310,7 +322,12 @@ class VLLMEngine(AdapterCache):
                 if entry
                 else None
             )
-            params = SamplingParams(**sampling_args(r), output_kind=RequestOutputKind.DELTA)
+            structured = vllm_params(r.constraint)
+            params = SamplingParams(
+                **sampling_args(r),
+                output_kind=RequestOutputKind.DELTA,
+                structured_outputs=StructuredOutputsParams(**structured) if structured else None,
+            )
             t1 = time.perf_counter()
             # Text deltas follow the hf engine's rules (detok.TextStream over the token ids), so both
             # engines stream alike and the deltas add up to the answer, decoded as hf decodes it.
@@ -355,6 +372,8 @@ class VLLMEngine(AdapterCache):
                 token_ids=tokens,
             )
             put(Chunk(rest, [], reason, result))
+        except VLLMClientError as err:  # the request's fault (a constraint vLLM's checks refuse): typed
+            put(BadConstraint(f"vLLM refused the constraint: {err}") if r.constraint else ValueError(str(err)))
         except Exception as err:  # typed errors travel to the caller, who raises them
             put(err)
         finally:

