@@ -33,6 +33,9 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from ddft.adapters.ref import SHAPE, TENANT_NAME
+from ddft.engines.grammar import Constraint, check
+from ddft.errors import BadConstraint
+from ddft.recipes import Recipe
 from serve.errors import ApiError
 
 _OURS = "ddft."  # the error types raised here: "ddft.<code>"
@@ -307,10 +310,80 @@ class OpenAIKnobs(Body):
         return _settings(tokens or cap, self.temperature, self.stop, self.seed)
 
 
+class TextFormat(Body):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(Body):
+    type: Literal["json_object"]
+
+
+class JsonSchema(Body):
+    name: Annotated[StrictStr, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    description: StrictStr | None = None
+    schema_: Annotated[dict[str, Any] | StrictBool, Field(alias="schema")] = Field(
+        True, description="the JSON Schema the answer is decoded under (absent: any JSON)"
+    )
+    strict: StrictBool | None = Field(None, description="accepted; the answer always matches the schema")
+
+
+class JsonSchemaFormat(Body):
+    type: Literal["json_schema"]
+    json_schema: JsonSchema
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+
+
 class Chat(OpenAIKnobs):
     """POST /v1/chat/completions."""
 
     messages: Annotated[list[Message], Field(min_length=1)]
+    response_format: ResponseFormat | None = Field(
+        None,
+        description="OpenAI's: text, json_object (any JSON object) or json_schema {name, schema, strict}; the "
+        "answer is decoded under it (grammar-constrained), so it is JSON matching the schema unless cut by max_tokens",
+    )
+
+    def constraint(self) -> Constraint | None:
+        """What the answer is decoded under, checked: a schema the decoder can't use (it doesn't
+        compile, or has a keyword it would not enforce) is ddft.errors.BadConstraint, a 422 like
+        any well-formed request whose content can't be used (schemathesis holds the app to that)."""
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return Constraint("json_object")
+        constraint = Constraint.schema(fmt.json_schema.schema_)
+        try:
+            check(constraint)
+        except BadConstraint as err:
+            raise BadConstraint(f"response_format.json_schema.schema: {err.detail}") from None
+        return constraint
+
+    def generation(self, cap: int) -> dict:
+        """OpenAIKnobs' settings, and the response_format's constraint when it sets one."""
+        constraint = self.constraint()
+        return {**super().generation(cap), **({"constraint": constraint} if constraint else {})}
+
+
+class RecipeAnswer(Recipe):
+    """POST /v1/recipes' answer: the recipe (ddft.recipes.Recipe, read from the text the model wrote
+    under the recipe grammar) and how it was made. A finished recipe (finish_reason "stop") has at
+    least one ingredient and one step; one cut by max_new_tokens holds the lines written whole."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"properties": {"finish_reason": {"const": "stop"}}},
+            "then": {"properties": {"ingredients": {"minItems": 1}, "steps": {"minItems": 1}}},
+        }
+    )
+
+    text: str = Field(description="the recipe as the model wrote it (ddft.recipes' text format)")
+    adapter: str | None = Field(description="the adapter that answered (null: the base)")
+    base: str
+    finish_reason: Literal["stop", "length"] = Field(description="stop: it ended; length: max_new_tokens cut it")
+    timings: dict[str, float | int] = Field(description="seconds and counts: decode_s, generate_s, total_s, ...")
 
 
 # OpenAI completion fields this server does not compute: refused unless absent or at their defaults
@@ -385,6 +458,11 @@ _FIELDS: dict[str, tuple[str, str]] = {
     "image_uri": ("bad_uri", "image_uri is a store key under serve.media_prefixes, as plain text"),
     "video_uri": ("bad_uri", "video_uri is a store key under serve.media_prefixes, as plain text"),
     "name": ("tenant_bad_name", "name: lowercase letters, digits, '.', '-' and '_', starting with a letter or digit"),
+    "response_format": (
+        "bad_response_format",
+        'response_format is {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": '
+        '{"name": "<letters, digits, _ or ->", "schema": {...}, "strict": true}}',
+    ),
 }
 _MISSING = {
     "video_uri": (

@@ -10,6 +10,7 @@ decoded here in a child process; adapter uploads are validated here before they 
 """
 
 import asyncio
+import copy
 import dataclasses
 import logging
 import time
@@ -30,10 +31,11 @@ from ddft.adapters.ref import AdapterRef
 from ddft.adapters.registry import Manifest
 from ddft.adapters.upload import publish_upload
 from ddft.engines.base import Chunk, GenerateRequest, GenerateResult
+from ddft.engines.grammar import Constraint
 from ddft.errors import DdftError
 from ddft.models.info import BaseInfo, base_spec
 from ddft.prompts import QUESTIONS
-from ddft.recipes import parse_recipe
+from ddft.recipes import read_recipe
 from ddft.store import Store
 from serve import bodies, errors, inputs, openapi_docs, prometheus, sse
 from serve.auth import Auth
@@ -297,10 +299,20 @@ class Gateway:
         return pixels, time.perf_counter() - t
 
     # -- inference routes ----------------------------------------------------------------------------
-    @api.post("/v1/recipes", openapi_extra=openapi_docs.RECIPES)
+    @staticmethod
+    def _recipe_docs() -> dict:
+        """The recipe route's OpenAPI table with its answer's schema: bodies.RecipeAnswer (the recipe
+        schema of ddft.recipes) as components/schemas/RecipeAnswer."""
+        doc = copy.deepcopy(openapi_docs.RECIPES)
+        openapi_docs.SCHEMAS["RecipeAnswer"] = openapi_docs.schema(bodies.RecipeAnswer)
+        doc["responses"]["200"]["content"]["application/json"]["schema"] = {"$ref": "#/components/schemas/RecipeAnswer"}
+        return doc
+
+    @api.post("/v1/recipes", openapi_extra=_recipe_docs())
     async def recipes(self, request: Request):
         """A cooking video (multipart field `video`, or JSON {"video_uri": ...}) -> its recipe; with
-        ?stream=true as SSE: `delta` events ({"text"}) as it is written, then a `recipe` event."""
+        ?stream=true as SSE: `delta` events ({"text"}) as it is written, then a `recipe` event. The
+        model writes under the recipe grammar (ddft.recipes), so the answer is a RecipeAnswer."""
         t0 = time.perf_counter()
         tenant = await self.auth.tenant(request)
         request.state.modality = "video"
@@ -333,7 +345,8 @@ class Gateway:
             )
         manifest = await self._resolve(request, "video", tenant, body.adapter)
         pixels, decode_s = await self._media_from("video", data, uri)
-        gen = GenerateRequest("video", QUESTIONS["video"], pixels, manifest, **body.generation(self.s.max_new_tokens))
+        settings = body.generation(self.s.max_new_tokens)
+        gen = GenerateRequest("video", QUESTIONS["video"], pixels, manifest, constraint=Constraint.recipe(), **settings)
         t2 = time.perf_counter()
         if not streaming:
             return self._recipe(await self._generate(gen), decode_s, t0, t2)
@@ -351,21 +364,23 @@ class Gateway:
         return sse.response(self._sse(first, chunks, events, error_event))
 
     def _recipe(self, result: GenerateResult, decode_s: float, t0: float, t2: float) -> dict:
+        """The RecipeAnswer (bodies.py): the recipe read from the text the grammar let the model write."""
         t3 = time.perf_counter()
-        recipe = parse_recipe(result.text)
-        return {
-            "ingredients": recipe["ingredients"],
-            "steps": recipe["steps"],
-            "text": result.text,
-            "adapter": result.adapter,
-            "base": result.base,
-            "timings": {
+        recipe = read_recipe(result.text, cut=result.finish_reason != "stop")
+        answer = bodies.RecipeAnswer(
+            **recipe.model_dump(),
+            text=result.text,
+            adapter=result.adapter,
+            base=result.base,
+            finish_reason="stop" if result.finish_reason == "stop" else "length",
+            timings={
                 "decode_s": round(decode_s, 4),
                 "generate_s": round(t3 - t2, 4),
                 "total_s": round(t3 - t0, 4),
                 **self._engine_timings(result),
             },
-        }
+        )
+        return answer.model_dump(mode="json")
 
     @api.post("/v1/generate", openapi_extra=openapi_docs.GENERATE)
     async def generate(self, request: Request):

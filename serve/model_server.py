@@ -19,6 +19,7 @@ from ray import serve
 from ddft.adapters import registry
 from ddft.adapters.registry import AdapterError, Manifest
 from ddft.engines.base import Chunk, EngineUnavailable, GenerateRequest, GenerateResult, make_engine
+from ddft.engines.grammar import Constraint
 from ddft.store import Store, StoreError
 
 log = logging.getLogger("ddft.serve")
@@ -59,6 +60,7 @@ class ModelServer:
         """`options`: the engine's own keywords (engines.base.serve_options of the serve config); hf forms
         a batch when it is free, vllm adds requests to the running batch at every step."""
         self.engine = make_engine(engine, store=store, base_model_id=base_id, device=device, **options)
+        self.engine.prepare(Constraint.recipe())  # compiled now: the first recipe would wait seconds for it
         self.store = store
         self._ongoing = 0
         self._sweep: asyncio.Task | None = None
