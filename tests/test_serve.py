@@ -512,6 +512,21 @@ def test_lru_eviction_and_reload_and_metrics(app_url):
     client.delete_adapter(url, "lru0", api_key=keys["beta"])
 
 
+@pytest.mark.integration
+def test_the_page_gets_the_newest_eval_chart(app_url):
+    """GET /eval/latest.png (the page's picture): 404 no_eval_chart before `ddft eval` saved one,
+    then the newest eval/<time>.png's bytes."""
+    url, store, _, _ = app_url
+    none = requests.get(f"{url}/eval/latest.png", timeout=60)
+    assert none.status_code == 404 and none.json()["error"] == "no_eval_chart"
+    store.write_bytes("eval/20260101-000000.png", make_png())
+    newest = make_png()[:-12] + b"newest chart"  # bytes served as stored: only the newest's
+    store.write_bytes("eval/20261130-120000.png", newest)
+    got = requests.get(f"{url}/eval/latest.png", timeout=60)
+    assert got.status_code == 200 and got.headers["content-type"] == "image/png" and got.content == newest
+    store.delete("eval")
+
+
 def test_backpressure_is_503_with_retry_after():
     """The gateway turns Serve's full-queue error into 503 + Retry-After (and a dead replica, after
     retries, too), for plain and streamed calls alike."""

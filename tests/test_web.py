@@ -259,3 +259,25 @@ def test_a_full_recipe_renders_as_text(page):
     assert shown["timings"] == {"decode_s", "generate_s", "total_s", "queue_s", "batch_size"}
     assert "batch size\n2" in by_id(page, "timings").text
     assert not by_id(page, "no-ingredients").is_displayed() and not by_id(page, "no-steps").is_displayed()
+
+
+def test_the_latest_eval_chart_shows_when_there_is_one(page, app):
+    """The evaluation section stays hidden while GET /eval/latest.png is 404, and shows the newest
+    chart `ddft eval` saved (full width of the card, no sideways scroll) once there is one."""
+    from ddft.eval import chart
+
+    loaded = "return document.getElementById('eval-chart').complete"
+    wait(page, lambda d: d.execute_script(loaded), "the chart request to end")
+    assert not by_id(page, "eval").is_displayed()  # 404 no_eval_chart: nothing to show
+    app.store.write_bytes("eval/20261130-120000.png", chart.png([], "2026-11-30 12:00:00 UTC"))
+    try:
+        page.get(app.url + "/")
+        wait(page, lambda d: by_id(d, "eval").is_displayed(), "the evaluation chart")
+        assert page.execute_script("return document.getElementById('eval-chart').naturalWidth") == 1200
+        card = by_id(page, "eval").rect
+        assert by_id(page, "eval-chart").rect["width"] <= card["width"]
+        assert page.execute_script("return document.documentElement.scrollWidth") <= page.execute_script(
+            "return window.innerWidth"
+        )
+    finally:
+        app.store.delete("eval")
