@@ -10,7 +10,11 @@
            served: generated tokens/s of 8 concurrent chat completions on the base (vllm: against
            the engine-direct floor); recipe: POST /v1/recipes alone, then with 8 concurrent
            clients (p50 / alone); hot_load: a tenant's upload accepted -> the first token of a
-           request using it, for --uploads fresh adapters.
+           request using it, for --uploads fresh adapters; schema_valid_rate: of the --recipes
+           answers, the share that validates against the RecipeAnswer schema docs/openapi.json
+           publishes (the recipe grammar guarantees 1.0).
+  constrained  (engine, both engines) the base batch again, each row under the recipe grammar:
+           constrained_vs_free_tokens_per_s (hf) and vllm_constrained_vs_free_tokens_per_s.
 The last stdout line is one JSON object.
 """
 
@@ -67,6 +71,16 @@ def fresh_adapters(store: Store, base_id: str, out: Path, n: int, rank: int = 8)
         )
         folders.append(folder)
     return folders
+
+
+def recipe_validator():
+    """The RecipeAnswer schema as docs/openapi.json publishes it (its $refs resolved there)."""
+    import jsonschema
+
+    doc = json.loads((REPO / "docs" / "openapi.json").read_text())
+    return jsonschema.Draft202012Validator(
+        {**doc["components"]["schemas"]["RecipeAnswer"], "components": doc["components"]}
+    )
 
 
 def video_bytes() -> bytes:
@@ -165,17 +179,21 @@ def http_bench(
                 client.delete_adapter(url, f"hot{i}", api_key=key)
             video = video_bytes()
             client.post_recipe(url, video)  # warm-up
+            answers = []
 
             def one(_):
                 t = time.perf_counter()
-                client.post_recipe(url, video)
+                answers.append(client.post_recipe(url, video))
                 return (time.perf_counter() - t) * 1000
 
             single = statistics.median(one(i) for i in range(3))
+            answers.clear()
             with ThreadPoolExecutor(clients) as pool:
                 times = list(pool.map(one, range(recipes)))
         finally:
             serve.shutdown()
+    validator = recipe_validator()
+    valid = [validator.is_valid(a) for a in answers]
     p50 = pct(times, 0.5)
     return {
         "ttft_p50_ms": round(statistics.median(ttft), 1),
@@ -188,6 +206,8 @@ def http_bench(
         "recipe_p50_vs_single": round(p50 / single, 2),
         "recipe_requests": len(times),
         "recipe_clients": clients,
+        "schema_valid_rate": round(sum(valid) / len(valid), 3),
+        "recipes_finished": sum(a["finish_reason"] == "stop" for a in answers),  # the rest cut by max_new_tokens
     }
 
 
@@ -197,20 +217,24 @@ def vllm_engine_bench(
     """vLLM's side of the engine bench, in its own interpreter: base, mixed, and engine-direct."""
     from bench.serve_engine import PROMPT, _adapters
     from ddft.engines.base import GenerateRequest
+    from ddft.engines.grammar import Constraint
     from ddft.engines.vllm_batch import BatchJob, generate_in
 
     manifests = _adapters(store, base_id, adapters, 8)
     mixed = [GenerateRequest("text", PROMPT, None, manifests[i % adapters], new_tokens) for i in range(batch)]
     bare = [GenerateRequest("text", PROMPT, None, None, new_tokens) for _ in range(batch)]
-    out = generate_in(
-        python, BatchJob(store.url(""), base_id, bare, engine, raw=True, rounds={"base": bare, "mixed": mixed})
-    )
+    recipe = Constraint.recipe()
+    constrained = [GenerateRequest("text", PROMPT, None, None, new_tokens, constraint=recipe) for _ in range(batch)]
+    rounds = {"base": bare, "mixed": mixed, "constrained": constrained}  # the first round compiles the grammar
+    out = generate_in(python, BatchJob(store.url(""), base_id, bare, engine, raw=True, rounds=rounds))
     raw_tokens = sum(len(ids) for ids in out.raw_token_ids)
     rates = out.tokens_per_s
     return {
         "vllm_base_tokens_per_s": round(rates["base"], 1),
         "vllm_mixed_tokens_per_s": round(rates["mixed"], 1),
         "vllm_mixed_vs_base": round(rates["mixed"] / rates["base"], 3),
+        "vllm_constrained_tokens_per_s": round(rates["constrained"], 1),
+        "vllm_constrained_vs_free_tokens_per_s": round(rates["constrained"] / rates["base"], 3),
         "vllm_raw_tokens_per_s": round(raw_tokens / out.raw_generate_s, 1),
         "vllm_start_s": round(out.load_s, 1),
     }
@@ -221,7 +245,7 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=str(REPO / "jobs/configs/demo.yaml"))
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--uploads", type=int, default=7)
-    ap.add_argument("--recipes", type=int, default=24, help="recipe requests in all, over --clients clients")
+    ap.add_argument("--recipes", type=int, default=50, help="recipe requests in all, over --clients clients")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--engines", default="hf,vllm", help="which engines' HTTP runs (both by default)")
     args = ap.parse_args(argv)
@@ -257,6 +281,7 @@ def main(argv=None) -> int:
         result.update({f"{prefix}{k}": v for k, v in http.items()})
         result[f"{engine}_ttft_p50_ms"] = http["ttft_p50_ms"]
         result[f"{engine}_recipe_p50_vs_single"] = http["recipe_p50_vs_single"]
+        result[f"{engine}_schema_valid_rate"] = http["schema_valid_rate"]
         print(f"http {engine}:", json.dumps(http), flush=True)
     if "vllm" in engines:
         result["vllm_served_vs_raw"] = round(result["vllm_served_tokens_per_s"] / result["vllm_raw_tokens_per_s"], 3)
