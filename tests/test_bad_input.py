@@ -43,8 +43,8 @@ def _image(mode: str, value) -> bytes:
 
 def _spoil(store) -> dict:
     """Break the kitchen in every way the data plane must survive; return what to expect."""
-    tasty = f"{RAW}/tasty"
-    ids = sorted({k.split("/")[3] for k in store.list(tasty) if k.endswith(".mp4")})
+    tasty = f"{RAW}/tasty/ALL_RECIPES_without_videos"  # the release's recipes folder
+    ids = sorted({k.rsplit("/", 2)[-2] for k in store.list(tasty) if k.endswith(".mp4")})
     video = lambda i: f"{tasty}/{ids[i]}/recipe_video.mp4"  # noqa: E731
     good_mp4 = store.read_bytes(video(0))
     store.write_bytes(video(0), good_mp4[: len(good_mp4) // 2])  # truncated
@@ -84,7 +84,7 @@ def test_every_bad_kind_is_counted_and_every_good_sample_kept(ray_cluster, s3_st
     lenient = DataConfig(max_skip_ratio=0.7)
 
     for modality in ("image", "video", "text"):
-        items, _, _ = list_samples(s3_store, lenient, modality)
+        items = list_samples(s3_store, lenient, modality).items
         result = prepare(s3_store, lenient, base, modality)
         reasons = expected[modality][0] if modality == "video" else expected[modality]
         assert result.skipped["by_reason"] == reasons, modality
