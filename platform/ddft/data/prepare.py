@@ -305,7 +305,7 @@ def prepare(store: Store, data: DataConfig, base: BaseInfo, modality: str) -> Pr
             fn_constructor_kwargs=dict(store=store, base_id=base.id, modality=modality, data=data),
             batch_size=data.batch_size,
             batch_format="numpy",
-            concurrency=(1, data.workers),
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=data.workers),  # concurrency= is deprecated
             num_cpus=data.cpus_per_worker,
         )
         .write_parquet(path, filesystem=fs)
