@@ -5,20 +5,29 @@
 Local Ray cluster on 127.0.0.1 -> embedded base in the store -> synthetic kitchen -> Ray Data
 preparation -> `ray job submit ... jobs/train_all.py` (three Ray Train jobs at once) -> the Serve
 app with the three adapters -> a held-out video through POST /v1/recipes -> summary.
+
+The terminal gets a report (ddft.cli.report): one line per stage, each job's loss curve, the served
+recipe as a table, where things landed. Ray's, its workers' and the training job's logs go to
+<store>/logs/demo-<time>.log (its path printed first); --verbose prints them all here instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 from ddft import client, config
+from ddft.cli.report import Console, duration, logs_to, loss_table, recipe_tables
 from ddft.cluster import LOCAL_IP, ray_session
 from ddft.data import formats
 from ddft.data.prepare import PrepareError, prepare_all
@@ -35,6 +44,10 @@ RUNTIME_ENV = {"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}}
 # `ray start` turns on token auth (token in ~/.ray/auth_token); clients must say so to send it.
 RAY_AUTH = {"RAY_AUTH_MODE": "token"}
 MARKER = REPO / ".demo" / "cluster-started"  # the demo stops only a cluster it started
+# Without --verbose the logs go to a file: Ray Data's progress bars (redrawn as lines there, most
+# of the output) are switched off in the demo's driver and in the training job, and Ray prints
+# worker log prefixes without colour codes.
+QUIET_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_COLOR_PREFIX": "0"}
 
 
 def _ray_bin() -> str:
@@ -90,10 +103,20 @@ def stop_cluster() -> None:
         MARKER.unlink()
 
 
-def submit_training(config_path: str, cfg: config.PipelineConfig, store: Store, retrain: bool = False) -> list:
+class TrainingFailed(SystemExit):
+    """The training job failed: its message is the demo's error line; `tail` its last log lines."""
+
+    def __init__(self, message: str, tail: list[str]):
+        super().__init__(message)
+        self.tail = tail
+
+
+def submit_training(
+    config_path: str, cfg: config.PipelineConfig, store: Store, retrain: bool = False, env_vars: dict | None = None
+) -> list:
     """The documented command, with the store made absolute (the job's working dir is a copy); the
     jobs' outcomes come from the store (runs/_results), where the job wrote them."""
-    env_vars = {"DDFT_STORE": store.uri, **_aws_env()}
+    env_vars = {"DDFT_STORE": store.uri, **_aws_env(), **(env_vars or {})}
     cmd = [
         _ray_bin(),
         "job",
@@ -117,13 +140,16 @@ def submit_training(config_path: str, cfg: config.PipelineConfig, store: Store, 
     )
     submitted = time.time()
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tail: deque[str] = deque(maxlen=15)
     for line in proc.stdout:
         if "Reporting training result" not in line:  # one line per step per job is too much here
             sys.stdout.write(line)
+            if line.strip():
+                tail.append(line.rstrip())
     names = [j.name for j in cfg.jobs]
     results = read_results(store, names, since=submitted)
     if proc.wait() != 0 or len(results) != len(names):
-        raise SystemExit(f"training job failed (exit {proc.returncode}); see the log above")
+        raise TrainingFailed(f"training job failed (exit {proc.returncode}); see the log above", list(tail))
     return [results[n] for n in names]
 
 
@@ -159,7 +185,122 @@ def try_it(cfg: config.PipelineConfig, store: Store, config_path: Path, engine: 
     question = formats.read_qa(store, f"{raw}/{cfg.data.qa}")[0][0]
     text = client.generate(url, "text", question=question)
     print(f"\n=== POST /v1/generate text ({question!r}) ===\n  {text['answer']!r}  <- {text['adapter']}")
-    return {"recipe": recipe, "image": image, "text": text}
+    return {
+        "recipe": recipe,
+        "image": image,
+        "text": text,
+        "url": url,
+        "engine": engine or cfg.serve.engine,
+        "held_out": {
+            "id": held_out.id,
+            "title": held_out.title,
+            "ingredients": held_out.ingredients,
+            "steps": held_out.steps,
+        },
+        "image_file": key.rsplit("/", 1)[-1],
+        "dish": dish.replace("_", " "),
+        "question": question,
+    }
+
+
+def quiet_ray_data() -> None:
+    """No Ray Data progress bars in this process: redrawn as lines in a log, they were most of it."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = ctx.enable_operator_progress_bars = False
+
+
+def stop_serving() -> None:
+    from ray import serve
+
+    serve.shutdown()
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+
+def _key(store: Store, url: str | None) -> str | None:
+    return url.removeprefix(store.uri + "/") if url else None
+
+
+def loss_curves(store: Store, results: list) -> dict[str, list]:
+    """Each job's whole loss curve: a skipped job's result keeps only its first and last loss, its
+    run's newest train_state.json (named by the adapter's manifest) keeps them all."""
+    curves = {}
+    for r in results:
+        if len(r.losses) > 2 or not r.adapter:
+            continue
+        with contextlib.suppress(Exception):  # a curve is a nicety: no run, no curve
+            run = _key(store, store.read_json(f"{_key(store, r.adapter)}/manifest.json")["metrics"]["run"])
+            states = [store.read_json(k) for k in store.list(f"{run}/") if k.endswith("/train_state.json")]
+            curves[r.name] = max(states, key=lambda s: s["step"])["losses"]
+    return curves
+
+
+def newest_eval(store: Store) -> str | None:
+    with contextlib.suppress(Exception):
+        reports = [k for k in store.list("eval/") if k.endswith(".md")]
+        return reports[-1] if reports else None
+    return None
+
+
+def stage_notes(prepared: list, results: list) -> tuple[str, str]:
+    """What the prepare and train stages did, in a few words each."""
+    data = ", ".join(f"{p.modality} {sum(p.counts.values())}" for p in prepared)
+    reused = all(p.reused for p in prepared)
+    data = f"{data} samples" + (" (all reused)" if reused and prepared else "")
+    by_status: dict[str, list[str]] = {}
+    for r in results:
+        by_status.setdefault(r.status, []).append(r.name)
+    train = "; ".join(f"{', '.join(names)} {status}" for status, names in by_status.items())
+    if set(by_status) == {"skipped"}:
+        train += " (published from the same settings and data; --retrain trains again)"
+    return data, train
+
+
+def report(out: Console, d: Demo, done: dict) -> None:
+    """After the stages: the loss curves, the three answers, where everything landed."""
+    store, cfg, results, answers = d.store, d.cfg, done["results"], done["answers"]
+    out.section("training: loss per step")
+    out.lines(loss_table(results, loss_curves(store, results), ascii=out.ascii))
+
+    recipe, held = answers["recipe"], answers["held_out"]
+    took = recipe.get("timings", {}).get("total_s")
+    out.section(
+        f"recipe for held-out video {held['id']} ({held['title']}): POST /v1/recipes, "
+        f"answered by {recipe['adapter']}" + (f" in {took:.1f} s" if took else "")
+    )
+    out.lines(recipe_tables(recipe, held["ingredients"], held["steps"], ascii=out.ascii))
+    image, text = answers["image"], answers["text"]
+    out.section("image and text: POST /v1/generate")
+    out.lines(
+        out.table(
+            [
+                (f"{answers['image_file']} (a {answers['dish']})", repr(image["answer"]), image["adapter"]),
+                (repr(answers["question"]), repr(text["answer"]), text["adapter"]),
+            ],
+            ("asked", "answer", "adapter"),
+        )
+    )
+
+    out.section("where things landed")
+    rows = [("store", store.uri), ("base", f"models/{cfg.base.id}")]
+    rows += [("prepared", ", ".join(f"{p.modality}/{p.version}" for p in done["prepared"]) + " in datasets/prepared/")]
+    rows += [("adapters", ", ".join(_key(store, r.adapter) or f"{r.name}: none" for r in results))]
+    evaluated = newest_eval(store)
+    rows += [("eval", evaluated or f"none yet: ddft eval --config {d.shown} writes eval/<time>.md")]
+    if d.keep_serving:
+        rows += [("serving", f"{answers['url']} on engine {answers['engine']} (stop it: make cluster-down)")]
+    else:
+        rows += [("serving", f"stopped ({answers['engine']} engine; --keep-serving leaves it up at {answers['url']})")]
+    if d.log:
+        rows += [("logs", d.log)]
+    rows += [("total", duration(sum(done["times"].values())))]
+    out.lines(out.table(rows, max_width=120))
+
+
+# --- the run ------------------------------------------------------------------------------------
 
 
 def main() -> int | str:
@@ -177,60 +318,135 @@ def main() -> int | str:
         choices=("hf", "vllm"),
         help="serve with this engine (default: the config's serve.engine); vllm runs in its own venv (make venv-vllm)",
     )
+    ap.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print Ray's, its workers' and the training job's logs here (default: into <store>/logs/)",
+    )
     args = ap.parse_args()
     try:
-        return run(Path(args.config).resolve(), args.num_cpus, args.keep_serving, args.retrain, args.engine)
+        return run(
+            Path(args.config).resolve(), args.num_cpus, args.keep_serving, args.retrain, args.engine, args.verbose
+        )
     except (config.ConfigError, StoreError, PrepareError, client.ClientError) as err:
         return f"demo stopped: {err}"  # a clear message, not a traceback from deep inside Ray
 
 
-def run(config_path: Path, num_cpus: int, keep_serving: bool, retrain: bool = False, engine: str | None = None) -> int:
+def log_file(store: Store) -> tuple[Path, str | None]:
+    """Where this run's log goes: <store>/logs/demo-<time>.log on a file store; on S3 a local file
+    (.demo/logs/) copied to that key at the end (the key is returned as the second value)."""
+    name = f"logs/demo-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    local = store.local_path(name)
+    return (local, None) if local is not None else (REPO / ".demo" / name, name)
+
+
+@dataclass
+class Demo:
+    """One run's settings, as the stages read them."""
+
+    cfg: config.PipelineConfig
+    store: Store
+    config_path: Path
+    shown: str  # the config's path as the user would type it (relative to the repo when inside)
+    num_cpus: int
+    keep_serving: bool
+    retrain: bool
+    engine: str | None
+    quiet: bool  # logs into a file (the default) rather than on the terminal (--verbose)
+    log: str | None = None  # where the log file is or will be copied to
+
+
+def run(
+    config_path: Path,
+    num_cpus: int,
+    keep_serving: bool,
+    retrain: bool = False,
+    engine: str | None = None,
+    verbose: bool = False,
+) -> int:
     cfg = config.load(config_path)
     store = Store.from_config(cfg.store)
     os.environ.update(RAY_AUTH)
     os.environ["DDFT_STORE"] = store.uri  # every process (jobs, replicas) sees the same store
     RUNTIME_ENV["env_vars"].update({"DDFT_STORE": store.uri, **_aws_env()})
     store.exists(f"models/{cfg.base.id}")  # an unreachable store or missing bucket fails here, first
-    times, t = {}, time.time()
-    started = ensure_cluster(num_cpus)
-    times["cluster"] = time.time() - t
+    shown = str(config_path.relative_to(REPO) if config_path.is_relative_to(REPO) else config_path)
+    demo = Demo(cfg, store, config_path, shown, num_cpus, keep_serving, retrain, engine, quiet=not verbose)
+    if verbose:  # everything on this terminal, as it comes; the report as well
+        return stages(Console(sys.stdout, live=False, announce=True), demo)
+    log, upload_to = log_file(store)
+    demo.log = str(log) if upload_to is None else store.url(upload_to)
+    os.environ.update({"RAY_COLOR_PREFIX": "0"})
+    RUNTIME_ENV["env_vars"].update(QUIET_ENV)
+    ddft_log, level = logging.getLogger("ddft"), logging.getLogger("ddft").level
+    try:
+        with logs_to(log) as terminal:
+            out = Console(terminal)
+            out.line(f"ddft demo: {shown}, store {store.uri}")
+            out.line(f"logs: {log}  (--verbose prints them here)")
+            out.line()
+            handlers = [logging.StreamHandler(sys.stderr), out.note_handler()]  # the log file, the spinner
+            ddft_log.setLevel(logging.INFO)
+            for h in handlers:
+                ddft_log.addHandler(h)
+            try:
+                return stages(out, demo)
+            finally:
+                for h in handlers:
+                    ddft_log.removeHandler(h)
+                ddft_log.setLevel(level)
+    finally:
+        if upload_to is not None:
+            with contextlib.suppress(Exception):
+                store.write_bytes(upload_to, log.read_bytes())
+
+
+def stages(out: Console, d: Demo) -> int:
+    """The loop, one stage line each, then the report."""
+    cfg, store, times = d.cfg, d.store, {}
+    failed = f"failed; the log: {d.log}" if d.log else "failed"
+    with out.stage("cluster", f"ray start at {ADDRESS}") as st:
+        st.failure = failed
+        started = ensure_cluster(d.num_cpus)
+        st.done(f"{'started' if started else 'reusing'} {ADDRESS}, dashboard {DASHBOARD}")
+    times["cluster"] = st.seconds
     try:
         with ray_session(address=ADDRESS, runtime_env=RUNTIME_ENV):
-            t = time.time()
-            prepared = prepare_all(cfg)  # base, kitchen, Ray Data preparation
-            times["base + kitchen + prepare"] = time.time() - t
-        t = time.time()
-        results = submit_training(
-            str(config_path.relative_to(REPO) if config_path.is_relative_to(REPO) else config_path), cfg, store, retrain
-        )
-        times["train (ray job submit)"] = time.time() - t
+            with out.stage("base + kitchen + prepare", "the base model") as st:
+                st.failure = failed
+                if d.quiet:
+                    quiet_ray_data()
+                prepared = prepare_all(cfg)  # base, kitchen, Ray Data preparation
+                for p in prepared:
+                    print(f"prepared {p.summary()}\n  at {store.url(p.key)}")
+                st.done(stage_notes(prepared, [])[0])
+            times["base + kitchen + prepare"] = st.seconds
+        names, since = [j.name for j in cfg.jobs], time.time()
+        progress = lambda: f"ray job submit: {len(read_results(store, names, since))}/{len(names)} jobs done"  # noqa: E731
+        with out.stage("train (ray job submit)", progress(), poll=progress) as st:
+            st.failure = failed
+            try:
+                results = submit_training(d.shown, cfg, store, d.retrain, env_vars=QUIET_ENV if d.quiet else None)
+            except TrainingFailed as err:
+                if d.quiet:  # its log is in the file: its last lines here, so "above" holds
+                    out.lines(err.tail, indent="  | ")
+                raise
+            st.done(stage_notes(prepared, results)[1])
+        times["train (ray job submit)"] = st.seconds
         with ray_session(address=ADDRESS, runtime_env=RUNTIME_ENV):
-            t = time.time()
-            answers = try_it(cfg, store, config_path, engine)
-            times["serve + requests"] = time.time() - t
-            if not keep_serving:
-                from ray import serve
-
-                serve.shutdown()
+            with out.stage("serve + requests", "deploying the Serve app") as st:
+                st.failure = failed
+                answers = try_it(cfg, store, d.config_path, d.engine)
+                st.done(f"engine {answers['engine']} at {answers['url']}: a recipe, a dish, an answer")
+                if not d.keep_serving:
+                    stop_serving()
+            times["serve + requests"] = st.seconds
     finally:
-        if started and not keep_serving:
-            stop_cluster()
-    print("\n=== summary ===")
-    for stage, s in times.items():
-        print(f"  {stage:28} {s:7.1f} s")
-    for p in prepared:
-        print(f"  prepared {p.summary()}\n    at {store.url(p.key)}")
-    for r in results:
-        print(
-            f"  job {r.name:6} {r.status:9} steps {r.steps:3}  loss {r.losses[0]:.3f} -> "
-            f"{r.losses[-1]:.3f}  {r.tokens_per_s:.0f} tokens/s  adapter {r.adapter}"
-        )
-    print(
-        f"  recipe answered by {answers['recipe']['adapter']} on engine {engine or cfg.serve.engine}; "
-        f"base {store.url('models/' + cfg.base.id)}"
-    )
-    if keep_serving:
-        print(f"  serving at http://{cfg.serve.host}:{cfg.serve.port} (stop it: make cluster-down)")
+        if started and not d.keep_serving:
+            with out.stage("stop the cluster", "ray stop") as st:
+                stop_cluster()
+                st.done("ray stop")
+    report(out, d, {"prepared": prepared, "results": results, "answers": answers, "times": times})
     return 0
 
 
