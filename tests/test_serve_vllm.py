@@ -1,7 +1,8 @@
 """The app with `serve.engine: vllm`: the model replicas run on vLLM's own interpreter (Ray's
 py_executable) with real vLLM, and the same HTTP contract holds, read by the official openai client:
 plain and streamed chat with `<base>:<adapter>` models and an image part, recipes streamed, the
-answers the same as the hf engine's, and a bad vLLM environment refused before anything starts."""
+answers the same as the hf engine's (under the recipe grammar), every recipe valid against the published
+schema, response_format, and a bad vLLM environment refused before anything starts."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import requests
 
 from ddft.config import ConfigError, ServeSettings
 from tests.serve_fixture import ADMIN_KEY, running_app
+from tests.test_serve import check_recipes, check_response_format
 from tests.test_streaming import QUESTION, _check_stream, _events, _openai, _plain_and_streamed, image_question
 
 pytestmark = pytest.mark.integration
@@ -48,6 +50,7 @@ def test_recipes_on_vllm_stream_and_answer_like_the_hf_engine(app):
     from ddft.adapters.registry import read_manifest
     from ddft.data.media import sample_frames
     from ddft.engines.base import GenerateRequest
+    from ddft.engines.grammar import Constraint
     from ddft.engines.hf import HFEngine
     from ddft.prompts import QUESTIONS
 
@@ -60,14 +63,20 @@ def test_recipes_on_vllm_stream_and_answer_like_the_hf_engine(app):
     (recipe,) = [json.loads(data) for name, data in events if name == "recipe"]
     assert "".join(deltas) == recipe["text"] == plain["text"] and plain["adapter"] == "ddft/video/v1"
     frames = sample_frames(app.store.read_bytes(uri), 8)
-    hf = HFEngine(app.store, "tiny").generate(
-        [
-            GenerateRequest(
-                "video", QUESTIONS["video"], np.asarray(frames), read_manifest(app.store, "ddft", "video"), 16
-            )
-        ]
-    )[0]
-    assert plain["text"] == hf.text
+    adapter = read_manifest(app.store, "ddft", "video")
+    request = GenerateRequest(
+        "video", QUESTIONS["video"], np.asarray(frames), adapter, 16, constraint=Constraint.recipe()
+    )
+    hf = HFEngine(app.store, "tiny").generate([request])[0]
+    assert plain["text"] == hf.text  # both under the recipe grammar
+
+
+def test_every_recipe_on_vllm_validates_against_the_published_schema(app):
+    check_recipes(app.url, app.store)
+
+
+def test_openai_response_format_on_vllm(app):
+    check_response_format(_openai(app))
 
 
 def test_a_vllm_environment_that_is_missing_or_wrong_is_refused_with_the_fix(tmp_path):

@@ -43,7 +43,7 @@ from ddft.engines.base import (
     check_request,
 )
 from ddft.engines.detok import TextStream, first_stop
-from ddft.engines.grammar import Constraint, vllm_params
+from ddft.engines.grammar import Constraint, check, vllm_params
 from ddft.engines.host_tier import HostTier
 from ddft.engines.lru import AdapterLRU
 from ddft.engines.vllm_plugin import ARCHITECTURE, PROJECTOR_DIR_ENV, PROJECTOR_KWARG
@@ -373,7 +373,7 @@ class VLLMEngine(AdapterCache):
             )
             put(Chunk(rest, [], reason, result))
         except VLLMClientError as err:  # the request's fault (a constraint vLLM's checks refuse): typed
-            put(BadConstraint(f"vLLM refused the constraint: {err}") if r.constraint else ValueError(str(err)))
+            put(_refusal(r, err))
         except Exception as err:  # typed errors travel to the caller, who raises them
             put(err)
         finally:
@@ -411,6 +411,18 @@ class VLLMEngine(AdapterCache):
             return await asyncio.gather(*(self.answer(r) for r in requests))
 
         return asyncio.run(all_of())
+
+
+def _refusal(r: GenerateRequest, err: Exception) -> Exception:
+    """A request vLLM refused, as a typed error: a constraint's with the hf engine's words for it
+    (grammar.check names the keyword or the parse error), else a bad request."""
+    if r.constraint is None:
+        return ValueError(str(err))
+    try:
+        check(r.constraint)
+    except BadConstraint as ours:
+        return ours
+    return BadConstraint(f"vLLM refused the constraint: {err}")
 
 
 def _no_gguf_quantization(config):
