@@ -286,7 +286,6 @@ def prepare(store: Store, data: DataConfig, base: BaseInfo, modality: str) -> Pr
     key = prepared_key(modality, version)
 
     def done(m: dict, reused: bool) -> Prepared:
-        _gate(modality, m["skipped"], sum(m["counts"].values()), data, m.get("excluded", excluded))
         store.write_json(f"{prepared_key(modality)}/latest.json", {"version": version})
         return Prepared(
             modality, version, key, m["counts"], m["skipped"], time.time() - t0, reused,
@@ -294,7 +293,9 @@ def prepare(store: Store, data: DataConfig, base: BaseInfo, modality: str) -> Pr
         )  # fmt: skip
 
     if store.exists(f"{key}/manifest.json"):
-        return done(store.read_json(f"{key}/manifest.json"), True)
+        m = store.read_json(f"{key}/manifest.json")
+        _gate(modality, m["skipped"], sum(m["counts"].values()), data, m.get("excluded", excluded))
+        return done(m, True)
 
     store.delete(key)  # a crashed earlier attempt may have left shards without a manifest
     fs, path = store.fs_path(key)
