@@ -4,12 +4,6 @@ import pytest
 
 from ddft.data.formats import DataError, YoucookVideo, read_foodx, read_qa, read_tasty, read_youcook2
 from ddft.recipes import Ingredient
-from ddft.store import Store
-
-
-@pytest.fixture
-def store(tmp_path):
-    return Store(str(tmp_path))
 
 
 def _images(store, folder, names):

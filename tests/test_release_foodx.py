@@ -5,14 +5,8 @@ nested mount (train_set/train_set/...)."""
 import pytest
 
 from ddft.data.formats import DataError, read_foodx
-from ddft.store import Store
 
 CLASSES = "0 macaron\n1 hot_dog\n2 beignet\n"
-
-
-@pytest.fixture
-def store(tmp_path):
-    return Store(str(tmp_path))
 
 
 def _images(store, folder, names):

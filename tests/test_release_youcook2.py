@@ -12,7 +12,6 @@ from ddft.config import DataConfig
 from ddft.data.formats import DataError, find_youcook2
 from ddft.data.readers.youcook2 import YoucookLayout
 from ddft.eval import evaluate
-from ddft.store import Store
 
 JSON = "youcookii_annotations_trainval.json"
 ANNOTATIONS = {
@@ -46,11 +45,6 @@ ANNOTATIONS = {
         },
     }
 }
-
-
-@pytest.fixture
-def store(tmp_path):
-    return Store(str(tmp_path))
 
 
 def _clip(frames: int = 12) -> bytes:
