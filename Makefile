@@ -79,12 +79,13 @@ format: venv
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# the demo's local cluster (127.0.0.1:6380, dashboard :8265), left running for demos to reuse;
+# cluster-down stops it and no other Ray cluster on the machine
 cluster-up: venv
-	$(VENV)/bin/ray start --head --node-ip-address=127.0.0.1 --port=6380 --include-dashboard=true \
-	  --dashboard-host=127.0.0.1 --dashboard-port=8265 --num-cpus=4 --disable-usage-stats
+	$(PY) jobs/demo.py --cluster up
 
-cluster-down:
-	-$(VENV)/bin/ray stop
+cluster-down: venv
+	$(PY) jobs/demo.py --cluster down
 
 clean-store:
 	rm -rf store

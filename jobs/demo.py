@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ddft import client, config
 from ddft.cli.report import Console, duration, logs_to, loss_table, recipe_tables
-from ddft.cluster import LOCAL_IP, ray_session
+from ddft.cluster import LOCAL_IP, free_port, ray_session, stop_cluster_at
 from ddft.data import formats
 from ddft.data.prepare import PrepareError, prepare_all
 from ddft.recipes import format_quantity
@@ -44,6 +44,9 @@ RUNTIME_ENV = {"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}}
 # `ray start` turns on token auth (token in ~/.ray/auth_token); clients must say so to send it.
 RAY_AUTH = {"RAY_AUTH_MODE": "token"}
 MARKER = REPO / ".demo" / "cluster-started"  # the demo stops only a cluster it started
+# Its own temp dir (short: Ray's socket paths under it must fit 107 bytes), so that stopping it
+# stops it and nothing else (ddft.cluster.stop_cluster_at; `ray stop` would stop every cluster).
+RAY_TEMP = Path("/tmp") / f"ddft-demo-ray-{os.getuid()}"
 # Without --verbose the logs go to a file: Ray Data's progress bars (redrawn as lines there, most
 # of the output) are switched off in the demo's driver and in the training job, and Ray prints
 # worker log prefixes without colour codes.
@@ -87,19 +90,24 @@ def ensure_cluster(num_cpus: int) -> bool:
             f"--dashboard-host={LOCAL_IP}",
             f"--dashboard-port={DASHBOARD_PORT}",
             f"--num-cpus={num_cpus}",
+            f"--temp-dir={RAY_TEMP}",
+            # Ray's fixed default (52365) is taken by any other cluster on the machine (a notebook's
+            # ray.init), and then no job can be submitted: "No available agent to submit job"
+            f"--dashboard-agent-listen-port={free_port()}",
             "--disable-usage-stats",
         ],
         env=_env(),
         check=True,
     )
     MARKER.parent.mkdir(exist_ok=True)
-    MARKER.write_text(ADDRESS)
+    MARKER.write_text(str(RAY_TEMP))
     return True
 
 
 def stop_cluster() -> None:
+    """Stop the cluster this demo started (by its temp dir), not any other on the machine."""
     if MARKER.exists():
-        subprocess.run([_ray_bin(), "stop"], env=_env(), check=False)
+        stop_cluster_at(MARKER.read_text().strip() or RAY_TEMP)
         MARKER.unlink()
 
 
@@ -323,7 +331,18 @@ def main() -> int | str:
         action="store_true",
         help="print Ray's, its workers' and the training job's logs here (default: into <store>/logs/)",
     )
+    ap.add_argument(
+        "--cluster",
+        choices=("up", "down"),
+        help="only start the demo's local cluster (make cluster-up), or stop it and no other (make cluster-down)",
+    )
     args = ap.parse_args()
+    if args.cluster == "up":
+        ensure_cluster(args.num_cpus)
+        MARKER.unlink(missing_ok=True)  # started on purpose: a demo reuses it and leaves it running
+        return 0
+    if args.cluster == "down":
+        return print(f"stopped {stop_cluster_at(RAY_TEMP)} processes of the cluster at {ADDRESS}") or 0
     try:
         return run(
             Path(args.config).resolve(), args.num_cpus, args.keep_serving, args.retrain, args.engine, args.verbose
@@ -443,9 +462,9 @@ def stages(out: Console, d: Demo) -> int:
             times["serve + requests"] = st.seconds
     finally:
         if started and not d.keep_serving:
-            with out.stage("stop the cluster", "ray stop") as st:
+            with out.stage("stop the cluster", f"stopping the cluster at {ADDRESS}") as st:
                 stop_cluster()
-                st.done("ray stop")
+                st.done(f"stopped {ADDRESS} (and no other cluster)")
     report(out, d, {"prepared": prepared, "results": results, "answers": answers, "times": times})
     return 0
 

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.serve_fixture import free_port
+from ddft.cluster import free_port, pids_of, stop_cluster_at
 
 REPO = Path(__file__).resolve().parents[1]
 HEAD_IP, WORKER_IP = "127.0.0.3", "127.0.0.2"
@@ -89,7 +89,7 @@ class TwoNodes:
 
     def kill_worker(self) -> int:
         """SIGKILL the worker node's raylet (the node is lost: its workers and replicas die with it)."""
-        (pid,) = _pids(f"--temp_dir={self.worker_dirs[-1]}", "raylet")
+        (pid,) = pids_of(f"--temp_dir={self.worker_dirs[-1]}", "raylet")
         os.kill(pid, signal.SIGKILL)
         return pid
 
@@ -136,27 +136,8 @@ class TwoNodes:
     def stop(self) -> None:
         """Every process of both nodes (by temp dir: `ray stop` would stop every cluster on the machine)."""
         for temp in [self.root / "head", *self.worker_dirs]:
-            for pid in _pids(str(temp)):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            stop_cluster_at(temp, grace_s=0)
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _pids(needle: str, name: str = "") -> list[int]:
-    """Processes whose command line has `needle` (and, if given, whose program name ends in `name`)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(needle.encode() in a for a in argv) and (not name or argv[0].decode(errors="ignore").endswith(name)):
-            found.append(int(proc.name))
-    return found
 
 
 def wait_until(what: str, check, timeout: float, every: float = 1.0):

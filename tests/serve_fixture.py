@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 import yaml
 
 from ddft import client
+from ddft.cluster import free_port
 from ddft.models.load import ensure_base
 from ddft.store import Store
 
@@ -45,12 +45,6 @@ def make_png() -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(buf, "PNG")
     return buf.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_config(tmp_path: Path, store_uri: str, port: int, **serve) -> str:

@@ -390,12 +390,12 @@ def test_a_data_error_stops_the_demo_with_its_one_line(demo_run, monkeypatch, ca
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_the_real_demo_on_a_tiny_config_is_a_short_report(tmp_path):
-    import socket
+def test_the_real_demo_on_a_tiny_config_is_a_short_report(tmp_path, ray_cluster):
+    """...and stops the cluster it started and no other: this process holds the session's cluster
+    meanwhile (its driver would exit the process if that cluster's GCS went away, as `ray stop` did)."""
+    from ddft.cluster import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cfg = yaml.safe_load((REPO / "jobs/configs/demo.yaml").read_text())
     cfg["store"]["uri"] = str(tmp_path / "store")
     cfg["base"] = {"id": "tiny", "build": "tiny"}
@@ -434,3 +434,5 @@ def test_the_real_demo_on_a_tiny_config_is_a_short_report(tmp_path):
     assert "POST /v1/recipes" in out and len(lines) + len(proc.stderr.splitlines()) <= MAX_LINES, proc.stderr
     log = Path(next(line for line in lines if line.startswith("logs: ")).split()[1])
     assert "jobs/train_all.py" in log.read_text()
+    assert ray_cluster.is_initialized() and ray_cluster.cluster_resources().get("CPU")  # the other cluster lives
+    assert ray_cluster.get(ray_cluster.remote(lambda: 1).remote(), timeout=120) == 1

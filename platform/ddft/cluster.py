@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import socket
+import time
+from pathlib import Path
 
 LOCAL_IP = "127.0.0.1"
 
@@ -38,3 +42,57 @@ def ray_session(
         yield ray
     finally:
         ray.shutdown()
+
+
+# -- clusters started with `ray start`, stopped one at a time ----------------------------------------
+# `ray stop` stops every Ray process on the machine: another user's cluster, a test session's, a
+# driver connected to one (its core worker exits the process when its GCS is gone). A cluster
+# started with its own `--temp-dir` is stopped by that temp dir instead: every daemon of it names
+# the dir on its command line, and the workers die with their raylet.
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind((LOCAL_IP, 0))
+        return s.getsockname()[1]
+
+
+def pids_of(needle: str, name: str = "") -> list[int]:
+    """Processes whose command line has `needle` (and, if given, whose program ends in `name`)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(needle.encode() in a for a in argv) and (not name or argv[0].decode(errors="ignore").endswith(name)):
+            found.append(int(proc.name))
+    return found
+
+
+def stop_cluster_at(temp_dir: str | Path, grace_s: float = 10.0) -> int:
+    """Stop the cluster whose nodes were started with `--temp-dir temp_dir` (SIGTERM, then SIGKILL
+    what is left after `grace_s`), and no other; how many processes it stopped."""
+    pids = pids_of(str(temp_dir))
+    left = list(pids)
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while (left := [p for p in left if _alive(p)]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not left:
+            break
+    return len(pids)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, exited but not yet reaped by its parent, is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
