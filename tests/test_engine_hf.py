@@ -167,6 +167,24 @@ def test_lru_eviction_at_cache_size_one(served, engine, tmp_path):
     assert [r.timings["batch_size"] for r in got] == [2, 2, 1]
 
 
+def test_a_projector_adapter_loads_after_every_peft_adapter_was_evicted(served, engine):
+    """The video adapter (PEFT's: it trains the projector) evicted by a hot-loaded text one left PEFT's
+    model naming it active; the next PEFT load (the image adapter) failed with KeyError on its name,
+    a 409 for every image and video request on that replica (found by test_serve's LRU test)."""
+    store, base, manifests = served
+    small = make_engine("hf", store=store, base_model_id=base.id, cache_size=1)
+    img, vid = _media(3)
+    reqs = [
+        GenerateRequest("video", prompts.QUESTIONS["video"], vid, manifests["video"], 3),
+        GenerateRequest("text", "Boil?", None, manifests["text"], 3),
+        GenerateRequest("image", prompts.QUESTIONS["image"], img, manifests["image"], 3),
+        GenerateRequest("video", prompts.QUESTIONS["video"], vid, manifests["video"], 3),
+    ]
+    got = [small.generate([r])[0] for r in reqs]
+    assert small.loaded_adapters() == ["ddft/video/v1"]
+    assert [r.text for r in got] == [r.text for r in engine.generate(reqs)]
+
+
 def test_refuses_adapter_of_another_base(served, engine, tmp_path):
     store, base, _ = served
     other = BaseInfo(id="tiny", fingerprint="0" * 64, uri=base.uri)

@@ -250,7 +250,9 @@ class HFEngine(AdapterCache):
                 self._peft = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=False)
             else:
                 if not self._peft.peft_config:  # every PEFT adapter was evicted (hot ones aren't PEFT's): PEFT
-                    self._peft.base_model.active_adapter = name  # re-activates its active ones, and [] is refused
+                    # re-activates its active ones, and [] is refused; the PeftModel keeps its own name of
+                    # the active one too, which its load reads first (a stale one: KeyError)
+                    self._peft.base_model.active_adapter = self._peft.active_adapter = name
                 self._peft.load_adapter(path, adapter_name=name, is_trainable=False)
         except Exception as err:  # a config or weights that don't fit this base
             if self._peft is not None and name in self._peft.peft_config:
