@@ -62,17 +62,12 @@ from bench.serve import ADMIN_KEY, fresh_adapters, http_bench, pct, start_app
 from ddft import client, config
 from ddft.adapters import registry
 from ddft.adapters.registry import Manifest
+from ddft.cluster import free_port
 from ddft.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
 MODALITIES = ("text", "video", "image")
 S3_CREDS = dict(region="us-east-1", access_key_id="bench", secret_access_key="bench")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ms(seconds: float) -> float:
@@ -85,7 +80,7 @@ def _ms(seconds: float) -> float:
 @contextlib.contextmanager
 def moto_endpoint():
     """moto's ThreadedMotoServer in a child process on 127.0.0.1; its endpoint URL."""
-    port = _free_port()
+    port = free_port()
     code = (
         "import threading\n"
         "from moto.server import ThreadedMotoServer\n"
@@ -381,7 +376,7 @@ def affinity_bench(args, cfg) -> dict:
         ensure_base(store, base["id"], build=base["build"], source=base["source"])
         doc["store"]["uri"], doc["base"] = store.uri, base
         doc["serve"].update(
-            port=_free_port(),
+            port=free_port(),
             num_replicas=2,
             cpus_per_replica=0.5,
             adapter_cache_size=args.affinity_adapters,
@@ -450,7 +445,7 @@ def hot_load_bench(args, cfg) -> dict:
     with tempfile.TemporaryDirectory(prefix="ddft-bench-cfg-") as tmp:
         doc = cfg.model_dump(mode="json")
         doc["store"]["uri"] = store.uri
-        doc["serve"].update(port=_free_port(), num_replicas=1, engine="hf")
+        doc["serve"].update(port=free_port(), num_replicas=1, engine="hf")
         cfg_path = Path(tmp) / "hot.yaml"
         cfg_path.write_text(json.dumps(doc))
         got = http_bench(cfg_path, store, cfg.base.id, args.uploads, recipes=1, clients=1, new_tokens=4)

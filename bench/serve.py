@@ -34,6 +34,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from bench.serve_engine import PROMPT
 from ddft import client, config
+from ddft.cluster import free_port
 from ddft.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -272,7 +273,7 @@ def main(argv=None) -> int:
             doc = cfg.model_dump(mode="json")
             doc["store"]["uri"] = store.uri
             doc["serve"].update(
-                port=_free_port(), max_new_tokens=max(args.new_tokens, 96), num_replicas=1, engine=engine
+                port=free_port(), max_new_tokens=max(args.new_tokens, 96), num_replicas=1, engine=engine
             )
             cfg_path = Path(tmp) / "bench.yaml"
             cfg_path.write_text(json.dumps(doc))
@@ -287,14 +288,6 @@ def main(argv=None) -> int:
         result["vllm_served_vs_raw"] = round(result["vllm_served_tokens_per_s"] / result["vllm_raw_tokens_per_s"], 3)
     print(json.dumps(result))
     return 0
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

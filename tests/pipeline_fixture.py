@@ -52,11 +52,9 @@ def ray_cluster():
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # Logical CPUs > cores on purpose: three small jobs, a Data map and a Serve replica at once.
-    import socket
+    from ddft.cluster import free_port
 
-    with socket.socket() as sock:  # where Ray's Prometheus exporter listens (test_train scrapes it)
-        sock.bind(("127.0.0.1", 0))
-        os.environ[METRICS_PORT_ENV] = str(sock.getsockname()[1])
+    os.environ[METRICS_PORT_ENV] = str(free_port())  # where Ray's Prometheus exporter listens (test_train scrapes it)
     with ray_session(
         num_cpus=6,
         runtime_env={"env_vars": {"PYTHONPATH": repo}},

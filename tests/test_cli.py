@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -18,6 +17,7 @@ import yaml
 
 from ddft import cli
 from ddft.cli import common, pipeline, remote
+from ddft.cluster import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "sk-never-print-me"
@@ -30,10 +30,7 @@ def run(capsys, *argv) -> tuple[int, str, str]:
 
 
 def closed_url() -> str:
-    with socket.socket() as s:  # bound, then released: nothing listens there
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{free_port()}"  # nothing listens there
 
 
 def commands(ap: argparse.ArgumentParser, prefix=()):

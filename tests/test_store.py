@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pickle
-import socket
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from ddft.cluster import free_port
 from ddft.store import Store, StoreError
 
 
@@ -177,10 +177,7 @@ def test_s3_missing_bucket(s3_endpoint):
 
 @pytest.mark.integration
 def test_s3_unreachable_endpoint():
-    with socket.socket() as sock:  # a port with nothing listening
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    endpoint = f"http://127.0.0.1:{port}"
+    endpoint = f"http://127.0.0.1:{free_port()}"  # a port with nothing listening
     s = Store("s3://b/root", endpoint_url=endpoint, region="us-east-1", access_key_id="a", secret_access_key="b")
     with pytest.raises(StoreError) as e:
         s.read_bytes("x")
