@@ -139,10 +139,11 @@ def test_the_directed_adapter_reads_its_modality_and_beats_the_base(scores, moda
 @pytest.mark.xfail(
     strict=False,
     reason=(
-        "measured (README, Results): the verdict rests on one sample and has gone both ways between runs of "
-        "this kitchen (2026-11-30, before: joint won images 0.583 vs 0.500 and video; after: directed wins "
-        "images 0.833 vs 0.750, 10 of 12 vs 9, and text 0.214 vs 0.202, joint video 0.240 vs 0.126): "
-        "reported (XPASS / XFAIL with the wins printed), not asserted, as the issue asks when it does not hold"
+        "measured (README, Results): two runs of the same code here gave the same table (directed wins images "
+        "0.833 vs 0.750, 10 of 12 against 9, and text 0.214 vs 0.202; joint wins video 0.240 vs 0.126), but the "
+        "code before the data plane's release readers gave the opposite on images: a verdict that turns on one "
+        "image in 12 moves with any change to the data or the floats, so it is reported (XPASS / XFAIL with the "
+        "wins printed), not asserted, as the issue asks when it does not hold"
     ),
 )
 def test_directed_beats_the_equal_budget_joint_on_two_of_three_modalities(scores):
