@@ -100,14 +100,14 @@ def ensure_cluster(num_cpus: int) -> bool:
         check=True,
     )
     MARKER.parent.mkdir(exist_ok=True)
-    MARKER.write_text(str(RAY_TEMP))
+    MARKER.write_text(ADDRESS)
     return True
 
 
 def stop_cluster() -> None:
     """Stop the cluster this demo started (by its temp dir), not any other on the machine."""
     if MARKER.exists():
-        stop_cluster_at(MARKER.read_text().strip() or RAY_TEMP)
+        stop_cluster_at(RAY_TEMP)
         MARKER.unlink()
 
 
@@ -342,7 +342,8 @@ def main() -> int | str:
         MARKER.unlink(missing_ok=True)  # started on purpose: a demo reuses it and leaves it running
         return 0
     if args.cluster == "down":
-        return print(f"stopped {stop_cluster_at(RAY_TEMP)} processes of the cluster at {ADDRESS}") or 0
+        print(f"stopped {stop_cluster_at(RAY_TEMP)} processes of the cluster at {ADDRESS}")
+        return 0
     try:
         return run(
             Path(args.config).resolve(), args.num_cpus, args.keep_serving, args.retrain, args.engine, args.verbose
