@@ -57,6 +57,8 @@ def quality_config(store_uri: str) -> PipelineConfig:
         PipelineConfig,
         {
             "store": {"uri": store_uri},
+            # no tenants here: vLLM's max_lora_rank (serve_options) is then the jobs' own rank, the cheapest it serves
+            "serve": {"max_lora_rank": 8},
             "base": {"id": "ddft-embedded-smollm2", "build": "embedded"},
             "data": {"synthetic": KITCHEN},
             "jobs": [job(m, b, s) for m, (b, s) in BUDGET.items()] + [job("joint", 4, samples="directed")],
@@ -229,6 +231,7 @@ def _equality_requests(store: Store, cfg: PipelineConfig) -> list:
 
 def test_vllm_and_hf_give_the_same_greedy_tokens_for_the_base_and_every_ddft_adapter(trained):
     """Issue 11's bar: first token identical on all, whole answer identical on at least 90%."""
+    from ddft.engines.base import serve_options
     from ddft.engines.hf import HFEngine
     from ddft.engines.vllm_batch import BatchJob, generate_in
 
@@ -238,7 +241,7 @@ def test_vllm_and_hf_give_the_same_greedy_tokens_for_the_base_and_every_ddft_ada
     assert len(requests) == 2 * 3 * EQUAL_PER_MODALITY
     # vLLM pads every adapter to max_lora_rank and its CPU LoRA kernels gather per-token weights of that rank: at the
     # adapters' own rank (8) vLLM took 41 s for 18 of these requests, at 64 188 s.
-    rank = max(j.lora.r for j in cfg.jobs)
+    rank = serve_options(cfg, "vllm")["max_lora_rank"]
     t0 = time.monotonic()
     vllm = generate_in(
         Path(ServeSettings().vllm.python),
