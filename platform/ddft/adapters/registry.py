@@ -287,9 +287,14 @@ def fetch(store: Store, manifest: Manifest) -> dict[str, bytes]:
 
 def download(store: Store, manifest: Manifest, local_dir: Path) -> Path:
     """Fetch an adapter's files (checked) into a folder."""
+    return write_files(fetch(store, manifest), local_dir)
+
+
+def write_files(files: dict[str, bytes], local_dir: Path) -> Path:
+    """An adapter's files, fetched, written into a folder (for loaders that read one)."""
     local_dir = Path(local_dir)
     local_dir.mkdir(parents=True, exist_ok=True)
-    for fname, data in fetch(store, manifest).items():
+    for fname, data in files.items():
         (local_dir / fname).write_bytes(data)
     return local_dir
 

@@ -26,7 +26,8 @@ HOST_COUNTERS = ("adapter_host_hits",)
 class HostTier:
     def __init__(self, max_mb: float):
         self.max_bytes = int(max_mb * 2**20)  # 0: off (every load reads the store)
-        self._files: OrderedDict[str, tuple[Manifest, dict[str, bytes]]] = OrderedDict()  # oldest first
+        # key -> (manifest, files by name, their bytes), oldest first
+        self._files: OrderedDict[str, tuple[Manifest, dict[str, bytes], int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()  # loads run in worker threads; the gateway's deletes in others
         self.counters = dict.fromkeys(HOST_COUNTERS, 0)
@@ -45,25 +46,23 @@ class HostTier:
         size = sum(map(len, files.values()))
         with self._lock:
             if key not in self._files and size <= self.max_bytes:
-                self._files[key] = (manifest, files)
+                self._files[key] = (manifest, files, size)
                 self._bytes += size
                 while self._bytes > self.max_bytes:
-                    _, (_, old) = self._files.popitem(last=False)
-                    self._bytes -= sum(map(len, old.values()))
+                    self._bytes -= self._files.popitem(last=False)[1][2]
         return files
 
     def download(self, store: Store, manifest: Manifest, local_dir: Path) -> Path:
         """The adapter's files written into `local_dir` (for loaders that read a folder)."""
-        for name, data in self.files(store, manifest).items():
-            (Path(local_dir) / name).write_bytes(data)
-        return Path(local_dir)
+        from ddft.adapters.registry import write_files
+
+        return write_files(self.files(store, manifest), local_dir)
 
     def drop(self, ref: str) -> None:
         """Forget every version of `ref` (its owner deleted it)."""
         with self._lock:
-            for key in [k for k, (m, _) in self._files.items() if m.ref == ref]:
-                _, files = self._files.pop(key)
-                self._bytes -= sum(map(len, files.values()))
+            for key in [k for k, (m, _, _) in self._files.items() if m.ref == ref]:
+                self._bytes -= self._files.pop(key)[2]
 
     def __len__(self) -> int:
         return len(self._files)
