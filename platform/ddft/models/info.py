@@ -23,6 +23,11 @@ def model_key(model_id: str) -> str:
 
 
 def base_info(store: Store, model_id: str) -> BaseInfo:
+    return _base_info(store, model_id)[0]
+
+
+def _base_info(store: Store, model_id: str) -> tuple[BaseInfo, dict]:
+    """BaseInfo and the info file it came from (one read)."""
     key = f"{model_key(model_id)}/{INFO_FILE}"
     if not store.exists(key):
         raise StoreError(
@@ -30,7 +35,7 @@ def base_info(store: Store, model_id: str) -> BaseInfo:
             "run `ddft base build` / `make demo`, or set base.build or base.source in the config"
         )
     info = store.read_json(key)
-    return BaseInfo(id=model_id, fingerprint=info["fingerprint"], uri=store.url(model_key(model_id)))
+    return BaseInfo(id=model_id, fingerprint=info["fingerprint"], uri=store.url(model_key(model_id))), info
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,7 @@ _SPECS: dict[tuple[str, str, str], BaseSpec] = {}
 def base_spec(store: Store, base_id: str) -> BaseSpec:
     """The base's LoRA-able layers, as written when the base was saved (no torch). A base saved
     before that file existed gets it now, once (models/load.py, a meta-device skeleton)."""
-    info = base_info(store, base_id)
+    info, raw = _base_info(store, base_id)
     cached = _SPECS.get((store.uri, base_id, info.fingerprint))
     if cached is not None:
         return cached
@@ -58,7 +63,7 @@ def base_spec(store: Store, base_id: str) -> BaseSpec:
         from ddft.models.load import write_lora_targets
 
         write_lora_targets(store, base_id)
-    origin = store.read_json(f"{model_key(base_id)}/{INFO_FILE}").get("origin", "")
+    origin = raw.get("origin", "")
     modules = {name: (int(i), int(o)) for name, (i, o) in store.read_json(key).items()}
     spec = _SPECS[(store.uri, base_id, info.fingerprint)] = BaseSpec(base_id, info.fingerprint, origin, modules)
     return spec
