@@ -117,6 +117,14 @@ bench-serve: venv venv-vllm
 bench-scale: venv
 	$(PY) -m bench.scale $(BENCH_ARGS)
 
+# make bench-video - how many video samples the video adapter needs before it reads the video: the
+# video job alone per step count on a bigger kitchen, scored by ddft eval (held-out matched vs
+# mismatched videos) and by its loss given its own, another and a black video; about an hour on
+# 2 cores with the defaults, e.g. BENCH_ARGS="--steps 80,240 --recipes 36"
+.PHONY: bench-video
+bench-video: venv
+	$(PY) -m bench.video_budget $(BENCH_ARGS)
+
 # make openapi - regenerate docs/openapi.json from the app's routes (a test checks it is current)
 .PHONY: openapi
 openapi: venv
