@@ -34,34 +34,24 @@ VIDEO = "video"
 
 
 def budget_config(store_uri: str, recipes: int, steps: list[int], cpus: int) -> PipelineConfig:
-    from tests.test_bars import KITCHEN
+    """The quality test's config (its video job's LoRA and optimizer, its kitchen), the video job
+    once per step count with every CPU, on a kitchen of `recipes` recipes."""
+    from tests.test_quality import quality_config
 
-    def job(n: int) -> dict:
-        return {
-            "name": f"video-{n}",
-            "modality": VIDEO,
-            "resources": {"cpus_per_worker": cpus, "torch_threads": cpus},
-            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-            "optim": {
-                "lr": 1e-3,
-                "projector_lr": 2e-3,
-                "max_steps": n,
-                "batch_size": 2,
-                "warmup_ratio": 0.1,
-                "checkpoint_every": 0,
-            },
-        }
-
-    return validate(
-        PipelineConfig,
+    cfg = quality_config(store_uri).model_dump()
+    (video,) = [j for j in cfg["jobs"] if j["name"] == VIDEO]
+    jobs = [
         {
-            "store": {"uri": store_uri},
-            "base": {"id": "ddft-embedded-smollm2", "build": "embedded"},
-            # only videos are trained here: the fewest photos and QA pairs the kitchen takes
-            "data": {"synthetic": {**KITCHEN, "recipes": recipes, "images_per_dish": 2, "qa_pairs": 4}},
-            "jobs": [job(n) for n in steps],
-        },
-    )
+            **video,
+            "name": f"video-{n}",
+            "resources": {**video["resources"], "cpus_per_worker": cpus, "torch_threads": cpus},
+            "optim": {**video["optim"], "max_steps": n},
+        }
+        for n in steps
+    ]
+    # only videos are trained here: the fewest photos and QA pairs the kitchen takes
+    kitchen = {**cfg["data"]["synthetic"], "recipes": recipes, "images_per_dish": 2, "qa_pairs": 4}
+    return validate(PipelineConfig, {**cfg, "data": {**cfg["data"], "synthetic": kitchen}, "jobs": jobs})
 
 
 def reads(store: Store, base_id: str, adapter, probe: int) -> dict:
@@ -117,6 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     from ddft.data.prepare import prepare_all
     from ddft.eval import evaluate
     from ddft.train.launcher import run_all, table
+    from tests.test_quality import MAX_NEW_TOKENS
 
     steps = [int(s) for s in args.steps.split(",")]
     cfg = budget_config(args.store, args.recipes, steps, args.cpus)
@@ -133,8 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
         if done.status != "succeeded":
             sys.exit(f"job {job.name} {done.status}: {done.error}")
     adapters = [read_manifest(store, PLATFORM_OWNER, j.name) for j in cfg.jobs]
-    rows = evaluate.evaluate(  # answers up to 160 tokens, as in the quality test
-        store, cfg.base.id, modalities=(VIDEO,), adapters={VIDEO: adapters}, max_new_tokens={VIDEO: 160}
+    rows = evaluate.evaluate(
+        store, cfg.base.id, modalities=(VIDEO,), adapters={VIDEO: adapters}, max_new_tokens=MAX_NEW_TOKENS
     )
     print(evaluate.table(rows), flush=True)
     pick = lambda ds, ref, inputs: next(r for r in rows if (r["dataset"], r["model"], r["inputs"]) == (ds, ref, inputs))  # noqa: E731
