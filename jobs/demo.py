@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ddft import client, config
 from ddft.cli.report import Console, duration, logs_to, loss_table, recipe_tables
-from ddft.cluster import LOCAL_IP, free_port, ray_session, stop_cluster_at
+from ddft.cluster import LOCAL_IP, free_port, ray_session, stop_cluster_at, use_token
 from ddft.data import formats
 from ddft.data.prepare import PrepareError, prepare_all
 from ddft.recipes import format_quantity
@@ -41,12 +41,12 @@ GCS_PORT, DASHBOARD_PORT = 6380, 8265
 ADDRESS, DASHBOARD = f"{LOCAL_IP}:{GCS_PORT}", f"http://{LOCAL_IP}:{DASHBOARD_PORT}"
 # Serve replicas import serve.app from the repo and read the same store as this process.
 RUNTIME_ENV = {"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}}
-# `ray start` turns on token auth (token in ~/.ray/auth_token); clients must say so to send it.
-RAY_AUTH = {"RAY_AUTH_MODE": "token"}
 MARKER = REPO / ".demo" / "cluster-started"  # the demo stops only a cluster it started
 # Its own temp dir (short: Ray's socket paths under it must fit 107 bytes), so that stopping it
 # stops it and nothing else (ddft.cluster.stop_cluster_at; `ray stop` would stop every cluster).
 RAY_TEMP = Path("/tmp") / f"ddft-demo-ray-{os.getuid()}"
+# Token auth on, with the cluster's own token in RAY_TEMP (ddft.cluster.token_env), not ~/.ray: the
+# cluster, `ray job submit` and this driver all read it from there.
 # Without --verbose the logs go to a file: Ray Data's progress bars (redrawn as lines there, most
 # of the output) are switched off in the demo's driver and in the training job, and Ray prints
 # worker log prefixes without colour codes.
@@ -59,13 +59,13 @@ def _ray_bin() -> str:
 
 def _env() -> dict:
     # Ray job entrypoints run `python` from the cluster's PATH: make it this venv's.
-    return {
+    env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        **RAY_AUTH,
     }
+    return use_token(env, RAY_TEMP)
 
 
 def _aws_env() -> dict:
@@ -386,7 +386,7 @@ def run(
 ) -> int:
     cfg = config.load(config_path)
     store = Store.from_config(cfg.store)
-    os.environ.update(RAY_AUTH)
+    use_token(os.environ, RAY_TEMP)  # this driver joins the demo's cluster with its token
     os.environ["DDFT_STORE"] = store.uri  # every process (jobs, replicas) sees the same store
     RUNTIME_ENV["env_vars"].update({"DDFT_STORE": store.uri, **_aws_env()})
     store.exists(f"models/{cfg.base.id}")  # an unreachable store or missing bucket fails here, first

@@ -9,14 +9,13 @@ Ray which raylet a process belongs to.
 
 The pytest process never joins the cluster (it may hold the session's local cluster): everything on
 it runs in subprocess drivers, as `ray job submit` would run them on the head. Token authentication
-is on, as `ray start` sets it up, with a token made for the test.
+is on, with the cluster's own token in its root folder (ddft.cluster.token_env), never ~/.ray.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -27,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ddft.cluster import free_port, pids_of, stop_cluster_at
+from ddft.cluster import free_port, pids_of, stop_cluster_at, use_token
 
 REPO = Path(__file__).resolve().parents[1]
 HEAD_IP, WORKER_IP = "127.0.0.3", "127.0.0.2"
@@ -38,7 +37,6 @@ HEAD_RESOURCE = "ddft-head"  # only the head has it: the gateway is pinned there
 class TwoNodes:
     root: Path
     port: int = field(default_factory=free_port)
-    token: str = field(default_factory=lambda: secrets.token_hex(32))
     cpus: int = 2
     worker_dirs: list[Path] = field(default_factory=list)
 
@@ -47,11 +45,9 @@ class TwoNodes:
         return f"{HEAD_IP}:{self.port}"
 
     def env(self, **extra: str) -> dict[str, str]:
-        return {
+        env = {
             **os.environ,
             "RAY_ADDRESS": self.address,
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN": self.token,
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
             # a lost node is declared dead in ~3 s, not Ray's default ~30
@@ -62,6 +58,7 @@ class TwoNodes:
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
             **extra,
         }
+        return use_token(env, self.root)
 
     def _ray_start(self, args: list[str], temp_dir: Path, **env: str) -> None:
         temp_dir.mkdir(parents=True, exist_ok=True)
@@ -148,6 +145,17 @@ def wait_until(what: str, check, timeout: float, every: float = 1.0):
             return value
         time.sleep(every)
     raise AssertionError(f"{what}: not within {timeout:.0f}s")
+
+
+def fresh_home(root: Path) -> Path:
+    """A home folder as a new user's: only the machine's own pip settings (~/.config/pip names the
+    local package mirrors), no ~/.ray, no caches."""
+    home = root / "home"
+    home.mkdir(parents=True)
+    pip = Path.home() / ".config" / "pip"
+    if pip.is_dir():
+        shutil.copytree(pip, home / ".config" / "pip")
+    return home
 
 
 def two_nodes():

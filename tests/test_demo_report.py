@@ -28,6 +28,7 @@ from ddft.cli.report import BLOCKS, Console, logs_to, loss_table, recipe_tables,
 from ddft.data.prepare import Prepared
 from ddft.recipes import Ingredient
 from ddft.train.job import JobResult
+from tests.cluster_fixture import fresh_home
 
 REPO = Path(__file__).resolve().parents[1]
 ANSI = re.compile(r"\x1b\[|\r")
@@ -242,11 +243,12 @@ def demo_run(tmp_path, monkeypatch, capfd):
     """jobs/demo.py's run() with every stage's work replaced by a recording of it (noise included):
     what the terminal shows, what the log file holds, and the calls made."""
     store = tmp_path / "store"
-    for name in ("DDFT_STORE", "RAY_AUTH_MODE", "RAY_COLOR_PREFIX"):
-        monkeypatch.setenv(name, str(store) if name == "DDFT_STORE" else "")
+    for name in ("DDFT_STORE", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_COLOR_PREFIX"):
+        monkeypatch.setenv(name, str(store) if name == "DDFT_STORE" else "")  # run() sets them: restored after
     cfg_path = tmp_path / "demo.yaml"
     cfg_path.write_text((REPO / "jobs/configs/demo.yaml").read_text())
     demo = load_demo()
+    monkeypatch.setattr(demo, "RAY_TEMP", tmp_path / "ray")  # where run() keeps the (never started) cluster's token
     calls = []
     # A skipped job keeps only its first and last loss; the report reads its run for the whole curve.
     results = _results()
@@ -390,6 +392,7 @@ def test_a_data_error_stops_the_demo_with_its_one_line(demo_run, monkeypatch, ca
 
 @pytest.mark.slow
 @pytest.mark.integration
+@pytest.mark.timeout(960)  # the demo's own subprocess timeout (900 s) speaks first
 def test_the_real_demo_on_a_tiny_config_is_a_short_report(tmp_path, ray_cluster):
     """...and stops the cluster it started and no other: this process holds the session's cluster
     meanwhile (its driver would exit the process if that cluster's GCS went away, as `ray stop` did)."""
@@ -412,7 +415,9 @@ def test_the_real_demo_on_a_tiny_config_is_a_short_report(tmp_path, ray_cluster)
     cfg["serve"]["port"] = port
     path = tmp_path / "demo.yaml"
     path.write_text("# make demo CONFIG=...\n" + yaml.safe_dump(cfg))
-    env = {k: v for k, v in os.environ.items() if k != "DDFT_STORE"}
+    # a new user's home (nothing in ~/.ray) and none of this session's cluster settings
+    env = {k: v for k, v in os.environ.items() if k != "DDFT_STORE" and not k.startswith("RAY_")}
+    env["HOME"] = str(fresh_home(tmp_path))
     t = time.time()
     proc = subprocess.run(
         [sys.executable, "jobs/demo.py", "--config", str(path), "--retrain"],
@@ -434,5 +439,6 @@ def test_the_real_demo_on_a_tiny_config_is_a_short_report(tmp_path, ray_cluster)
     assert "POST /v1/recipes" in out and len(lines) + len(proc.stderr.splitlines()) <= MAX_LINES, proc.stderr
     log = Path(next(line for line in lines if line.startswith("logs: ")).split()[1])
     assert "jobs/train_all.py" in log.read_text()
+    assert not (Path(env["HOME"]) / ".ray").exists()  # its cluster's token is its own, not the home's
     assert ray_cluster.is_initialized() and ray_cluster.cluster_resources().get("CPU")  # the other cluster lives
     assert ray_cluster.get(ray_cluster.remote(lambda: 1).remote(), timeout=120) == 1

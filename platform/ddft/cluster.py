@@ -2,14 +2,53 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import os
+import secrets
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from pathlib import Path
 
 LOCAL_IP = "127.0.0.1"
+TOKEN_FILE = "auth_token"
+
+
+# -- token authentication, kept on, with nothing read from or written to the user's home -----------
+# Ray's default token lives in ~/.ray/auth_token: `ray start` with RAY_AUTH_MODE=token needs one there
+# and never makes it, and a local ray.init() writes one there. A cluster ddft starts keeps its own
+# token beside it instead, and its clients are pointed at that file.
+
+
+def token_env(folder: str | Path) -> dict[str, str]:
+    """The environment for starting or joining a cluster whose token is `folder/auth_token`: made
+    (random, mode 0600) when missing, kept when present (a running cluster's clients reuse it)."""
+    path = Path(folder) / TOKEN_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):  # another process made it first: theirs is the token
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path)}
+
+
+def use_token(env: dict, folder: str | Path) -> dict:
+    """`env` set to use the token in `folder` (a token given inline would win over the file: dropped)."""
+    env.pop("RAY_AUTH_TOKEN", None)
+    env.update(token_env(folder))
+    return env
+
+
+@functools.cache
+def _process_token_dir() -> str:
+    """One token per process for the clusters it starts with ray.init (Ray caches a process's token)."""
+    folder = tempfile.mkdtemp(prefix="ddft-ray-token-")
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
 
 
 @contextlib.contextmanager
@@ -28,6 +67,8 @@ def ray_session(
     if address:
         ray.init(address=address, runtime_env=runtime_env)
     else:  # a private cluster for this process; left alone Ray picks the external address
+        # its own token (tests and subprocess drivers inherit the environment while it runs)
+        use_token(os.environ, _process_token_dir())
         # address="local": never attach to another cluster this machine happens to run
         # metrics_export_port: where Prometheus scrapes Ray's and ddft's Ray metrics on this node
         ray.init(
