@@ -1,8 +1,8 @@
 """make bench-video: how many video samples the video adapter needs before it reads the video.
 
-The quality test (tests/test_quality.py) trains the video adapter on 40 samples, and it ignores the
-video. This trains the video job alone, once per --steps value (batch 2, the quality test's LoRA
-and learning rates), on a synthetic kitchen of --recipes recipes (the quality test's kitchen
+The quality bench (bench/quality.py, make bench-quality) trains the video adapter on 40 samples, and it ignores the
+video. This trains the video job alone, once per --steps value (batch 2, the quality bench's LoRA
+and learning rates), on a synthetic kitchen of --recipes recipes (the quality bench's kitchen
 otherwise: the same 6 trained and 2 held-out dishes), one job after another with every CPU of
 the cluster, then measures each adapter two ways:
 
@@ -34,9 +34,9 @@ VIDEO = "video"
 
 
 def budget_config(store_uri: str, recipes: int, steps: list[int], cpus: int) -> PipelineConfig:
-    """The quality test's config (its video job's LoRA and optimizer, its kitchen), the video job
+    """The quality bench's config (its video job's LoRA and optimizer, its kitchen), the video job
     once per step count with every CPU, on a kitchen of `recipes` recipes."""
-    from tests.test_quality import quality_config
+    from bench.quality import quality_config
 
     cfg = quality_config(store_uri).model_dump()
     (video,) = [j for j in cfg["jobs"] if j["name"] == VIDEO]
@@ -96,18 +96,18 @@ def reads(store: Store, base_id: str, adapter, probe: int) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--store", default="store-video-budget", help="a store folder or URI of its own")
-    ap.add_argument("--recipes", type=int, default=36, help="kitchen recipes (the quality test's: 12)")
-    ap.add_argument("--steps", default="80,240", help="one video job per value, batch 2 (the quality test's: 20)")
+    ap.add_argument("--recipes", type=int, default=36, help="kitchen recipes (the quality bench's: 12)")
+    ap.add_argument("--steps", default="80,240", help="one video job per value, batch 2 (the quality bench's: 20)")
     ap.add_argument("--probe", type=int, default=4, help="training videos the loss probe reads")
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
     args = ap.parse_args(argv)
 
+    from bench.quality import MAX_NEW_TOKENS
     from ddft.adapters.registry import PLATFORM_OWNER, read_manifest
     from ddft.cluster import ray_session
     from ddft.data.prepare import prepare_all
     from ddft.eval import evaluate
     from ddft.train.launcher import run_all, table
-    from tests.test_quality import MAX_NEW_TOKENS
 
     steps = [int(s) for s in args.steps.split(",")]
     cfg = budget_config(args.store, args.recipes, steps, args.cpus)

@@ -1,26 +1,19 @@
-"""The quality test's bars, and proof that they can't be passed by format: on the synthetic kitchen's
-held-out recipes, a fixed "always the same recipe" answer and a wrong-dish answer both fail them
+"""The quality bench's bars (bench/quality.py), and proof that they can't be passed by format: on the
+synthetic kitchen's held-out recipes, a fixed "always the same recipe" answer and a wrong-dish answer both fail them
 (ROUGE-L, the old headline, let a correctly formatted wrong recipe through), and any answer that
 doesn't depend on the video has no matched - mismatched gap."""
 
 import pytest
 
+from bench.quality import FLOORS, GAPS, KITCHEN
 from ddft.data.synthetic import write_kitchen
 from ddft.eval.scores import score_recipes
 from ddft.store import Store
 
-KITCHEN = {"seed": 0, "dishes": 6, "held_out_dishes": 2, "images_per_dish": 8, "recipes": 12, "qa_pairs": 60}
-# Held-out margins over the base, per modality's headline metric.
-BARS = {("image", "accuracy"): 0.30, ("video", "content"): 0.15, ("text", "rouge_l"): 0.10}
-# Held-out floors whatever the base scores: above every fixed recipe of the kitchen (at most 0.381).
-FLOORS = {("video", "content"): 0.45}
-# matched - mismatched (another sample's media, the same question and reference), held-out.
-GAPS = {("video", "ingredient_f1"): 0.2, ("image", "accuracy"): 0.3}
-
 
 @pytest.fixture(scope="module")
 def recipes(tmp_path_factory):
-    """The quality test's kitchen (its recipes don't depend on the photo count): {id: summary}."""
+    """The quality bench's kitchen (its recipes don't depend on the photo count): {id: summary}."""
     summary = write_kitchen(Store(str(tmp_path_factory.mktemp("kitchen"))), **{**KITCHEN, "images_per_dish": 2})
     return summary["recipes"]
 
