@@ -79,6 +79,31 @@ def test_openai_response_format_on_vllm(app):
     check_response_format(_openai(app))
 
 
+def test_the_widest_upload_the_gateway_accepts_is_served_by_vllm_like_hf(app):
+    """A tenant's LoRA at the rank cap (serve.max_lora_rank) on every Linear of the language model (attention and
+    MLP: all that adapters/upload.py lets through), uploaded over HTTP, is loaded by the vLLM replica and answers
+    as the hf engine does with the same adapter."""
+    from ddft import client
+    from ddft.adapters.registry import read_manifest
+    from ddft.engines.base import GenerateRequest
+    from ddft.engines.hf import HFEngine
+    from tests.test_engine_hf import lora_folder
+
+    rank = ServeSettings().max_lora_rank
+    every_linear = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    folder = lora_folder(app.store, app.tmp / "acme-wide", 21, r=rank, lora_alpha=rank, target_modules=every_linear)
+    up = client.upload_adapter(app.url, "wide", folder, "text", api_key=app.keys["acme"])
+    assert up["adapter"] == "tenant-acme/wide/v1"
+    question = "How long do I boil an egg?"
+    answer = client.generate(app.url, "text", question, api_key=app.keys["acme"], adapter="wide")
+    assert answer["adapter"] == "tenant-acme/wide/v1"
+    manifest = read_manifest(app.store, "tenant-acme", "wide")
+    assert manifest.rank == rank
+    assert {"gate_proj", "down_proj"} <= {t.rsplit(".", 1)[-1] for t in manifest.target_modules}
+    hf = HFEngine(app.store, "tiny").generate([GenerateRequest("text", question, None, manifest, 16)])[0]
+    assert answer["answer"] == hf.text
+
+
 def test_a_vllm_environment_that_is_missing_or_wrong_is_refused_with_the_fix(tmp_path):
     from serve.app import vllm_python
 

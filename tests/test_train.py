@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import pytest
@@ -23,13 +23,64 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_one_lora_job(prepared, tmp_path):
+@dataclass
+class Trained:
+    result: object  # the JobResult
+    scraped: list[str]  # the run's ray_ddft_train_* lines from the node's metrics port, scraped while it trained
+    scrape_errors: list[str]
+
+
+@pytest.fixture(scope="module")
+def trained_video(prepared) -> Trained:
+    """The tiny config's video job, trained once for the module (the tests that read a trained adapter share
+    it), its metrics scraped from the node's Prometheus port while it trains, as Prometheus would (every few
+    seconds; Ray drops a finished worker's series a while later)."""
+    import threading
+
+    import requests
+
+    from ddft.train.job import run_job
+    from tests.pipeline_fixture import METRICS_PORT_ENV
+
+    cfg, _, _, _ = prepared
+    url = f"http://127.0.0.1:{os.environ[METRICS_PORT_ENV]}/metrics"
+    seen: list[str] = []
+    done = threading.Event()
+    errors: list[str] = []
+
+    def scrape():  # until the series shows or the run is 30 s over
+        deadline = None
+        while not seen and (deadline is None or time.time() < deadline):
+            try:
+                text = requests.get(url, timeout=10).text
+            except requests.RequestException as err:
+                errors.append(repr(err))
+                text = ""
+            lines = [line for line in text.splitlines() if 'ddft_job="video"' in line]
+            if {"ray_ddft_train_loss", "ray_ddft_train_tokens_per_second"} <= {ln.partition("{")[0] for ln in lines}:
+                seen.extend(lines)
+            if done.is_set() and deadline is None:
+                deadline = time.time() + 30
+            time.sleep(2)
+
+    scraper = threading.Thread(target=scrape, daemon=True)
+    scraper.start()
+    try:
+        result = run_job(cfg, cfg.job("video"))
+    finally:
+        done.set()
+        scraper.join(timeout=60)
+    assert not scraper.is_alive(), "the metrics scraper did not stop"
+    return Trained(result, seen, errors)
+
+
+def test_one_lora_job(prepared, trained_video, tmp_path):
     from peft import PeftModel
 
     from ddft.train.job import run_job
 
     cfg, store, base, _ = prepared
-    result = run_job(cfg, cfg.job("video"))
+    result = trained_video.result
     assert result.status == "succeeded" and result.steps == 8 and len(result.losses) == 8
     assert result.val_losses and result.val_losses[-1]["step"] == 8 and result.resumed_from == []
     # The tiny random base starts at uniform (ln 262 = 5.57 nats); on a fixed seed it learns.
@@ -120,48 +171,16 @@ def _kill_after_first_checkpoint(store, run: str, proc, timeout: float = 600) ->
     raise AssertionError(f"no registered checkpoint of run {run} with a live worker appeared")
 
 
-def test_training_metrics_reach_prometheus(prepared):
+def test_training_metrics_reach_prometheus(trained_video):
     """While a job trains, its rank-0 worker's ray_ddft_train_* gauges are on the node's metrics port in
-    Prometheus format (a scrape during the run: Ray drops a finished worker's series a while later)."""
-    import threading
-
-    import requests
-
-    from ddft.train.job import run_job
-    from tests.pipeline_fixture import METRICS_PORT_ENV
-
-    cfg, _, _, _ = prepared
-    url = f"http://127.0.0.1:{os.environ[METRICS_PORT_ENV]}/metrics"
-    seen: list[str] = []
-    done = threading.Event()
-
-    def scrape():  # as Prometheus would, every few seconds, until the series shows or the run is long over
-        deadline = None
-        while not seen and (deadline is None or time.time() < deadline):
-            text = requests.get(url, timeout=10).text
-            lines = [line for line in text.splitlines() if 'ddft_job="video-metrics"' in line]
-            names = {line.partition("{")[0] for line in lines}
-            if {"ray_ddft_train_loss", "ray_ddft_train_tokens_per_second"} <= names:
-                seen.extend(lines)
-            if done.is_set() and deadline is None:
-                deadline = time.time() + 30
-            time.sleep(2)
-
-    scraper = threading.Thread(target=scrape, daemon=True)
-    scraper.start()
-    try:
-        result = run_job(
-            cfg, cfg.job("video").model_copy(update={"name": "video-metrics"}), force=True, publish_adapter=False
-        )
-    finally:
-        done.set()
-        scraper.join(timeout=60)
-    assert result.status == "succeeded"
+    Prometheus format (scraped by the trained_video fixture during its run)."""
+    seen = trained_video.scraped
     loss = [line for line in seen if line.startswith("ray_ddft_train_loss{")]
-    assert loss, "no ray_ddft_train_loss series for job video-metrics while it trained"
+    assert loss, f"no ray_ddft_train_loss series for job video while it trained ({trained_video.scrape_errors[:3]})"
     assert 0 < float(loss[0].split()[-1]) < 10
 
 
+@pytest.mark.timeout(1200)  # its subprocess waits (600 s for a checkpoint, then 900 s) speak first
 def test_train_all_survives_a_killed_worker_and_a_broken_job(prepared, tmp_path):
     """The real entrypoint, as `ray job submit` runs it, against the running cluster: jobs at once;
     one's worker is SIGKILLed after its first checkpoint and the job resumes to the full step
@@ -268,12 +287,11 @@ def test_train_all_on_a_store_without_data_says_what_to_run(ray_cluster, tmp_pat
     assert "run `ddft base build`" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_evaluate_scores_base_and_adapters_and_records_them(prepared):
+def test_evaluate_scores_base_and_adapters_and_records_them(prepared, trained_video):
     from ddft.eval import evaluate
 
     cfg, store, _, _ = prepared
-    if not read_manifest(store, "ddft", "video"):
-        pytest.skip("needs the video adapter trained by test_one_lora_job")
+    assert trained_video.result.status == "succeeded"
     results = evaluate.evaluate(store, "tiny", modalities=("video",), limit=2, max_new_tokens=8, data=cfg.data)
     video = read_manifest(store, "ddft", "video").ref
     assert [(r["dataset"], r["model"], r["inputs"]) for r in results] == [
