@@ -63,21 +63,32 @@ demo: venv $(if $(filter vllm,$(ENGINE)),venv-vllm)
 serve: venv
 	$(VENV)/bin/ddft serve --config $(CONFIG)
 
-test: venv venv-vllm browser lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+# Lint first (seconds), then the venvs (minutes). Every test has a timeout (pytest-timeout, pyproject.toml);
+# after MAXFAIL failures the run stops: a broken cluster fails everything after it, slowly.
+MAXFAIL ?= 10
+test: lint venv venv-vllm browser
+	$(PY) -m pytest --maxfail=$(MAXFAIL) $(PYTEST_ARGS)
 
-test-fast: venv venv-vllm browser lint
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+test-fast: lint venv venv-vllm browser
+	$(PY) -m pytest -m "not slow" --maxfail=$(MAXFAIL) $(PYTEST_ARGS)
 
-# ruff, configured in pyproject.toml: the linter and the formatter's check; `make format` fixes
+# ruff, configured in pyproject.toml: the linter and the formatter's check; `make format` fixes. It has a
+# venv of its own, made in seconds, so that a lint error fails before the project's venvs are built.
+LINT_VENV ?= .venv-lint
+RUFF := ruff==0.17.*
+$(LINT_VENV)/.installed:
+	test -x $(LINT_VENV)/bin/python || python3 -m venv $(LINT_VENV)
+	$(LINT_VENV)/bin/pip install --quiet '$(RUFF)'
+	touch $@
+
 .PHONY: lint format
-lint: venv
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+lint: $(LINT_VENV)/.installed
+	$(LINT_VENV)/bin/ruff check .
+	$(LINT_VENV)/bin/ruff format --check .
 
-format: venv
-	$(VENV)/bin/ruff check --fix .
-	$(VENV)/bin/ruff format .
+format: $(LINT_VENV)/.installed
+	$(LINT_VENV)/bin/ruff check --fix .
+	$(LINT_VENV)/bin/ruff format .
 
 # the demo's local cluster (127.0.0.1:6380, dashboard :8265), left running for demos to reuse;
 # cluster-down stops it and no other Ray cluster on the machine
@@ -116,6 +127,13 @@ bench-serve: venv venv-vllm
 .PHONY: bench-scale
 bench-scale: venv
 	$(PY) -m bench.scale $(BENCH_ARGS)
+
+# make bench-quality - the point of DDFT on the embedded base: the image, video and text adapters and the
+# equal-budget joint trained, scored by ddft eval with matched and mismatched media (the table, its chart,
+# the bars); BENCH_ARGS="--parity" also checks vLLM's greedy tokens against hf's; about 30 min on 2 cores
+.PHONY: bench-quality
+bench-quality: venv $(if $(findstring --parity,$(BENCH_ARGS)),venv-vllm)
+	$(PY) -m bench.quality $(BENCH_ARGS)
 
 # make bench-video - how many video samples the video adapter needs before it reads the video: the
 # video job alone per step count on a bigger kitchen, scored by ddft eval (held-out matched vs

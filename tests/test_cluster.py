@@ -30,7 +30,8 @@ from tests.cluster_fixture import HEAD_RESOURCE, REPO, two_nodes, wait_until
 from tests.pipeline_fixture import registered_checkpoint, tiny_config
 from tests.serve_fixture import ADMIN_KEY, free_port
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# the module fixtures start two nodes, prepare and train (about 2 min here): the first test carries them
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1200)]
 JOBS = ("image", "video", "text")
 
 
@@ -63,7 +64,7 @@ def setup(cluster, s3_endpoint, tmp_path_factory):
     cfg = validate(PipelineConfig, doc)
     path = tmp_path_factory.mktemp("cluster") / "cluster.yaml"
     path.write_text(yaml.safe_dump(doc))
-    cluster.entrypoint("prepare_data.py", path, timeout=900)
+    cluster.entrypoint("prepare_data.py", path, timeout=400)
     return cfg, path, Store.from_config(cfg.store)
 
 
@@ -74,7 +75,7 @@ def spread(cluster, setup):
 
     _, path, store = setup
     started = time.time()
-    cluster.entrypoint("train_all.py", path, timeout=1200)
+    cluster.entrypoint("train_all.py", path, timeout=600)
     return read_results(store, list(JOBS), since=started)
 
 
