@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ddft import client, config
 from ddft.cli.report import Console, duration, logs_to, loss_table, recipe_tables
-from ddft.cluster import LOCAL_IP, free_port, ray_session, stop_cluster_at, use_token
+from ddft.cluster import LOCAL_IP, free_port, ray_session, stop_cluster_at, use_token, use_token_here
 from ddft.data import formats
 from ddft.data.prepare import PrepareError, prepare_all
 from ddft.recipes import format_quantity
@@ -386,7 +386,7 @@ def run(
 ) -> int:
     cfg = config.load(config_path)
     store = Store.from_config(cfg.store)
-    use_token(os.environ, RAY_TEMP)  # this driver joins the demo's cluster with its token
+    use_token_here(RAY_TEMP)  # this driver joins the demo's cluster with its token
     os.environ["DDFT_STORE"] = store.uri  # every process (jobs, replicas) sees the same store
     RUNTIME_ENV["env_vars"].update({"DDFT_STORE": store.uri, **_aws_env()})
     store.exists(f"models/{cfg.base.id}")  # an unreachable store or missing bucket fails here, first

@@ -10,6 +10,7 @@ import secrets
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +44,17 @@ def use_token(env: dict, folder: str | Path) -> dict:
     return env
 
 
+def use_token_here(folder: str | Path) -> None:
+    """This process (and what it starts) uses the token in `folder` from now on. Ray reads the mode and
+    the token once, when it is imported: told again here, as ray.init does when it turns token auth on."""
+    use_token(os.environ, folder)
+    if "ray" in sys.modules:
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+
+
 @functools.cache
 def _process_token_dir() -> str:
     """One token per process for the clusters it starts with ray.init (Ray caches a process's token)."""
@@ -68,7 +80,7 @@ def ray_session(
         ray.init(address=address, runtime_env=runtime_env)
     else:  # a private cluster for this process; left alone Ray picks the external address
         # its own token (tests and subprocess drivers inherit the environment while it runs)
-        use_token(os.environ, _process_token_dir())
+        use_token_here(_process_token_dir())
         # address="local": never attach to another cluster this machine happens to run
         # metrics_export_port: where Prometheus scrapes Ray's and ddft's Ray metrics on this node
         ray.init(
