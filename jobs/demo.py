@@ -340,6 +340,9 @@ def main() -> int | str:
     if args.cluster == "up":
         ensure_cluster(args.num_cpus)
         MARKER.unlink(missing_ok=True)  # started on purpose: a demo reuses it and leaves it running
+        token = use_token({}, RAY_TEMP)
+        print(f"token auth is on; for `ray job submit --address {DASHBOARD}` and ddft train --address, first:")
+        print("  export " + " ".join(f"{k}={v}" for k, v in token.items()))
         return 0
     if args.cluster == "down":
         print(f"stopped {stop_cluster_at(RAY_TEMP)} processes of the cluster at {ADDRESS}")

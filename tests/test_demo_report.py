@@ -249,6 +249,8 @@ def demo_run(tmp_path, monkeypatch, capfd):
     cfg_path.write_text((REPO / "jobs/configs/demo.yaml").read_text())
     demo = load_demo()
     monkeypatch.setattr(demo, "RAY_TEMP", tmp_path / "ray")  # where run() keeps the (never started) cluster's token
+    # the environment only (restored after): this process's Ray keeps the session cluster's token
+    monkeypatch.setattr(demo, "use_token_here", lambda folder: demo.use_token(os.environ, folder))
     calls = []
     # A skipped job keeps only its first and last loss; the report reads its run for the whole curve.
     results = _results()
