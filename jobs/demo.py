@@ -44,9 +44,9 @@ RUNTIME_ENV = {"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}}
 MARKER = REPO / ".demo" / "cluster-started"  # the demo stops only a cluster it started
 # Its own temp dir (short: Ray's socket paths under it must fit 107 bytes), so that stopping it
 # stops it and nothing else (ddft.cluster.stop_cluster_at; `ray stop` would stop every cluster).
+# Its token is there too (token auth on; ddft.cluster.token_env), not in ~/.ray: the cluster,
+# `ray job submit` and this driver all read it from there.
 RAY_TEMP = Path("/tmp") / f"ddft-demo-ray-{os.getuid()}"
-# Token auth on, with the cluster's own token in RAY_TEMP (ddft.cluster.token_env), not ~/.ray: the
-# cluster, `ray job submit` and this driver all read it from there.
 # Without --verbose the logs go to a file: Ray Data's progress bars (redrawn as lines there, most
 # of the output) are switched off in the demo's driver and in the training job, and Ray prints
 # worker log prefixes without colour codes.

@@ -34,6 +34,12 @@ def token_env(folder: str | Path) -> dict[str, str]:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))
+    st = path.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:  # e.g. planted in a shared /tmp by another user
+        raise PermissionError(
+            f"the Ray token {path} is not this user's alone (owner uid {st.st_uid}, mode {oct(st.st_mode & 0o777)}); "
+            "remove it (and stop the cluster it belongs to) so that a new one is made"
+        )
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path)}
 
 
