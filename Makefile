@@ -1,6 +1,6 @@
 # make demo   - set up everything and run the whole DDFT loop on the embedded default
-# make test   - set up everything and run every test (unit, integration and the slow quality test;
-#               `make test-fast` leaves the slow ones out)
+# make test   - set up everything and run every test (unit, integration and slow; `make test-fast`
+#               leaves the slow ones out); how well adapters learn is `make bench-quality`'s
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -130,7 +130,7 @@ bench-scale: venv
 
 # make bench-quality - the point of DDFT on the embedded base: the image, video and text adapters and the
 # equal-budget joint trained, scored by ddft eval with matched and mismatched media (the table, its chart,
-# the bars); BENCH_ARGS="--parity" also checks vLLM's greedy tokens against hf's; about 30 min on 2 cores
+# the bars); BENCH_ARGS="--parity" also checks vLLM's greedy tokens against hf's; 15 min on 2 cores here
 .PHONY: bench-quality
 bench-quality: venv $(if $(findstring --parity,$(BENCH_ARGS)),venv-vllm)
 	$(PY) -m bench.quality $(BENCH_ARGS)
