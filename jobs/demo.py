@@ -27,10 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ddft import client, config
-from ddft.cli.report import Console, duration, logs_to, loss_table, recipe_tables
+from ddft.cli.report import Console, duration, logs_to, loss_table, named_line, recipe_tables
 from ddft.cluster import LOCAL_IP, free_port, ray_session, stop_cluster_at, use_token, use_token_here
 from ddft.data import formats
 from ddft.data.prepare import PrepareError, prepare_all
+from ddft.eval.scores import matched_ingredients
 from ddft.recipes import format_quantity
 from ddft.store import Store, StoreError
 from ddft.train.launcher import read_results
@@ -168,14 +169,28 @@ def try_it(cfg: config.PipelineConfig, store: Store, config_path: Path, engine: 
     url = run(config_path, engine=engine)
     print(f"\nserving on engine {engine or cfg.serve.engine} at {url}")
     raw = cfg.data.raw_prefix
-    held_out = [
+    tests = [
         r
         for r in formats.read_tasty(
             store, f"{raw}/{cfg.data.tasty}", split_set=cfg.data.tasty_split, unlisted=cfg.data.tasty_unlisted
         )
         if r.split == "test"
-    ][0]
+    ]
+    held_out = tests[0]
     recipe = client.post_recipe(url, store.read_bytes(held_out.video_key))
+    # The same request with another held-out video (the one sharing the fewest foods): an adapter
+    # that reads the video names the held-out recipe's foods only when shown its own video.
+    expected = [{"name": i.name} for i in held_out.ingredients]
+    other = min(
+        tests[1:] or tests, key=lambda r: len(matched_ingredients([{"name": i.name} for i in r.ingredients], expected))
+    )
+    shown_other = client.post_recipe(url, store.read_bytes(other.video_key))
+    named = {
+        "of": len(expected),
+        "own": len(matched_ingredients(recipe["ingredients"], expected)),
+        "other": len(matched_ingredients(shown_other["ingredients"], expected)),
+        "other_id": other.id,
+    }
     print(f"\n=== POST /v1/recipes  (held-out video {held_out.id}, answered by {recipe['adapter']}) ===")
     for ing in recipe["ingredients"]:
         amount = " ".join(x for x in (format_quantity(ing["quantity"]) if ing["quantity"] else "", ing["unit"]) if x)
@@ -183,6 +198,7 @@ def try_it(cfg: config.PipelineConfig, store: Store, config_path: Path, engine: 
     for i, step in enumerate(recipe["steps"], 1):
         print(f"  {i}. {step}")
     print(f"  (expected:\n    {held_out.text.replace(chr(10), chr(10) + '    ')})")
+    print(f"  {named_line(named)}")
     foodx = formats.read_foodx(store, f"{raw}/{cfg.data.foodx}")
     key, _, dish = foodx.splits["val"][0]
     image = client.generate(url, "image", image_bytes=store.read_bytes(key))
@@ -205,6 +221,7 @@ def try_it(cfg: config.PipelineConfig, store: Store, config_path: Path, engine: 
             "ingredients": held_out.ingredients,
             "steps": held_out.steps,
         },
+        "named": named,
         "image_file": key.rsplit("/", 1)[-1],
         "dish": dish.replace("_", " "),
         "question": question,
@@ -280,6 +297,8 @@ def report(out: Console, d: Demo, done: dict) -> None:
         f"answered by {recipe['adapter']}" + (f" in {took:.1f} s" if took else "")
     )
     out.lines(recipe_tables(recipe, held["ingredients"], held["steps"], ascii=out.ascii))
+    if named := answers.get("named"):
+        out.lines([named_line(named)])
     image, text = answers["image"], answers["text"]
     out.section("image and text: POST /v1/generate")
     out.lines(

@@ -223,6 +223,7 @@ def _answers() -> dict:
             ],
             "steps": ["Add the cheese to the pot.", "Pour the oil into the pot.", "Stir the pot.", "Enjoy!"],
         },
+        "named": {"of": 3, "own": 0, "other": 1, "other_id": "rice_pudding_0001"},
         "image_file": "val_00000.jpg",
         "dish": "tomato soup",
         "question": "What do you do with milk?",
@@ -332,6 +333,8 @@ def test_the_demo_on_a_non_terminal_is_a_short_plain_report(demo_run):
     assert "RuntimeError: out of memory" in out
     assert re.search(r"1\s+cup\s+milk\s+200 g cheese", out)
     assert "held-out video cheese_toast_0003 (Cheese toast)" in out and "ddft/video/v2 in 4.8 s" in out
+    # whether the adapter read the video: the same request shown another video
+    assert "ingredients named: 0 of 3 from its own video; shown another video (rice_pudding_0001): 1 of 3" in out
     assert "'orange cake'" in out and "'add'" in out
     for row in ("store", "base", "prepared", "adapters", "eval", "serving", "logs", "total"):
         assert re.search(rf"^  {row}\s", out, re.M), row
@@ -439,6 +442,9 @@ def test_the_real_demo_on_a_tiny_config_is_a_short_report(tmp_path, ray_cluster)
         assert re.search(rf"^✓ {re.escape(stage)}\s", out, re.M), stage
     assert re.search(r"^  image\s+succeeded\s+4\s", out, re.M) and "where things landed" in out
     assert "POST /v1/recipes" in out and len(lines) + len(proc.stderr.splitlines()) <= MAX_LINES, proc.stderr
+    assert re.search(
+        r"^  ingredients named: \d of \d from its own video; shown another video \(\S+\): \d of \d$", out, re.M
+    )
     log = Path(next(line for line in lines if line.startswith("logs: ")).split()[1])
     assert "jobs/train_all.py" in log.read_text()
     assert not (Path(env["HOME"]) / ".ray").exists()  # its cluster's token is its own, not the home's

@@ -31,7 +31,7 @@ def _clip(frames: int = 90, gop: int | None = 30, bframes: bool = True) -> bytes
 
 
 @pytest.mark.parametrize("gop,bframes", [(30, True), (None, True), (10, False)])
-@pytest.mark.parametrize("strategy", ["uniform", "keyframe", "steps"])
+@pytest.mark.parametrize("strategy", ["uniform", "keyframe", "steps", "span"])
 def test_fast_path_returns_decords_frames(gop, bframes, strategy):
     data = _clip(gop=gop, bframes=bframes)
     spans = [(0, 20), None, (40, 60), (70, 89)]
@@ -47,6 +47,9 @@ def test_uniform_indices_and_steps():
     assert media.uniform_indices(80, 8) == [5, 15, 25, 35, 45, 55, 65, 75]
     assert media.step_indices([(0, 10), None, (20, 30)], 100, 2) == [5, 25]
     assert len(media.step_indices([(0, 10)], 100, 8)) == 8
+    # span: a step's clip, every frame from within its span (repeated when it is short)
+    assert media._indices("span", [(20, 35)], 100, 8, []) == [21, 23, 25, 27, 29, 31, 33, 35]
+    assert media._indices("span", [(40, 42)], 100, 4, []) == [40, 41, 41, 42]
 
 
 @pytest.mark.parametrize("data,reason", [(b"", "empty_file"), (b"text, not video" * 9, "undecodable_video")])

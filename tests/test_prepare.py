@@ -190,3 +190,31 @@ def test_release_layouts_prepare_from_their_roots_alone(prepared, tmp_path):
     assert video.counts == {"test": 1, "train": 1}
     assert video.excluded["total"] == 1 and video.excluded["by_reason"] == {"unlisted": 1}
     assert "excluded 1 {'unlisted': 1}" in video.summary()
+
+
+def test_step_clips_are_training_samples_of_one_step_each(prepared, tmp_path):
+    """data.step_clips: annotated steps of training videos become samples of their own, the step's
+    frames -> the step's sentence; val and test keep whole recipes only."""
+    import shutil
+
+    from ddft.data import formats
+    from ddft.data.media import sample_frames
+    from ddft.store import Store
+
+    cfg, store, base, done = prepared
+    shutil.copytree(store.local_path(""), tmp_path / "store")  # a version of its own: the module's stays latest
+    copy = Store(str(tmp_path / "store"))
+    data = cfg.data.model_copy(update={"step_clips": 2})
+    clipped = prepare(copy, data, base, "video")
+    rows = _rows(copy, "video")
+    clips = [r for r in rows if "#step" in r["id"]]
+    recipes = {r.id: r for r in formats.read_tasty(copy, f"{data.raw_prefix}/{data.tasty}")}
+    trained = [r for r in recipes.values() if r.split == "train"]
+    assert len(clips) == 2 * len(trained) and clipped.version != done["video"].version
+    assert len(rows) - len(clips) == sum(done["video"].counts.values())  # the whole recipes, as before
+    for row in clips:
+        recipe, step = row["id"].split("#step")
+        r, k = recipes[recipe], int(step) - 1
+        assert row["split"] == "train" and row["question"] == QUESTIONS["video_step"] and row["answer"] == r.steps[k]
+        frames = sample_frames(copy.read_bytes(r.video_key), data.frames, strategy="span", spans=[r.step_spans[k]])
+        assert np.frombuffer(row["pixels"], np.uint8).reshape(row["pixel_shape"]).tobytes() == frames.tobytes()

@@ -8,6 +8,7 @@ from PIL import Image
 from ddft.data.formats import read_foodx, read_qa, read_tasty
 from ddft.data.media import load_decord
 from ddft.data.synthetic import DISHES, FOODS, write_kitchen
+from ddft.recipes import parse_recipe
 from ddft.store import Store
 
 decord = load_decord()  # after torch (see load_decord)
@@ -35,9 +36,9 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     assert fa == fb
     assert fa.keys() == fc.keys()
     media = [k for k in fa if k.endswith((".jpg", ".mp4"))]
-    # photos of the 3 dishes; 4 recipes and 2 of each of the 2 held-out dishes; the 5 that are not
-    # trained on (1 val, 4 test) again in YouCook2's layout
-    assert len(media) == 3 * 3 + (4 + 2 * 2) + 5
+    # photos of the 3 dishes; 4 recipes (all trained on) and 2 of each of the 2 held-out dishes; the
+    # 4 that are not trained on (test) again in YouCook2's layout
+    assert len(media) == 3 * 3 + (4 + 2 * 2) + 4
     assert all(fa[k] != fc[k] for k in media)
     assert fa["datasets/raw/cooking_qa/qa.jsonl"] != fc["datasets/raw/cooking_qa/qa.jsonl"]
 
@@ -172,4 +173,37 @@ def test_held_out_recipes_read_back_in_youcook2_layout(kitchen):
         assert v.segments[-1][1] == v.duration == 6.0 and v.segments[0][0] == 0.0
         assert store.read_bytes(f"{yc2}/raw_videos/validation/{v.recipe_type}/{v.id}.mp4") == store.read_bytes(
             f"{raw}/tasty/ALL_RECIPES_without_videos/{v.id}/recipe_video.mp4"
+        )
+
+
+def test_recipes_combine_foods_freely_and_hold_out_unseen_combinations(tmp_path):
+    """Naming a recipe's foods takes reading the video: a dish has no fixed foods, every food is
+    trained in many combinations, and no val or test recipe cooks a trained combination."""
+    summary = write_kitchen(
+        Store(str(tmp_path)), seed=3, images_per_dish=2, recipes=36, held_out_videos=4, qa_pairs=8, video_seconds=6
+    )
+    foods = {
+        rid: frozenset(i["name"] for i in parse_recipe(r["text"])["ingredients"])
+        for rid, r in summary["recipes"].items()
+    }
+    trained = [foods[r] for r in summary["splits"]["train"]]
+    held = [foods[r] for s in ("val", "test") for r in summary["splits"][s]]
+    assert len(held) == 36 - len(trained) + 2 * 4 and not set(held) & set(trained)
+    assert len(set(trained)) == len(trained)  # each training recipe a combination of its own
+    for name in FOODS:  # every food in several trained combinations, beside several other foods
+        combos = [c for c in trained if name in c]
+        assert len(combos) >= 3 and len(set().union(*combos)) >= 5, name
+    by_dish = {}
+    for rid in summary["splits"]["train"]:
+        by_dish.setdefault(summary["recipes"][rid]["dish"], set()).add(foods[rid])
+    assert all(len(c) >= 3 for c in by_dish.values())  # a dish's recipes cook different foods
+    with pytest.raises(ValueError, match="none is left to hold out"):
+        write_kitchen(
+            Store(str(tmp_path / "all")),
+            dishes=2,
+            held_out_dishes=0,
+            recipes=900,
+            images_per_dish=2,
+            qa_pairs=4,
+            video_seconds=1,
         )

@@ -76,7 +76,8 @@ class SyntheticConfig(Strict):
     dishes: int = Field(6, ge=2, le=KITCHEN_DISHES, description="dishes trained on")
     held_out_dishes: int = Field(2, ge=0, le=6, description="dishes only in the held-out (test) splits")
     images_per_dish: int = Field(8, ge=2)
-    recipes: int = Field(12, ge=3)
+    recipes: int = Field(12, ge=3, description="recipe videos of the trained dishes (train and val splits)")
+    held_out_videos: int = Field(2, ge=1, le=32, description="recipe videos of each held-out dish (the test split)")
     qa_pairs: int = Field(60, ge=4)
 
     @model_validator(mode="after")
@@ -116,6 +117,13 @@ class DataConfig(Strict):
         "uniform",
         description="uniform (frame-accurate), keyframe (nearest keyframes: far cheaper) "
         "or steps (one frame per annotated step span, Tasty)",
+    )
+    step_clips: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="per training video, up to this many annotated steps (Tasty's csvalignment.dat) also become "
+        "samples of their own: the step's frames -> its sentence (the video adapter reads sooner: bench-quality)",
     )
     workers: int = Field(2, ge=1, description="most Ray Data map actors per modality")
     cpus_per_worker: float = Field(0.5, gt=0)

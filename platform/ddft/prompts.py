@@ -12,6 +12,8 @@ import torch
 QUESTIONS = {
     "image": "What is the dish in this image?",
     "video": "Give me the recipe for this video, with specific amounts for each ingredient.",
+    # a step's clip (DataConfig.step_clips): training only
+    "video_step": "What is done in this step of the video, with how much of what?",
 }
 IGNORE = -100  # label of prompt tokens: the loss covers the answer only
 # Video-LLaVA-7B-hf's chat template: media placeholders first, then the text, `ASSISTANT:` last.

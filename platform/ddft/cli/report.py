@@ -161,6 +161,16 @@ def recipe_tables(
     return out + ([more] if more else [])
 
 
+def named_line(named: dict) -> str:
+    """Whether the video adapter read the video, in one line: how many of the held-out recipe's
+    ingredients its answer named, and how many the same request named shown another video
+    ({"of", "own", "other", "other_id"})."""
+    return (
+        f"ingredients named: {named['own']} of {named['of']} from its own video; "
+        f"shown another video ({named['other_id']}): {named['other']} of {named['of']}"
+    )
+
+
 class Console:
     """Where the report goes. `tty` (default: the stream is a terminal) allows colour and, with
     `live`, spinners; otherwise every line is plain text written once."""

@@ -37,7 +37,7 @@ def square(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
-STRATEGIES = ("uniform", "keyframe", "steps")
+STRATEGIES = ("uniform", "keyframe", "steps", "span")  # span: a step clip's frames (not a config choice)
 
 
 def step_indices(spans: list, total: int, count: int) -> list[int]:
@@ -61,7 +61,8 @@ def sample_frames(
 
     uniform: frame-accurate, evenly spaced; keyframe: each uniform target snapped to its nearest
     keyframe (no decoding between keyframes: far cheaper, fine for minute-long recipe videos);
-    steps: one frame per annotated step span (Tasty's csvalignment.dat), topped up to `count`.
+    steps: one frame per annotated step span (Tasty's csvalignment.dat), topped up to `count`;
+    span: `count` frames evenly over the one span in `spans` (a step's clip).
 
     Frame i is the i-th frame in presentation order and the frame count is the number of video
     packets, as decord counts them. Plain H.264 (yuv420p, no rotation, closed GOPs) is decoded
@@ -84,6 +85,11 @@ def _indices(strategy: str, spans: list | None, total: int, count: int, keys: li
         return _nearest(uniform_indices(total, count), keys or [0])
     if strategy == "steps" and spans:
         return step_indices(spans, total, count)
+    if strategy == "span":
+        if not spans or not spans[0]:
+            raise ValueError("strategy 'span' takes the step's (first, last) frame as spans[0]")
+        first, last = max(0, spans[0][0]), min(total - 1, spans[0][1])
+        return [first + i for i in uniform_indices(max(1, last - first + 1), count)]
     return uniform_indices(total, count)
 
 

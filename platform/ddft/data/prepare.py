@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from ddft.config import JOINT, MODALITIES, DataConfig, TrainConfig
 from ddft.data import formats
-from ddft.data.media import MediaError, load_image, sample_frames
+from ddft.data.media import MediaError, load_image, sample_frames, uniform_indices
 from ddft.data.readers.common import DataError
 from ddft.models.load import BaseInfo, ensure_base, local_base_dir
 from ddft.prompts import QUESTIONS, encode
@@ -152,6 +152,7 @@ def list_samples(store: Store, data: DataConfig, modality: str) -> Listing:
             )
             for r in recipes
         ]
+        items += [clip for r in recipes if r.split == "train" for clip in step_clips(r, data.step_clips)]
         return Listing(
             items, recipes.problems, f"{raw}/{data.tasty}", recipes.excluded, dict(recipes.decisions), recipes.layout
         )
@@ -160,13 +161,34 @@ def list_samples(store: Store, data: DataConfig, modality: str) -> Listing:
     return Listing(items, pairs.problems, f"{raw}/{data.qa}")
 
 
-def _item(id_, split, question, answer, media_key=None, spans=None, ingredients="") -> dict:
+def step_clips(recipe, count: int) -> list[dict]:
+    """Up to `count` annotated steps of a training recipe (evenly over them) as samples of their
+    own: the step's frames (strategy "span") -> the step's sentence. A clip shows all its answer
+    says, so these teach reading the video sooner than whole recipes do (DESIGN.md, bench-quality)."""
+    shown = [k for k, span in enumerate(recipe.step_spans) if span]
+    picked = sorted({shown[i] for i in uniform_indices(len(shown), count)}) if shown and count else []
+    return [
+        _item(
+            f"{recipe.id}#step{k + 1}",
+            recipe.split,
+            QUESTIONS["video_step"],
+            recipe.steps[k],
+            recipe.video_key,
+            spans=json.dumps([recipe.step_spans[k]]),
+            strategy="span",
+        )
+        for k in picked
+    ]
+
+
+def _item(id_, split, question, answer, media_key=None, spans=None, ingredients="", strategy="") -> dict:
     # "" rather than None: Ray Data hands an all-None column to a numpy batch as float NaNs.
     return {
         "id": id_,
         "split": split,
         "media_key": media_key,
         "spans": spans,
+        "strategy": strategy,  # frame sampling of this sample: "" for the data config's
         "ingredients": ingredients,
         "question": question,
         "answer": answer,
@@ -183,18 +205,21 @@ class _Encode:
         self.store, self.modality, self.data = store, modality, data
         self.processor = AutoProcessor.from_pretrained(local_base_dir(store, base_id))
 
-    def _pixels(self, key: str, spans: str | None) -> np.ndarray:
+    def _pixels(self, key: str, spans: str | None, strategy: str) -> np.ndarray:
         raw = self.store.read_bytes(key)
         if self.modality == "image":
             return load_image(raw)
         return sample_frames(
-            raw, self.data.frames, strategy=self.data.frame_strategy, spans=json.loads(spans) if spans else None
+            raw,
+            self.data.frames,
+            strategy=strategy or self.data.frame_strategy,
+            spans=json.loads(spans) if spans else None,
         )
 
     def _row(self, item: dict) -> dict:
         pixels = None
         if self.modality != "text":
-            pixels = self._pixels(item["media_key"], item["spans"])
+            pixels = self._pixels(item["media_key"], item["spans"], item["strategy"])
         ids = encode(self.processor, self.modality, item["question"], item["answer"], self.data.frames)
         return {
             "input_ids": ids["input_ids"],
@@ -223,7 +248,7 @@ class _Encode:
 def _fingerprint(items: list[dict], entries: list, base: BaseInfo, modality: str, data: DataConfig) -> str:
     settings = {"schema": SCHEMA_VERSION, "modality": modality, "base": base.fingerprint}
     if modality == "video":
-        settings |= {"frames": data.frames, "strategy": data.frame_strategy}
+        settings |= {"frames": data.frames, "strategy": data.frame_strategy, "step_clips": data.step_clips}
     blob = json.dumps({"settings": settings, "items": items, "files": entries}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -9,11 +9,15 @@
   csvalignment.dat says where each step is; the closing "Enjoy!" is never shown (-1,-1), as in Tasty;
 - cooking QA (JSONL): questions whose answers are the kitchen's facts, two phrasings of each.
 
+Recipes combine foods freely: each video cooks one dish of the menu (shown at its end) with 2-4
+of the 11 foods in any order, each with its own amount and action, so naming a recipe's foods
+takes reading each step's tray: no dish has fixed foods to recognise instead.
+
 What is held out is really held out: the last `held_out_dishes` dishes of the menu are never
-trained on. Their recipe videos (new combinations of foods the other dishes show, with new
-amounts) are the Tasty `test` split, and every QA fact about them is in QA's `test` split, as are
-a few other whole facts (both phrasings on one side). The in-distribution sets are the `val`
-splits: trained dishes with new amounts, and the second phrasing of some trained facts.
+trained on. Their recipe videos (`held_out_videos` each) are the Tasty `test` split, and every QA
+fact about them is in QA's `test` split, as are a few other whole facts (both phrasings on one
+side). The in-distribution sets are the `val` splits: trained dishes, and the second phrasing of
+some trained facts. Every val and test video cooks a combination of foods no training video has.
 
 Everything is seeded per item (numpy Generators keyed by (seed, kind, index)), so the same seed
 writes the same bytes, and changing one count doesn't reshuffle the rest.
@@ -366,16 +370,31 @@ def encode_mp4(frames, fps: int) -> bytes:
     return buf.getvalue()
 
 
-def _plan_recipe(dish: Dish, rng: np.random.Generator, amounts: list[int]) -> list[_Step]:
+MIN_FOODS, MAX_FOODS = 2, 4  # foods per recipe
+COMBINATIONS = sum(math.comb(len(FOODS), k) for k in range(MIN_FOODS, MAX_FOODS + 1))
+
+
+def _combination(rng: np.random.Generator, taken: set[frozenset]) -> list[str]:
+    """A free combination of MIN_FOODS..MAX_FOODS foods in a random order, none of `taken`."""
+    names = sorted(FOODS)
+    while True:
+        foods = [names[i] for i in rng.permutation(len(names))[: rng.integers(MIN_FOODS, MAX_FOODS + 1)]]
+        if frozenset(foods) not in taken:
+            return foods
+
+
+def _plan_recipe(dish: Dish, rng: np.random.Generator, foods: list[str], amounts: list[int]) -> list[_Step]:
     steps = []
-    for name, icons in zip(dish.foods, amounts):
+    for name, icons in zip(foods, amounts):
         food = FOODS[name]
         action = food.actions[rng.integers(len(food.actions))]
+        # Steps say the amount, as Tasty's often do: a step's clip shows all it says.
+        amount = format_quantity(icons * food.per_icon) + (f" {food.unit} of" if food.unit else "")
         text = {
-            "chop": f"Chop the {name}.",
-            "whisk": f"Whisk the {name}.",
-            "add": f"Add the {name} to the pot.",
-            "pour": f"Pour the {name} into the pot.",
+            "chop": f"Chop {amount} {name}.",
+            "whisk": f"Whisk {amount} {name}.",
+            "add": f"Add {amount} {name} to the pot.",
+            "pour": f"Pour {amount} {name} into the pot.",
         }[action]
         steps.append(_Step(action, food, icons, text))
     if rng.random() < 0.7:
@@ -409,15 +428,17 @@ def _recipe_xml(title: str, lines: list[str], steps: list[str]) -> str:
     )
 
 
-# The layout the kitchen writes: a store written with another is rewritten (2: the releases' own trees).
-KITCHEN_LAYOUT = 2
+# The layout the kitchen writes: a store written with another is rewritten (2: the releases' own
+# trees; 3: recipes of free combinations of foods).
+KITCHEN_LAYOUT = 3
 KITCHEN_FOLDERS = ("foodx251", "tasty", "youcook2", "cooking_qa")
-HELD_OUT_VIDEOS = 2  # recipe videos of each held-out dish (each with its own amounts)
+HELD_OUT_VIDEOS = 2  # recipe videos of each held-out dish, by default
 
 
 def _split_of(r: int, n_dishes: int) -> str:
-    # First round of recipes trains every dish; later rounds cycle val, train, train.
-    return "train" if r < n_dishes else ("val", "train", "train")[(r - n_dishes) % 3]
+    # The first round of recipes trains every dish; later, one recipe in three is val, turn by turn
+    # over the dishes (each dish is trained on in most rounds).
+    return "train" if r < n_dishes or (r // n_dishes + r % n_dishes) % 3 else "val"
 
 
 # --- the kitchen ----------------------------------------------------------------------------------
@@ -432,6 +453,7 @@ def write_kitchen(
     held_out_dishes: int = 2,
     images_per_dish: int = 8,
     recipes: int = 12,
+    held_out_videos: int = HELD_OUT_VIDEOS,
     qa_pairs: int = 60,
     video_seconds: float = 6.0,
     fps: int = 10,
@@ -441,7 +463,7 @@ def write_kitchen(
     under `prefix`; return a summary with every recipe's expected target text.
 
     `dishes` are trained on (photos, `recipes` videos, QA); the next `held_out_dishes` of the menu
-    only appear in the held-out splits (HELD_OUT_VIDEOS videos each, and their QA facts)."""
+    only appear in the held-out splits (`held_out_videos` videos each, and their QA facts)."""
     store = Store(store) if isinstance(store, str) else store
     if dishes < 1 or held_out_dishes < 0 or dishes + held_out_dishes > len(DISHES):
         raise ValueError(
@@ -476,18 +498,37 @@ def write_kitchen(
     for split, lines in rows.items():
         put(f"foodx251/{split}_info.csv", "".join(lines))
 
-    # Tasty: recipe r cooks dish r % dishes; then each held-out dish's videos (all test). A dish's
-    # first recipe uses its classic amounts (the ones QA asks about), the others amounts of their own.
+    # Tasty: recipe r cooks dish r % dishes; then each held-out dish's videos (all test). The foods
+    # of a recipe are a free combination with amounts and actions of its own, so that only reading
+    # each step's tray names them: no dish has fixed foods, and every val and test recipe is a
+    # combination no training recipe has (training recipes differ from each other while they can).
+    # Each dish's first recipe is its classic one (its `foods`, `classic` amounts), which QA asks
+    # about; no training recipe cooks a held-out dish's classic combination.
     classic = [list(_rng(seed, 2, i).integers(1, _MAX_ICONS + 1, len(d.foods))) for i, d in enumerate(kitchen)]
     n_frames = round(video_seconds * fps)
     summary_recipes, splits, youcook = {}, {"train": [], "val": [], "test": []}, {}
-    held_out = [(dishes + i, k) for i in range(held_out_dishes) for k in range(HELD_OUT_VIDEOS)]
-    for r in range(recipes + len(held_out)):
+    held_out = [(dishes + i, k) for i in range(held_out_dishes) for k in range(held_out_videos)]
+    n_recipes = recipes + len(held_out)
+    split_of = [_split_of(r, dishes) if r < recipes else "test" for r in range(n_recipes)]
+    first = {r: dishes + i for i in range(held_out_dishes) if (r := recipes + i * held_out_videos) < n_recipes}
+    first |= {r: r for r in range(min(dishes, recipes))}
+    combos = {r: list(kitchen[d].foods) for r, d in first.items()}
+    for r in (r for r in range(n_recipes) if split_of[r] == "train" and r not in first):
+        taken = set(map(frozenset, combos.values())) if len(combos) < COMBINATIONS else set()
+        combos[r] = _combination(_rng(seed, 5, r), taken)
+    trained = {frozenset(c) for r, c in combos.items() if split_of[r] == "train"}
+    if len(trained) >= COMBINATIONS and len(combos) < n_recipes:
+        raise ValueError(f"recipes={recipes}: all {COMBINATIONS} combinations are trained on, none is left to hold out")
+    for r in (r for r in range(n_recipes) if split_of[r] != "train" and r not in first):
+        combos[r] = _combination(_rng(seed, 5, r), trained)
+    for r in range(n_recipes):
         dish_i, round_ = (r % dishes, r // dishes) if r < recipes else held_out[r - recipes]
-        dish, rng = kitchen[dish_i], _rng(seed, 3, r)
-        split = _split_of(r, dishes) if r < recipes else "test"
-        amounts = classic[dish_i] if round_ == 0 else list(rng.integers(1, _MAX_ICONS + 1, len(dish.foods)))
-        plan = _plan_recipe(dish, rng, [int(a) for a in amounts])
+        dish, rng, split = kitchen[dish_i], _rng(seed, 3, r), split_of[r]
+        classic_one = r in first
+        amounts = [
+            int(a) for a in (classic[dish_i] if classic_one else rng.integers(1, _MAX_ICONS + 1, len(combos[r])))
+        ]
+        plan = _plan_recipe(dish, rng, combos[r], amounts)
         blocks = n_frames // _STRIDE
         if blocks < len(plan):
             raise ValueError(

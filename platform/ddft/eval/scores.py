@@ -30,6 +30,7 @@ __all__ = [
     "rouge_l",
     "mean_rouge_l",
     "bleu4",
+    "matched_ingredients",
     "recipe_scores",
     "score_recipes",
     "score",
@@ -138,6 +139,20 @@ def _same_quantity(a: float | None, b: float | None) -> bool:
     return math.isclose(a, b, rel_tol=_QTY_REL_TOL, abs_tol=_QTY_ABS_TOL)
 
 
+def matched_ingredients(predicted: Sequence[dict], reference: Sequence[dict]) -> list[tuple[dict, dict]]:
+    """(predicted, reference) ingredient pairs ({"name", ...} dicts) matched one-to-one by name
+    (`normalize`d, singular/plural insensitive), in the predicted order."""
+    unmatched: dict[str, list[int]] = {}  # reference name key -> indices still free, in order
+    for i, ing in enumerate(reference):
+        unmatched.setdefault(_name_key(ing["name"]), []).append(i)
+    pairs = []
+    for ing in predicted:
+        free = unmatched.get(_name_key(ing["name"]))
+        if free:
+            pairs.append((ing, reference[free.pop(0)]))
+    return pairs
+
+
 def recipe_scores(prediction_text: str | None, reference_text: str) -> dict:
     """Scores of one model-written recipe against the reference, both read with `parse_recipe`.
 
@@ -153,14 +168,7 @@ def recipe_scores(prediction_text: str | None, reference_text: str) -> dict:
     """
     pred = parse_recipe(prediction_text or "")
     ref = parse_recipe(reference_text or "")
-    unmatched = {}  # reference name key -> indices still free, in order
-    for i, ing in enumerate(ref["ingredients"]):
-        unmatched.setdefault(_name_key(ing["name"]), []).append(i)
-    pairs = []
-    for ing in pred["ingredients"]:
-        free = unmatched.get(_name_key(ing["name"]))
-        if free:
-            pairs.append((ing, ref["ingredients"][free.pop(0)]))
+    pairs = matched_ingredients(pred["ingredients"], ref["ingredients"])
 
     n_pred, n_ref = len(pred["ingredients"]), len(ref["ingredients"])
     if n_pred + n_ref == 0:
