@@ -130,7 +130,8 @@ bench-scale: venv
 
 # make bench-quality - the point of DDFT on the embedded base: the image, video and text adapters and the
 # equal-budget joint trained, scored by ddft eval with matched and mismatched media (the table, its chart,
-# the bars); BENCH_ARGS="--parity" also checks vLLM's greedy tokens against hf's; 15 min on 2 cores here
+# the bars); BENCH_ARGS="--parity" also checks vLLM's greedy tokens against hf's, "--config" measures another
+# pipeline config (the 7B on GPUs)
 .PHONY: bench-quality
 bench-quality: venv $(if $(findstring --parity,$(BENCH_ARGS)),venv-vllm)
 	$(PY) -m bench.quality $(BENCH_ARGS)
@@ -142,6 +143,14 @@ bench-quality: venv $(if $(findstring --parity,$(BENCH_ARGS)),venv-vllm)
 .PHONY: bench-video
 bench-video: venv
 	$(PY) -m bench.video_budget $(BENCH_ARGS)
+
+# make bench-video-read - which training choices make the video adapter read the video soonest (projector
+# and LoRA learning rates, step clips, loss weight of the video's tokens): one adapter in-process, scored
+# held-out and in-distribution with its own and another video; ~5 min per run, e.g.
+# BENCH_ARGS="--samples 400 --projector-lr 2e-3"
+.PHONY: bench-video-read
+bench-video-read: venv
+	$(PY) -m bench.video_read $(BENCH_ARGS)
 
 # make openapi - regenerate docs/openapi.json from the app's routes (a test checks it is current)
 .PHONY: openapi
