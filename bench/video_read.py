@@ -12,6 +12,8 @@ adapter that reads has matched ingredient F1 above mismatched. The choices measu
                      step's frames -> its sentence) beside whole recipes; their own score too
   --content-weight   loss weight of the answer tokens that depend on the video (amounts, foods)
 
+--probe first asks whether the frozen towers see what the steps show at all (`tower_probe`).
+
 The README's "Reading the video" rows come from here. The last stdout line is one JSON object.
 """
 
@@ -51,6 +53,41 @@ def videos(store, recipes: int, frames: int, clips_per_video: int):
     return out
 
 
+def tower_probe(store, model, processor) -> dict:
+    """Is what a step shows in the frozen video tower's features (the layer the projector reads)? A
+    ridge classifier per frame, fit on the training videos' food steps and scored on the held-out
+    ones: the food and its count (icons in the tray) from one frame at the step's centre."""
+    import torch
+
+    from ddft.data import formats
+    from ddft.data.media import sample_frames
+    from ddft.data.synthetic import FOODS
+    from ddft.prompts import pixel_inputs
+
+    names, feats, foods, counts, train = sorted(FOODS), [], [], [], []
+    for r in formats.read_tasty(store, "raw/tasty"):
+        centres = [(a + b) // 2 for a, b in r.step_spans[: len(r.ingredients)]]
+        frames = sample_frames(
+            store.read_bytes(r.video_key), len(centres), strategy="steps", spans=[(c, c) for c in centres]
+        )
+        pixels = pixel_inputs(processor, "video", [frames])["pixel_values_videos"][0]
+        with torch.no_grad():
+            layers = model.model.video_tower(pixels, output_hidden_states=True).hidden_states
+        feats += [f.flatten().numpy() for f in layers[model.config.vision_feature_layer]]
+        foods += [names.index(i.name) for i in r.ingredients]
+        counts += [round(i.quantity / FOODS[i.name].per_icon) - 1 for i in r.ingredients]
+        train += [r.split == "train"] * len(r.ingredients)
+    x, train = np.array(feats), np.array(train)
+    x = (x - x[train].mean(0)) / (x[train].std(0) + 1e-6)
+
+    def accuracy(labels: list[int]) -> float:
+        y = np.eye(max(labels) + 1)[labels]
+        w = np.linalg.solve(x[train].T @ x[train] + 10 * np.eye(x.shape[1]), x[train].T @ y[train])
+        return round(float(((x[~train] @ w).argmax(1) == np.array(labels)[~train]).mean()), 3)
+
+    return {"probe_food_acc": accuracy(foods), "probe_count_acc": accuracy(counts), "probe_steps": int((~train).sum())}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipes", type=int, default=96, help="recipe videos of the trained dishes (train + val)")
@@ -63,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--probe", action="store_true", help="also probe the frozen tower: does it see the food and count?")
     args = ap.parse_args(argv)
 
     import torch
@@ -134,6 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
         return [tok.decode(o[b["input_ids"].shape[1] :], skip_special_tokens=True) for o in out]
 
     result: dict = {"bench": "video_read", **vars(args), "train_s": round(train_s, 1)}
+    if args.probe:
+        result |= tower_probe(store, model.get_base_model(), processor)
     result["loss_end"] = round(float(np.mean(losses[-5:])), 3)
     for split, tag in (("test", "held_out"), ("val", "in_dist")):
         rows = data[split]
