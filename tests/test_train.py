@@ -320,3 +320,21 @@ def test_evaluate_scores_base_and_adapters_and_records_them(prepared, trained_vi
     assert "| held-out | video | base:tiny | matched | 2 | 0 |" in text and "| held-out | video | ddft/video/v" in text
     evals = read_manifest(store, "ddft", "video").metrics["eval"]
     assert evals["held-out"]["samples"] == 2 and "gap" in evals["held-out (mismatched)"]
+
+
+def test_drawn_samples_keep_their_column_types(ray_cluster, tmp_path):
+    """The joint job's draw (whole passes, then a seeded choice of rows for the rest) keeps the
+    prepared columns' Arrow types: a row filter made the chosen rows' lists int64 beside the
+    passes' int32, and a batch spanning both failed ("Types mismatch") in bench-quality's joint job."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ddft.train.job import draw
+
+    shape = pa.array([[8, 224, 224, 3]] * 5, pa.list_(pa.int32()))
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(5)], "pixel_shape": shape}), tmp_path / "a.parquet")
+    drawn = draw(ray_cluster.data.read_parquet(str(tmp_path / "a.parquet")), 12, seed=0)
+    blocks = [ray_cluster.get(ref) for ref in drawn.to_arrow_refs()]
+    assert sum(b.num_rows for b in blocks) == 12  # two passes and 2 rows drawn
+    assert {str(b.schema.field("pixel_shape").type) for b in blocks} == {"list<element: int32>"}
+    assert len(pa.concat_tables(blocks)) == 12

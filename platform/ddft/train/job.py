@@ -78,7 +78,11 @@ def draw(ds, n: int, seed: int, what: str = "the"):
         raise ValueError(f"no {what} train rows to draw {n} samples from: prepare that data first")
     passes, rest = divmod(n, len(ids))
     chosen = set(np.random.default_rng(seed).choice(ids, rest, replace=False).tolist()) if rest else set()
-    parts = [ds] * passes + ([ds.filter(lambda row: row["id"] in chosen)] if rest else [])
+    # An expression filter, not a row function: rows through Python come back with their lists
+    # re-typed (int32 -> int64), and a batch spanning both kinds fails to concatenate.
+    from ray.data.expressions import col
+
+    parts = [ds] * passes + ([ds.filter(expr=col("id").is_in(sorted(chosen)))] if rest else [])
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
