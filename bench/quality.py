@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["job_train_s"] = {r.name: round(r.ended - r.started, 1) for r in trained}
     result["budgets"] = {j.name: j.samples or {j.modality: j.optim.max_steps * j.samples_per_step()} for j in cfg.jobs}
     print(table(trained), flush=True)
-    if failed := [r for r in trained if r.status != "succeeded"]:
+    if failed := [r for r in trained if r.status not in ("succeeded", "skipped")]:  # skipped: published before
         sys.exit("; ".join(f"job {r.name} {r.status}: {r.error}" for r in failed))
     t2 = time.monotonic()
     rows = evaluate.evaluate(store, cfg.base.id, max_new_tokens=MAX_NEW_TOKENS)
