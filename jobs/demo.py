@@ -178,12 +178,14 @@ def try_it(cfg: config.PipelineConfig, store: Store, config_path: Path, engine: 
     ]
     held_out = tests[0]
     recipe = client.post_recipe(url, store.read_bytes(held_out.video_key))
+
     # The same request with another held-out video (the one sharing the fewest foods): an adapter
     # that reads the video names the held-out recipe's foods only when shown its own video.
-    expected = [{"name": i.name} for i in held_out.ingredients]
-    other = min(
-        tests[1:] or tests, key=lambda r: len(matched_ingredients([{"name": i.name} for i in r.ingredients], expected))
-    )
+    def names(r) -> list[dict]:
+        return [{"name": i.name} for i in r.ingredients]
+
+    expected = names(held_out)
+    other = min(tests[1:] or tests, key=lambda r: len(matched_ingredients(names(r), expected)))
     shown_other = client.post_recipe(url, store.read_bytes(other.video_key))
     named = {
         "of": len(expected),

@@ -123,7 +123,7 @@ class DataConfig(Strict):
         ge=0,
         le=16,
         description="per training video, up to this many annotated steps (Tasty's csvalignment.dat) also become "
-        "samples of their own: the step's frames -> its sentence (the video adapter reads sooner: bench-quality)",
+        "samples of their own: the step's frames -> its sentence (measured by make bench-video-read)",
     )
     workers: int = Field(2, ge=1, description="most Ray Data map actors per modality")
     cpus_per_worker: float = Field(0.5, gt=0)

@@ -164,7 +164,7 @@ def list_samples(store: Store, data: DataConfig, modality: str) -> Listing:
 def step_clips(recipe, count: int) -> list[dict]:
     """Up to `count` annotated steps of a training recipe (evenly over them) as samples of their
     own: the step's frames (strategy "span") -> the step's sentence. A clip shows all its answer
-    says, so these teach reading the video sooner than whole recipes do (DESIGN.md, bench-quality)."""
+    says; at the budgets `make bench-video-read` measured they did not make the adapter read sooner."""
     shown = [k for k, span in enumerate(recipe.step_spans) if span]
     picked = sorted({shown[i] for i in uniform_indices(len(shown), count)}) if shown and count else []
     return [

@@ -20,7 +20,8 @@ side). The in-distribution sets are the `val` splits: trained dishes, and the se
 some trained facts. Every val and test video cooks a combination of foods no training video has.
 
 Everything is seeded per item (numpy Generators keyed by (seed, kind, index)), so the same seed
-writes the same bytes, and changing one count doesn't reshuffle the rest.
+writes the same bytes; changing one count reshuffles little (a recipe's foods avoid the
+combinations of the training recipes before it, and held-out ones every training combination).
 """
 
 from __future__ import annotations
