@@ -6,7 +6,7 @@ synthetic kitchen's free combinations, with the embedded base, the pipeline's Lo
 in-distribution (val) videos, each with its own video (matched) and another's (mismatched). An
 adapter that reads has matched ingredient F1 above mismatched. The choices measured:
 
-  --projector-lr     the multimodal projector's learning rate (random in the embedded base)
+  --projector-lr     the multimodal projector's learning rate (aligned at the base's build: ddft.models.align)
   --lr               LoRA's
   --clips            share of samples that are step clips (`ddft.data.prepare.step_clips`: a
                      step's frames -> its sentence) beside whole recipes; their own score too
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--samples", type=int, default=200, help="training samples (recipes and clips)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--projector-lr", type=float, default=1e-2)
+    ap.add_argument("--projector-lr", type=float, default=1e-4)
     ap.add_argument("--clips", type=float, default=0.0, help="share of step clips among the samples")
     ap.add_argument("--content-weight", type=float, default=1.0)
     ap.add_argument("--frames", type=int, default=8)

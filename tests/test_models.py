@@ -46,3 +46,19 @@ def test_missing_base_names_the_store_path(tmp_path):
 
 def test_smollm2_gguf_is_installed():
     assert smollm2_gguf().suffix == ".gguf"
+
+
+def test_projector_alignment_puts_each_frame_near_its_foods_and_counts_words():
+    """Stage 1 (`ddft.models.align`) on the tiny base: only the projector changes, and afterwards the tokens
+    of fresh frames land nearest the words of the food shown and of its count, far above chance (1/11, 1/4).
+    The tiny base's width-32 tower and byte tokenizer are weaker than the embedded base's (0.37 and 0.85 here)."""
+    from ddft.models.align import align_projector
+
+    model, processor = build_tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    untrained = align_projector(model, processor, frames=400, steps=0)
+    result = align_projector(model, processor, frames=400, steps=300)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("model.multi_modal_projector.") for k in changed), changed
+    assert untrained.food_accuracy < 0.2 and untrained.count_accuracy < 0.4, untrained
+    assert result.food_accuracy >= 3 / 11 and result.count_accuracy >= 2 / 4, result

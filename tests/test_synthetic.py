@@ -207,3 +207,19 @@ def test_recipes_combine_foods_freely_and_hold_out_unseen_combinations(tmp_path)
             qa_pairs=4,
             video_seconds=1,
         )
+
+
+def test_step_frames_show_their_captions_and_no_recipe_videos_frame():
+    """The alignment's captioned frames: seeded (the same bytes twice), each caption a food of the kitchen
+    and a count it can show, and the frames are the recipe videos' size and kind (a tray at the top)."""
+    from ddft.data.synthetic import FOODS, MAX_ICONS, step_frames
+
+    frames, captions = step_frames(12, seed=3)
+    again, same = step_frames(12, seed=3)
+    assert captions == same and all(np.array_equal(a, b) for a, b in zip(frames, again))
+    assert step_frames(12, seed=4)[1] != captions
+    assert {f.shape for f in frames} == {(224, 224, 3)} and all(f.dtype == np.uint8 for f in frames)
+    assert all(food in FOODS and 1 <= icons <= MAX_ICONS for food, icons in captions)
+    tray = np.stack([f[:50, 50:174] for f in frames]).reshape(12, -1, 3)
+    for (food, _), pixels in zip(captions, tray):  # the tray shows the food's own colour
+        assert (np.abs(pixels.astype(int) - FOODS[food].colour).sum(1) < 30).any(), food

@@ -42,7 +42,17 @@ from ddft.data.readers.tasty import RECIPES_FOLDER as TASTY_RECIPES
 from ddft.recipes import Ingredient, format_quantity, format_recipe
 from ddft.store import Store
 
-__all__ = ["Dish", "Food", "DISHES", "FOODS", "write_kitchen", "render_dish", "encode_mp4", "video_codec"]
+__all__ = [
+    "Dish",
+    "Food",
+    "DISHES",
+    "FOODS",
+    "write_kitchen",
+    "render_dish",
+    "step_frames",
+    "encode_mp4",
+    "video_codec",
+]
 
 
 @dataclass(frozen=True)
@@ -109,7 +119,7 @@ DISHES = [
 
 _TABLE = np.array([105, 105, 112])  # neutral grey-blue: far from every dish colour
 _STRIDE = 5  # csvalignment.dat unit, in frames (Tasty sub-sampling)
-_MAX_ICONS = 4
+MAX_ICONS = 4
 
 
 def _rng(seed: int, kind: int, index: int = 0) -> np.random.Generator:
@@ -341,6 +351,24 @@ class _Scene:
 _CODEC: str | None = None
 
 
+def step_frames(count: int, seed: int = 0, size=(224, 224)) -> tuple[list[np.ndarray], list[tuple[str, int]]]:
+    """`count` captioned still frames of single steps: (frames, [(food, icons in the tray)]).
+
+    Drawn like the recipe videos' frames (any dish, food, count, action and moment of the step, a
+    few foods already in the pot), from generators of their own kind: no recipe video has them."""
+    names, frames, captions = sorted(FOODS), [], []
+    for i in range(count):
+        rng = _rng(seed, 6, i)
+        scene = _Scene(DISHES[rng.integers(len(DISHES))], size, rng)
+        food = FOODS[names[rng.integers(len(names))]]
+        icons = int(rng.integers(1, MAX_ICONS + 1))
+        scene.pot_colours = [FOODS[names[j]].colour for j in rng.integers(0, len(names), rng.integers(0, 3))]
+        step = _Step(food.actions[rng.integers(len(food.actions))], food, icons, "")
+        frames.append(scene.frame(step, int(rng.integers(0, 8)), 8))
+        captions.append((food.name, icons))
+    return frames, captions
+
+
 def video_codec() -> str:
     """libx264 (H.264) when PyAV has it, else mpeg4 (always built into FFmpeg)."""
     global _CODEC
@@ -505,7 +533,7 @@ def write_kitchen(
     # combination no training recipe has (training recipes differ from each other while they can).
     # Each dish's first recipe is its classic one (its `foods`, `classic` amounts), which QA asks
     # about; no training recipe cooks a held-out dish's classic combination.
-    classic = [list(_rng(seed, 2, i).integers(1, _MAX_ICONS + 1, len(d.foods))) for i, d in enumerate(kitchen)]
+    classic = [list(_rng(seed, 2, i).integers(1, MAX_ICONS + 1, len(d.foods))) for i, d in enumerate(kitchen)]
     n_frames = round(video_seconds * fps)
     summary_recipes, splits, youcook = {}, {"train": [], "val": [], "test": []}, {}
     held_out = [(dishes + i, k) for i in range(held_out_dishes) for k in range(held_out_videos)]
@@ -526,9 +554,7 @@ def write_kitchen(
         dish_i, round_ = (r % dishes, r // dishes) if r < recipes else held_out[r - recipes]
         dish, rng, split = kitchen[dish_i], _rng(seed, 3, r), split_of[r]
         classic_one = r in first
-        amounts = [
-            int(a) for a in (classic[dish_i] if classic_one else rng.integers(1, _MAX_ICONS + 1, len(combos[r])))
-        ]
+        amounts = [int(a) for a in (classic[dish_i] if classic_one else rng.integers(1, MAX_ICONS + 1, len(combos[r])))]
         plan = _plan_recipe(dish, rng, combos[r], amounts)
         blocks = n_frames // _STRIDE
         if blocks < len(plan):

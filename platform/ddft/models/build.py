@@ -126,7 +126,8 @@ def smollm2_gguf() -> Path:
 
 
 def build_embedded(seed: int = 0):
-    """SmolLM2-135M-Instruct as the language model, small random CLIP towers (about 20 s)."""
+    """SmolLM2-135M-Instruct as the language model, small random CLIP towers and a projector aligned to
+    the language model's words (`ddft.models.align`, stage 1): about 70 s."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf()
@@ -146,6 +147,9 @@ def build_embedded(seed: int = 0):
     model.lm_head.load_state_dict(lm.lm_head.state_dict())
     model.resize_token_embeddings(len(tok), mean_resizing=False)
     model.generation_config = lm.generation_config
+    from ddft.models.align import align_projector
+
+    align_projector(model, processor)
     return model, processor
 
 
