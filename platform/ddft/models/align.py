@@ -23,13 +23,12 @@ import torch
 
 log = logging.getLogger(__name__)
 
-FRAMES, STEPS, BATCH, LR, SEED = (
-    6000,
-    600,
-    256,
-    3e-3,
-    0,
-)  # ~45 s on 2 cores: food 0.76, count 0.997 (300 steps: 0.63, 0.94)
+# ~45 s on 2 cores; on fresh frames food 0.76 and count 0.997 (300 steps: 0.63 and 0.94)
+FRAMES = 6000  # captioned frames to fit on
+STEPS = 600  # Adam steps of BATCH frames
+BATCH = 256
+LR = 3e-3
+SEED = 0
 
 
 @dataclass(frozen=True)
