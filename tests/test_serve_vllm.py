@@ -2,18 +2,23 @@
 py_executable) with real vLLM, and the same HTTP contract holds, read by the official openai client:
 plain and streamed chat with `<base>:<adapter>` models and an image part, recipes streamed, the
 answers the same as the hf engine's (under the recipe grammar), every recipe valid against the published
-schema, response_format, and a bad vLLM environment refused before anything starts."""
+schema, response_format, eight clients at once answered each as alone, and a bad vLLM environment refused before
+anything starts."""
 
 from __future__ import annotations
 
+import base64
 import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import requests
 
 from ddft.config import ConfigError, ServeSettings
-from tests.serve_fixture import ADMIN_KEY, running_app
+from tests.serve_fixture import ADMIN_KEY, make_mp4, make_png, running_app
 from tests.test_serve import check_recipes, check_response_format
 from tests.test_streaming import QUESTION, _check_stream, _events, _openai, _plain_and_streamed, image_question
 
@@ -102,6 +107,80 @@ def test_the_widest_upload_the_gateway_accepts_is_served_by_vllm_like_hf(app):
     assert {"gate_proj", "down_proj"} <= {t.rsplit(".", 1)[-1] for t in manifest.target_modules}
     hf = HFEngine(app.store, "tiny").generate([GenerateRequest("text", question, None, manifest, 16)])[0]
     assert answer["answer"] == hf.text
+
+
+def _ask(app, path: str, stream: bool, key: str | None = None, **send) -> tuple[str, str, str]:
+    """(text, finish_reason, adapter) of one call to the app over HTTP, plain or streamed (SSE): chat
+    completions, /v1/generate or /v1/recipes; a stream's text is its deltas joined."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if path == "/v1/recipes" and stream:
+        path += "?stream=true"
+    resp = requests.post(f"{app.url}{path}", headers=headers, stream=stream, timeout=(5, 240), **send)
+    if not stream:
+        assert resp.status_code == 200, resp.text
+        out = resp.json()
+        if path == "/v1/chat/completions":
+            (choice,) = out["choices"]
+            return choice["message"]["content"], choice["finish_reason"], out["adapter"]
+        return out["text" if path == "/v1/recipes" else "answer"], out["finish_reason"], out["adapter"]
+    events = _events(resp)
+    assert events[-1] == (None, "[DONE]") and "error" not in [name for name, _ in events], events
+    if path.startswith("/v1/recipes"):
+        (recipe,) = [json.loads(data) for name, data in events if name == "recipe"]
+        text = "".join(json.loads(data)["text"] for name, data in events if name == "delta")
+        assert text == recipe["text"]
+        return text, recipe["finish_reason"], recipe["adapter"]
+    chunks = [json.loads(data) for _, data in events[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    (last,) = [c for c in chunks if c.get("adapter")]  # the last content chunk: finish_reason, adapter
+    return text, last["choices"][0]["finish_reason"], last["adapter"]
+
+
+@pytest.mark.timeout(420)  # run alone, the module's vLLM app starts inside it (40 s); 16 answers on 2 cores
+def test_eight_concurrent_clients_on_vllm_each_answered_as_alone(app):
+    """Eight HTTP clients at once on vLLM (continuous batching, multi-LoRA): the platform's image, video and text
+    adapters and a tenant's, by the base id's routing and by name; chat with text, an image and a video, /v1/generate
+    and recipes; streamed and not; all greedy. Each answer (a stream's deltas joined), its finish reason and the
+    adapter that gave it are the request's own answer alone."""
+    clip, png = make_mp4(8, 224), base64.b64encode(make_png()).decode()  # another clip than the store's
+    video = [{"type": "text", "text": "What is cooked here?"}]
+    video.append({"type": "video_url", "video_url": {"url": "datasets/raw/clips/one.mp4"}})
+
+    def chat(model: str, messages: list[dict], stream: bool, key: str | None = None, tokens: int = 16):
+        body = {"model": model, "messages": messages, "max_tokens": tokens, "temperature": 0, "stream": stream}
+        return ("/v1/chat/completions", stream, key, {"json": body})
+
+    calls = [  # (path, stream, tenant key, what requests.post sends)
+        chat("tiny", QUESTION, False),  # the base id: routing picks the platform's text adapter
+        chat("tiny", QUESTION, True, app.keys["acme"]),  # ... and acme's own text adapter for acme
+        chat("tiny:ddft/text/v1", [{"role": "user", "content": "How much salt goes in pasta water?"}], True, None, 12),
+        ("/v1/generate", False, None, {"json": {"modality": "image", "image_b64": png, "adapter": "ddft/image/v1"}}),
+        chat("tiny", image_question(), True, app.keys["beta"]),  # beta has no adapter: the platform's image one
+        chat("tiny:ddft/video/v1", [{"role": "user", "content": video}], True),
+        ("/v1/recipes", False, None, {"json": {"video_uri": "datasets/raw/clips/one.mp4", "temperature": 0}}),
+        ("/v1/recipes", True, app.keys["acme"], {"files": {"video": ("clip.mp4", clip)}}),
+    ]
+    alone = [_ask(app, path, stream, key, **send) for path, stream, key, send in calls]
+    adapters = ["ddft/text/v1", "tenant-acme/text/v1", "ddft/text/v1"] + ["ddft/image/v1"] * 2 + ["ddft/video/v1"] * 3
+    assert [adapter for _, _, adapter in alone] == adapters
+    assert {reason for _, reason, _ in alone} <= {"stop", "length"}
+
+    start = threading.Barrier(len(calls))
+    spans: list[tuple[float, float]] = []
+
+    def at_once(call) -> tuple[str, str, str]:
+        path, stream, key, send = call
+        start.wait(timeout=60)
+        t0 = time.monotonic()
+        out = _ask(app, path, stream, key, **send)
+        spans.append((t0, time.monotonic()))
+        return out
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        together = list(pool.map(at_once, calls, timeout=300))
+    assert max(t0 for t0, _ in spans) < min(t1 for _, t1 in spans)  # all eight were in flight at once
+    for call, one, both in zip(calls, alone, together):
+        assert both == one, (call[0], call[1], call[3].get("json", {}).get("model"))
 
 
 def test_a_vllm_environment_that_is_missing_or_wrong_is_refused_with_the_fix(tmp_path):
