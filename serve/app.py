@@ -45,8 +45,8 @@ def model_deployment(cfg: ddft_config.ServeConfig):
         cls,
         name="ModelServer",
         num_replicas=s.num_replicas,
-        # hf: two batches' worth at once (one running, one forming); vllm: its running batch. The
-        # rest wait in the bounded queue, and beyond it the gateway answers 503 + Retry-After
+        # hf: its running rows and as many waiting to join at the next step; vllm: its running batch.
+        # The rest wait in Serve's bounded queue, and beyond it the gateway answers 503 + Retry-After
         max_ongoing_requests=2 * s.max_batch_size if s.engine == "hf" else s.vllm.max_num_seqs,
         max_queued_requests=s.max_queued_requests,
         health_check_period_s=5,

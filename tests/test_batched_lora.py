@@ -10,7 +10,7 @@ import torch
 
 from ddft import prompts
 from ddft.adapters.registry import AdapterError
-from ddft.engines.base import STATS, GenerateRequest, make_engine
+from ddft.engines.base import FIGURES, STATS, GenerateRequest, make_engine
 from ddft.engines.batched_lora import BatchedLoraLinear
 from tests import test_engine_hf
 from tests.test_engine_hf import _media, _reference_logits, make_adapter
@@ -144,7 +144,7 @@ def test_seeded_sampling_is_reproducible_in_any_batch(served, more, engine):
 def test_eviction_restacks_and_counters(served, more, tmp_path):
     store, base, m = served
     eng = make_engine("hf", store=store, base_model_id=base.id, cache_size=8)
-    assert eng.stats() == dict.fromkeys(STATS, 0)  # every engine's counters (other tiers may add theirs)
+    assert eng.stats() == dict.fromkeys(STATS + FIGURES, 0)  # every engine's counters and gauges
     assert {
         "adapter_loads",
         "adapter_hits",

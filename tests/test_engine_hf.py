@@ -141,7 +141,8 @@ def test_mixed_batch_matches_each_adapter_alone(served, engine, tmp_path):
         "ddft/video/v1",
     ]
     assert all(r.base == "tiny" and r.timings["new_tokens"] <= 4 for r in together)
-    assert together[4].timings["batch_size"] == 3 and together[4].timings["adapters_in_batch"] == 1
+    # after prefill every row is tokens: all seven, of three modalities and adapters, share decode steps
+    assert together[4].timings["batch_size"] == 7 and together[4].timings["adapters_in_batch"] == 3
     assert set(engine.loaded_adapters()) == {"ddft/text/v1", "ddft/image/v1", "ddft/video/v1"}
 
 

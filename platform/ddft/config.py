@@ -289,8 +289,12 @@ class ServeSettings(Strict):
     placement: ServePlacement = ServePlacement()
     cpus_per_replica: float = Field(1.0, gt=0)
     gpus_per_replica: float = Field(0.0, ge=0)
-    max_batch_size: int = Field(8, ge=1, le=256, description="requests (any adapters) batched into one forward")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, le=5)
+    max_batch_size: int = Field(
+        8, ge=1, le=256, description="hf: rows (any adapters, modalities) running at once, stepped together"
+    )
+    max_cached_tokens: int = Field(
+        65536, ge=256, description="hf: KV-cache tokens of the running rows (rows x width), checked at admission"
+    )
     max_queued_requests: int = Field(32, ge=1, description="per replica; beyond it requests get 503 + Retry-After")
     request_timeout_s: float = Field(300.0, gt=0)
     # vLLM's own default. vLLM pads every adapter to this rank and its cost grows with it: its CPU LoRA kernels

@@ -2,10 +2,11 @@
 
 An engine holds one base and loads adapters on demand. Its serving interface is one typed, async,
 streaming call: `stream(request)` is an async iterator of `Chunk`s (new text as it is generated,
-the whole `GenerateResult` on the last one); the engine batches concurrent streams itself (the
-`hf` engine forms a batch when it is free, `vllm` joins a request to the running batch at the next
-step). Errors are raised as typed exceptions (`ValueError` for a bad request, `AdapterError`,
-`StoreError`, `EngineUnavailable`) and only `serve/` maps them to HTTP. `generate(list)` answers
+the whole `GenerateResult` on the last one); the engine batches concurrent streams itself: both
+schedule per step, a request joining the running rows at the next step and leaving at its end
+(`hf`: engines/scheduler.py; `vllm`: vLLM's own scheduler). `EngineBase` below is what both share.
+Errors are raised as typed exceptions (`ValueError` for a bad request, `AdapterError`, `StoreError`,
+`EngineUnavailable`, `EngineBusy`) and only `serve/` maps them to HTTP. `generate(list)` answers
 a whole batch synchronously (evaluation, benchmarks). Engines are imported lazily by
 `make_engine`, so heavy or optional ones (vLLM) cost nothing until chosen.
 """
@@ -13,10 +14,12 @@ a whole batch synchronously (evaluation, benchmarks). Engines are imported lazil
 from __future__ import annotations
 
 import importlib
+import threading
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from ddft.engines.detok import first_stop
 from ddft.engines.host_tier import HOST_COUNTERS, HostTier
 from ddft.engines.lru import COUNTERS, AdapterLRU
 from ddft.errors import Unavailable
@@ -27,6 +30,7 @@ if TYPE_CHECKING:
     from ddft.adapters.registry import Manifest
     from ddft.config import ServeConfig
     from ddft.engines.grammar import Constraint
+    from ddft.store import Store
 
 
 @dataclass
@@ -101,22 +105,48 @@ class Engine(Protocol):
     def resident_adapters(self) -> list[Manifest]:
         """The manifests of those adapters, in the same order."""
 
-    def stats(self) -> dict[str, int]:
-        """Counters since start: adapter_loads, adapter_hits, adapter_misses, adapter_evictions,
-        requests, prompt_tokens, new_tokens (for /metrics)."""
+    def stats(self) -> dict[str, float]:
+        """Counters since start (STATS: adapter loads, hits, misses, evictions, requests, tokens)
+        and the gauges now (FIGURES: running and waiting rows, cache use), for /metrics."""
 
 
 ENGINE_STATS = ("requests", "prompt_tokens", "new_tokens")  # counted by the engine; the adapter ones by its LRU
 STATS = COUNTERS + HOST_COUNTERS + ENGINE_STATS  # the counters every engine's stats() returns
+# the gauges too (engine figures on /metrics): rows running and waiting, KV-cache tokens and the share used
+FIGURES = ("running_rows", "waiting_rows", "cache_tokens", "cache_usage")
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 
 
-class AdapterCache:
-    """What engines share: their adapters' LRU (engines/lru.py) and the counters, read without a
-    lock so health checks and /metrics never wait for a running batch."""
+class EngineBusy(Unavailable):
+    """The engine's waiting queue is full: retry later (503 + Retry-After)."""
 
-    adapters: AdapterLRU
-    host: HostTier  # the adapters' files in host memory, resident or not (host_tier.py)
-    _stats: dict[str, int]  # the engine's own: requests, prompt_tokens, new_tokens
+    default_code = "engine_busy"
+
+
+class EngineBase:
+    """What both engines own: the store, the base's identity, the adapters' LRU (engines/lru.py) and
+    host tier, the lock and the counters; a request checked once (`check_request`) and a result
+    finished once (`finish`). They differ in how they schedule rows and load an adapter (`_load`,
+    `_unload`). Counters and figures are read without the lock, so health checks and /metrics never
+    wait for a running step."""
+
+    def __init__(self, store: Store | str, base_model_id: str, cache_size: int, host_cache_mb: float):
+        from ddft.models.load import base_info
+        from ddft.store import Store
+
+        self.store = store if isinstance(store, Store) else Store(store)
+        self.base_id = base_model_id
+        self.info = base_info(self.store, base_model_id)  # a missing base: the store's "not in the store"
+        self.adapters = AdapterLRU(cache_size, self._load, self._unload)
+        self.host = HostTier(host_cache_mb)  # the adapters' files in host memory, resident or not
+        self._lock = threading.RLock()  # adapter loads, and the steps that use them
+        self._stats = dict.fromkeys(ENGINE_STATS, 0)
+
+    def _load(self, manifest: Manifest):
+        raise NotImplementedError
+
+    def _unload(self, manifest: Manifest, entry) -> None:
+        raise NotImplementedError
 
     def loaded_adapters(self) -> list[str]:
         return [m.ref for m in self.adapters.resident]
@@ -136,8 +166,32 @@ class AdapterCache:
         with self._lock:
             return self.adapters.evict(ref)
 
-    def stats(self) -> dict[str, int]:
-        return {**self._stats, **self.adapters.counters, **self.host.counters}
+    def figures(self) -> dict[str, float]:
+        """The engine's gauges now (FIGURES)."""
+        return dict.fromkeys(FIGURES, 0)
+
+    def stats(self) -> dict[str, float]:
+        return {**self._stats, **self.adapters.counters, **self.host.counters, **self.figures()}
+
+    def finish(
+        self, request: GenerateRequest, tokens: list[int], reason: str, prompt_tokens: int, timings: dict
+    ) -> GenerateResult:
+        """A request's result from its new tokens (no end of sequence): the text decoded as training
+        decodes it, cut at its first stop string and stripped; counted."""
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        cut = first_stop(text, request.stop)
+        if cut is not None:
+            text, reason = text[:cut], "stop"
+        for key, n in (("requests", 1), ("prompt_tokens", prompt_tokens), ("new_tokens", len(tokens))):
+            self._stats[key] += n
+        return GenerateResult(
+            text=text.strip(),
+            adapter=request.adapter.ref if request.adapter else None,
+            base=self.base_id,
+            finish_reason=reason,
+            timings={**timings, "prompt_tokens": int(prompt_tokens), "new_tokens": len(tokens)},
+            token_ids=list(tokens),
+        )
 
 
 def check_request(r: GenerateRequest, i: int | None = None) -> None:
@@ -194,10 +248,8 @@ def serve_options(cfg: ServeConfig, engine: str | None = None, adapter_ranks: It
             "cache_size": s.adapter_cache_size,
             "host_cache_mb": s.host_cache_mb,
             "max_batch_size": s.max_batch_size,
-            "batch_wait_s": s.batch_wait_timeout_s,
+            "max_cached_tokens": s.max_cached_tokens,
         }
-    from ddft.engines.vllm import LORA_RANKS  # no vLLM import
-
     # tenant uploads are capped at serve.max_lora_rank; the platform's adapters have their jobs' ranks
     jobs = cfg.jobs if isinstance(cfg, TrainConfig) else []
     need = max([s.max_lora_rank, *adapter_ranks] + [j.lora.r for j in jobs])

@@ -1,10 +1,10 @@
-"""Constrained decoding: what a request's answer must match, and the `hf` engine's logits processor.
+"""Constrained decoding: what a request's answer must match, and the `hf` engine's per-row masks.
 
 A `Constraint` is a grammar (EBNF; the recipe format is recipes.recipe_grammar), a JSON Schema or
 any JSON object (OpenAI's response_format). Both engines decode under it with one library, xgrammar,
-and the same grammar text: `hf` through `ConstrainedRows` below, `vllm` through vLLM's own structured
-outputs with its xgrammar backend (`vllm_params`), so both accept the same constraints and, greedy,
-give the same tokens.
+and the same grammar text: `hf` through a matcher per row (`Compiler.matcher`, `Compiler.mask`),
+`vllm` through vLLM's own structured outputs with its xgrammar backend (`vllm_params`), so both
+accept the same constraints and, greedy, give the same tokens.
 
 Why xgrammar: measured on this CPU (2 cores) with SmolLM2's 49k-token vocabulary (the embedded
 base), best of 20 over a recipe's tokens, `python -m bench.serve_engine grammar`; per generated
@@ -159,35 +159,21 @@ class Compiler:
                 self._cache.popitem(last=False)
         return compiled
 
-
-class ConstrainedRows:
-    """A transformers logits processor: each constrained row of a batch may only take the tokens its
-    grammar allows (the others pass untouched). Each row's matcher takes the token its row got at
-    the previous step; a row that has ended (its own stop, max_new_tokens, end of sequence) is
-    left alone after that. Put it before any sampling processor."""
-
-    def __init__(self, compiler: Compiler, constraints: list[Constraint | None]):
+    def matcher(self, constraint: Constraint):
+        """A fresh matcher of the constraint for one row: it takes the row's tokens one by one."""
         import xgrammar as xgr
 
-        self.xgr = xgr
-        self.matchers = [xgr.GrammarMatcher(compiler(c)) if c is not None else None for c in constraints]
-        self.rows = [i for i, m in enumerate(self.matchers) if m is not None]
-        self.bitmask = xgr.allocate_token_bitmask(len(constraints), compiler.vocab_size)
-        self.width: int | None = None  # the prompt's width: the first call has no new token yet
+        return xgr.GrammarMatcher(self(constraint))
 
-    def __call__(self, input_ids, scores):
-        if self.width is None:
-            self.width = input_ids.shape[1]
-        elif input_ids.shape[1] > self.width:
-            last = input_ids[:, -1].tolist()
-            for i in self.rows:
-                m = self.matchers[i]
-                if m is not None and (not m.accept_token(last[i]) or m.is_terminated()):
-                    self.matchers[i] = None  # ended: its end of sequence, or padding after it stopped otherwise
-        live = [i for i in self.rows if self.matchers[i] is not None]
+    def mask(self, logits, matchers: list) -> None:
+        """Rows of `logits` (rows, vocab) with a matcher may only take the tokens it allows now
+        (in place; rows whose matcher is None pass untouched). Apply before any sampling."""
+        import xgrammar as xgr
+
+        live = [i for i, m in enumerate(matchers) if m is not None]
         if not live:
-            return scores
+            return
+        bitmask = xgr.allocate_token_bitmask(len(matchers), self.vocab_size)
         for i in live:
-            self.matchers[i].fill_next_token_bitmask(self.bitmask, i)
-        self.xgr.apply_token_bitmask_inplace(scores, self.bitmask.to(scores.device), indices=live)
-        return scores
+            matchers[i].fill_next_token_bitmask(bitmask, i)
+        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=live)

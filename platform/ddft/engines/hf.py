@@ -10,16 +10,14 @@ its safetensors written straight into a free slot of the layers' stacks (`Adapte
 PEFT never hears of it (its rows are "__base__" to PEFT's hook: no projector copy, no other layer);
 anything else (a projector trained in full) is loaded by PEFT, then stacked. Both answer the same.
 
-Requests are grouped by modality (their pixel inputs differ) and sampling temperature. Each row
-ends at its own end of sequence, stop string or max_new_tokens; sampled rows draw from their own
-seeded generator, whatever else is in the batch. A row with a constraint (a grammar or a JSON
-Schema) takes only the tokens it allows (grammar.ConstrainedRows), beside free rows in the batch.
-
-Streams (`stream`) wait in a Batcher (batcher.py) that forms the next batch when the engine is
-free; the batch runs in a worker thread, and the per-row stopping criterion, which sees every
-step's tokens, hands each row its new token through the event loop to that row's consumer, which
-turns tokens into text (detok.py). A bad request in a batch is answered alone, so it fails only
-itself; a consumer that goes away ends its row at the next step.
+Rows are scheduled per step (scheduler.py): a request joins the running rows at the next step
+(its prefill, media included, then decode beside the others whatever their modality, adapter or
+sampling) and leaves at its own end of sequence, stop string or max_new_tokens, or when its
+stream's consumer goes away. Sampled rows draw from their own seeded generator, constrained rows
+(a grammar or a JSON Schema) take only the tokens their matcher allows, beside free rows. The
+language model attends row by row (attention.py), so padding beside longer rows changes nothing.
+Streams get their tokens through their event loop and turn them into text (detok.py). A bad
+request fails alone, before or at its own prefill.
 
 PEFT 0.21 limits this path for `modules_to_save` (our image/video adapters train the projector
 fully), so the projector's wrappers are given `_MixedProjector` below: PEFT's own mixed path
@@ -35,7 +33,6 @@ import contextlib
 import logging
 import re
 import tempfile
-import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -44,19 +41,18 @@ import safetensors.torch
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel
 from peft.utils.other import ModulesToSaveWrapper
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from ddft import prompts
 from ddft.adapters.files import WEIGHTS
 from ddft.adapters.registry import AdapterError, Manifest, check_base
-from ddft.engines.base import ENGINE_STATS, AdapterCache, Chunk, GenerateRequest, GenerateResult, check_request
+from ddft.engines.attention import use_row_attention
+from ddft.engines.base import Chunk, EngineBase, GenerateRequest, GenerateResult, check_request
 from ddft.engines.batched_lora import BASE, AdapterBank, needs_peft, unsupported
-from ddft.engines.batcher import Batcher
-from ddft.engines.detok import TextStream, first_stop
-from ddft.engines.grammar import Compiler, ConstrainedRows, Constraint
-from ddft.engines.host_tier import HostTier
-from ddft.engines.lru import AdapterLRU, adapter_key
-from ddft.models.load import base_info, load_base, local_base_dir
+from ddft.engines.detok import TextStream
+from ddft.engines.grammar import Compiler, Constraint
+from ddft.engines.lru import adapter_key
+from ddft.engines.scheduler import KVRows, Row, Scheduler
+from ddft.models.load import load_base, local_base_dir
 from ddft.store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -91,83 +87,9 @@ class _MixedProjector(ModulesToSaveWrapper):
         return out
 
 
-class _Sink:
-    """Where one streamed row's new token ids go: its consumer's asyncio queue, from the worker
-    thread (call_soon_threadsafe). `closed` (the consumer went away) ends the row at the next step."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop, self.queue = loop, asyncio.Queue()
-        self.enqueued = time.perf_counter()
-        self.sent = self.closed = False
-
-    def push(self, token_ids: list[int]) -> None:
-        self.sent = True
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, token_ids)
-
-
-class _RowEnds(StoppingCriteria):
-    """Ends each row on its own: at end of sequence, its first stop string, or its max_new_tokens.
-
-    `ended[i]` keeps (new tokens, finish_reason) of row i; transformers pads rows once they end.
-    It sees every step's tokens, so it also hands each streamed row its new token to its sink.
-    """
-
-    def __init__(
-        self, width: int, reqs: list[GenerateRequest], eos_id: int, tokenizer, sinks: list[_Sink | None] | None = None
-    ):
-        self.width, self.eos_id, self.tokenizer = width, eos_id, tokenizer
-        self.limits = [r.max_new_tokens for r in reqs]
-        self.stops = [r.stop for r in reqs]
-        self.sinks = sinks or [None] * len(reqs)
-        self.ended: list[tuple[int, str] | None] = [None] * len(reqs)
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        n = input_ids.shape[1] - self.width
-        last = input_ids[:, -1].tolist()
-        for i, end in enumerate(self.ended):
-            if end is not None:
-                continue
-            sink = self.sinks[i]
-            if sink is not None and last[i] != self.eos_id:
-                if sink.closed:  # nobody reads this row any more: stop spending steps on it
-                    self.ended[i] = (n, "cancelled")
-                    continue
-                sink.push([last[i]])
-            if last[i] == self.eos_id:
-                self.ended[i] = (n, "stop")
-            elif (
-                self.stops[i]
-                and first_stop(
-                    self.tokenizer.decode(input_ids[i, self.width :], skip_special_tokens=True), self.stops[i]
-                )
-                is not None
-            ):
-                self.ended[i] = (n, "stop")
-            elif n >= self.limits[i]:
-                self.ended[i] = (n, "length")
-        return torch.tensor([e is not None for e in self.ended], device=input_ids.device)
-
-
-class _RowSampling(LogitsProcessor):
-    """Temperature sampling with one generator per row, so a seeded request draws the same tokens
-    whatever else shares its batch: Gumbel-max (argmax of logits/T + Gumbel noise is a sample of
-    softmax(logits/T)) under greedy decoding. Rows without a seed draw from the global RNG."""
-
-    def __init__(self, temperature: float, seeds: list[int | None], device: torch.device):
-        self.temperature = temperature
-        self.generators = []
-        for seed in seeds:
-            g = torch.Generator(device=device)
-            g.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
-            self.generators.append(g)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        expo = torch.stack([torch.empty_like(scores[0]).exponential_(generator=g) for g in self.generators])
-        return scores / self.temperature - expo.clamp_min_(1e-30).log()  # -log(Exp(1)) is Gumbel noise
-
-
-class HFEngine(AdapterCache):
-    """One base per engine; adapters in an LRU cache of `cache_size`; mixed-adapter batches."""
+class HFEngine(EngineBase):
+    """One base per engine; adapters in an LRU cache of `cache_size`; rows of any adapter, modality
+    and sampling stepped together (engines/scheduler.py)."""
 
     def __init__(
         self,
@@ -177,32 +99,29 @@ class HFEngine(AdapterCache):
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
         max_batch_size: int = 8,
-        batch_wait_s: float = 0.01,
+        max_cached_tokens: int = 65536,
+        max_waiting: int = 256,
         host_cache_mb: float = 512.0,
     ):
-        self.adapters = AdapterLRU(cache_size, self._load, self._unload)
-        self.host = HostTier(host_cache_mb)
-        self.store = store if isinstance(store, Store) else Store(store)
-        self.info = base_info(self.store, base_model_id)
-        self.base_id = base_model_id
+        super().__init__(store, base_model_id, cache_size, host_cache_mb)
         self.device = torch.device(device)
         started = time.perf_counter()
         model, self.processor = load_base(local_base_dir(self.store, base_model_id), dtype=dtype)
         # frozen as PEFT's first inject would freeze it (the LoRA layers may be ours, made before PEFT's)
         self.model = model.to(self.device).eval().requires_grad_(False)
+        use_row_attention(self.model)  # a row's tokens don't depend on what shares its steps (attention.py)
         self.load_s = time.perf_counter() - started
-        tok = self.processor.tokenizer
+        self.tokenizer = tok = self.processor.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.eos_id = tok.eos_token_id
+        self.base_name = BASE
         self._peft: PeftModel | None = None  # made by the first adapter PEFT loads
         self._bank = AdapterBank(self.model)  # the LoRA layers' stacked adapters
         self._hot: set[str] = set()  # adapters only in the bank's stacks (hot-loaded: no PEFT module)
         self.batched_lora = True  # False: PEFT's own adapter_names loop (for comparison)
         self.hot_load = True  # False: every adapter through PEFT's load (for comparison)
-        self._stats = dict.fromkeys(ENGINE_STATS, 0)
-        self._lock = threading.RLock()  # one batch or adapter load at a time
-        self._batcher = Batcher(self._run_batch, max_batch_size, batch_wait_s)  # concurrent streams
         self._grammars: Compiler | None = None  # constraints compiled for this tokenizer (made on first use)
+        self._scheduler = Scheduler(self, self._lock, max_batch_size, max_cached_tokens, cache_size, max_waiting)
         log.info("engine hf: base %s loaded in %.1fs on %s", base_model_id, self.load_s, self.device)
 
     # -- adapters ----------------------------------------------------------------------------------
@@ -307,7 +226,7 @@ class HFEngine(AdapterCache):
         self._bank.remove(name)  # its slot is free for the next one
         log.info("engine hf: adapter %s evicted", manifest.ref)
 
-    # -- generation --------------------------------------------------------------------------------
+    # -- requests ------------------------------------------------------------------------------------
     def _compiler(self) -> Compiler:
         if self._grammars is None:
             vocab = self.model.get_output_embeddings().weight.shape[0]
@@ -319,113 +238,121 @@ class HFEngine(AdapterCache):
         first request that uses it doesn't wait for it."""
         self._compiler()(constraint)
 
-    def generate(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
-        for i, r in enumerate(requests):
-            check_request(r, i)
-        results: list[GenerateResult | None] = [None] * len(requests)
-        with self._lock:
-            for modality, temperature, idxs in self._plan(requests):
-                for i, res in zip(idxs, self._run(modality, temperature, [requests[i] for i in idxs])):
-                    results[i] = res
-        return results  # type: ignore[return-value]
+    def _row(self, request: GenerateRequest, loop: asyncio.AbstractEventLoop | None = None) -> Row:
+        row = Row(request, loop, asyncio.Queue() if loop is not None else None)
+        if request.temperature > 0:  # its own generator: the same draws whatever shares its steps
+            row.generator = torch.Generator(device=self.device)
+            seed = request.seed if request.seed is not None else int(torch.randint(0, 2**62, ()).item())
+            row.generator.manual_seed(seed)
+        if request.constraint is not None:
+            row.matcher = self._compiler().matcher(request.constraint)  # a bad constraint fails here, alone
+        return row
 
-    def _plan(self, requests: list[GenerateRequest]):
-        """(modality, temperature, request indices) per forward: requests are grouped by modality
-        (their pixel inputs differ) and temperature, and split to fit the adapter cache."""
-        groups: dict[tuple[str, float], list[int]] = {}
-        for i, r in enumerate(requests):
-            groups.setdefault((r.modality, float(r.temperature)), []).append(i)
-        for (modality, temperature), idxs in groups.items():
-            for chunk in self._chunks(idxs, requests):
-                yield modality, temperature, chunk
+    def generate(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
+        """Every request at once (stepped together with whatever else runs), answered in order."""
+        for i, r in enumerate(requests):  # every request is checked before anything runs
+            check_request(r, i)
+        rows = [self._scheduler.submit(self._row(r)) for r in requests]
+        return [row.done.result() for row in rows]
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
-        """One request, batched with the streams waiting when the engine is next free; its text
-        arrives as it is generated (detok.py), the whole result on the last chunk."""
-        check_request(request)  # a bad request fails alone, before it joins a batch
-        sink = _Sink(asyncio.get_running_loop())
-        done = asyncio.ensure_future(self._batcher((request, sink)))
-        # after the batch's last token (pushed earlier through the same loop) comes this end mark
-        done.add_done_callback(lambda _: sink.queue.put_nowait(None))
+        """One request, joining the running rows at the next step; its text arrives as it is
+        generated (detok.py), the whole result on the last chunk."""
+        check_request(request)  # a bad request fails alone, before it is queued
+        row = self._scheduler.submit(self._row(request, asyncio.get_running_loop()))
         text = TextStream(self.processor.tokenizer, request.stop)
         try:
             ended = False
             while not ended:
-                ids = [await sink.queue.get()]
-                while not sink.queue.empty():  # a slow reader takes what piled up in one chunk
-                    ids.append(sink.queue.get_nowait())
+                ids = [await row.queue.get()]
+                while not row.queue.empty():  # a slow reader takes what piled up in one chunk
+                    ids.append(row.queue.get_nowait())
                 ended = ids[-1] is None
                 ids = [t for step in ids if step is not None for t in step]
                 if ids:
                     yield Chunk(text.add(ids), ids)
-            result = done.result()  # the request's own error, if it had one
+            result = row.done.result()  # the request's own error, if it had one
             yield Chunk(text.finish(result.text), [], result.finish_reason, result)
-        finally:  # consumer closed or cancelled: its row stops at the next step, the batch goes on
-            sink.closed = True
-            done.cancel()
+        finally:  # consumer closed or cancelled: its row leaves at the next step, the others go on
+            row.closed = True
 
-    async def _run_batch(self, items: list[tuple[GenerateRequest, _Sink]]) -> list[GenerateResult | Exception]:
-        """The batcher's runner: every forward of the batch in a worker thread, in turn."""
-        results: list = [None] * len(items)
-        for modality, temperature, idxs in self._plan([r for r, _ in items]):
-            for i, res in zip(idxs, await self._run_rows(modality, temperature, [items[i] for i in idxs])):
-                results[i] = res
-        return results
+    def figures(self) -> dict[str, float]:
+        return self._scheduler.figures()
 
-    async def _run_rows(self, modality: str, temperature: float, items: list) -> list[GenerateResult | Exception]:
+    # -- what the scheduler calls (under the engine's lock, in inference mode) -------------------------
+    def admit(self, rows: list[Row], pinned: frozenset[str]) -> list[Row]:
+        """Load the rows' adapters, never evicting the running rows' (`pinned`); the rows that can run."""
         started = time.perf_counter()
-        try:
-            results = await asyncio.to_thread(self._run_locked, modality, temperature, items)
-        except (ValueError, AdapterError, StoreError) as err:  # a request's adapter or inputs
-            if len(items) == 1 or any(sink.sent for _, sink in items):
-                return [err] * len(items)
-            # one bad request must not fail its batch-mates: answer each alone (nothing was sent yet)
-            return [res for item in items for res in await self._run_rows(modality, temperature, [item])]
-        for res, (_, sink) in zip(results, items):
-            res.timings["queue_s"] = round(started - sink.enqueued, 4)
-        return results
+        needed = pinned | {adapter_key(r.request.adapter) for r in rows if r.request.adapter}
+        ok = []
+        for row in rows:
+            try:
+                row.name = self.load_adapter(row.request.adapter, pinned=needed) if row.request.adapter else BASE
+            except (ValueError, AdapterError, StoreError) as err:
+                row.end(err)
+                continue
+            row.adapter_load_s = time.perf_counter() - started
+            ok.append(row)
+        return ok
 
-    def _run_locked(self, modality: str, temperature: float, items: list) -> list[GenerateResult]:
-        with self._lock:
-            return self._run(modality, temperature, [r for r, _ in items], [s for _, s in items])
+    def _encode(self, r: GenerateRequest) -> dict:
+        frames = len(r.pixels) if r.modality == "video" else 1
+        return prompts.encode(self.processor, r.modality, r.question, frames=frames, raw=r.raw)
 
-    def _chunks(self, idxs: list[int], requests: list[GenerateRequest]):
-        """Split a group so no chunk needs more distinct adapters than the cache holds."""
-        chunk, names = [], set()
-        for i in idxs:
-            a = requests[i].adapter
-            name = adapter_key(a) if a else None
-            if name and name not in names and len(names) == self.adapters.size:
-                yield chunk
-                chunk, names = [], set()
-            chunk.append(i)
-            if name:
-                names.add(name)
-        if chunk:
-            yield chunk
+    def prompt_width(self, request: GenerateRequest) -> int:
+        return len(self._encode(request)["input_ids"])
 
-    def _prepare(self, modality: str, reqs: list[GenerateRequest]) -> tuple[dict, list[str]]:
-        """Model inputs (left-padded, pixels included) and the per-row PEFT adapter names."""
-        needed = frozenset(adapter_key(r.adapter) for r in reqs if r.adapter)
-        names = [self.load_adapter(r.adapter, pinned=needed) if r.adapter else BASE for r in reqs]
-        rows = [
-            prompts.encode(
-                self.processor, modality, r.question, frames=len(r.pixels) if modality == "video" else 1, raw=r.raw
-            )
-            for r in reqs
-        ]
-        batch = prompts.pad_batch(rows, self.pad_id)
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    def _prepare(self, modality: str, reqs: list[GenerateRequest]) -> dict:
+        """Model inputs of one modality's requests: left-padded ids and mask, pixels, position ids
+        counting each row's own tokens (as model.generate makes them)."""
+        batch = prompts.pad_batch([self._encode(r) for r in reqs], self.pad_id)
+        mask = batch["attention_mask"]
+        inputs = {
+            "input_ids": batch["input_ids"],
+            "attention_mask": mask,
+            "position_ids": (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0),
+        }
         if modality != "text":
             inputs.update(prompts.pixel_inputs(self.processor, modality, [r.pixels for r in reqs]))
         dtype = self.model.dtype
-        inputs = {k: v.to(self.device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
-        return inputs, names
+        return {k: v.to(self.device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
+
+    def prefill(self, modality: str, rows: list[Row]) -> tuple[torch.Tensor, KVRows]:
+        inputs = self._prepare(modality, [r.request for r in rows])
+        out = self._forward("forward", {**inputs, "use_cache": True, "logits_to_keep": 1}, [r.name for r in rows])
+        return out.logits[:, -1].float(), KVRows(out.cache, inputs["attention_mask"])
+
+    def decode(self, last: torch.Tensor, positions: torch.Tensor, kv: KVRows, names: list[str]) -> torch.Tensor:
+        inputs = {
+            "input_ids": last.to(self.device),
+            "attention_mask": kv.grow(),
+            "position_ids": positions.to(self.device),
+            "cache": kv.cache,
+            "use_cache": True,
+        }
+        return self._forward("forward", inputs, names).logits[:, -1].float()
+
+    def mask(self, logits: torch.Tensor, rows: list[Row]) -> None:
+        if any(r.matcher is not None for r in rows):
+            self._compiler().mask(logits, [r.matcher for r in rows])
+
+    def finish(self, row: Row, reason: str) -> GenerateResult:
+        end = time.perf_counter()
+        first = row.first_token or end
+        timings = {
+            "queue_s": round(row.admitted - row.enqueued, 4) if row.admitted else 0.0,
+            "adapter_load_s": round(row.adapter_load_s, 4),
+            "first_token_s": round(first - row.enqueued, 4),
+            "generate_s": round(end - (row.admitted or row.enqueued), 4),
+            "batch_size": max(row.peak_rows, 1),
+            "adapters_in_batch": row.peak_adapters,
+        }
+        return super().finish(row.request, row.tokens, reason, row.prompt_tokens, timings)
 
     def _forward(self, method: str, inputs: dict, names: list[str]):
-        """model.forward or .generate with every row through its adapter: the batched LoRA path, or
-        PEFT's own loop when it's off. PEFT's hook drives the projector copies (and PEFT's other
-        layers): a hot-loaded adapter has none, so it is the bare base to PEFT."""
+        """model.forward with every row through its adapter: the batched LoRA path, or PEFT's own
+        loop when it's off. PEFT's hook drives the projector copies (and PEFT's other layers): a
+        hot-loaded adapter has none, so it is the bare base to PEFT."""
         if self.batched_lora:
             context = self._bank.batch(names)
         else:
@@ -443,62 +370,6 @@ class HFEngine(AdapterCache):
         """Next-token logits of the prompts (batch, vocab), one modality per call; for checks."""
         modality = requests[0].modality
         with self._lock, torch.inference_mode():
-            inputs, names = self._prepare(modality, requests)
-            return self._forward("forward", inputs, names).logits[:, -1].float().cpu()
-
-    def _run(
-        self, modality: str, temperature: float, reqs: list[GenerateRequest], sinks: list[_Sink] | None = None
-    ) -> list[GenerateResult]:
-        t0 = time.perf_counter()
-        inputs, names = self._prepare(modality, reqs)
-        t1 = time.perf_counter()
-        width = inputs["input_ids"].shape[1]
-        tok = self.processor.tokenizer
-        ends = _RowEnds(width, reqs, self.eos_id, tok, sinks)
-        sampling = [_RowSampling(temperature, [r.seed for r in reqs], self.device)] if temperature > 0 else []
-        if any(r.constraint is not None for r in reqs):  # before sampling: a masked token stays impossible
-            sampling.insert(0, ConstrainedRows(self._compiler(), [r.constraint for r in reqs]))
-        kwargs = dict(
-            inputs,
-            max_new_tokens=max(r.max_new_tokens for r in reqs),
-            pad_token_id=self.pad_id,
-            eos_token_id=self.eos_id,
-            do_sample=False,
-            logits_processor=LogitsProcessorList(sampling),
-            stopping_criteria=StoppingCriteriaList([ends]),
-        )
-        with torch.inference_mode():
-            out = self._forward("generate", kwargs, names)
-        t2 = time.perf_counter()
-        results = []
-        prompt_tokens = inputs["attention_mask"].sum(1).tolist()
-        for i, (r, n_prompt) in enumerate(zip(reqs, prompt_tokens)):
-            n, reason = ends.ended[i] or (out.shape[1] - width, "length")
-            row = out[i, width : width + n].tolist()
-            if reason == "stop" and row and row[-1] == self.eos_id:
-                row = row[:-1]
-            text = tok.decode(row, skip_special_tokens=True)
-            cut = first_stop(text, r.stop)
-            if cut is not None:
-                text, reason = text[:cut], "stop"
-            self._stats["new_tokens"] += n
-            results.append(
-                GenerateResult(
-                    text=text.strip(),
-                    adapter=r.adapter.ref if r.adapter else None,
-                    base=self.base_id,
-                    finish_reason=reason,
-                    timings={
-                        "adapter_load_s": round(t1 - t0, 4),
-                        "generate_s": round(t2 - t1, 4),
-                        "batch_size": len(reqs),
-                        "adapters_in_batch": len(set(names) - {BASE}),
-                        "prompt_tokens": int(n_prompt),
-                        "new_tokens": n,
-                    },
-                    token_ids=row,
-                )
-            )
-        self._stats["requests"] += len(reqs)
-        self._stats["prompt_tokens"] += int(sum(prompt_tokens))
-        return results
+            needed = frozenset(adapter_key(r.adapter) for r in requests if r.adapter)
+            names = [self.load_adapter(r.adapter, pinned=needed) if r.adapter else BASE for r in requests]
+            return self._forward("forward", self._prepare(modality, requests), names).logits[:, -1].float().cpu()

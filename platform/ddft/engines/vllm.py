@@ -34,18 +34,17 @@ from ddft import prompts
 from ddft.adapters.files import CONFIG, WEIGHTS
 from ddft.adapters.registry import AdapterError, Manifest, check_base
 from ddft.engines.base import (
-    ENGINE_STATS,
-    AdapterCache,
+    FIGURES,
+    LORA_RANKS,
     Chunk,
+    EngineBase,
     EngineUnavailable,
     GenerateRequest,
     GenerateResult,
     check_request,
 )
-from ddft.engines.detok import TextStream, first_stop
+from ddft.engines.detok import TextStream
 from ddft.engines.grammar import Constraint, check, vllm_params
-from ddft.engines.host_tier import HostTier
-from ddft.engines.lru import AdapterLRU
 from ddft.engines.vllm_plugin import ARCHITECTURE, PROJECTOR_DIR_ENV, PROJECTOR_KWARG
 from ddft.errors import BadConstraint
 from ddft.models.load import base_info, local_base_dir, model_key
@@ -53,7 +52,6 @@ from ddft.store import Store
 
 log = logging.getLogger(__name__)
 PROJECTOR = "multi_modal_projector"
-LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 
 
 def base_architecture(store: Store, base_model_id: str) -> str:
@@ -122,7 +120,7 @@ class _Resident:
     projector_slot: int  # 0: the base's projector
 
 
-class VLLMEngine(AdapterCache):
+class VLLMEngine(EngineBase):
     """One vLLM base per engine; adapters downloaded on demand into an LRU of `cache_size`."""
 
     def __init__(
@@ -139,13 +137,9 @@ class VLLMEngine(AdapterCache):
         max_num_seqs: int = 32,
         host_cache_mb: float = 512.0,
     ):
-        self.adapters = AdapterLRU(cache_size, self._load, self._unload)
-        self.host = HostTier(host_cache_mb)
         if max_lora_rank not in LORA_RANKS:
             raise ValueError(f"max_lora_rank is {max_lora_rank}; vLLM takes one of {list(LORA_RANKS)}")
-        self.store = store if isinstance(store, Store) else Store(store)
-        self.base_id = base_model_id
-        self.info = base_info(self.store, base_model_id)
+        super().__init__(store, base_model_id, cache_size, host_cache_mb)
         check_architecture(base_architecture(self.store, base_model_id), base_model_id)  # any machine, no vLLM
         try:
             import vllm  # noqa: F401
@@ -175,8 +169,7 @@ class VLLMEngine(AdapterCache):
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_gib)))  # else most of the machine
         self._ids = itertools.count(1)
-        self._lock = threading.RLock()
-        self._stats = dict.fromkeys(ENGINE_STATS, 0)
+        self._figures = dict.fromkeys(FIGURES, 0)  # vLLM's scheduler stats, mapped (see _start)
         self._request_ids = itertools.count()
         started = time.perf_counter()
         self._loop = asyncio.new_event_loop()
@@ -192,13 +185,13 @@ class VLLMEngine(AdapterCache):
             max_model_len=max_model_len or 4096,
             max_num_seqs=max_num_seqs,
             limit_mm_per_prompt={"image": 1, "video": 1},
-            disable_log_stats=True,
+            disable_log_stats=True,  # vLLM's log lines; its stats come on with our logger (_start)
             hf_overrides=_no_gguf_quantization,
         )
         if not on_cpu:
             args["gpu_memory_utilization"] = gpu_memory_utilization
         try:
-            self.llm = self._call(self._start(args), timeout=900)
+            self.llm = self._call(self._start(args, self._figures), timeout=900)
         except Exception as err:
             self._loop.call_soon_threadsafe(self._loop.stop)
             raise EngineUnavailable(
@@ -208,14 +201,20 @@ class VLLMEngine(AdapterCache):
         log.info("engine vllm: base %s started in %.1fs on %s", base_model_id, self.load_s, device)
 
     @staticmethod
-    async def _start(args: dict):
+    async def _start(args: dict, figures: dict):
         from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         # constraints go through xgrammar, as on the hf engine (grammar.py), never another backend
         structured = StructuredOutputsConfig(backend="xgrammar")
-        return AsyncLLM.from_engine_args(AsyncEngineArgs(**args, structured_outputs_config=structured))
+        # vLLM's stats on, through a logger of ours (no log lines): its scheduler's figures become ours
+        return AsyncLLM.from_engine_args(
+            AsyncEngineArgs(**args, structured_outputs_config=structured), stat_loggers=[_figures_logger(figures)]
+        )
+
+    def figures(self) -> dict[str, float]:
+        return dict(self._figures)
 
     def _call(self, coro, timeout: float | None = None):
         """Run a coroutine on the engine's loop from any other thread; its result."""
@@ -331,7 +330,14 @@ class VLLMEngine(AdapterCache):
             t1 = time.perf_counter()
             # Text deltas follow the hf engine's rules (detok.TextStream over the token ids), so both
             # engines stream alike and the deltas add up to the answer, decoded as hf decodes it.
-            text, tokens, n_prompt, reason, first = TextStream(self.tokenizer, r.stop), [], 0, "length", None
+            text, tokens, n_prompt, reason, first, queued = (
+                TextStream(self.tokenizer, r.stop),
+                [],
+                0,
+                "length",
+                None,
+                0.0,
+            )
             async for output in self.llm.generate(
                 self._engine_input(r, entry.projector_slot if entry else 0),
                 params,
@@ -343,34 +349,24 @@ class VLLMEngine(AdapterCache):
                 ids = [t for t in done.token_ids if t != self.tokenizer.eos_token_id]
                 tokens += ids
                 first = first or (time.perf_counter() if done.token_ids else None)
+                m = output.metrics  # vLLM's own request stats (on with our stat logger)
+                if m is not None and m.scheduled_ts:
+                    queued = max(m.scheduled_ts - m.queued_ts, 0.0)
                 if done.finish_reason is not None:
                     reason = "length" if done.finish_reason == "length" else "stop"
                 delta = text.add(ids)
                 if delta or ids:
                     put(Chunk(delta, ids))
             t2 = time.perf_counter()
-            answer = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            cut = first_stop(answer, r.stop)
-            answer = (answer[:cut] if cut is not None else answer).strip()
-            rest = text.finish(answer)
-            with self._lock:
-                for k, n in (("requests", 1), ("prompt_tokens", n_prompt), ("new_tokens", len(tokens))):
-                    self._stats[k] += n
-            result = GenerateResult(
-                text=answer,
-                adapter=r.adapter.ref if r.adapter else None,
-                base=self.base_id,
-                finish_reason=reason,
-                timings={
-                    "adapter_load_s": round(t1 - t0, 4),
-                    "generate_s": round(t2 - t1, 4),
-                    "first_token_s": round((first or t2) - t1, 4),
-                    "prompt_tokens": n_prompt,
-                    "new_tokens": len(tokens),
-                    "engine": "vllm",
-                },
-                token_ids=tokens,
-            )
+            timings = {
+                "queue_s": round(queued, 4),
+                "adapter_load_s": round(t1 - t0, 4),
+                "first_token_s": round((first or t2) - t0, 4),
+                "generate_s": round(t2 - t1, 4),
+                "engine": "vllm",
+            }
+            result = self.finish(r, tokens, reason, n_prompt, timings)
+            rest = text.finish(result.text)
             put(Chunk(rest, [], reason, result))
         except VLLMClientError as err:  # the request's fault (a constraint vLLM's checks refuse): typed
             put(_refusal(r, err))
@@ -432,3 +428,32 @@ def _no_gguf_quantization(config):
     if text is not None and getattr(text, "quantization_config", None):
         del text.quantization_config
     return config
+
+
+def _figures_logger(figures: dict):
+    """A vLLM stat logger factory: each of its scheduler's records becomes our figures (FIGURES), in
+    place in `figures`: running and waiting requests, KV-cache use (a share, and in tokens)."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class Figures(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0):
+            self.cache = vllm_config.cache_config  # its block count is known once the engine core has started
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+            if scheduler_stats is None:
+                return
+            usage, tokens = (
+                float(scheduler_stats.kv_cache_usage),
+                (self.cache.num_gpu_blocks or 0) * self.cache.block_size,
+            )
+            figures.update(
+                running_rows=scheduler_stats.num_running_reqs,
+                waiting_rows=scheduler_stats.num_waiting_reqs,
+                cache_usage=round(usage, 4),
+                cache_tokens=int(usage * tokens),
+            )
+
+        def log_engine_initialized(self):
+            pass
+
+    return Figures
