@@ -270,6 +270,7 @@ class Gateway:
     def _count(request: GenerateRequest, result: GenerateResult) -> None:
         if isinstance(result, ServedResult):  # the replica's engine counters
             prometheus.get().replica_stats(result.replica, result.stats)
+        prometheus.get().engine_timings(request.modality, result.adapter, result.timings)
         prometheus.get().count_tokens(
             request.modality,
             result.adapter,
@@ -667,4 +668,9 @@ class Gateway:
 
     @api.get("/metrics")
     async def prometheus(self):
+        try:  # a replica's gauges now, not as of its last answer (best effort: a scrape never waits long)
+            info = await asyncio.wait_for(self.model.info.remote(), 2)
+            prometheus.get().replica_stats(info.replica, info.stats)
+        except Exception as err:
+            log.debug("metrics: no fresh replica stats: %s: %s", type(err).__name__, err)
         return Response(prometheus.get().render(), media_type=prometheus.CONTENT_TYPE)

@@ -40,7 +40,7 @@ class ServedResult(GenerateResult):
     """A result as a replica answers it: which replica, and its engine's counters (for /metrics)."""
 
     replica: str = "local"
-    stats: dict[str, int] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -51,7 +51,7 @@ class ReplicaInfo:
     replica: str
     loaded_adapters: list[str]  # least recently used first
     ongoing: int  # requests in this replica now
-    stats: dict[str, int]  # the engine's counters
+    stats: dict[str, float]  # the engine's counters and gauges (engines.base STATS, FIGURES)
     node: str = ""  # the Ray node it runs on (its id)
 
 

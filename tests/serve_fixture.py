@@ -108,3 +108,50 @@ def running_app(tmp: Path, **serve_settings):
         yield App(url, store, keys, tmp, config)
     finally:
         serve.shutdown()
+
+
+def engine_figures_under_load(app: App, clients: int = 8) -> tuple[float, dict]:
+    """Scrape /metrics (prometheus_client's parser) while `clients` streamed chats run at once: the
+    most running rows any scrape saw, and every sample of the scrape after they all finished
+    ({(name, frozenset(labels)): value})."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict:
+        text = requests.get(f"{app.url}/metrics", timeout=30).text
+        return {
+            (s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    def chat(i: int) -> None:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": f"Boil egg {i}?"}], "stream": True}
+        with requests.post(
+            f"{app.url}/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {app.keys['acme']}"},
+            stream=True,
+            timeout=120,
+        ) as r:
+            assert r.status_code == 200, r.text
+            for _ in r.iter_lines():
+                pass
+
+    done, most = threading.Event(), 0.0
+    with ThreadPoolExecutor(clients + 1) as pool:
+
+        def watch():
+            nonlocal most
+            while not done.is_set():
+                running = [v for (n, _), v in scrape().items() if n == "ddft_engine_running_rows"]
+                most = max([most, *running])
+
+        watcher = pool.submit(watch)
+        list(pool.map(chat, range(clients)))
+        done.set()
+        watcher.result()
+    return most, scrape()

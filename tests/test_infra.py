@@ -512,7 +512,7 @@ def serve_metric_labels() -> dict[str, set[str]]:
         for s in suffixes:
             exposed[name + s] = set(labels) | ({"le"} if s == "_bucket" else set())
     for family in m.engines.collect():
-        exposed[family.name + ("_total" if family.type == "counter" else "")] = set()
+        exposed[family.name + ("_total" if family.type == "counter" else "")] = set(family._labelnames)
     assert exposed, "serve/prometheus.py exposes nothing?"
     return exposed
 

@@ -20,7 +20,15 @@ import requests
 from ddft.config import ConfigError, ServeSettings
 from tests.serve_fixture import ADMIN_KEY, make_mp4, make_png, running_app
 from tests.test_serve import check_recipes, check_response_format
-from tests.test_streaming import QUESTION, _check_stream, _events, _openai, _plain_and_streamed, image_question
+from tests.test_streaming import (
+    QUESTION,
+    _check_stream,
+    _events,
+    _openai,
+    _plain_and_streamed,
+    check_engine_figures,
+    image_question,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -193,3 +201,9 @@ def test_a_vllm_environment_that_is_missing_or_wrong_is_refused_with_the_fix(tmp
     with pytest.raises(ConfigError, match="vLLM no"):  # the project's own venv: Ray, no vLLM
         vllm_python(ServeSettings(engine="vllm", vllm={"python": sys.executable}))
     assert Path(vllm_python(ServeSettings(engine="vllm"))).exists()
+
+
+@pytest.mark.integration
+def test_engine_figures_reach_metrics_under_load_on_vllm(app):
+    """The same series as the hf engine's (test_streaming), from vLLM's own scheduler stats."""
+    check_engine_figures(app, "vllm")

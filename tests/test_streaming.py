@@ -238,3 +238,32 @@ def test_an_error_mid_stream_is_an_event_then_done():
         "data: [DONE]\n\n",
     ]
     assert closed == [True]
+
+
+@pytest.mark.integration
+def test_engine_figures_reach_metrics_under_load(app):
+    """/metrics, scraped with prometheus_client while 8 streams run on the hf engine: running rows
+    seen live, then TTFT, time per output token and queue wait observed for each, rows back to 0."""
+    check_engine_figures(app, "hf")
+
+
+def check_engine_figures(app, engine: str, clients: int = 8) -> None:
+    """The engine figures' series, the same names whichever engine serves (both engines' tests)."""
+    from tests.serve_fixture import engine_figures_under_load
+
+    before = engine_figures_under_load(app, 1)[1]
+    most, after = engine_figures_under_load(app, clients)
+
+    def count(name: str) -> float:
+        def total(samples):
+            return sum(v for (n, labels), v in samples.items() if n == name and ("engine", engine) in labels)
+
+        return total(after) - total(before)
+
+    assert most >= 1, "no scrape saw a running row while the streams ran"
+    assert count("ddft_engine_time_to_first_token_seconds_count") == clients
+    assert count("ddft_engine_queue_wait_seconds_count") == clients
+    assert count("ddft_engine_time_per_output_token_seconds_count") >= 1
+    gauges = {n: v for (n, _), v in after.items() if n.startswith("ddft_engine_") and "_seconds" not in n}
+    assert gauges["ddft_engine_running_rows"] == 0 and gauges["ddft_engine_waiting_rows"] == 0
+    assert {"ddft_engine_cache_usage", "ddft_engine_cache_tokens"} <= set(gauges)

@@ -53,7 +53,11 @@ class GenerateResult:
     adapter: str | None  # the adapter's ref ("ddft/video/v1"), None for the base
     base: str  # the base model id
     finish_reason: str = "length"  # "stop" (end of sequence or a stop string) or "length" (max_new_tokens)
-    timings: dict[str, Any] = field(default_factory=dict)  # seconds, token counts, batch size
+    # seconds and counts, the same keys on both engines: queue_s (waiting before its prefill),
+    # first_token_s (arrival at the engine -> first token), decode_s (first -> last token),
+    # generate_s, adapter_load_s, prompt_tokens, new_tokens, engine; hf adds batch_size and
+    # adapters_in_batch (the most rows and distinct adapters that shared a step with it)
+    timings: dict[str, Any] = field(default_factory=dict)
     token_ids: list[int] = field(default_factory=list)  # the generated tokens (no end-of-sequence token)
 
 

@@ -343,9 +343,11 @@ class HFEngine(EngineBase):
             "queue_s": round(row.admitted - row.enqueued, 4) if row.admitted else 0.0,
             "adapter_load_s": round(row.adapter_load_s, 4),
             "first_token_s": round(first - row.enqueued, 4),
+            "decode_s": round(end - first, 4),
             "generate_s": round(end - (row.admitted or row.enqueued), 4),
             "batch_size": max(row.peak_rows, 1),
             "adapters_in_batch": row.peak_adapters,
+            "engine": "hf",
         }
         return super().finish(row.request, row.tokens, reason, row.prompt_tokens, timings)
 

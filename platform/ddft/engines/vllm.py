@@ -362,6 +362,7 @@ class VLLMEngine(EngineBase):
                 "queue_s": round(queued, 4),
                 "adapter_load_s": round(t1 - t0, 4),
                 "first_token_s": round((first or t2) - t0, 4),
+                "decode_s": round(t2 - (first or t2), 4),
                 "generate_s": round(t2 - t1, 4),
                 "engine": "vllm",
             }
