@@ -224,7 +224,9 @@ class AdapterBank:
         self.slots: dict[str, int] = {}  # adapter name -> slot; 0 is the bare base
         self.size = 1  # stack slots a layer needs: the highest slot handed out + 1
         self.slots_of_rows: list[int] | None = None  # per request of the running batch; None: PEFT's forward
-        self.call = 0  # bumps per batch: layers re-gather their weights
+        self.call = 0  # bumps when the rows' slots change: layers re-gather their weights
+        self._rows_key: tuple | None = None  # (slots of the rows, slots version) of the last batch
+        self._version = 0  # bumps when an adapter takes or leaves a slot
         self.layers: dict[str, BatchedLoraLinear] = {}  # module name -> its batched LoRA layer
         self._targets_of: dict[tuple, list[str]] = {}  # what a config's targeting matches (see _targets)
         # hot loads stay in the language model: no Linear there is ever inside a modules_to_save copy
@@ -263,6 +265,7 @@ class AdapterBank:
                     layer._drop(slot)
                 raise
         self.slots[name] = slot
+        self._version += 1
         return slot
 
     @torch.no_grad()
@@ -376,21 +379,25 @@ class AdapterBank:
         slot = self.slots.pop(name, None)
         if slot is None:
             return
+        self._version += 1
         with torch.inference_mode(False), torch.no_grad():
             for layer in self.layers.values():
                 layer._drop(slot)
 
     @contextmanager
     def batch(self, names: list[str]):
-        """Serve one batch: row i through adapter names[i] (BASE: the bare base)."""
+        """Serve one step: row i through adapter names[i] (BASE: the bare base). Steps whose rows have
+        the same slots as the step before (the scheduler's decode steps between arrivals and
+        departures) reuse the layers' gathered weights."""
         unknown = sorted(set(names) - set(self.slots) - {BASE})
         if unknown:
             raise ValueError(f"adapters {unknown} are not resident: load them first")
         self.slots_of_rows = [self.slots.get(n, 0) for n in names]
-        self.call += 1
+        key = (tuple(self.slots_of_rows), self._version)
+        if key != self._rows_key:
+            self._rows_key = key
+            self.call += 1
         try:
             yield
         finally:
             self.slots_of_rows = None
-            for layer in self.layers.values():
-                layer._gathered = None  # frees the gathered copies between batches
