@@ -645,7 +645,7 @@ def test_engine_errors_map_to_http_from_one_table():
     from ray.exceptions import RayTaskError
 
     from ddft.adapters.registry import AdapterError
-    from ddft.engines.base import EngineUnavailable
+    from ddft.engines.base import EngineBusy, EngineUnavailable
     from ddft.store import StoreError
     from serve import errors
 
@@ -663,6 +663,7 @@ def test_engine_errors_map_to_http_from_one_table():
     for exc, status, code in (
         (AdapterError("adapter x: wrong base"), 409, "adapter_unusable"),
         (EngineUnavailable("no GPU"), 503, "engine_unavailable"),
+        (EngineBusy("256 requests are already waiting"), 503, "engine_busy"),
         (ValueError("the question is empty"), 400, "bad_request"),
         (RuntimeError("CUDA error"), 500, "generation_failed"),
     ):
@@ -671,6 +672,7 @@ def test_engine_errors_map_to_http_from_one_table():
         err = errors.from_engine(wrapped)
         assert (err.status, err.error) == (status, code) and str(exc) in err.detail and "Traceback" not in err.detail
     assert errors.from_engine(EngineUnavailable("no GPU")).headers["Retry-After"]
+    assert errors.from_engine(EngineBusy("full")).headers["Retry-After"]
     assert errors.body(404, "model_not_found", "no such model", "/v1/chat/completions") == {
         "error": {"message": "no such model", "type": "invalid_request_error", "code": "model_not_found", "param": None}
     }
