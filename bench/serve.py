@@ -12,7 +12,12 @@
            clients (p50 / alone); hot_load: a tenant's upload accepted -> the first token of a
            request using it, for --uploads fresh adapters; schema_valid_rate: of the --recipes
            answers, the share that validates against the RecipeAnswer schema docs/openapi.json
-           publishes (the recipe grammar guarantees 1.0).
+           publishes (the recipe grammar guarantees 1.0); short_ttft: time to the first streamed
+           token of a short question (8 new tokens) alone, then while --clients - 1 recipe clients
+           loop POST /v1/recipes (p50 of 5 each, the loaded ones a lone recipe's time apart) ->
+           short_ttft_under_load_vs_alone: how long a chat waits behind recipes in flight.
+  served_vs_raw  (per engine) served tokens/s over the engine's own for the same 8 x --new-tokens
+           base requests: hf against engine base_tokens_per_s, vllm against the engine-direct floor.
   constrained  (engine, both engines) the base batch again, each row under the recipe grammar:
            constrained_vs_free_tokens_per_s (hf) and vllm_constrained_vs_free_tokens_per_s.
 The last stdout line is one JSON object.
@@ -38,6 +43,8 @@ from ddft.cluster import free_port
 from ddft.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
+
+SHORT_QUESTION = "How long do I boil an egg?"
 
 ADMIN_KEY = "bench-admin-key"
 
@@ -93,14 +100,14 @@ def video_bytes() -> bytes:
     return encode_mp4([rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(16)], fps=8)
 
 
-def _stream_ttft_ms(url: str, max_tokens: int) -> float:
+def _stream_ttft_ms(url: str, max_tokens: int, prompt: str = PROMPT) -> float:
     """Milliseconds to the first content delta of a streamed chat completion on the base."""
     import requests
 
     t = time.perf_counter()
     body = {
         "model": _base_id(url),
-        "messages": [{"role": "user", "content": PROMPT}],
+        "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
@@ -131,6 +138,37 @@ def _base_id(url: str) -> str:
     import requests
 
     return requests.get(f"{url}/v1/models", timeout=60).json()["data"][0]["id"]
+
+
+def short_ttft_ms(url: str, video: bytes, load_clients: int, spacing_s: float, repeats: int = 5) -> dict:
+    """TTFT p50 of a short streamed question alone, then while load_clients recipe clients loop,
+    each question spacing_s after the previous one (the recipes admitted and generating)."""
+    import threading
+
+    alone = pct([_stream_ttft_ms(url, 8, SHORT_QUESTION) for _ in range(repeats)], 0.5)
+    stop = threading.Event()
+
+    def recipes(_):
+        while not stop.is_set():
+            client.post_recipe(url, video)
+
+    with ThreadPoolExecutor(load_clients) as pool:
+        busy = [pool.submit(recipes, i) for i in range(load_clients)]
+        loaded = []
+        try:
+            for _ in range(repeats):
+                stop.wait(spacing_s)
+                loaded.append(_stream_ttft_ms(url, 8, SHORT_QUESTION))
+        finally:
+            stop.set()
+        for f in busy:
+            f.result()  # a recipe client's error fails the bench
+    under_load = pct(loaded, 0.5)
+    return {
+        "short_ttft_alone_ms": round(alone, 1),
+        "short_ttft_under_load_ms": round(under_load, 1),
+        "short_ttft_under_load_vs_alone": round(under_load / alone, 2),
+    }
 
 
 def start_app(cfg_path) -> str:
@@ -171,9 +209,7 @@ def http_bench(
             for i, folder in enumerate(folders):
                 client.upload_adapter(url, f"hot{i}", folder, "text", api_key=key)
                 t = time.perf_counter()
-                out = client.generate(
-                    url, "text", "How long do I boil an egg?", api_key=key, adapter=f"hot{i}", max_new_tokens=1
-                )
+                out = client.generate(url, "text", SHORT_QUESTION, api_key=key, adapter=f"hot{i}", max_new_tokens=1)
                 hot.append((time.perf_counter() - t) * 1000)
                 assert out["adapter"] == f"tenant-{tenant}/hot{i}/v1", out
             for i in range(uploads):
@@ -191,6 +227,7 @@ def http_bench(
             answers.clear()
             with ThreadPoolExecutor(clients) as pool:
                 times = list(pool.map(one, range(recipes)))
+            short = short_ttft_ms(url, video, clients - 1, single / 1000)
         finally:
             serve.shutdown()
     validator = recipe_validator()
@@ -209,6 +246,7 @@ def http_bench(
         "recipe_clients": clients,
         "schema_valid_rate": round(sum(valid) / len(valid), 3),
         "recipes_finished": sum(a["finish_reason"] == "stop" for a in answers),  # the rest cut by max_new_tokens
+        **short,
     }
 
 
@@ -239,6 +277,15 @@ def vllm_engine_bench(
         "vllm_raw_tokens_per_s": round(raw_tokens / out.raw_generate_s, 1),
         "vllm_start_s": round(out.load_s, 1),
     }
+
+
+# the http figures also reported as {engine}_{key}, both engines' side by side
+PER_ENGINE = ("ttft_p50_ms", "recipe_p50_vs_single", "schema_valid_rate", "short_ttft_under_load_vs_alone")
+# served tokens/s over the engine's own for the same base batch: (served key, engine key) per engine
+SERVED_VS_RAW = {
+    "hf": ("served_tokens_per_s", "base_tokens_per_s"),
+    "vllm": ("vllm_served_tokens_per_s", "vllm_raw_tokens_per_s"),
+}
 
 
 def main(argv=None) -> int:
@@ -280,12 +327,11 @@ def main(argv=None) -> int:
             http = http_bench(cfg_path, store, cfg.base.id, args.uploads, args.recipes, args.clients, args.new_tokens)
         prefix = "" if engine == "hf" else "vllm_"
         result.update({f"{prefix}{k}": v for k, v in http.items()})
-        result[f"{engine}_ttft_p50_ms"] = http["ttft_p50_ms"]
-        result[f"{engine}_recipe_p50_vs_single"] = http["recipe_p50_vs_single"]
-        result[f"{engine}_schema_valid_rate"] = http["schema_valid_rate"]
+        for key in PER_ENGINE:
+            result[f"{engine}_{key}"] = http[key]
         print(f"http {engine}:", json.dumps(http), flush=True)
-    if "vllm" in engines:
-        result["vllm_served_vs_raw"] = round(result["vllm_served_tokens_per_s"] / result["vllm_raw_tokens_per_s"], 3)
+        served, raw = SERVED_VS_RAW[engine]
+        result[f"{engine}_served_vs_raw"] = round(result[served] / result[raw], 3)
     print(json.dumps(result))
     return 0
 
