@@ -115,6 +115,15 @@ def _methods(request: Request) -> list[str]:
     return sorted(methods)
 
 
+def client_went_away(exc: BaseException) -> bool:
+    """A disconnect surfacing as an exception: Serve cancels the request's task when its client goes
+    away (TaskCancelledError, seen through Starlette's middleware when a stream's reader leaves)."""
+    from ray.exceptions import TaskCancelledError
+    from starlette.requests import ClientDisconnect
+
+    return isinstance(exc, (TaskCancelledError, ClientDisconnect))
+
+
 def install(api: FastAPI) -> None:
     """Every error leaves the app as JSON, never as an HTML page or a stack trace."""
 
@@ -149,6 +158,11 @@ def install(api: FastAPI) -> None:
 
     @api.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
+        if client_went_away(exc):  # a client that disconnects mid-stream is normal, not an error
+            log.info("client went away during %s %s", request.method, request.url.path)
+            return error_response(
+                499, "client_closed_request", "the client closed the connection", path=request.url.path
+            )
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return error_response(
             500,

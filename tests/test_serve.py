@@ -639,6 +639,38 @@ def test_backpressure_is_503_with_retry_after():
             assert err.value.status == 503 and int(err.value.headers["Retry-After"]) > 0
 
 
+def test_a_client_that_goes_away_is_not_logged_as_an_error(caplog):
+    """bench-serve's streams leave after their first token: Serve cancels the request's task, and the
+    TaskCancelledError reached the catch-all handler, logged with a traceback as "unexpected error".
+    A disconnect is normal: an info line, no error record; a real bug still gets its traceback."""
+    import logging
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from ray.exceptions import TaskCancelledError
+
+    from serve import errors
+
+    app = FastAPI()
+    errors.install(app)
+
+    @app.get("/gone")
+    async def gone():
+        raise TaskCancelledError()
+
+    @app.get("/bug")
+    async def bug():
+        raise KeyError("oops")
+
+    http = TestClient(app, raise_server_exceptions=False)
+    with caplog.at_level(logging.INFO, logger="ddft.serve"):
+        assert http.get("/gone").status_code == 499
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert any("client went away" in r.getMessage() for r in caplog.records)
+        assert http.get("/bug").status_code == 500
+        assert [r for r in caplog.records if r.levelno >= logging.ERROR and r.exc_info]
+
+
 def test_engine_errors_map_to_http_from_one_table():
     """What a replica raises arrives wrapped by Ray (also an instance of the original type): the
     status and code come from serve/errors.py's table, the detail is the original message only."""
