@@ -134,9 +134,9 @@ def test_bounds_rows_cache_and_waiting(served):
 
     busy = make_engine("hf", store=store, base_model_id=base.id, max_waiting=1)
     with busy._lock:  # the scheduler can't take anyone while this holds the engine
-        first = busy._scheduler.submit(busy._row(reqs[0]))
+        (first,) = busy._scheduler.submit([busy._row(reqs[0])])
         with pytest.raises(EngineBusy, match="already waiting"):
-            busy._scheduler.submit(busy._row(reqs[1]))
+            busy._scheduler.submit([busy._row(reqs[1])])
     assert first.done.result(60).token_ids == got[0].token_ids
 
 

@@ -239,7 +239,7 @@ class HFEngine(EngineBase):
         self._compiler()(constraint)
 
     def _row(self, request: GenerateRequest, loop: asyncio.AbstractEventLoop | None = None) -> Row:
-        row = Row(request, loop, asyncio.Queue() if loop is not None else None)
+        row = Row(request, self._encode(request), loop, asyncio.Queue() if loop is not None else None)
         if request.temperature > 0:  # its own generator: the same draws whatever shares its steps
             row.generator = torch.Generator(device=self.device)
             seed = request.seed if request.seed is not None else int(torch.randint(0, 2**62, ()).item())
@@ -252,14 +252,14 @@ class HFEngine(EngineBase):
         """Every request at once (stepped together with whatever else runs), answered in order."""
         for i, r in enumerate(requests):  # every request is checked before anything runs
             check_request(r, i)
-        rows = [self._scheduler.submit(self._row(r)) for r in requests]
+        rows = self._scheduler.submit([self._row(r) for r in requests])
         return [row.done.result() for row in rows]
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         """One request, joining the running rows at the next step; its text arrives as it is
         generated (detok.py), the whole result on the last chunk."""
         check_request(request)  # a bad request fails alone, before it is queued
-        row = self._scheduler.submit(self._row(request, asyncio.get_running_loop()))
+        (row,) = self._scheduler.submit([self._row(request, asyncio.get_running_loop())])
         text = TextStream(self.processor.tokenizer, request.stop)
         try:
             ended = False
@@ -299,13 +299,10 @@ class HFEngine(EngineBase):
         frames = len(r.pixels) if r.modality == "video" else 1
         return prompts.encode(self.processor, r.modality, r.question, frames=frames, raw=r.raw)
 
-    def prompt_width(self, request: GenerateRequest) -> int:
-        return len(self._encode(request)["input_ids"])
-
-    def _prepare(self, modality: str, reqs: list[GenerateRequest]) -> dict:
-        """Model inputs of one modality's requests: left-padded ids and mask, pixels, position ids
-        counting each row's own tokens (as model.generate makes them)."""
-        batch = prompts.pad_batch([self._encode(r) for r in reqs], self.pad_id)
+    def _prepare(self, modality: str, reqs: list[GenerateRequest], encoded: list[dict]) -> dict:
+        """Model inputs of one modality's requests (their prompts encoded): left-padded ids and mask,
+        pixels, position ids counting each row's own tokens (as model.generate makes them)."""
+        batch = prompts.pad_batch(encoded, self.pad_id)
         mask = batch["attention_mask"]
         inputs = {
             "input_ids": batch["input_ids"],
@@ -318,7 +315,7 @@ class HFEngine(EngineBase):
         return {k: v.to(self.device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
 
     def prefill(self, modality: str, rows: list[Row]) -> tuple[torch.Tensor, KVRows]:
-        inputs = self._prepare(modality, [r.request for r in rows])
+        inputs = self._prepare(modality, [r.request for r in rows], [r.prompt for r in rows])
         out = self._forward("forward", {**inputs, "use_cache": True, "logits_to_keep": 1}, [r.name for r in rows])
         return out.logits[:, -1].float(), KVRows(out.cache, inputs["attention_mask"])
 
@@ -374,4 +371,5 @@ class HFEngine(EngineBase):
         with self._lock, torch.inference_mode():
             needed = frozenset(adapter_key(r.adapter) for r in requests if r.adapter)
             names = [self.load_adapter(r.adapter, pinned=needed) if r.adapter else BASE for r in requests]
-            return self._forward("forward", self._prepare(modality, requests), names).logits[:, -1].float().cpu()
+            inputs = self._prepare(modality, requests, [self._encode(r) for r in requests])
+            return self._forward("forward", inputs, names).logits[:, -1].float().cpu()

@@ -50,6 +50,7 @@ class Row:
     """One request from arrival to its result."""
 
     request: GenerateRequest
+    prompt: dict  # prompts.encode of it, once (media placeholders expanded): read at admission and prefill
     loop: asyncio.AbstractEventLoop | None = None  # a stream's: new tokens go to `queue` through it
     queue: asyncio.Queue | None = None
     done: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
@@ -87,9 +88,6 @@ class Model(Protocol):
     def admit(self, rows: list[Row], pinned: frozenset[str]) -> list[Row]:
         """Load the rows' adapters (setting row.name), never evicting `pinned`; the rows that can run
         (the others ended with their error)."""
-
-    def prompt_width(self, request: GenerateRequest) -> int:
-        """Tokens of the request's prompt, media placeholders expanded."""
 
     def prefill(self, modality: str, rows: list[Row]) -> tuple[torch.Tensor, KVRows]:
         """The rows' prompts through the model: last-position logits (rows, vocab) and their KV rows."""
@@ -187,19 +185,22 @@ class Scheduler:
         self._thread: threading.Thread | None = None
 
     # -- what the engine calls ------------------------------------------------------------------------
-    def submit(self, row: Row) -> Row:
+    def submit(self, rows: list[Row]) -> list[Row]:
+        """Queue rows together, so a step admits them together when they fit (one call's batch is
+        not split by the scheduler waking between them); EngineBusy, queuing none, when the waiting
+        queue is already full."""
         with self._wake:
             if len(self.waiting) >= self.max_waiting:
                 raise EngineBusy(
                     f"{len(self.waiting)} requests are already waiting for this replica's engine "
                     f"(its bound, {self.max_waiting}); retry after the Retry-After seconds"
                 )
-            self.waiting.append(row)
+            self.waiting.extend(rows)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="ddft-hf-scheduler", daemon=True)
                 self._thread.start()
             self._wake.notify()
-        return row
+        return rows
 
     def figures(self) -> dict[str, float]:
         """Gauges for /metrics, read without the lock (a snapshot may be one step old)."""
@@ -240,7 +241,7 @@ class Scheduler:
             for row in list(self.waiting):
                 if row.closed or row.done.done():
                     self.waiting.remove(row)
-                    row.end(asyncio.CancelledError()) if not row.done.done() else None
+                    row.end(asyncio.CancelledError())
                     continue
                 if rows >= self.max_rows:
                     break
@@ -248,7 +249,7 @@ class Scheduler:
                 ref = r.adapter.ref if r.adapter else None
                 if ref and ref not in adapters and len(adapters) >= self.max_adapters:
                     continue
-                w = self.model.prompt_width(r)
+                w = len(row.prompt["input_ids"])
                 need_w, need_long = max(width, w), max(longest, r.max_new_tokens)
                 if (rows + 1) * (need_w + need_long) > self.max_cached_tokens:
                     if rows == 0:  # it can't fit even alone
