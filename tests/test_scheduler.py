@@ -11,26 +11,11 @@ import pytest
 from ddft import prompts
 from ddft.engines.base import EngineBusy, GenerateRequest, make_engine
 from ddft.engines.grammar import Constraint
-from tests.test_engine_hf import _media, make_adapter
+from tests import test_engine_hf
+from tests.test_engine_hf import _media
 from tests.test_grammar import answer, published
 
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    from ddft.models.load import ensure_base
-    from ddft.store import Store
-
-    tmp = tmp_path_factory.mktemp("scheduler")
-    store = Store(str(tmp / "store"))
-    base = ensure_base(store, "tiny", build="tiny")
-    manifests = {m: make_adapter(store, base, m, seed, tmp) for seed, m in enumerate(("image", "video", "text"))}
-    return store, base, manifests
-
-
-@pytest.fixture(scope="module")
-def engine(served):
-    store, base, _ = served
-    return make_engine("hf", store=store, base_model_id=base.id, cache_size=8)
+served, engine = test_engine_hf.served, test_engine_hf.engine  # the same fixtures (this module's instances)
 
 
 async def _staggered(engine, reqs: list[GenerateRequest], after: int = 3) -> list:
