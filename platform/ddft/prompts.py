@@ -6,6 +6,9 @@ The format is Video-LLaVA's own: `USER: <video>\\n<question> ASSISTANT: <answer>
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -27,14 +30,34 @@ CHAT_TEMPLATE = (
 )
 
 
-def prompt_text(tokenizer, modality: str, question: str, raw: bool = False) -> str:
-    """`USER: <video>\n<question> ASSISTANT:`, rendered with the chat template; with `raw` (text
-    only: OpenAI's /v1/completions) the question is the whole prompt."""
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Turn:
+    """An earlier turn of a conversation, before the question (the last user turn)."""
+
+    role: str  # "system" | "user" | "assistant"
+    text: str
+    media: bool = False  # this turn carries the request's image or video (else the question does)
+
+
+def prompt_text(tokenizer, modality: str, question: str, raw: bool = False, history: Sequence[Turn] = ()) -> str:
+    """`USER: <video>\n<question> ASSISTANT:`, rendered with the chat template, after the earlier
+    turns of `history` (each in the template's own form; the medium's placeholder goes in the turn
+    that carried it, the question's when none did); with `raw` (text only: OpenAI's
+    /v1/completions) the question is the whole prompt."""
     if raw:
         return question
-    content = ([{"type": modality}] if modality != "text" else []) + [{"type": "text", "text": question}]
+    held = any(t.media for t in history)
+
+    def content(text: str, media: bool) -> list[dict]:
+        return ([{"type": modality}] if media and modality != "text" else []) + [{"type": "text", "text": text}]
+
+    messages = [{"role": t.role, "content": content(t.text, t.media)} for t in history]
+    messages.append({"role": "user", "content": content(question, not held)})
     return tokenizer.apply_chat_template(
-        [{"role": "user", "content": content}], chat_template=CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True
+        messages, chat_template=CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True
     )
 
 
@@ -51,12 +74,18 @@ def media_token_count(processor, modality: str, frames: int = 1) -> int:
 
 
 def encode(
-    processor, modality: str, question: str, answer: str | None = None, frames: int = 1, raw: bool = False
+    processor,
+    modality: str,
+    question: str,
+    answer: str | None = None,
+    frames: int = 1,
+    raw: bool = False,
+    history: Sequence[Turn] = (),
 ) -> dict:
     """Token ids (media placeholders expanded) and labels with the prompt masked to -100."""
     tok = processor.tokenizer
     media = {"image": processor.image_token, "video": processor.video_token}.get(modality, "")
-    text = prompt_text(tok, modality, question, raw)
+    text = prompt_text(tok, modality, question, raw, history)
     if media:
         text = text.replace(media, media * media_token_count(processor, modality, frames), 1)
     prompt_ids = tok(text, add_special_tokens=False).input_ids
@@ -66,10 +95,12 @@ def encode(
     return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE] * len(prompt_ids) + answer_ids}
 
 
-def prompt_ids(tokenizer, modality: str, question: str, raw: bool = False) -> list[int]:
+def prompt_ids(
+    tokenizer, modality: str, question: str, raw: bool = False, history: Sequence[Turn] = ()
+) -> list[int]:
     """The prompt's token ids with one placeholder per image or video, unexpanded: what engines that
     expand placeholders themselves (vLLM) take; `encode` gives the same ids expanded."""
-    return tokenizer(prompt_text(tokenizer, modality, question, raw), add_special_tokens=False).input_ids
+    return tokenizer(prompt_text(tokenizer, modality, question, raw, history), add_special_tokens=False).input_ids
 
 
 def pixel_inputs(processor, modality: str, pixels: list[np.ndarray]) -> dict:

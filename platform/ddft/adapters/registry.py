@@ -49,6 +49,10 @@ class Manifest:
     created_at: str = ""
     metrics: dict = field(default_factory=dict)
     modules_to_save: list[str] = field(default_factory=list)
+    # how its videos were sampled in training (data.frames, data.frame_strategy), so serving samples
+    # them the same way; None: not a video adapter, or not known (an upload): the serving default
+    frames: int | None = None
+    frame_strategy: str | None = None
 
     @property
     def key(self) -> str:

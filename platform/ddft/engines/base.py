@@ -30,7 +30,10 @@ if TYPE_CHECKING:
     from ddft.adapters.registry import Manifest
     from ddft.config import ServeConfig
     from ddft.engines.grammar import Constraint
+    from ddft.prompts import Turn
     from ddft.store import Store
+
+MAX_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's top_logprobs bound; vLLM's default)
 
 
 @dataclass
@@ -45,6 +48,22 @@ class GenerateRequest:
     seed: int | None = None  # sampled decoding is reproducible with a seed
     raw: bool = False  # text only: the question is the whole prompt, no chat template (/v1/completions)
     constraint: Constraint | None = None  # the answer must match it (grammar.py): a grammar or a JSON Schema
+    top_p: float = 1.0  # sampled rows draw from the smallest set of tokens whose probability reaches top_p
+    # None: no log-probabilities; k >= 0: each new token's, with the k likeliest alternatives (at most
+    # MAX_LOGPROBS), from the model's own distribution (before temperature, top_p or a grammar: vLLM's raw)
+    logprobs: int | None = None
+    history: list[Turn] = field(default_factory=list)  # a chat's earlier turns, before the question
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability; `top` the likeliest tokens at that step (each with an
+    empty `top`), most likely first."""
+
+    token_id: int
+    token: str  # the token's own text (a piece of a character when it splits one)
+    logprob: float
+    top: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -59,6 +78,7 @@ class GenerateResult:
     # adapters_in_batch (the most rows and distinct adapters that shared a step with it)
     timings: dict[str, Any] = field(default_factory=dict)
     token_ids: list[int] = field(default_factory=list)  # the generated tokens (no end-of-sequence token)
+    logprobs: list[TokenLogprob] | None = None  # one per token of the text (request.logprobs set)
 
 
 @dataclass
@@ -71,6 +91,7 @@ class Chunk:
 
     text: str  # new text since the previous chunk (may be "")
     token_ids: list[int] = field(default_factory=list)  # the new tokens behind it
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # theirs (request.logprobs set)
     finish_reason: str | None = None  # "stop" | "length" on the last chunk
     result: GenerateResult | None = None  # the whole answer, on the last chunk only
 
@@ -217,6 +238,20 @@ def check_request(r: GenerateRequest, i: int | None = None) -> None:
         raise ValueError(f"{where}a raw prompt is text only; {r.modality} questions go through the chat template")
     if r.temperature < 0:
         raise ValueError(f"{where}temperature is {r.temperature}; use 0 (greedy) or more")
+    if not 0 < r.top_p <= 1:
+        raise ValueError(f"{where}top_p is {r.top_p}; use a number above 0, at most 1")
+    if r.logprobs is not None and not 0 <= r.logprobs <= MAX_LOGPROBS:
+        raise ValueError(f"{where}logprobs is {r.logprobs}; use None or 0 to {MAX_LOGPROBS} alternatives")
+    if r.history:
+        from ddft.prompts import ROLES, Turn
+
+        if r.raw:
+            raise ValueError(f"{where}a raw prompt has no earlier turns")
+        for t in r.history:
+            if not isinstance(t, Turn) or t.role not in ROLES or not isinstance(t.text, str):
+                raise ValueError(f"{where}history holds {t!r}; each turn is a ddft.prompts.Turn of role {ROLES}")
+        if sum(t.media for t in r.history) > 1 or (r.modality == "text" and any(t.media for t in r.history)):
+            raise ValueError(f"{where}at most one turn carries the medium, and only for an image or video request")
     if not isinstance(r.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in r.stop):
         raise ValueError(f"{where}stop must be a list of non-empty strings, got {r.stop!r}")
     if r.constraint is not None:
