@@ -324,3 +324,83 @@ def test_settled_text_holds_back_what_may_still_change():
     assert settled("Boil it.\n", ["\n\n"]) == "Boil it."  # a blank, or the start of the stop string
     assert settled("Boil it.\n\nNext", ["\n\n"]) == "Boil it."
     assert settled("Caf\ufffd", []) == "Caf" and settled("Caf\ufffd!", []) == "Caf\ufffd!"
+
+
+# -- logprobs and chat history -------------------------------------------------------------------------
+def _raw_logprobs(engine, req) -> torch.Tensor:
+    """log_softmax of the engine's own next-token logits for the prompt: step 0's raw distribution."""
+    return engine.forward_logits([req])[0].log_softmax(-1)
+
+
+def test_logprobs_are_the_raw_distribution_sorted_k_and_streamed_as_returned(served, engine):
+    """Each token's logprob is log_softmax of the raw logits (step 0: forward_logits'), with exactly
+    k alternatives, most likely first; greedy takes the first; a sampled row (temperature, top_p)
+    and a constrained row report the raw distribution too, not the one they drew from; a stream's
+    chunks carry their own tokens' logprobs, which add up to the result's."""
+    from ddft.engines.grammar import Constraint
+
+    _, _, m = served
+    img, _ = _media(4)
+    yes_no = Constraint.schema({"enum": ["yes", "no"]})
+    reqs = [
+        GenerateRequest("text", "How long do I boil an egg?", None, m["text"], 6, logprobs=5),
+        GenerateRequest("image", prompts.QUESTIONS["image"], img, m["image"], 6, logprobs=20),
+        GenerateRequest("text", "Salt?", None, None, 6, temperature=2.0, top_p=0.5, seed=3, logprobs=4),
+        GenerateRequest("text", "Is it done?", None, m["text"], 6, constraint=yes_no, logprobs=3),
+        GenerateRequest("text", "Salt?", None, None, 6, logprobs=0),
+        GenerateRequest("text", "Salt?", None, None, 6),
+    ]
+    results = engine.generate(reqs)
+    tok = engine.processor.tokenizer
+    for req, res in zip(reqs[:-1], results):
+        assert len(res.logprobs) == len(res.token_ids) and [lp.token_id for lp in res.logprobs] == res.token_ids
+        raw = _raw_logprobs(engine, req)
+        first = res.logprobs[0]
+        assert abs(first.logprob - raw[first.token_id].item()) < 1e-4
+        assert [t.token_id for t in first.top] == raw.topk(req.logprobs).indices.tolist()
+        for lp in res.logprobs:
+            assert len(lp.top) == req.logprobs and all(t.top == [] for t in lp.top)
+            assert [t.logprob for t in lp.top] == sorted((t.logprob for t in lp.top), reverse=True)
+            assert lp.token == tok.decode([lp.token_id]) and all(t.token == tok.decode([t.token_id]) for t in lp.top)
+            if req.temperature == 0 and req.constraint is None and lp.top:
+                assert lp.top[0].token_id == lp.token_id and lp.top[0].logprob == lp.logprob
+    # the grammar's first token ('"') is not the model's likeliest: raw, not renormalized over the grammar
+    assert (
+        results[3].text in ('"yes"', '"no"') and results[3].logprobs[0].logprob < results[3].logprobs[0].top[0].logprob
+    )
+    assert results[-1].logprobs is None
+    for req in reqs[:3]:
+        chunks = asyncio.run(_collect(engine.stream(req)))
+        assert all([lp.token_id for lp in c.logprobs] == c.token_ids for c in chunks)
+        assert (
+            [lp for c in chunks for lp in c.logprobs]
+            == chunks[-1].result.logprobs
+            == engine.generate([req])[0].logprobs
+        )
+
+
+def test_history_is_rendered_turn_by_turn_with_the_medium_where_it_was_given(served, engine):
+    """A chat's earlier turns (system, user, assistant) come before the question, the image's
+    placeholders in the turn that carried it; the answer follows the whole conversation."""
+    from ddft.prompts import Turn
+
+    _, _, m = served
+    img, _ = _media(6)
+    history = [
+        Turn("system", "You are a cook."),
+        Turn("user", "Look at this.", media=True),
+        Turn("assistant", "A pie."),
+    ]
+    chat = GenerateRequest("image", "How do I bake it?", img, m["image"], 8, history=history)
+    ids = engine._encode(chat)["input_ids"]
+    text = engine.processor.tokenizer.decode(ids)
+    image = engine.processor.image_token
+    assert text.startswith("You are a cook. USER: " + image) and text.endswith(
+        "\nLook at this. ASSISTANT: A pie. USER: How do I bake it? ASSISTANT:"
+    )
+    assert ids == prompts.encode(engine.processor, "image", "How do I bake it?", history=history)["input_ids"]
+    alone = dataclasses.replace(chat, history=[])
+    assert engine._encode(alone)["input_ids"] != ids
+    with_history, _ = engine.generate([chat, alone])  # in one batch with another prompt length
+    assert with_history.token_ids == engine.generate([chat])[0].token_ids
+    assert (engine.forward_logits([chat])[0] - engine.forward_logits([alone])[0]).abs().max() > 1e-3  # it is read

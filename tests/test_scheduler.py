@@ -154,3 +154,40 @@ def test_a_closed_stream_frees_its_row_at_the_next_step(served, engine):
     kept, _ = asyncio.run(main())
     assert running == [1]  # only the kept row still runs
     assert kept.token_ids == engine.generate([keep])[0].token_ids
+
+
+def test_top_p_samples_from_the_nucleus_only():
+    """The smallest set of likeliest tokens whose mass reaches top_p: here probabilities .5 .3 .15 .05
+    and top_p .75 keep the first two, drawn in their own proportions (5:3); top_p 1 keeps all."""
+    import torch
+
+    from ddft.engines.scheduler import sample
+
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample(logits, 1.0, 0.75, gen) for _ in range(4000)])
+    assert set(draws.tolist()) == {0, 1} and abs((draws == 0).float().mean().item() - 0.5 / 0.8) < 0.03
+    draws = torch.stack([sample(logits, 1.0, 1.0, gen) for _ in range(4000)])
+    assert set(draws.tolist()) == {0, 1, 2, 3}
+    assert sample(logits, 5.0, 1e-9, gen) == 0  # only the likeliest: greedy whatever the temperature
+
+
+def test_top_p_rows_tiny_is_greedy_and_a_seeded_one_answers_as_alone(served, engine):
+    """A sampled row with top_p tiny answers as greedy does; a seeded row with top_p < 1 gets the
+    same tokens alone and joining a running batch of other adapters, modalities and sampling, and
+    its own tokens differ from top_p 1's (the nucleus acts)."""
+    _, _, m = served
+    img, _ = _media(7)
+    greedy = GenerateRequest("text", "How long do I boil an egg?", None, m["text"], 24)
+    tiny = dataclasses.replace(greedy, temperature=1.5, top_p=1e-9, seed=5)
+    nucleus = GenerateRequest("text", "Pasta?", None, None, 24, temperature=1.0, top_p=0.3, seed=11)
+    others = [
+        GenerateRequest("image", prompts.QUESTIONS["image"], img, m["image"], 24, temperature=0.9, seed=2),
+        GenerateRequest("text", "Salt?", None, m["text"], 24, top_p=0.1),  # greedy: top_p means nothing
+    ]
+    assert engine.generate([tiny])[0].token_ids == engine.generate([greedy])[0].token_ids
+    alone = engine.generate([nucleus])[0].token_ids
+    together = asyncio.run(_staggered(engine, [*others, nucleus, tiny]))
+    assert together[2].token_ids == alone and together[2].timings["batch_size"] > 1
+    assert together[3].token_ids == engine.generate([greedy])[0].token_ids
+    assert alone != engine.generate([dataclasses.replace(nucleus, top_p=1.0)])[0].token_ids

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from ddft.engines.detok import first_stop
+from ddft.engines.detok import first_stop, token_text
 from ddft.engines.host_tier import HOST_COUNTERS, HostTier
 from ddft.engines.lru import COUNTERS, AdapterLRU
 from ddft.errors import Unavailable
@@ -64,6 +64,17 @@ class TokenLogprob:
     token: str  # the token's own text (a piece of a character when it splits one)
     logprob: float
     top: list[TokenLogprob] = field(default_factory=list)
+
+
+def token_logprob(tokenizer, token_id: int, logprob: float, top: Iterable[tuple[int, float]] = ()) -> TokenLogprob:
+    """A TokenLogprob with its alternatives `top` ((id, logprob), most likely first), each token's
+    text as both engines write it (detok.token_text)."""
+    return TokenLogprob(
+        int(token_id),
+        token_text(tokenizer, token_id),
+        float(logprob),
+        [TokenLogprob(int(t), token_text(tokenizer, t), float(lp)) for t, lp in top],
+    )
 
 
 @dataclass
@@ -199,10 +210,17 @@ class EngineBase:
         return {**self._stats, **self.adapters.counters, **self.host.counters, **self.figures()}
 
     def finish(
-        self, request: GenerateRequest, tokens: list[int], reason: str, prompt_tokens: int, timings: dict
+        self,
+        request: GenerateRequest,
+        tokens: list[int],
+        reason: str,
+        prompt_tokens: int,
+        timings: dict,
+        logprobs: list[TokenLogprob] | None = None,
     ) -> GenerateResult:
-        """A request's result from its new tokens (no end of sequence): the text decoded as training
-        decodes it, cut at its first stop string and stripped; counted."""
+        """A request's result from its new tokens (no end of sequence) and their logprobs (one per
+        token): the text decoded as training decodes it, cut at its first stop string and stripped;
+        counted."""
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         cut = first_stop(text, request.stop)
         if cut is not None:
@@ -216,6 +234,7 @@ class EngineBase:
             finish_reason=reason,
             timings={**timings, "prompt_tokens": int(prompt_tokens), "new_tokens": len(tokens)},
             token_ids=list(tokens),
+            logprobs=list(logprobs or []) if request.logprobs is not None else None,
         )
 
 

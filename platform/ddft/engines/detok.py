@@ -22,6 +22,13 @@ def first_stop(text: str, stops: list[str]) -> int | None:
     return min(hits) if hits else None
 
 
+def token_text(tokenizer, token_id: int) -> str:
+    """A token's own text in logprobs, the same on both engines: the token decoded alone, special
+    tokens kept ("\ufffd" for a byte-level piece of a character). vLLM's own `decoded_token` isn't
+    used: it also restores leading spaces and repairs split characters from the tokens around it."""
+    return tokenizer.decode([int(token_id)])
+
+
 def settled(raw: str, stops: list[str]) -> str:
     """The part of a row's decoded text so far that the final answer is sure to start with."""
     cut = first_stop(raw, stops)

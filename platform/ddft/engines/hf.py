@@ -13,8 +13,9 @@ anything else (a projector trained in full) is loaded by PEFT, then stacked. Bot
 Rows are scheduled per step (scheduler.py): a request joins the running rows at the next step
 (its prefill, media included, then decode beside the others whatever their modality, adapter or
 sampling) and leaves at its own end of sequence, stop string or max_new_tokens, or when its
-stream's consumer goes away. Sampled rows draw from their own seeded generator, constrained rows
-(a grammar or a JSON Schema) take only the tokens their matcher allows, beside free rows. The
+stream's consumer goes away. Sampled rows draw from their own seeded generator (within their top_p
+nucleus), constrained rows (a grammar or a JSON Schema) take only the tokens their matcher allows,
+beside free rows; logprobs are the raw logits' log_softmax, before any of these. The
 language model attends row by row (attention.py), so padding beside longer rows changes nothing.
 Streams get their tokens through their event loop and turn them into text (detok.py). A bad
 request fails alone, before or at its own prefill.
@@ -261,6 +262,7 @@ class HFEngine(EngineBase):
         check_request(request)  # a bad request fails alone, before it is queued
         (row,) = self._scheduler.submit([self._row(request, asyncio.get_running_loop())])
         text = TextStream(self.processor.tokenizer, request.stop)
+        sent = 0  # tokens streamed so far; their logprobs are row.logprobs[:sent] (made before the push)
         try:
             ended = False
             while not ended:
@@ -270,9 +272,11 @@ class HFEngine(EngineBase):
                 ended = ids[-1] is None
                 ids = [t for step in ids if step is not None for t in step]
                 if ids:
-                    yield Chunk(text.add(ids), ids)
+                    logprobs = row.logprobs[sent : sent + len(ids)] if request.logprobs is not None else []
+                    sent += len(ids)
+                    yield Chunk(text.add(ids), ids, logprobs)
             result = row.done.result()  # the request's own error, if it had one
-            yield Chunk(text.finish(result.text), [], result.finish_reason, result)
+            yield Chunk(text.finish(result.text), finish_reason=result.finish_reason, result=result)
         finally:  # consumer closed or cancelled: its row leaves at the next step, the others go on
             row.closed = True
 
@@ -297,7 +301,7 @@ class HFEngine(EngineBase):
 
     def _encode(self, r: GenerateRequest) -> dict:
         frames = len(r.pixels) if r.modality == "video" else 1
-        return prompts.encode(self.processor, r.modality, r.question, frames=frames, raw=r.raw)
+        return prompts.encode(self.processor, r.modality, r.question, frames=frames, raw=r.raw, history=r.history)
 
     def _prepare(self, modality: str, reqs: list[GenerateRequest], encoded: list[dict]) -> dict:
         """Model inputs of one modality's requests (their prompts encoded): left-padded ids and mask,
@@ -346,7 +350,7 @@ class HFEngine(EngineBase):
             "adapters_in_batch": row.peak_adapters,
             "engine": "hf",
         }
-        return super().finish(row.request, row.tokens, reason, row.prompt_tokens, timings)
+        return super().finish(row.request, row.tokens, reason, row.prompt_tokens, timings, row.logprobs)
 
     def _forward(self, method: str, inputs: dict, names: list[str]):
         """model.forward with every row through its adapter: the batched LoRA path, or PEFT's own

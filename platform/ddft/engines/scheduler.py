@@ -7,8 +7,8 @@ step it
    the cache can hold at once): their prefill runs (media included, grouped by modality since pixel
    inputs differ), their first token is chosen, and their KV rows join the running cache;
 3. decodes one token for every running row in one forward, each row through its own adapter (the
-   batched LoRA), with its own sampling (temperature and seed), grammar mask, stop strings and
-   max_new_tokens, whatever its modality (after prefill a row is only tokens);
+   batched LoRA), with its own sampling (temperature, top_p and seed), grammar mask, stop strings,
+   max_new_tokens and logprobs, whatever its modality (after prefill a row is only tokens);
 4. retires the rows that ended, at once: their KV rows leave the cache.
 
 Rows have different lengths: the cache is left-padded to the widest row, the attention mask hides
@@ -36,11 +36,11 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from ddft.engines.base import EngineBusy
+from ddft.engines.base import EngineBusy, token_logprob
 from ddft.engines.detok import first_stop
 
 if TYPE_CHECKING:
-    from ddft.engines.base import GenerateRequest, GenerateResult
+    from ddft.engines.base import GenerateRequest, GenerateResult, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class Row:
     name: str = ""  # its adapter's name in the engine ("" until admitted)
     prompt_tokens: int = 0
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token (request.logprobs set)
     generator: torch.Generator | None = None  # a sampled row's own
     matcher: object | None = None  # a constrained row's grammar matcher (xgrammar)
     peak_rows: int = 0  # the most rows that shared a step with it, itself included
@@ -347,12 +348,15 @@ class Scheduler:
     def _choose(self, rows: list[Row], logits: torch.Tensor) -> tuple[torch.Tensor, dict[int, str]]:
         """Each row's next token from its logits (grammar mask, then greedy or its own sample);
         pushed to its stream. The tokens (rows,) and the rows that ended now -> why."""
+        # logprobs are the model's own distribution (vLLM's raw_logprobs): taken before the grammar
+        # mask (in place), temperature and top_p; a copy (fancy indexing), fp32 as the logits are
+        want = [i for i, r in enumerate(rows) if r.request.logprobs is not None]
+        raw = dict(zip(want, logits[want].log_softmax(-1))) if want else {}
         self.model.mask(logits, rows)
         chosen = logits.argmax(-1)
         for i, r in enumerate(rows):
-            if r.generator is not None:  # Gumbel-max: argmax(logits/T + Gumbel) samples softmax(logits/T)
-                expo = torch.empty_like(logits[i]).exponential_(generator=r.generator)
-                chosen[i] = (logits[i] / r.request.temperature - expo.clamp_min_(1e-30).log()).argmax()
+            if r.generator is not None:
+                chosen[i] = sample(logits[i], r.request.temperature, r.request.top_p, r.generator)
         now = time.perf_counter()
         ended: dict[int, str] = {}
         tok = self.model.tokenizer
@@ -364,6 +368,8 @@ class Scheduler:
                 ended[i] = "stop"
                 continue
             r.tokens.append(t)
+            if i in raw:  # before the push: a stream reads a token's logprob when the token arrives
+                r.logprobs.append(self._logprob(raw[i], t, r.request.logprobs))
             r.push([t])
             if (
                 r.request.stop
@@ -374,8 +380,28 @@ class Scheduler:
                 ended[i] = "length"
         return chosen, ended
 
+    def _logprob(self, raw: torch.Tensor, token: int, k: int) -> TokenLogprob:
+        top = raw.topk(k) if k else None  # sorted, most likely first
+        alternatives = zip(top.indices.tolist(), top.values.tolist()) if k else ()
+        return token_logprob(self.model.tokenizer, token, raw[token].item(), alternatives)
+
     def _end(self, row: Row, reason: str) -> None:
         try:
             row.end(self.model.finish(row, reason))
         except Exception as err:  # finishing is ours; its failure is the row's alone
             row.end(err)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """One token of a sampled row (logits (vocab,), fp32), by Gumbel-max: argmax(logits/T + Gumbel)
+    samples softmax(logits/T). With top_p < 1 only from the nucleus: the likeliest tokens whose mass
+    first reaches top_p (the likeliest always kept), as vLLM cuts it. The noise is drawn for the
+    whole vocabulary from the row's own generator, so a seed gives the same draws whatever top_p is
+    and whatever shares the step."""
+    scaled = logits / temperature
+    if top_p < 1:
+        probs, order = scaled.softmax(-1).sort(descending=True)
+        before = probs.cumsum(-1) - probs  # the mass of the tokens likelier than each
+        scaled[order[before >= top_p]] = -float("inf")
+    expo = torch.empty_like(scaled).exponential_(generator=generator)
+    return (scaled - expo.clamp_min_(1e-30).log()).argmax()
