@@ -56,6 +56,7 @@ from vllm.multimodal.processing import (
 )
 
 from ddft.engines.vllm_plugin import PROJECTOR_DIR_ENV, PROJECTOR_KWARG
+from ddft.engines.vllm_plugin.logprobs import take_raw_logprobs_before_grammar
 from ddft.engines.vllm_plugin.pixels import clip_pixels
 
 DUMMY_FRAMES = 8  # Video-LLaVA samples 8 frames per video; vLLM profiles memory with this many
@@ -268,6 +269,7 @@ class VideoLlavaForConditionalGeneration(nn.Module, SupportsLoRA, SupportsMultiM
                 vllm_config=vllm_config, hf_config=config.text_config, prefix=maybe_prefix(prefix, "language_model")
             )
         self._projectors: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
+        take_raw_logprobs_before_grammar()  # here: in the worker, whose runner samples (logprobs.py)
 
     # -- per-adapter projectors ------------------------------------------------------------------------
     def _projector_weights(self, slot: int) -> dict[str, torch.Tensor] | None:
