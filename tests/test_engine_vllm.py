@@ -106,10 +106,39 @@ def test_pixels_match_transformers_processors():
 
 
 def test_sampling_args():
-    greedy = GenerateRequest("text", "Hi?", max_new_tokens=5, stop=["\n"], seed=3)
-    assert sampling_args(greedy) == {"temperature": 0.0, "max_tokens": 5, "stop": ["\n"], "seed": None}
-    sampled = GenerateRequest("text", "Hi?", temperature=0.7, seed=3)
+    greedy = GenerateRequest("text", "Hi?", max_new_tokens=5, stop=["\n"], seed=3, top_p=0.5)
+    assert sampling_args(greedy) == {
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "max_tokens": 5,
+        "stop": ["\n"],
+        "seed": None,
+        "logprobs": None,
+    }
+    sampled = GenerateRequest("text", "Hi?", temperature=0.7, seed=3, top_p=0.5, logprobs=4)
     assert sampling_args(sampled)["seed"] == 3 and sampling_args(sampled)["temperature"] == 0.7
+    assert sampling_args(sampled)["top_p"] == 0.5 and sampling_args(sampled)["logprobs"] == 4
+
+
+def test_vllm_logprobs_become_token_logprobs_of_exactly_k_most_likely_first():
+    """vLLM's position dict holds the sampled token and the k likeliest (k + 1 entries when the
+    sampled one isn't among them): `top` is exactly the k likeliest, sorted."""
+    from types import SimpleNamespace
+
+    from ddft.engines.vllm import token_logprobs
+
+    class Tok:
+        def decode(self, ids):
+            return f"<{ids[0]}>"
+
+    def lp(x, rank):
+        return SimpleNamespace(logprob=x, rank=rank, decoded_token="vLLM's own")
+
+    position = {7: lp(-3.0, 4), 2: lp(-0.5, 1), 9: lp(-2.0, 3), 4: lp(-1.0, 2)}
+    got = token_logprobs(Tok(), position, 7, 3)
+    assert (got.token_id, got.token, got.logprob) == (7, "<7>", -3.0)
+    assert [(t.token_id, t.token, t.logprob) for t in got.top] == [(2, "<2>", -0.5), (4, "<4>", -1.0), (9, "<9>", -2.0)]
+    assert token_logprobs(Tok(), {7: lp(-3.0, 4)}, 7, 0).top == []
 
 
 # -- real vLLM -------------------------------------------------------------------------------------------
@@ -204,3 +233,70 @@ def test_every_upload_the_gateway_accepts_fits_the_vllm_engine():
     assert serve_options(cfg(64, job_rank=128))["max_lora_rank"] == 128  # the platform's own adapters fit too
     with pytest.raises(ConfigError, match="up to 512"):
         cfg(1024)
+
+
+def _logprobs_diff(hf: GenerateResult, vllm: GenerateResult) -> float:
+    """The largest |logprob| difference between two engines' logprobs of the same tokens (the
+    chosen ones and their alternatives, which must be the same tokens, in the same order)."""
+    assert len(hf.logprobs) == len(vllm.logprobs) == len(hf.token_ids)
+    worst = 0.0
+    for a, b in zip(hf.logprobs, vllm.logprobs):
+        assert (a.token_id, a.token) == (b.token_id, b.token)
+        assert [(t.token_id, t.token) for t in a.top] == [(t.token_id, t.token) for t in b.top]
+        worst = max([worst, abs(a.logprob - b.logprob)] + [abs(x.logprob - y.logprob) for x, y in zip(a.top, b.top)])
+    return worst
+
+
+@pytest.mark.integration
+def test_vllm_logprobs_history_and_top_p_match_hf(tiny):
+    """Greedy logprobs are hf's (the same tokens and alternatives, within 1e-3) on text, image and
+    video requests, with adapters, and on a constrained row (raw: before the grammar's mask, which
+    vLLM applies before its raw logprobs unless vllm_plugin/logprobs.py takes them first); chats with
+    earlier turns (system, user, assistant; the medium in an earlier turn) get the same prompt and
+    the same greedy tokens on both; a sampled row with a tiny top_p is greedy."""
+    from ddft.engines.hf import HFEngine
+    from ddft.engines.vllm import engine_input
+    from ddft.prompts import Turn, media_token_count
+
+    store, a = tiny
+    image, video = _media(3)
+    chat = [Turn("system", "You are a cook."), Turn("user", "Hello."), Turn("assistant", "Hi! What are we cooking?")]
+    shown = [Turn("system", "You are a cook."), Turn("user", "Look at this.", media=True), Turn("assistant", "I see.")]
+    yes_no = Constraint.schema({"enum": ["yes", "no"]})
+    egg = GenerateRequest("text", "How do I poach an egg?", None, None, 8)
+    with_logprobs = [
+        GenerateRequest("text", "How do I poach an egg?", None, a["text"], 8, logprobs=5),
+        GenerateRequest("image", prompts.QUESTIONS["image"], image, a["image"], 8, logprobs=20),
+        GenerateRequest("video", prompts.QUESTIONS["video"], video, None, 8, logprobs=3),
+        GenerateRequest("text", "Is it done?", None, None, 8, constraint=yes_no, logprobs=5),
+        GenerateRequest("text", "Salt?", None, None, 8, logprobs=0),
+    ]
+    chats = [
+        GenerateRequest("text", "And the salt?", None, a["text"], 8, history=chat),
+        GenerateRequest("image", "What is it?", image, a["image"], 8, history=shown),
+        GenerateRequest("video", "Recipe?", video, a["video"], 8, history=shown),
+    ]
+    tiny_p = GenerateRequest("text", egg.question, None, None, 8, temperature=1.5, top_p=1e-9, seed=1)
+    reqs = [*with_logprobs, *chats, egg, tiny_p]
+    vllm = generate_in(VLLM_PYTHON, BatchJob(store.url(""), "tiny", reqs, ENGINE)).results
+    assert all(isinstance(r, GenerateResult) for r in vllm), vllm
+    engine = HFEngine(store, "tiny", cache_size=4)
+    hf = engine.generate(reqs)
+    assert [r.token_ids for r in vllm] == [r.token_ids for r in hf]
+    worst = max(_logprobs_diff(x, y) for x, y in zip(hf[: len(with_logprobs)], vllm))
+    print(f"max |logprob hf - vllm| over {sum(len(r.token_ids) for r in hf[:5])} tokens: {worst:.2e}")
+    assert worst < 1e-3
+    constrained = vllm[3].logprobs[0]  # its grammar's first token ('"') is not the model's likeliest
+    assert vllm[3].text in ('"yes"', '"no"') and constrained.logprob < constrained.top[0].logprob
+    assert all(r.logprobs is None for r in vllm[len(with_logprobs) :])
+    # the chats: vLLM's prompt (one placeholder, which it expands) is hf's, as long once expanded
+    for req, h, v in zip(chats, hf[len(with_logprobs) :], vllm[len(with_logprobs) :]):
+        ids = engine_input(engine.tokenizer, req, 0)["prompt_token_ids"]
+        if req.modality != "text":
+            media = engine.tokenizer.convert_tokens_to_ids(getattr(engine.processor, f"{req.modality}_token"))
+            at = ids.index(media)
+            count = media_token_count(engine.processor, req.modality, len(req.pixels) if req.modality == "video" else 1)
+            ids = ids[:at] + [media] * count + ids[at + 1 :]
+        assert ids == engine._encode(req)["input_ids"]
+        assert h.timings["prompt_tokens"] == v.timings["prompt_tokens"] == len(ids)
+    assert vllm[-1].token_ids == vllm[-2].token_ids  # top_p tiny: only the likeliest token is left

@@ -11,8 +11,10 @@ Prompts are the very token ids the `hf` engine and training use (`prompts.prompt
 engines give the same greedy tokens. DDFT's image/video adapters train the projector in full
 (`modules_to_save`): vLLM gets the adapter's LoRA part, and the projector goes to the model's
 per-request projector slots (see vllm_plugin/video_llava.py). A request's constraint (grammar.py)
-goes to vLLM's structured outputs, xgrammar as on the hf engine. vLLM's AsyncLLM runs on this
-engine's own event loop thread, so `stream` works from any event loop and `generate` from any thread.
+goes to vLLM's structured outputs, xgrammar as on the hf engine; logprobs are vLLM's raw ones, taken
+before the grammar's mask too (vllm_plugin/logprobs.py), with the hf engine's token texts. vLLM's
+AsyncLLM runs on this engine's own event loop thread, so `stream` works from any event loop and
+`generate` from any thread.
 """
 
 from __future__ import annotations
@@ -36,12 +38,15 @@ from ddft.adapters.registry import AdapterError, Manifest, check_base
 from ddft.engines.base import (
     FIGURES,
     LORA_RANKS,
+    MAX_LOGPROBS,
     Chunk,
     EngineBase,
     EngineUnavailable,
     GenerateRequest,
     GenerateResult,
+    TokenLogprob,
     check_request,
+    token_logprob,
 )
 from ddft.engines.detok import TextStream
 from ddft.engines.grammar import Constraint, check, vllm_params
@@ -70,13 +75,45 @@ def check_architecture(arch: str, base_model_id: str) -> None:
 
 
 def sampling_args(request: GenerateRequest) -> dict:
-    """vllm.SamplingParams keywords; temperature 0 is vLLM's greedy (a seed means nothing then)."""
+    """vllm.SamplingParams keywords; temperature 0 is vLLM's greedy (a seed or top_p means nothing
+    then). logprobs: k alternatives (vLLM adds the sampled token's own), raw (the engine's args)."""
     greedy = request.temperature == 0
     return {
         "temperature": 0.0 if greedy else float(request.temperature),
+        "top_p": 1.0 if greedy else float(request.top_p),
         "max_tokens": int(request.max_new_tokens),
         "stop": list(request.stop),
         "seed": None if greedy else request.seed,
+        "logprobs": request.logprobs,
+    }
+
+
+def token_logprobs(tokenizer, position: dict, token_id: int, k: int) -> TokenLogprob:
+    """One position of vLLM's sample logprobs ({token id: Logprob}: the sampled token and the k
+    likeliest, k + 1 entries when the sampled one isn't among them) as a TokenLogprob: its `top`
+    exactly the k likeliest, most likely first; texts as the hf engine writes them (token_logprob)."""
+    top = sorted(position.items(), key=lambda item: -item[1].logprob)[:k]
+    return token_logprob(tokenizer, token_id, position[token_id].logprob, ((t, lp.logprob) for t, lp in top))
+
+
+def engine_input(tokenizer, r: GenerateRequest, slot: int) -> dict:
+    """vLLM's input for a request: the prompt's ids with one placeholder per medium (vLLM expands
+    it; prompts.encode's ids, which hf and training use, are these expanded), the medium, and the
+    projector slot of its adapter (0: the base's)."""
+    ids = prompts.prompt_ids(tokenizer, r.modality, r.question, r.raw, r.history)
+    if r.modality == "text":
+        return {"prompt_token_ids": ids}
+    import numpy as np
+
+    media = r.pixels.astype(np.uint8, copy=False)
+    if r.modality == "image":
+        from PIL import Image
+
+        media = Image.fromarray(media)
+    return {
+        "prompt_token_ids": ids,
+        "multi_modal_data": {r.modality: media},
+        "mm_processor_kwargs": {PROJECTOR_KWARG: slot},
     }
 
 
@@ -187,6 +224,10 @@ class VLLMEngine(EngineBase):
             limit_mm_per_prompt={"image": 1, "video": 1},
             disable_log_stats=True,  # vLLM's log lines; its stats come on with our logger (_start)
             hf_overrides=_no_gguf_quantization,
+            # logprobs as the hf engine reports them: log_softmax of the raw logits, before temperature
+            # and top_p (vLLM's default, set in case it changes; the grammar's mask: vllm_plugin/logprobs.py)
+            logprobs_mode="raw_logprobs",
+            max_logprobs=MAX_LOGPROBS,
         )
         if not on_cpu:
             args["gpu_memory_utilization"] = gpu_memory_utilization
@@ -284,23 +325,6 @@ class VLLMEngine(EngineBase):
         engine's own loop (a caller inside a running event loop, a Serve replica's start, may block)."""
         self._call(self.answer(GenerateRequest("text", "Hello", max_new_tokens=1, constraint=constraint)), 600)
 
-    def _engine_input(self, r: GenerateRequest, slot: int) -> dict:
-        ids = prompts.prompt_ids(self.tokenizer, r.modality, r.question, r.raw)
-        if r.modality == "text":
-            return {"prompt_token_ids": ids}
-        import numpy as np
-
-        media = r.pixels.astype(np.uint8, copy=False)
-        if r.modality == "image":
-            from PIL import Image
-
-            media = Image.fromarray(media)
-        return {
-            "prompt_token_ids": ids,
-            "multi_modal_data": {r.modality: media},
-            "mm_processor_kwargs": {PROJECTOR_KWARG: slot},
-        }
-
     async def _pump(self, r: GenerateRequest, out: asyncio.Queue, caller: asyncio.AbstractEventLoop) -> None:
         """On the engine's loop: one request through vLLM, each delta put on the caller's queue."""
         from vllm import SamplingParams
@@ -330,8 +354,9 @@ class VLLMEngine(EngineBase):
             t1 = time.perf_counter()
             # Text deltas follow the hf engine's rules (detok.TextStream over the token ids), so both
             # engines stream alike and the deltas add up to the answer, decoded as hf decodes it.
-            text, tokens, n_prompt, reason, first, queued = (
+            text, tokens, logprobs, n_prompt, reason, first, queued = (
                 TextStream(self.tokenizer, r.stop),
+                [],
                 [],
                 0,
                 "length",
@@ -339,15 +364,22 @@ class VLLMEngine(EngineBase):
                 0.0,
             )
             async for output in self.llm.generate(
-                self._engine_input(r, entry.projector_slot if entry else 0),
+                engine_input(self.tokenizer, r, entry.projector_slot if entry else 0),
                 params,
                 f"ddft-{next(self._request_ids)}",
                 lora_request=lora,
             ):
                 done = output.outputs[0]
                 n_prompt = len(output.prompt_token_ids or []) or n_prompt
-                ids = [t for t in done.token_ids if t != self.tokenizer.eos_token_id]
+                kept = [i for i, t in enumerate(done.token_ids) if t != self.tokenizer.eos_token_id]
+                ids = [done.token_ids[i] for i in kept]
+                lps = (
+                    [token_logprobs(self.tokenizer, done.logprobs[i], done.token_ids[i], r.logprobs) for i in kept]
+                    if r.logprobs is not None
+                    else []
+                )  # a delta's logprobs: one position per new token
                 tokens += ids
+                logprobs += lps
                 first = first or (time.perf_counter() if done.token_ids else None)
                 m = output.metrics  # vLLM's own request stats (on with our stat logger)
                 if m is not None and m.scheduled_ts:
@@ -356,7 +388,7 @@ class VLLMEngine(EngineBase):
                     reason = "length" if done.finish_reason == "length" else "stop"
                 delta = text.add(ids)
                 if delta or ids:
-                    put(Chunk(delta, ids))
+                    put(Chunk(delta, ids, lps))
             t2 = time.perf_counter()
             timings = {
                 "queue_s": round(queued, 4),
@@ -366,9 +398,9 @@ class VLLMEngine(EngineBase):
                 "generate_s": round(t2 - t1, 4),
                 "engine": "vllm",
             }
-            result = self.finish(r, tokens, reason, n_prompt, timings)
+            result = self.finish(r, tokens, reason, n_prompt, timings, logprobs)
             rest = text.finish(result.text)
-            put(Chunk(rest, [], reason, result))
+            put(Chunk(rest, finish_reason=reason, result=result))
         except VLLMClientError as err:  # the request's fault (a constraint vLLM's checks refuse): typed
             put(_refusal(r, err))
         except Exception as err:  # typed errors travel to the caller, who raises them

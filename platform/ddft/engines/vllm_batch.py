@@ -147,12 +147,12 @@ async def _raw(engine, requests) -> tuple[float, list]:
 
     from vllm import SamplingParams
 
-    from ddft.engines.vllm import sampling_args
+    from ddft.engines.vllm import engine_input, sampling_args
 
     async def one(i, r):
         ids = []
         async for out in engine.llm.generate(
-            engine._engine_input(r, 0), SamplingParams(**sampling_args(r)), f"raw-{i}"
+            engine_input(engine.tokenizer, r, 0), SamplingParams(**sampling_args(r)), f"raw-{i}"
         ):
             ids = list(out.outputs[0].token_ids)
         return ids
