@@ -1,7 +1,9 @@
 """The registry with many adapters: list_adapters lists the store once and reads only each adapter's
 newest published manifest (a version exists when its v<N>/manifest.json does: claims, copies in
 progress and staging are not versions); an adapter's listing never reaches its siblings' keys
-(adapters/<owner>/name vs name2, name-x). On a file store and on S3 over HTTP (moto)."""
+(adapters/<owner>/name vs name2, name-x). The manifest's two writers: publish (with how a video
+adapter's videos were sampled) and record_metrics (merged, atomic, never bringing a deleted version
+back). On a file store and on S3 over HTTP (moto)."""
 
 from __future__ import annotations
 
@@ -149,3 +151,65 @@ def test_s3_lists_an_adapters_folder_not_every_key_that_starts_like_it(s3_store)
     )
     assert registry.versions(s3_store, "tenant-x", "name") == [1]
     assert asked == ["root/adapters/tenant-x/name/"]
+
+
+# -- the manifest's writers: publish and record_metrics ---------------------------------------------------
+def _publish(store: Store, name: str = "v", seed: int = 0, **kwargs) -> registry.Manifest:
+    files = _adapter_files()
+    if seed:  # other weights: another adapter under the same name
+        key = "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight"
+        files["adapter_model.safetensors"] = st_save({key: np.full((2, 8), float(seed))})
+    return registry.publish(
+        store, files, owner="ddft", name=name, modality="video", base=BASE, source="trained", **kwargs
+    )
+
+
+def test_publish_records_how_the_videos_were_sampled(store):
+    video = _publish(store, frames=16, frame_strategy="steps")  # "steps" as trained: serving maps it
+    assert (video.frames, video.frame_strategy) == (16, "steps")
+    assert registry.read_manifest(store, "ddft", "v") == video
+    text = _publish(store, name="t")
+    assert (text.frames, text.frame_strategy) == (None, None)
+
+
+def test_record_metrics_merges_one_level_and_loses_no_concurrent_update(store):
+    m = _publish(store, frames=8, frame_strategy="uniform", metrics={"steps": 8, "eval": {"old": {"a": 0.5}}})
+    got = registry.record_metrics(store, m, {"eval": {"held-out": {"accuracy": 0.25}}, "note": "x"})
+    assert got == registry.read_manifest(store, "ddft", "v")
+    assert got.metrics == {"steps": 8, "note": "x", "eval": {"old": {"a": 0.5}, "held-out": {"accuracy": 0.25}}}
+    assert dataclasses.replace(got, metrics=m.metrics) == m  # nothing but the metrics changed
+    again = registry.record_metrics(store, m, {"eval": {"held-out": {"rouge_l": 0.5}}})  # a set is replaced whole
+    assert again.metrics["eval"] == {"old": {"a": 0.5}, "held-out": {"rouge_l": 0.5}}
+
+    with ThreadPoolExecutor(8) as pool:  # concurrent recorders, one set each: every set lands
+        list(pool.map(lambda i: registry.record_metrics(store, m, {"eval": {f"set{i}": {"n": i}}}), range(8)))
+    evals = registry.read_manifest(store, "ddft", "v").metrics["eval"]
+    assert {f"set{i}" for i in range(8)} <= set(evals) and evals["old"] == {"a": 0.5}
+
+
+def test_record_metrics_never_brings_a_deleted_version_back(store, monkeypatch):
+    m = _publish(store)
+    registry.delete(store, "ddft", "v")
+    assert registry.record_metrics(store, m, {"eval": {}}) is None
+    assert registry.versions(store, "ddft", "v") == [] and store.list("adapters/ddft/v/") == []
+
+    # deleted and published again under the same number, other weights: another adapter, not recorded into
+    again = _publish(store, seed=3)
+    assert again.version == m.version and again.weights_sha256 != m.weights_sha256
+    assert registry.record_metrics(store, m, {"eval": {"x": {}}}) is None
+    assert registry.read_manifest(store, "ddft", "v") == again
+
+    # delete() runs inside the recorder's read-change-write: S3's conditional write then fails (or retries and
+    # finds nothing); a file store's lock doesn't hold delete back, so its write lands and is taken back
+    original = Store.update_json
+
+    def deleted_meanwhile(self, key, change):
+        def change_after_delete(doc):
+            registry.delete(store, "ddft", "v", again.version)
+            return change(doc)
+
+        return original(self, key, change_after_delete)
+
+    monkeypatch.setattr(Store, "update_json", deleted_meanwhile)
+    assert registry.record_metrics(store, again, {"eval": {"x": {}}}) is None
+    assert registry.versions(store, "ddft", "v") == [] and registry.read_manifest(store, "ddft", "v") is None

@@ -4,7 +4,8 @@ Publishing is atomic and linearizable: files go to a staging prefix and are vali
 version number is taken by a conditional create of v<N>/.claim (one winner per N, however many
 publish at once), the files are copied to v<N>, and the manifest is written last; a version
 without a manifest does not exist. Weights are
-safetensors only: pickle formats are refused, never loaded.
+safetensors only: pickle formats are refused, never loaded. After publishing, a manifest changes
+only through record_metrics (scores merged into its metrics, e.g. by `ddft eval`).
 """
 
 from __future__ import annotations
@@ -213,9 +214,12 @@ def publish(
     base: BaseInfo,
     source: str,
     metrics: dict | None = None,
+    frames: int | None = None,
+    frame_strategy: str | None = None,
 ) -> Manifest:
     """Validate and publish an adapter (a PEFT folder, or its files by name) as the next version;
-    returns its manifest."""
+    returns its manifest. `frames`, `frame_strategy`: how the videos it was trained on were sampled
+    (a video or joint adapter's; None: no videos, or not known)."""
     files = read_dir(adapter) if isinstance(adapter, Path) else adapter
     cfg = validate_files(files)
     prefix = adapter_prefix(owner, name)
@@ -241,6 +245,8 @@ def publish(
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             metrics=metrics or {},
             modules_to_save=list(cfg.get("modules_to_save") or []),
+            frames=frames,
+            frame_strategy=frame_strategy,
         )
         store.copy_prefix(staging, manifest.key)
         if not store.create_json(f"{manifest.key}/manifest.json", asdict(manifest)):  # last: now it exists
@@ -255,6 +261,55 @@ def publish(
         if version is not None:  # claimed but not published: its files must not stay behind
             store.delete(f"{prefix}/v{version}")
         store.delete(staging)
+
+
+class _Gone(Exception):
+    """record_metrics' version is no longer the one it was given: deleted, or deleted and published again."""
+
+
+def _same_version(doc: dict | None, manifest: Manifest) -> bool:
+    # a deleted version's number can be claimed again: the weights and the time tell the versions apart
+    return doc is not None and (doc.get("weights_sha256"), doc.get("created_at")) == (
+        manifest.weights_sha256,
+        manifest.created_at,
+    )
+
+
+def record_metrics(store: Store, manifest: Manifest, updates: dict) -> Manifest | None:
+    """Merge `updates` into a published version's metrics; the one rewrite of a manifest.json besides
+    publish's create. Each key of `updates` replaces that key of the metrics, except a dict into a
+    dict, which merges one level down: {"eval": {"held-out": scores}} replaces that set's scores and
+    keeps the other sets'. One atomic read-change-write (Store.update_json): concurrent recorders lose
+    nothing. Returns the manifest as written; None when the version was deleted (or deleted and
+    published again) since `manifest` was read: nothing is written, a deleted version never returns."""
+    key = f"{manifest.key}/manifest.json"
+    current = _read_manifest(store, key)
+    if current is None or not _same_version(asdict(current), manifest):
+        return None  # before update_json: its lock file would make the deleted version's folder again
+
+    def change(doc: dict | None) -> dict:
+        if not _same_version(doc, manifest):
+            raise _Gone
+        metrics = dict(doc.get("metrics") or {})
+        for k, v in updates.items():
+            old = metrics.get(k)
+            metrics[k] = {**old, **v} if isinstance(old, dict) and isinstance(v, dict) else v
+        return {**doc, "metrics": metrics}
+
+    try:
+        written = store.update_json(key, change)
+    except _Gone:
+        return None
+    except StoreError:  # S3: a conditional write on a key deleted since it was read fails as a missing key
+        if not store.exists(key):
+            return None
+        raise
+    if not store.exists(f"{manifest.key}/{WEIGHTS}"):
+        # delete() took the manifest and then the folder between our read and our write (a file store's
+        # lock doesn't hold delete back): ours is a manifest without weights; it goes too
+        store.delete(key)
+        return None
+    return Manifest(**written)
 
 
 def delete(store: Store, owner: str, name: str, version: int | None = None) -> list[int]:
