@@ -145,6 +145,20 @@ def test_bad_config_exits_2_naming_the_keys(capsys, tmp_path):
     assert code == 2 and "missing.yaml" in err
 
 
+def test_eval_on_vllm_without_its_environment_says_how_to_get_it(capsys, tmp_path):
+    """--engine vllm (or serve.engine vllm) checks serve.vllm.python before any set is read."""
+    doc = yaml.safe_load(Path(good_config(tmp_path)).read_text())
+    for engine, argv in (("vllm", []), ("hf", ["--engine", "vllm"])):
+        doc["serve"] = {"engine": engine, "vllm": {"python": str(tmp_path / "no-venv/bin/python")}}
+        (tmp_path / "eval.yaml").write_text(yaml.safe_dump(doc))
+        code, out, err = run(capsys, "eval", "--config", str(tmp_path / "eval.yaml"), *argv)
+        assert code == 2 and out == "" and err.count("\n") == 1, err
+        assert "no vLLM environment at" in err and "make venv-vllm" in err and "--engine hf" in err
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--config", "x.yaml", "--engine", "tgi"])
+    assert "invalid choice: 'tgi'" in capsys.readouterr().err
+
+
 def test_data_errors_print_as_what_they_are_with_the_fix(capsys, tmp_path, monkeypatch):
     """A dataset that can't be read is an expected error: its kind and fix, never "unexpected"."""
     import contextlib

@@ -314,12 +314,15 @@ def test_evaluate_scores_base_and_adapters_and_records_them(prepared, trained_vi
     for r in results[5:]:  # the synthetic kitchen's held-out recipes in YouCook2's layout: steps only
         assert (r["samples"], r["skipped"]) == (2, 0) and "ingredient_f1" not in r
         assert r["example"]["reference"].startswith("Steps:\n1. ")
+    assert results.engine == "hf" and {r["engine"] for r in results} == {"hf"}  # the default engine
     report = evaluate.save(store, results)
-    assert report.startswith(store.url("eval/")) and report.endswith(".md")
+    assert report.startswith(store.url("eval/")) and report.endswith(".md") and report.notes == []
     text = store.read_text(report.removeprefix(store.uri + "/"))
+    assert text.startswith("Answers generated on the hf engine (greedy).")
     assert "| held-out | video | base:tiny | matched | 2 | 0 |" in text and "| held-out | video | ddft/video/v" in text
     evals = read_manifest(store, "ddft", "video").metrics["eval"]
     assert evals["held-out"]["samples"] == 2 and "gap" in evals["held-out (mismatched)"]
+    assert evals["held-out"]["engine"] == "hf"
 
 
 def test_drawn_samples_keep_their_column_types(ray_cluster, tmp_path):

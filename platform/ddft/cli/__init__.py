@@ -129,14 +129,24 @@ def parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--no-wait", action="store_true", help="with --address: print the job id and return")
 
-    command(
+    ev = command(
         sub,
         "eval",
         pipeline.cmd_eval,
         "score the base and the DDFT adapters on held-out and in-distribution data, "
         "each adapter also with mismatched inputs (its matched - mismatched gap)",
-        "ddft eval --config jobs/configs/demo.yaml --limit 20",
-    ).add_argument("--limit", type=int, help="at most this many samples per set and modality")
+        "ddft eval --config jobs/configs/demo.yaml --limit 20\n"
+        "ddft eval --config jobs/configs/demo.yaml --engine vllm   # answers from vLLM (make venv-vllm first)",
+        "The answers come from a serving engine (greedy, adapters mixed in batches), with the config's serve "
+        "settings; the table and the report name the engine.",
+    )
+    ev.add_argument("--limit", type=int, help="at most this many samples per set and modality")
+    ev.add_argument(
+        "--engine",
+        choices=("hf", "vllm"),
+        help="the engine that generates the answers, instead of the config's serve.engine "
+        "(vllm: in its own environment, serve.vllm.python)",
+    )
 
     serve = command(
         sub,

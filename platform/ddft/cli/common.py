@@ -33,12 +33,14 @@ def one_line(text: str) -> str:
 
 
 def load_config(path: str, part: str = "train"):
-    """The validated config of one part of the loop ("train": data, jobs; "serve": the serve app), from
-    a file that may hold both; an invalid one is a usage error (2) naming every key."""
+    """The validated config of one part of the loop ("train": data, jobs; "serve": the serve app; "pipeline":
+    both, serve's defaults where the file has no serve part), from a file that may hold both; an invalid one
+    is a usage error (2) naming every key."""
     from ddft import config
 
+    model = {"serve": config.ServeConfig, "pipeline": config.PipelineConfig}.get(part, config.TrainConfig)
     try:
-        return config.load(path, config.ServeConfig if part == "serve" else config.TrainConfig)  # before any Ray
+        return config.load(path, model)  # before any Ray
     except config.ConfigError as err:
         raise CliError(
             USAGE,

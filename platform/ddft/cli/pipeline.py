@@ -145,16 +145,52 @@ def cmd_eval(args) -> int:
     from ddft.eval import evaluate
     from ddft.store import Store
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, "pipeline")  # data for the sets, serve for the engine that answers
+    engine = args.engine or cfg.serve.engine
+    python = cfg.serve.vllm.python
+    if engine == "vllm" and not Path(python).exists():  # before minutes of reading sets
+        raise CliError(
+            USAGE,
+            f"{'--engine' if args.engine else 'serve.engine'} vllm: no vLLM environment at {python} "
+            "(serve.vllm.python): build it with `make venv-vllm`, or evaluate with --engine hf",
+        )
     store = Store.from_config(cfg.store)
-    results = evaluate.evaluate(store, cfg.base.id, limit=args.limit, data=cfg.data)
+    results = evaluate.evaluate(
+        store,
+        cfg.base.id,
+        limit=args.limit,
+        data=cfg.data,
+        engine=engine,
+        engine_options=eval_engine_options(cfg, store, engine),
+        python=python,
+    )
     print(evaluate.table(results))
     for note in results.notes:  # a set not evaluated, rows left out: the table only counts them
         print(f"note: {note}", file=sys.stderr)
     report = evaluate.save(store, results)
+    for note in report.notes:  # an adapter deleted meanwhile: its scores are in the report only
+        print(f"note: {note}", file=sys.stderr)
     print(f"written to {report} and into the adapters' manifests")
     print(f"chart: {report.png}")
     return OK
+
+
+def eval_engine_options(cfg, store, engine: str) -> dict:
+    """The engine keywords serving would use (engines.base.serve_options), so evaluation answers as the
+    served engine does, on this machine's GPU when it has one. vLLM sizes its LoRA slots once, for the
+    largest rank among the platform's adapters of this base and the config's jobs."""
+    import torch
+
+    from ddft.adapters.registry import PLATFORM_OWNER, list_adapters
+    from ddft.engines.base import serve_options
+    from ddft.models.info import base_info
+
+    ranks = []
+    if engine == "vllm":
+        base = base_info(store, cfg.base.id)
+        ranks = [m.rank for m in list_adapters(store, PLATFORM_OWNER) if m.base_fingerprint == base.fingerprint]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {**serve_options(cfg, engine, adapter_ranks=ranks), "device": device}
 
 
 # -- serving -------------------------------------------------------------------------------------
