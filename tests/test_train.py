@@ -93,6 +93,8 @@ def test_one_lora_job(prepared, trained_video, tmp_path):
     assert (manifest.modality, manifest.source, manifest.base_fingerprint) == ("video", "trained", base.fingerprint)
     assert manifest.metrics["steps"] == 8 and manifest.metrics["last_loss"] == result.losses[-1]
     assert manifest.modules_to_save == ["multi_modal_projector"]
+    # how its videos were sampled, for serving to sample them the same way
+    assert (manifest.frames, manifest.frame_strategy) == (cfg.data.frames, cfg.data.frame_strategy) == (8, "uniform")
     # LoRA sits on the language model only, never on the CLIP towers.
     assert store.read_json(f"{manifest.key}/manifest.json") == asdict(manifest)
 
@@ -323,6 +325,27 @@ def test_evaluate_scores_base_and_adapters_and_records_them(prepared, trained_vi
     evals = read_manifest(store, "ddft", "video").metrics["eval"]
     assert evals["held-out"]["samples"] == 2 and "gap" in evals["held-out (mismatched)"]
     assert evals["held-out"]["engine"] == "hf"
+
+
+def test_a_jobs_manifest_records_the_video_sampling_of_the_data_it_trained_on(prepared):
+    """From the prepared video version (a pinned dataset_version may predate data.frames); the config's
+    when that version's manifest doesn't say; nothing for a job without videos."""
+    from ddft.data.prepare import latest_version, prepared_key
+    from ddft.train.job import video_sampling
+
+    cfg, store, _, _ = prepared
+    video, text = latest_version(store, "video"), latest_version(store, "text")
+    assert video_sampling(store, cfg, {"text": text}) == {"frames": None, "frame_strategy": None}
+    assert video_sampling(store, cfg, {"video": video, "text": text}) == {"frames": 8, "frame_strategy": "uniform"}
+    other = cfg.model_copy(update={"data": cfg.data.model_copy(update={"frames": 4, "frame_strategy": "keyframe"})})
+    assert video_sampling(store, other, {"video": video}) == {"frames": 8, "frame_strategy": "uniform"}
+    key = f"{prepared_key('video', video)}/manifest.json"
+    manifest = store.read_json(key)
+    try:  # a version prepared before manifests said how
+        store.write_json(key, {k: v for k, v in manifest.items() if k not in ("frames", "frame_strategy")})
+        assert video_sampling(store, other, {"video": video}) == {"frames": 4, "frame_strategy": "keyframe"}
+    finally:
+        store.write_json(key, manifest)
 
 
 def test_drawn_samples_keep_their_column_types(ray_cluster, tmp_path):

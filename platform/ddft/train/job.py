@@ -146,6 +146,20 @@ def _skipped(store: Store, job: JobConfig, fingerprint: str, started: float) -> 
     )
 
 
+def video_sampling(store: Store, cfg: TrainConfig, versions: dict[str, str]) -> dict:
+    """How the job's videos were sampled (frames, frame_strategy), for its manifest: serving samples a
+    video the way its adapter saw them. From the prepared video version it trains on (a pinned
+    dataset_version may predate the config's data.frames), else the config; None for a job without videos.
+    "steps" is recorded as it is: serving has no annotations to follow and maps it to its own strategy."""
+    if "video" not in versions:
+        return {"frames": None, "frame_strategy": None}
+    prepared = store.read_json(f"{prepared_key('video', versions['video'])}/manifest.json")
+    return {
+        "frames": prepared.get("frames") or cfg.data.frames,
+        "frame_strategy": prepared.get("frame_strategy") or cfg.data.frame_strategy,
+    }
+
+
 def _niceness(value: int | None) -> dict:
     """The raylet starts a runtime env's workers at RAY_worker_niceness (Ray's own default: 15)."""
     return {} if value is None else {"RAY_worker_niceness": str(value)}
@@ -230,6 +244,7 @@ def run_job(cfg: TrainConfig, job: JobConfig, force: bool = False, publish_adapt
                     "resumed_from": state.resumed_from,
                     "run": run_uri,
                 },
+                **video_sampling(store, cfg, versions),
             )
     return JobResult(
         job.name,
