@@ -17,6 +17,7 @@ import ray
 from ray import serve
 
 from ddft.adapters import registry
+from ddft.adapters.ref import resident_key
 from ddft.adapters.registry import AdapterError, Manifest
 from ddft.engines.base import Chunk, EngineUnavailable, GenerateRequest, GenerateResult, make_engine
 from ddft.engines.grammar import Constraint
@@ -29,10 +30,9 @@ SWEEP_EVERY_S = 10.0  # how often a replica looks for resident adapters that wer
 _ARRIVING: contextvars.ContextVar[Manifest | None] = contextvars.ContextVar("ddft_arriving_adapter", default=None)
 
 
-def multiplexed_id(manifest: Manifest) -> str:
-    """The one Serve multiplexed model id of an adapter version (its ref and weights): the gateway
-    asks for it and the replica's loader registers it, so Serve routes by adapter."""
-    return f"{manifest.ref}@{manifest.weights_sha256[:8]}"
+# The Serve multiplexed model id of an adapter version: the gateway asks for it and the replica's
+# loader registers it, so Serve routes by adapter
+multiplexed_id = resident_key
 
 
 @dataclass

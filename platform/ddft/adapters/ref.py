@@ -4,7 +4,11 @@
     name/vN           ... that version
     owner/name        that owner's, the newest version
     owner/name/vN     exactly that (how answers and GET /v1/models name an adapter: Manifest.ref)
-    <base>:<any of the above>   an OpenAI model id; the base part must be the served base
+    <base>:<any of the above>   an OpenAI model id (`model_id`, `model_adapter`); the base part
+                                must be the served base
+
+A resident adapter (in an engine's memory, routed to by Serve) is keyed by `resident_key`: its ref
+and its weights, so a version republished with other weights is another adapter.
 
 Owners are "ddft" (the platform's trained adapters) and "tenant-<tenant>". A second part that reads
 v<N> is a version, so no owner/name pair is ever read as name/vN the other way round.
@@ -14,8 +18,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ddft.errors import BadArgument, NotFound
+
+if TYPE_CHECKING:
+    from ddft.adapters.registry import Manifest
 
 PLATFORM_OWNER = "ddft"
 TENANT_OWNER_PREFIX = "tenant-"
@@ -98,3 +106,35 @@ class AdapterRef:
         return "/".join(
             ([self.owner] if self.owner else []) + [self.name] + ([f"v{self.version}"] if self.version else [])
         )
+
+
+def model_id(base_id: str, ref: str | None) -> str:
+    """The OpenAI model id of what answers: the base, or `<base>:<adapter ref>`."""
+    return f"{base_id}:{ref}" if ref else base_id
+
+
+def model_adapter(model: str, base_id: str) -> str | None:
+    """The adapter an OpenAI model id names (AdapterRef's grammar, parsed by the caller): None for
+    the bare base id (routing decides); NotFound (model_not_found) for a model not served here."""
+    if model != base_id and not model.startswith(base_id + ":"):
+        raise NotFound(
+            f"model {model[:100]!r} is not served here; this server serves {base_id!r} "
+            "and its adapters (GET /v1/models)",
+            "model_not_found",
+        )
+    adapter = model[len(base_id) + 1 :] if model != base_id else None
+    if adapter is not None and not adapter.strip():
+        raise NotFound(
+            f"model {model[:100]!r} names no adapter after ':'; GET /v1/models lists the models", "model_not_found"
+        )
+    return adapter
+
+
+def resident_key(manifest: Manifest) -> str:
+    """One resident adapter version's key: its ref and its weights. Serve's multiplexed model id."""
+    return f"{manifest.ref}@{manifest.weights_sha256[:8]}"
+
+
+def module_key(manifest: Manifest) -> str:
+    """`resident_key` made safe as a PEFT adapter name (no '.', '/' or '@': module-dict keys)."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", resident_key(manifest))

@@ -9,10 +9,11 @@ checks and /metrics read it from any thread without waiting for a batch.
 
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Generic, TypeVar
+
+from ddft.adapters.ref import module_key
 
 if TYPE_CHECKING:
     from ddft.adapters.registry import Manifest
@@ -21,10 +22,7 @@ E = TypeVar("E")
 COUNTERS = ("adapter_loads", "adapter_hits", "adapter_misses", "adapter_evictions")
 
 
-def adapter_key(manifest: Manifest) -> str:
-    """One resident adapter's key: its ref and weights (a republished version is another adapter),
-    safe as a PEFT adapter name (no '.' or '/': module-dict keys)."""
-    return re.sub(r"[^A-Za-z0-9_]", "_", manifest.ref) + "_" + manifest.weights_sha256[:8]
+adapter_key = module_key  # one resident adapter's key (adapters/ref.py), safe as a PEFT adapter name
 
 
 class AdapterLRU(Generic[E]):
