@@ -10,7 +10,7 @@ from fastapi import Request
 
 from ddft.store import Store
 from ddft.tenants import Tenants
-from serve.errors import ApiError
+from serve.errors import Forbidden, Unauthorized
 
 
 def sha256(text: str) -> str:
@@ -29,7 +29,7 @@ class Auth:
             return None
         scheme, _, key = header.partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
-            raise ApiError(401, "bad_authorization", "send the key as 'Authorization: Bearer <key>'")
+            raise Unauthorized("send the key as 'Authorization: Bearer <key>'", "bad_authorization")
         return key.strip()
 
     def _is_admin(self, key: str) -> bool:
@@ -40,25 +40,23 @@ class Auth:
         key = self._key(request)
         if key is None:
             if required:
-                raise ApiError(
-                    401,
-                    "missing_key",
+                raise Unauthorized(
                     "this needs a tenant key: 'Authorization: Bearer <key>' "
                     "(an admin creates tenants and their keys: POST /v1/tenants)",
+                    "missing_key",
                 )
             return None
         if self._is_admin(key):
             if required:
-                raise ApiError(
-                    403,
-                    "admin_not_tenant",
+                raise Forbidden(
                     "the admin key manages tenants; adapters are uploaded and managed with a tenant's own key",
+                    "admin_not_tenant",
                 )
             return None
         tenant = await asyncio.to_thread(self.tenants.authenticate, key)
         if tenant is None:
-            raise ApiError(
-                401, "bad_key", "the key is not valid (wrong, rotated or its tenant removed); ask your admin for a key"
+            raise Unauthorized(
+                "the key is not valid (wrong, rotated or its tenant removed); ask your admin for a key", "bad_key"
             )
         return tenant
 
@@ -67,20 +65,19 @@ class Auth:
         show the admin more)."""
         try:
             key = self._key(request)
-        except ApiError:
+        except Unauthorized:
             return False
         return key is not None and self._is_admin(key)
 
     async def admin(self, request: Request) -> None:
         key = self._key(request)
         if key is None:
-            raise ApiError(401, "missing_key", "tenant management needs the admin key: 'Authorization: Bearer <key>'")
+            raise Unauthorized("tenant management needs the admin key: 'Authorization: Bearer <key>'", "missing_key")
         if self.admin_sha is None:
-            raise ApiError(
-                403,
-                "admin_disabled",
+            raise Forbidden(
                 "no admin key is configured: set the environment variable named "
                 "by serve.admin_key_env (default DDFT_ADMIN_KEY) where `serve run` starts",
+                "admin_disabled",
             )
         if not self._is_admin(key):
-            raise ApiError(403, "not_admin", "this key is not the admin key; tenant management needs the admin key")
+            raise Forbidden("this key is not the admin key; tenant management needs the admin key", "not_admin")

@@ -2,7 +2,7 @@
 request schemas (serve/openapi_docs.py publishes these models' JSON Schema).
 
 The routes read bodies themselves (through a size cap, serve/inputs.py) and then validate them
-here with `parse`, which turns pydantic's first error into an ApiError with a short code and a
+here with `parse`, which turns pydantic's first error into a BadArgument with a short code and a
 sentence that says how to fix it. Types are JSON's, strictly: "5" is not a number, 5.0 is an
 integer (JSON Schema says so), "true" is not a boolean, so the documented schema and the server
 refuse the same bodies. Limits that follow the serve config (max_new_tokens, n) come in as the
@@ -33,10 +33,9 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from ddft.adapters.ref import SHAPE, TENANT_NAME
+from ddft.engines.base import MAX_LOGPROBS
 from ddft.engines.grammar import Constraint, check
-from ddft.errors import BadConstraint
-from ddft.recipes import Recipe
-from serve.errors import ApiError
+from ddft.errors import BadArgument, BadConstraint, Invalid
 
 _OURS = "ddft."  # the error types raised here: "ddft.<code>"
 
@@ -115,7 +114,7 @@ def _limits(info: ValidationInfo) -> Limits:
     return info.context if isinstance(info.context, Limits) else Limits()
 
 
-def _settings(tokens: int, temperature: float | None, stop: str | list[str] | None, seed: int | None) -> dict:
+def _settings(tokens: int, temperature: float | None, stop: str | list[str] | None, seed: int | None, **more) -> dict:
     """GenerateRequest's settings from a validated body's fields (null is the default). Plain
     values: building another model here would validate again, without the config's limits."""
     return {
@@ -123,31 +122,50 @@ def _settings(tokens: int, temperature: float | None, stop: str | list[str] | No
         "temperature": float(temperature or 0.0),
         "stop": [stop] if isinstance(stop, str) else list(stop or []),
         "seed": seed,
+        **{k: v for k, v in more.items() if v is not None},
     }
 
 
 class Body(BaseModel):
-    # Unknown fields are ignored (OpenAI clients send many); the documented ones are checked.
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    # Nothing asked is ignored: a field no model here has is refused, named (unsupported_field).
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Knobs(Body):
-    """Generation settings every inference route takes; null is the same as absent."""
+def _no_stop(cls, data):
+    """A recipe ends where the recipe grammar says: a stop string could cut it before its steps, an
+    answer its schema forbids."""
+    if isinstance(data, dict) and "stop" in data and cls.__name__.startswith("Recipe"):
+        raise refuse(
+            "unsupported_stop",
+            "stop is not taken on /v1/recipes: the recipe grammar decides where a recipe ends; "
+            "bound it with max_new_tokens",
+        )
+    return data
+
+
+class RecipeKnobs(Body):
+    """Generation settings every inference route takes; null is the same as absent. No `stop` on
+    recipes (_no_stop)."""
+
+    refuse_stop = model_validator(mode="before")(classmethod(_no_stop))
 
     adapter: Adapter | None = None
     max_new_tokens: Tokens | None = None
     temperature: Temperature | None = None
-    stop: Stop | None = None
     seed: Seed | None = None
 
     check_cap = field_validator("max_new_tokens")(classmethod(_within))
 
     def generation(self, cap: int) -> dict:
         """The GenerateRequest settings this body asks for (`cap` when it names no token limit)."""
-        return _settings(self.max_new_tokens or cap, self.temperature, self.stop, self.seed)
+        return _settings(self.max_new_tokens or cap, self.temperature, getattr(self, "stop", None), self.seed)
 
 
-class RecipeJson(Knobs):
+class Knobs(RecipeKnobs):
+    stop: Stop | None = None
+
+
+class RecipeJson(RecipeKnobs):
     """POST /v1/recipes as JSON: a video already in the store."""
 
     video_uri: Key
@@ -155,6 +173,8 @@ class RecipeJson(Knobs):
 
 class RecipeForm(Body):
     """POST /v1/recipes as multipart: the text fields beside the `video` file."""
+
+    refuse_stop = model_validator(mode="before")(classmethod(_no_stop))
 
     adapter: Adapter | None = None
     max_new_tokens: Annotated[StrictInt, Field(ge=1), BeforeValidator(_form_int)] | None = None
@@ -172,6 +192,7 @@ def _generate_variants(schema: dict) -> None:
     """Generate's cross-field rules (its `_media` validator) said in JSON Schema: one of three shapes."""
     props = schema.pop("properties")
     schema.pop("required", None)
+    closed = schema.pop("additionalProperties", True)  # each shape lists all its fields
     knobs = {k: v for k, v in props.items() if k not in ("modality", "question", "image_b64", "image_uri")}
     question = non_null(props["question"])
 
@@ -179,7 +200,12 @@ def _generate_variants(schema: dict) -> None:
         own = {"modality": {"type": "string", "enum": [modality]}, "question": question}
         if field:
             own[field] = non_null(props[field])
-        return {"type": "object", "required": ["modality", required], "properties": {**own, **knobs}}
+        return {
+            "type": "object",
+            "required": ["modality", required],
+            "properties": {**own, **knobs},
+            "additionalProperties": closed,
+        }
 
     schema["oneOf"] = [
         variant("text", None, "question"),
@@ -227,6 +253,7 @@ class Generate(Knobs):
 # -- OpenAI's bodies ------------------------------------------------------------------------------
 class MediaUrl(Body):
     url: Annotated[Key, Field(description="a data: URL (base64) or a store key under serve.media_prefixes")]
+    detail: Literal["auto"] | None = Field(None, description="OpenAI's; one resolution is served: auto only")
 
 
 class TextPart(Body):
@@ -248,13 +275,33 @@ Part = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
 class Message(Body):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        description="developer is OpenAI's new name for system"
+    )
     content: Text | Annotated[list[Part], Field(min_length=1)] = Field(
         description="a string, or parts: text, image_url {url}, video_url {url} (one medium per conversation)"
     )
 
     def parts(self) -> list[TextPart | ImagePart | VideoPart]:
         return [TextPart(type="text", text=self.content)] if isinstance(self.content, str) else self.content
+
+
+# OpenAI fields this server does not implement: refused (unsupported_<field>) unless absent or a default
+_UNSUPPORTED = {
+    "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "best_of": (None, 1),
+}
+
+
+_NEEDS_STREAM = {"required": ["stream"], "properties": {"stream": {"const": True}}}
 
 
 class StreamOptions(Body):
@@ -267,7 +314,7 @@ class OpenAIKnobs(Body):
     # `_streaming` in JSON Schema: stream_options only with "stream": true, n > 1 only unstreamed
     model_config = ConfigDict(
         json_schema_extra={
-            "dependentSchemas": {"stream_options": {"required": ["stream"], "properties": {"stream": {"const": True}}}},
+            "dependentSchemas": {"stream_options": _NEEDS_STREAM},
             "if": {"required": ["stream"], "properties": {"stream": {"const": True}}},
             "then": {"properties": {"n": {"maximum": 1}}},
         }
@@ -282,8 +329,22 @@ class OpenAIKnobs(Body):
     n: Choices | None = None
     stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
+    top_p: Annotated[StrictFloat, Field(gt=0, le=1)] | None = None
+    # OpenAI's fields this server does not implement: only their defaults are accepted (_UNSUPPORTED)
+    frequency_penalty: Annotated[StrictFloat, Field(ge=0, le=0)] | None = None
+    presence_penalty: Annotated[StrictFloat, Field(ge=0, le=0)] | None = None
+    logit_bias: Annotated[dict[str, Any], Field(max_length=0)] | None = None
 
     check_cap = field_validator("max_tokens", "max_completion_tokens")(classmethod(_within))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, data):
+        if isinstance(data, dict):
+            for key, defaults in _UNSUPPORTED.items():
+                if key in cls.model_fields and key in data and data[key] not in defaults:
+                    raise refuse(f"unsupported_{key}", f"{key} is not supported here; leave it out")
+        return data
 
     @field_validator("n")
     @classmethod
@@ -295,7 +356,7 @@ class OpenAIKnobs(Body):
 
     @model_validator(mode="after")
     def _streaming(self):
-        if self.stream_options is not None and not self.stream:
+        if "stream_options" in self.model_fields_set and not self.stream:  # null too: as the schema says
             raise refuse("bad_stream_options", 'stream_options is only allowed with "stream": true')
         if (self.n or 1) > 1 and self.stream:
             raise refuse("bad_n", 'n > 1 is answered whole: drop "stream", or stream with n=1')
@@ -307,7 +368,7 @@ class OpenAIKnobs(Body):
 
     def generation(self, cap: int) -> dict:
         tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return _settings(tokens or cap, self.temperature, self.stop, self.seed)
+        return _settings(tokens or cap, self.temperature, self.stop, self.seed, top_p=self.top_p)
 
 
 class TextFormat(Body):
@@ -338,7 +399,27 @@ ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Fie
 class Chat(OpenAIKnobs):
     """POST /v1/chat/completions."""
 
+    # OpenAIKnobs' rules, and top_logprobs only with "logprobs": true (`_logprobs`)
+    model_config = ConfigDict(
+        json_schema_extra={
+            "dependentSchemas": {
+                "stream_options": _NEEDS_STREAM,
+                "top_logprobs": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
+            },
+            "if": {"required": ["stream"], "properties": {"stream": {"const": True}}},
+            "then": {"properties": {"n": {"maximum": 1}}},
+        }
+    )
+
     messages: Annotated[list[Message], Field(min_length=1)]
+    logprobs: StrictBool | None = Field(None, description="each answer token's log-probability (the model's own)")
+    top_logprobs: (
+        json_int("with logprobs: that many likeliest alternatives per token", ge=0, le=MAX_LOGPROBS) | None
+    ) = None
+    tools: Annotated[list[Any], Field(max_length=0)] | None = None
+    tool_choice: Literal["none"] | None = None
+    functions: Annotated[list[Any], Field(max_length=0)] | None = None
+    function_call: Literal["none"] | None = None
     response_format: ResponseFormat | None = Field(
         None,
         description="OpenAI's: text, json_object (any JSON object) or json_schema {name, schema, strict}; the "
@@ -361,39 +442,22 @@ class Chat(OpenAIKnobs):
             raise BadConstraint(f"response_format.json_schema.schema: {err.detail}") from None
         return constraint
 
+    @model_validator(mode="after")
+    def _logprobs(self):
+        if "top_logprobs" in self.model_fields_set and not self.logprobs:  # null too: as the schema says
+            raise refuse("bad_top_logprobs", 'top_logprobs needs "logprobs": true')
+        return self
+
     def generation(self, cap: int) -> dict:
-        """OpenAIKnobs' settings, and the response_format's constraint when it sets one."""
+        """OpenAIKnobs' settings, the log-probabilities asked for, and the response_format's
+        constraint when it sets one."""
         constraint = self.constraint()
-        return {**super().generation(cap), **({"constraint": constraint} if constraint else {})}
-
-
-class RecipeAnswer(Recipe):
-    """POST /v1/recipes' answer: the recipe (ddft.recipes.Recipe, read from the text the model wrote
-    under the recipe grammar) and how it was made. A finished recipe (finish_reason "stop") has at
-    least one ingredient and one step; one cut by max_new_tokens holds the lines written whole."""
-
-    model_config = ConfigDict(
-        json_schema_extra={
-            "if": {"properties": {"finish_reason": {"const": "stop"}}},
-            "then": {"properties": {"ingredients": {"minItems": 1}, "steps": {"minItems": 1}}},
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return {
+            **super().generation(cap),
+            **({"constraint": constraint} if constraint else {}),
+            **({"logprobs": logprobs} if logprobs is not None else {}),
         }
-    )
-
-    text: str = Field(description="the recipe as the model wrote it (ddft.recipes' text format)")
-    adapter: str | None = Field(description="the adapter that answered (null: the base)")
-    base: str
-    finish_reason: Literal["stop", "length"] = Field(description="stop: it ended; length: max_new_tokens cut it")
-    timings: dict[str, float | int] = Field(description="seconds and counts: decode_s, generate_s, total_s, ...")
-
-
-# OpenAI completion fields this server does not compute: refused unless absent or at their defaults
-_UNSUPPORTED = {
-    "echo": (None, False),
-    "logprobs": (None, 0),
-    "suffix": (None, ""),
-    "best_of": (None, 1),
-    "logit_bias": (None, {}),
-}
 
 
 class Completion(OpenAIKnobs):
@@ -402,15 +466,13 @@ class Completion(OpenAIKnobs):
     prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)] = Field(
         description="the whole prompt, continued as it is (no chat template): a string, or a list of one"
     )
+    logprobs: json_int("each token's log-probability and that many likeliest alternatives", ge=0, le=5) | None = None
+    echo: Literal[False] | None = None
+    suffix: Literal[""] | None = None
+    best_of: Literal[1] | None = None
 
-    @model_validator(mode="before")
-    @classmethod
-    def _unsupported(cls, data):
-        if isinstance(data, dict):
-            for key, defaults in _UNSUPPORTED.items():
-                if data.get(key) not in defaults:
-                    raise refuse(f"unsupported_{key}", f"{key} is not supported here; leave it out")
-        return data
+    def generation(self, cap: int) -> dict:
+        return {**super().generation(cap), **({"logprobs": self.logprobs} if self.logprobs is not None else {})}
 
     @property
     def text(self) -> str:
@@ -436,6 +498,12 @@ _FIELDS: dict[str, tuple[str, str]] = {
     "temperature": ("bad_temperature", "temperature must be a number from 0 (greedy) to 2"),
     "stop": ("bad_stop", "stop must be a string or a list of up to 4 non-empty strings (64 characters at most)"),
     "seed": ("bad_seed", "seed must be a non-negative integer"),
+    "top_p": ("bad_top_p", "top_p must be a number above 0, at most 1"),
+    "logprobs": (
+        "bad_logprobs",
+        "logprobs is true or false on /v1/chat/completions, an integer from 0 to 5 on /v1/completions",
+    ),
+    "top_logprobs": ("bad_top_logprobs", f"top_logprobs must be an integer from 0 to {MAX_LOGPROBS}"),
     "n": ("bad_n", "n must be an integer from 1 to {max_n} (serve.max_n)"),
     "stream": ("bad_stream", "stream must be true or false"),
     "stream_options": ("bad_stream_options", 'stream_options is {"include_usage": true|false}'),
@@ -485,17 +553,23 @@ def _fill(template: str, limits: Limits) -> str:
     return template
 
 
-def _refusal(error: dict, limits: Limits) -> ApiError:
+def _refusal(error: dict, limits: Limits) -> BadArgument:
     kind, loc = error["type"], error["loc"]
     if kind.startswith(_OURS):
-        return ApiError(400, kind.removeprefix(_OURS), error["msg"])
+        return BadArgument(error["msg"], kind.removeprefix(_OURS))
+    if kind == "extra_forbidden":  # never ignored: named, with the fix
+        where = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc).lstrip(".")
+        return BadArgument(
+            f"{where[:100]} is not a field this server reads or supports; leave it out (the API's schema lists them)",
+            "unsupported_field",
+        )
     field = str(loc[0]) if loc else ""
     if kind == "missing" and len(loc) == 1 and field in _MISSING:
         code, template = _MISSING[field]
-        return ApiError(400, code, _fill(template, limits))
+        return BadArgument(_fill(template, limits), code)
     if field in _FIELDS and field != "messages":
         code, template = _FIELDS[field]
-        return ApiError(400, code, _fill(template, limits))
+        return BadArgument(_fill(template, limits), code)
     if field == "messages" and len(loc) > 3 and loc[2] == "content":  # (a union's branch, then the part)
         part = next((x for x in loc[3:] if isinstance(x, int)), None)
         if part is None:
@@ -514,11 +588,11 @@ def _refusal(error: dict, limits: Limits) -> ApiError:
         code, detail = "missing_messages", _MISSING["messages"][1]
     else:
         code, detail = f"bad_{field or 'request'}", error["msg"]
-    return ApiError(400, code, detail)
+    return BadArgument(detail, code)
 
 
 def parse(model: type[Body], data: Any, limits: Limits = Limits()) -> Any:
-    """`data` as `model`, or the ApiError (400) of its first problem."""
+    """`data` as `model`, or the BadArgument (400) of its first problem."""
     try:
         return model.model_validate(data, context=limits)
     except ValidationError as err:
@@ -532,8 +606,8 @@ def data_url(url: str, kind: str) -> bytes:
     """A data: URL's bytes (422: a well-formed string whose content is wrong)."""
     head, _, payload = url.partition(",")
     if ";base64" not in head:
-        raise ApiError(422, "bad_data_url", f"{kind} data URLs must be base64: data:<mime>;base64,<data>")
+        raise Invalid(f"{kind} data URLs must be base64: data:<mime>;base64,<data>", "bad_data_url")
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
-        raise ApiError(422, "bad_data_url", f"the {kind} data URL is not valid base64") from None
+        raise Invalid(f"the {kind} data URL is not valid base64", "bad_data_url") from None

@@ -5,8 +5,8 @@ import asyncio
 
 from fastapi import Request
 
+from ddft.errors import BadArgument, NotFound, TooLarge
 from ddft.store import Store, StoreError
-from serve.errors import ApiError, store_unreadable
 
 MB = 2**20
 FORM_FIELDS = 16  # text fields a multipart body may hold (the OpenAPI document says so: maxProperties)
@@ -16,20 +16,18 @@ def check_length(request: Request, limit: int, what: str = "request") -> None:
     """Refuse by Content-Length before reading a byte (413)."""
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit:
-        raise ApiError(
-            413,
-            "too_large",
+        raise TooLarge(
             f"the {what} is {int(length) / MB:.1f} MB; the limit is {limit / MB:.0f} MB: "
             "trim or re-encode the file, or put it in the store and send its URI",
+            "too_large",
         )
 
 
 def check_size(data: bytes, limit: int, what: str) -> bytes:
     if len(data) > limit:
-        raise ApiError(
-            413,
-            "too_large",
+        raise TooLarge(
             f"the {what} is {len(data) / MB:.1f} MB; the limit is {limit / MB:.0f} MB: trim or re-encode it",
+            "too_large",
         )
     return data
 
@@ -41,7 +39,7 @@ async def read_body(request: Request, limit: int, what: str) -> bytes:
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, "too_large", f"the {what} is over the {limit / MB:.0f} MB limit")
+            raise TooLarge(f"the {what} is over the {limit / MB:.0f} MB limit", "too_large")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -61,11 +59,11 @@ async def json_body(request: Request, limit: int = 64 * 2**10) -> dict:
     try:
         body = await request.json()
     except ValueError:
-        raise ApiError(
-            400, "bad_json", "the body is not valid JSON; send Content-Type: application/json with a JSON object"
+        raise BadArgument(
+            "the body is not valid JSON; send Content-Type: application/json with a JSON object", "bad_json"
         ) from None
     if not isinstance(body, dict):
-        raise ApiError(400, "bad_json", f"the body must be a JSON object, got {type(body).__name__}")
+        raise BadArgument(f"the body must be a JSON object, got {type(body).__name__}", "bad_json")
     return body
 
 
@@ -78,16 +76,13 @@ def store_key(store: Store, uri, prefixes: list[str]) -> str:
     one of `prefixes`. A key outside them answers exactly as a missing one does, so a request can
     never learn what else the store holds; no error names the store's location."""
     if not isinstance(uri, str) or not uri.strip():
-        raise ApiError(
-            400,
-            "bad_uri",
+        raise BadArgument(
             f"give the media as a store key under {prefixes} (e.g. datasets/raw/clips/one.mp4), or upload the file",
+            "bad_uri",
         )
     if _has_control(uri):
-        raise ApiError(
-            400,
-            "bad_uri",
-            "the media URI holds control characters (a NUL byte, a newline...): send the key as plain text",
+        raise BadArgument(
+            "the media URI holds control characters (a NUL byte, a newline...): send the key as plain text", "bad_uri"
         )
     key = uri.strip()
     if "://" in key:  # a URI: only one inside this server's store names anything
@@ -102,26 +97,22 @@ def store_key(store: Store, uri, prefixes: list[str]) -> str:
     return key
 
 
-def _no_media(key: str, prefixes: list[str]) -> ApiError:
-    return ApiError(
-        404,
-        "not_found",
+def _no_media(key: str, prefixes: list[str]) -> NotFound:
+    return NotFound(
         f"no media at {key[:200]!r}: media URIs name files under {prefixes}; check the key, or upload the file",
+        "not_found",
     )
 
 
 async def read_store(store: Store, uri, limit: int, prefixes: list[str]) -> bytes:
     """The media's bytes: its size is checked first (a HEAD on S3), so nothing over `limit` is fetched."""
     key = store_key(store, uri, prefixes)
-    try:
-        size = await asyncio.to_thread(store.size, key)
-        if size is None:
-            raise _no_media(key, prefixes)
-        if size > limit:
-            raise ApiError(413, "too_large", f"{key[:200]!r} is {size / MB:.1f} MB; the limit is {limit / MB:.0f} MB")
-        data = await asyncio.to_thread(store.read_bytes, key)
-    except StoreError as err:
-        raise store_unreadable(err) from None
+    size = await asyncio.to_thread(store.size, key)  # a StoreError is the store's kind: 502, its details logged
+    if size is None:
+        raise _no_media(key, prefixes)
+    if size > limit:
+        raise TooLarge(f"{key[:200]!r} is {size / MB:.1f} MB; the limit is {limit / MB:.0f} MB", "too_large")
+    data = await asyncio.to_thread(store.read_bytes, key)
     return check_size(data, limit, "file")
 
 
@@ -131,4 +122,4 @@ def flag(value, field: str) -> bool:
         return False
     if value.lower() in ("true", "1"):
         return True
-    raise ApiError(400, f"bad_{field}", f"{field} must be true or false")
+    raise BadArgument(f"{field} must be true or false", f"bad_{field}")

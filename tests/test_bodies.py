@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import pytest
 
+from ddft.errors import DdftError
 from serve import bodies
-from serve.errors import ApiError
+from serve.errors import ApiError, to_http
 
 LIMITS = bodies.Limits(max_new_tokens=96, max_n=4, base_id="tiny")
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Boil an egg?"}]}
 
 
 def _refused(model, data) -> ApiError:
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(DdftError) as err:
         bodies.parse(model, data, LIMITS)
-    assert err.value.status == 400 and err.value.detail
-    return err.value
+    http = to_http(err.value)
+    assert http.status == 400 and http.detail
+    return http
 
 
 @pytest.mark.parametrize(
@@ -85,13 +87,20 @@ def test_completion_refuses_what_it_does_not_compute_and_takes_one_prompt():
 
 
 def test_the_documented_schema_is_the_models():
-    """The OpenAPI route tables carry these models' JSON Schema (no second copy to drift)."""
-    from serve import openapi_docs
+    """The OpenAPI document carries these models' JSON Schema (no second copy to drift), requests
+    and answers alike."""
+    from serve.gateway import api
 
-    chat = openapi_docs.CHAT["requestBody"]["content"]["application/json"]["schema"]
+    doc = api.openapi()
+    chat = doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert chat["properties"]["messages"]["items"] == {"$ref": "#/components/schemas/Message"}
-    assert {"Message", "TextPart", "ImagePart", "VideoPart", "MediaUrl"} <= set(openapi_docs.SCHEMAS)
-    generate = openapi_docs.GENERATE["requestBody"]["content"]["application/json"]["schema"]
+    schemas = doc["components"]["schemas"]
+    assert {"Message", "TextPart", "ImagePart", "VideoPart", "MediaUrl", "ChatCompletion", "RecipeAnswer"} <= set(
+        schemas
+    )
+    answer = doc["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]["application/json"]
+    assert answer["schema"] == {"$ref": "#/components/schemas/ChatCompletion"}
+    generate = doc["paths"]["/v1/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert [v["required"] for v in generate["oneOf"]] == [
         ["modality", "question"],
         ["modality", "image_b64"],

@@ -19,7 +19,7 @@ from ddft.engines.grammar import Compiler, Constraint, check, vllm_params
 from ddft.errors import BadConstraint
 from ddft.models.build import build_tiny
 from ddft.recipes import UNITS, Ingredient, format_recipe, parse_recipe, read_recipe
-from serve.bodies import RecipeAnswer
+from serve.answers import RecipeAnswer
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,9 @@ import asyncio
 import pytest
 
 from ddft.config import ConfigError, ServeSettings
+from ddft.errors import DdftError
 from ddft.store import Store
-from serve.errors import ApiError
+from serve.errors import ApiError, to_http
 from serve.inputs import read_store
 
 PREFIXES = ["datasets/raw/"]
@@ -34,10 +35,11 @@ def _read(store, uri) -> bytes:
 
 
 def _refusal(store, uri) -> ApiError:
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(DdftError) as err:
         _read(store, uri)
-    assert store.uri not in err.value.detail and "/store" not in err.value.detail, err.value.detail
-    return err.value
+    http = to_http(err.value)
+    assert store.uri not in http.detail and "/store" not in http.detail, http.detail
+    return http
 
 
 def test_media_under_the_prefixes_is_read_by_key_or_uri(store):

@@ -87,6 +87,48 @@ def test_recipe_from_upload_and_uri(app_url):
 
 
 @pytest.mark.integration
+def test_a_video_is_sampled_as_its_adapter_was_trained(app_url):
+    """Serving reads the frame count from the adapter's manifest: the platform's video adapter (8
+    frames) and the same weights published as trained on 4 see the clip with 8 and 4 frames (its
+    prompt holds one frame's tokens per frame), so the two prompts differ by 4 frames' tokens."""
+    from transformers import AutoProcessor
+
+    from ddft import prompts
+    from ddft.adapters import registry
+    from ddft.models.info import base_spec
+    from ddft.models.load import local_base_dir
+
+    url, store, keys, _ = app_url
+    ours = registry.read_manifest(store, "ddft", "video")
+    spec = base_spec(store, "tiny")
+    four = registry.publish(
+        store,
+        registry.fetch(store, ours),
+        owner="tenant-acme",
+        name="video-4-frames",
+        modality="video",
+        base=registry.BaseInfo("tiny", spec.fingerprint, ""),
+        source="uploaded",
+        frames=4,
+        frame_strategy="keyframe",
+    )
+    try:
+
+        def recipe(**adapter) -> dict:
+            body = {"video_uri": "datasets/raw/clips/one.mp4", "max_new_tokens": 2, **adapter}
+            auth = {"Authorization": f"Bearer {keys['acme']}"}
+            return requests.post(f"{url}/v1/recipes", json=body, headers=auth, timeout=120).json()
+
+        eight, fewer = recipe(), recipe(adapter="video-4-frames")
+        assert (eight["adapter"], fewer["adapter"]) == ("ddft/video/v1", four.ref)
+        processor = AutoProcessor.from_pretrained(local_base_dir(store, "tiny"))
+        per_frame = prompts.media_token_count(processor, "video", 1)
+        assert eight["timings"]["prompt_tokens"] - fewer["timings"]["prompt_tokens"] == 4 * per_frame
+    finally:
+        registry.delete(store, "tenant-acme", "video-4-frames")
+
+
+@pytest.mark.integration
 def test_routing_per_modality_and_tenant(app_url):
     url, _, keys, _ = app_url
     image = client.generate(url, "image", image_bytes=make_png())
@@ -595,6 +637,26 @@ def test_the_page_gets_the_newest_eval_chart(app_url):
     store.delete("eval")
 
 
+def test_the_decoder_samples_a_video_as_its_adapter_was_trained():
+    """Sampling.of(manifest): the manifest's frames and strategy ("steps" needs a recipe's step spans,
+    which a served video lacks: uniform); none recorded (the base, an upload): 8 uniform."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from serve.decoder import Decoder, Sampling
+
+    assert Sampling.of(None) == Sampling(8, "uniform")
+    assert Sampling.of(SimpleNamespace(frames=None, frame_strategy=None)) == Sampling(8, "uniform")
+    assert Sampling.of(SimpleNamespace(frames=16, frame_strategy="steps")) == Sampling(16, "uniform")
+    assert Sampling.of(SimpleNamespace(frames=4, frame_strategy="keyframe")) == Sampling(4, "keyframe")
+    decode = Decoder()
+    try:
+        for sampling in (Sampling(4, "uniform"), Sampling(6, "keyframe")):
+            assert asyncio.run(decode("video", make_mp4(frames=16), sampling)).shape[0] == sampling.frames
+    finally:
+        decode._reset()
+
+
 def test_backpressure_is_503_with_retry_after():
     """The gateway turns Serve's full-queue error into 503 + Retry-After (and a dead replica, after
     retries, too), for plain and streamed calls alike."""
@@ -605,8 +667,8 @@ def test_backpressure_is_503_with_retry_after():
     from ray.serve.exceptions import BackPressureError
 
     from ddft.engines.base import GenerateRequest
-    from serve.errors import ApiError
-    from serve.gateway import Gateway
+    from serve.errors import Overloaded, to_http
+    from serve.replicas import Replicas
 
     class Handle:
         def __init__(self, exc):
@@ -626,17 +688,15 @@ def test_backpressure_is_503_with_retry_after():
         def cancel(self):
             pass
 
-    async def first_chunk(gateway, req):
-        return await anext(gateway._stream(req))
+    async def first_chunk(replicas, req):
+        return await anext(replicas.stream(req))
 
     for exc in (BackPressureError(num_queued_requests=9, max_queued_requests=8), RayActorError()):
-        for call in (Gateway.func_or_class._generate, first_chunk):
-            gateway = object.__new__(Gateway.func_or_class.__bases__[0])  # our class, without Serve's ingress wrapper
-            gateway.model, gateway.s = Handle(exc), SimpleNamespace(request_timeout_s=5)
-            gateway._handles = {}
-            with pytest.raises(ApiError) as err:
-                asyncio.run(call(gateway, GenerateRequest("text", "hi")))
-            assert err.value.status == 503 and int(err.value.headers["Retry-After"]) > 0
+        for call in (Replicas.generate, first_chunk):
+            with pytest.raises(Overloaded) as err:
+                asyncio.run(call(Replicas(Handle(exc), 5), GenerateRequest("text", "hi")))
+            http = to_http(err.value)
+            assert http.status == 503 and int(http.headers["Retry-After"]) > 0
 
 
 def test_a_client_that_goes_away_is_not_logged_as_an_error(caplog):
@@ -678,6 +738,7 @@ def test_engine_errors_map_to_http_from_one_table():
 
     from ddft.adapters.registry import AdapterError
     from ddft.engines.base import EngineBusy, EngineUnavailable
+    from ddft.errors import NotFound
     from ddft.store import StoreError
     from serve import errors
 
@@ -687,8 +748,8 @@ def test_engine_errors_map_to_http_from_one_table():
         except Exception as err:
             return RayTaskError("stream", "Traceback (most recent call last): ...", err).as_instanceof_cause()
 
-    store_down = errors.from_engine(
-        raised_in_a_replica(StoreError("s3://bucket/adapters at http://10.0.0.5:9000 down"))
+    store_down = errors.to_http(
+        errors.from_replica(raised_in_a_replica(StoreError("s3://bucket/adapters at http://10.0.0.5:9000 down")))
     )
     assert (store_down.status, store_down.error) == (502, "store_error")  # no store location reaches a client
     assert "bucket" not in store_down.detail and "10.0.0.5" not in store_down.detail and "log" in store_down.detail
@@ -701,14 +762,15 @@ def test_engine_errors_map_to_http_from_one_table():
     ):
         wrapped = raised_in_a_replica(exc)
         assert isinstance(wrapped, type(exc))
-        err = errors.from_engine(wrapped)
+        err = errors.to_http(errors.from_replica(wrapped))
         assert (err.status, err.error) == (status, code) and str(exc) in err.detail and "Traceback" not in err.detail
-    assert errors.from_engine(EngineUnavailable("no GPU")).headers["Retry-After"]
-    assert errors.from_engine(EngineBusy("full")).headers["Retry-After"]
-    assert errors.body(404, "model_not_found", "no such model", "/v1/chat/completions") == {
+    assert errors.to_http(errors.from_replica(EngineUnavailable("no GPU"))).headers["Retry-After"]
+    assert errors.to_http(errors.from_replica(EngineBusy("full"))).headers["Retry-After"]
+    model = errors.to_http(NotFound("no such model", "model_not_found"))
+    assert errors.body(model, "/v1/chat/completions") == {
         "error": {"message": "no such model", "type": "invalid_request_error", "code": "model_not_found", "param": None}
     }
-    assert errors.body(404, "unknown_adapter", "no such adapter", "/v1/generate") == {
+    assert errors.body(errors.to_http(NotFound("no such adapter", "unknown_adapter")), "/v1/generate") == {
         "error": "unknown_adapter",
         "detail": "no such adapter",
     }

@@ -27,6 +27,7 @@ from tests.test_streaming import (
     _openai,
     _plain_and_streamed,
     check_engine_figures,
+    check_openai_fields,
     image_question,
 )
 
@@ -90,6 +91,26 @@ def test_every_recipe_on_vllm_validates_against_the_published_schema(app):
 
 def test_openai_response_format_on_vllm(app):
     check_response_format(_openai(app))
+
+
+def test_openai_fields_on_vllm_and_logprobs_equal_to_the_hf_engine(app):
+    """The same fields honoured and refused as on hf; the greedy tokens' log-probabilities (and
+    their alternatives) vLLM served equal the hf engine's within 1e-3."""
+    from ddft.adapters.registry import read_manifest
+    from ddft.engines.base import GenerateRequest
+    from ddft.engines.hf import HFEngine
+
+    plain = check_openai_fields(app)
+    request = GenerateRequest(
+        "text", QUESTION[0]["content"], adapter=read_manifest(app.store, "ddft", "text"), max_new_tokens=8, logprobs=3
+    )
+    hf = HFEngine(app.store, "tiny").generate([request])[0]
+    served = plain.choices[0].logprobs.content
+    assert [lp.token for lp in served] == [lp.token for lp in hf.logprobs]
+    for ours, theirs in zip(served, hf.logprobs, strict=True):
+        assert abs(ours.logprob - theirs.logprob) < 1e-3
+        assert [t.token for t in ours.top_logprobs] == [t.token for t in theirs.top]
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(ours.top_logprobs, theirs.top, strict=True)) < 1e-3
 
 
 def test_the_widest_upload_the_gateway_accepts_is_served_by_vllm_like_hf(app):

@@ -157,6 +157,86 @@ def test_openai_client_completions_plain_and_streamed(app):
         assert err.value.code == code, bad
 
 
+TURNS = [
+    {"role": "system", "content": "You answer briefly."},
+    {"role": "user", "content": "How long do I boil an egg?"},
+    {"role": "assistant", "content": "Ten minutes."},
+    {"role": "user", "content": "And a potato?"},
+]
+
+
+def check_openai_fields(app, adapter: str = "ddft/text/v1"):
+    """Every OpenAI field is honoured or refused by name, through the official client (both engines'
+    tests): logprobs plain and streamed, top_p, a multi-turn chat through the base's chat template
+    turn by turn, penalties, tools and unknown fields refused, recipes refusing `stop`, model
+    objects' `created`. Returns the greedy answer with its logprobs, for comparing engines."""
+    from transformers import AutoTokenizer
+
+    from ddft import prompts
+    from ddft.models.load import local_base_dir
+
+    client = _openai(app)
+    kw = dict(model=f"tiny:{adapter}", messages=QUESTION, max_tokens=8, temperature=0)
+    plain = client.chat.completions.create(**kw, logprobs=True, top_logprobs=3)
+    content = plain.choices[0].logprobs.content
+    assert len(content) == plain.usage.completion_tokens > 0
+    for lp in content:  # greedy: the chosen token is the likeliest, alternatives most likely first
+        tops = [t.logprob for t in lp.top_logprobs]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True) and lp.logprob <= 0
+        assert lp.top_logprobs[0].token == lp.token and abs(tops[0] - lp.logprob) < 1e-6
+        assert lp.bytes == list(lp.token.encode())
+    streamed = list(client.chat.completions.create(**kw, logprobs=True, top_logprobs=3, stream=True))
+    again = [lp for c in streamed if c.choices and c.choices[0].logprobs for lp in c.choices[0].logprobs.content]
+    assert [lp.token for lp in again] == [lp.token for lp in content]
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(again, content, strict=True)) < 1e-4
+    greedy = client.chat.completions.create(**kw)
+    assert greedy.choices[0].logprobs is None and greedy.choices[0].message.content == plain.choices[0].message.content
+    # top_p: a nucleus this small holds only the likeliest token, so sampling answers as greedy does
+    nucleus = client.chat.completions.create(**{**kw, "temperature": 1.0}, top_p=1e-9, seed=3)
+    assert nucleus.choices[0].message.content == greedy.choices[0].message.content
+    # /v1/completions' logprobs: tokens, their logprobs, n alternatives each
+    comp = client.completions.create(model=kw["model"], prompt="Once upon", max_tokens=6, temperature=0, logprobs=2)
+    lps = comp.choices[0].logprobs
+    assert len(lps.tokens) == len(lps.token_logprobs) == comp.usage.completion_tokens
+    assert all(len(top) <= 2 for top in lps.top_logprobs) and lps.text_offset[0] == 0
+
+    # a conversation goes through the chat template turn by turn: the very prompt /v1/completions
+    # is sent rendered answers the same, and usage counts its tokens
+    tokenizer = AutoTokenizer.from_pretrained(local_base_dir(app.store, "tiny"))
+    history = [prompts.Turn(m["role"], m["content"]) for m in TURNS[:-1]]
+    rendered = prompts.prompt_text(tokenizer, "text", TURNS[-1]["content"], history=history)
+    multi = client.chat.completions.create(**{**kw, "messages": TURNS})
+    assert multi.usage.prompt_tokens == len(tokenizer(rendered, add_special_tokens=False).input_ids)
+    raw = client.completions.create(model=kw["model"], prompt=rendered, max_tokens=8, temperature=0)
+    assert raw.choices[0].text == multi.choices[0].message.content
+    assert "ASSISTANT: Ten minutes." in rendered and rendered.startswith("You answer briefly.")
+
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    for extra, code, named in (
+        ({"frequency_penalty": 1.5}, "unsupported_frequency_penalty", "frequency_penalty"),
+        ({"presence_penalty": 0.5}, "unsupported_presence_penalty", "presence_penalty"),
+        ({"tools": [tool]}, "unsupported_tools", "tools"),
+        ({"extra_body": {"top_k": 5}}, "unsupported_field", "top_k"),
+        ({"top_logprobs": 2}, "bad_top_logprobs", "logprobs"),
+        ({"messages": TURNS[:-1]}, "bad_message", "end it with the user's message"),
+    ):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(**{**kw, **extra})
+        assert err.value.code == code and named in err.value.message, extra
+    refused = requests.post(
+        f"{app.url}/v1/recipes", json={"video_uri": "datasets/raw/clips/one.mp4", "stop": ["Steps"]}, timeout=60
+    )
+    assert (refused.status_code, refused.json()["error"]) == (400, "unsupported_stop")
+    models = client.models.list().data
+    assert models and all(isinstance(m.created, int) and m.created > 1_600_000_000 for m in models)
+    return plain
+
+
+@pytest.mark.integration
+def test_openai_fields_are_honoured_or_refused(app):
+    check_openai_fields(app)
+
+
 def _openai_without_key(app) -> openai.OpenAI:
     """The official client sending no Authorization header (an anonymous caller)."""
     import httpx
@@ -206,37 +286,37 @@ def test_recipes_stream_deltas_then_the_recipe(app):
 
 
 def test_an_error_mid_stream_is_an_event_then_done():
-    """After the first byte the status is sent: a failure becomes an error event, then [DONE],
-    and the replica's stream is closed."""
-    from serve import errors, sse
-    from serve.errors import ApiError
-    from serve.gateway import Gateway
+    """After the first byte the status is sent: a failure becomes an error event (its kind's, from
+    the one table: a store failure's details stay in the log), then [DONE], and the replica's
+    stream is closed."""
+    from ddft.store import StoreError
+    from serve import sse
+    from serve.pipeline import Rendering, _events
 
     closed = []
 
     async def chunks():
         try:
             yield Chunk("Boil ")
-            raise ApiError(502, "store_error", "the store went away")
+            raise StoreError("s3://bucket at http://10.0.0.5:9000 went away")
         finally:
             closed.append(True)
+
+    class Deltas(Rendering):
+        path = "/v1/chat/completions"
+
+        def events(self, chunk):
+            return [sse.event({"text": chunk.text}, "delta")]
 
     async def body():
         stream = chunks()
         first = await anext(stream)
-        events = Gateway.func_or_class._sse(
-            first,
-            stream,
-            lambda c: [sse.event({"text": c.text}, "delta")],
-            lambda err: sse.event(errors.body(err.status, err.error, err.detail, "/v1/chat/completions")),
-        )
-        return [e async for e in events]
+        return [e async for e in _events(first, stream, Deltas())]
 
-    assert asyncio.run(body()) == [
-        'event: delta\ndata: {"text":"Boil "}\n\n',
-        'data: {"error":{"message":"the store went away","type":"server_error","code":"store_error","param":null}}\n\n',
-        "data: [DONE]\n\n",
-    ]
+    events = asyncio.run(body())
+    assert events[0] == 'event: delta\ndata: {"text":"Boil "}\n\n' and events[-1] == "data: [DONE]\n\n"
+    error = json.loads(events[1].removeprefix("data: "))["error"]
+    assert (error["type"], error["code"]) == ("server_error", "store_error") and "10.0.0.5" not in error["message"]
     assert closed == [True]
 
 

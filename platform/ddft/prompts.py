@@ -95,9 +95,7 @@ def encode(
     return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE] * len(prompt_ids) + answer_ids}
 
 
-def prompt_ids(
-    tokenizer, modality: str, question: str, raw: bool = False, history: Sequence[Turn] = ()
-) -> list[int]:
+def prompt_ids(tokenizer, modality: str, question: str, raw: bool = False, history: Sequence[Turn] = ()) -> list[int]:
     """The prompt's token ids with one placeholder per image or video, unexpanded: what engines that
     expand placeholders themselves (vLLM) take; `encode` gives the same ids expanded."""
     return tokenizer(prompt_text(tokenizer, modality, question, raw, history), add_special_tokens=False).input_ids
