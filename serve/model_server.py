@@ -22,6 +22,7 @@ from ddft.adapters.registry import AdapterError, Manifest
 from ddft.engines.base import Chunk, EngineUnavailable, GenerateRequest, GenerateResult, make_engine
 from ddft.engines.grammar import Constraint
 from ddft.store import Store, StoreError
+from serve.errors import GenerationFailed
 
 log = logging.getLogger("ddft.serve")
 SWEEP_EVERY_S = 10.0  # how often a replica looks for resident adapters that were deleted
@@ -76,7 +77,9 @@ class ModelServer:
         calling request brought; `model_id` is its multiplexed_id."""
         manifest = _ARRIVING.get()
         if manifest is None or multiplexed_id(manifest) != model_id:
-            raise RuntimeError(f"the multiplexed loader was asked for {model_id!r} outside a request that brought it")
+            raise GenerationFailed(
+                f"the multiplexed loader was asked for {model_id!r} outside a request that brought it"
+            )
         await asyncio.to_thread(self.engine.prefetch_adapter, manifest)
         return model_id
 
@@ -105,7 +108,7 @@ class ModelServer:
         async for chunk in self.stream(request):
             result = chunk.result
         if result is None:
-            raise RuntimeError("the engine's stream ended without a result")
+            raise GenerationFailed("the engine's stream ended without a result")
         return result
 
     def evict(self, ref: str) -> bool:
