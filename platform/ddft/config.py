@@ -248,6 +248,13 @@ class VllmSettings(Strict):
         4096, ge=256, description="prompt + answer tokens per request (a 7B video prompt is about 2,100)"
     )
     max_num_seqs: int = Field(32, ge=1, description="requests in one running batch")
+    max_loras: int = Field(
+        4,
+        ge=1,
+        description="adapters in one running batch: vLLM's LoRA slots, each allocated up front at "
+        "max_lora_rank on the device (`ddft plan` sizes them); more adapters stay resident on the host "
+        "(serve.adapter_cache_size: vLLM's max_cpu_loras and ddft's LRU) and swap into a free slot",
+    )
 
 
 class ServePlacement(Strict):
@@ -271,6 +278,11 @@ class ServePlacement(Strict):
 
 class ServeSettings(Strict):
     host: str = "127.0.0.1"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="the base's weights on both engines (the same, so their tokens compare): auto is "
+        "bfloat16 on a GPU (serve.gpus_per_replica > 0), float32 on a CPU",
+    )
     port: int = Field(8000, ge=1, le=65535)
     engine: Literal["hf", "vllm"] = Field(
         "hf",
@@ -338,6 +350,17 @@ class ServeSettings(Strict):
                 f"serve.max_lora_rank {self.max_lora_rank}: the vllm engine serves LoRA ranks up to 512; lower it"
             )
         return self
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpus_per_replica > 0 else "cpu"
+
+    @property
+    def torch_dtype(self) -> str:
+        """serve.dtype with auto resolved for the replicas' device."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.device == "cuda" else "float32"
 
 
 class ServeConfig(Strict):

@@ -305,6 +305,7 @@ def serve_options(cfg: ServeConfig, engine: str | None = None, adapter_ranks: It
         return {
             "cache_size": s.adapter_cache_size,
             "host_cache_mb": s.host_cache_mb,
+            "dtype": s.torch_dtype,
             "max_batch_size": s.max_batch_size,
             "max_cached_tokens": s.max_cached_tokens,
         }
@@ -317,6 +318,8 @@ def serve_options(cfg: ServeConfig, engine: str | None = None, adapter_ranks: It
         "cache_size": s.adapter_cache_size,
         "host_cache_mb": s.host_cache_mb,
         "max_lora_rank": rank,
+        "max_loras": min(v.max_loras, s.adapter_cache_size),
+        "dtype": s.torch_dtype,
         "kv_cache_gib": v.kv_cache_gib,
         "gpu_memory_utilization": v.gpu_memory_utilization,
         "max_model_len": v.max_model_len,

@@ -98,7 +98,7 @@ class HFEngine(EngineBase):
         base_model_id: str,
         cache_size: int = 8,
         device: str = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
         max_batch_size: int = 8,
         max_cached_tokens: int = 65536,
         max_waiting: int = 256,
@@ -107,6 +107,7 @@ class HFEngine(EngineBase):
         super().__init__(store, base_model_id, cache_size, host_cache_mb)
         self.device = torch.device(device)
         started = time.perf_counter()
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype  # serve.dtype: "bfloat16", ...
         model, self.processor = load_base(local_base_dir(self.store, base_model_id), dtype=dtype)
         # frozen as PEFT's first inject would freeze it (the LoRA layers may be ours, made before PEFT's)
         self.model = model.to(self.device).eval().requires_grad_(False)

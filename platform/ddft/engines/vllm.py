@@ -158,7 +158,9 @@ class _Resident:
 
 
 class VLLMEngine(EngineBase):
-    """One vLLM base per engine; adapters downloaded on demand into an LRU of `cache_size`."""
+    """One vLLM base per engine; adapters downloaded on demand into an LRU of `cache_size` (also vLLM's
+    max_cpu_loras: held on the host), of which `max_loras` run in one batch (vLLM's LoRA slots,
+    allocated up front on the device at `max_lora_rank`)."""
 
     def __init__(
         self,
@@ -168,6 +170,7 @@ class VLLMEngine(EngineBase):
         device: str = "cpu",
         dtype: str | None = None,
         max_lora_rank: int = 64,
+        max_loras: int | None = None,
         max_model_len: int | None = None,
         kv_cache_gib: int = 2,
         gpu_memory_utilization: float = 0.85,
@@ -216,7 +219,9 @@ class VLLMEngine(EngineBase):
             model=str(base_dir),
             tokenizer=str(base_dir),
             enable_lora=True,
-            max_loras=cache_size,
+            # LoRA slots (allocated up front at max_lora_rank) apart from the adapters held on the host
+            max_loras=min(max_loras or cache_size, cache_size),
+            max_cpu_loras=cache_size,
             max_lora_rank=max_lora_rank,
             dtype=dtype or ("float32" if on_cpu else "auto"),
             max_model_len=max_model_len or 4096,
