@@ -14,6 +14,7 @@ from pathlib import Path
 from ray import serve
 
 from ddft import config as ddft_config
+from ddft import plan
 from ddft.adapters import registry
 from ddft.adapters.ref import PLATFORM_OWNER
 from ddft.engines.base import serve_options
@@ -116,6 +117,7 @@ def build_app(args: dict):
     if s.engine == "vllm":
         ours = registry.list_adapters(store, PLATFORM_OWNER)
         ranks = [m.rank for m in ours if m.base_fingerprint == base.fingerprint]
+    plan.check(cfg, store, adapter_ranks=ranks)  # a replica that can't fit never starts (ConfigError: its plan)
     options = serve_options(cfg, adapter_ranks=ranks)
     model = model_deployment(cfg).bind(
         store, cfg.base.id, engine=s.engine, device="cuda" if s.gpus_per_replica > 0 else "cpu", **options

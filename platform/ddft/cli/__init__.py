@@ -38,6 +38,7 @@ the whole flow:
   ddft data prepare  --config jobs/configs/demo.yaml     # datasets -> prepared shards (Ray Data)
   ddft train         --config jobs/configs/demo.yaml     # every job at once (Ray Train)
   ddft eval          --config jobs/configs/demo.yaml     # base vs adapters on held-out data
+  ddft plan          --config jobs/configs/demo.yaml     # memory per replica and worker: does it fit?
   ddft serve         --config jobs/configs/demo.yaml     # the HTTP app (Ray Serve)
   ddft recipe clip.mp4                                   # a recipe from a cooking video
 """
@@ -147,6 +148,21 @@ def parser() -> argparse.ArgumentParser:
         help="the engine that generates the answers, instead of the config's serve.engine "
         "(vllm: in its own environment, serve.vllm.python)",
     )
+
+    pl = command(
+        sub,
+        "plan",
+        pipeline.cmd_plan,
+        "the memory each model replica and each training worker will take, item by item, and whether it fits",
+        "ddft plan --config jobs/configs/demo.yaml\n"
+        "ddft plan --config jobs/configs/video-llava-7b.yaml --gpu-memory-gib 80",
+        "From the base's shape alone (its config.json in the store, or a known base's): weights in the "
+        "serving or training dtype, vLLM's LoRA slots, projector copies, the KV cache, trainable state and "
+        "one step's activations. GPU plans are checked against --gpu-memory-gib (default: this machine's "
+        "GPU), CPU plans against this machine's memory. ddft serve and ddft train refuse a config that "
+        "does not fit, with the same lines. Exit 1 when something does not fit.",
+    )
+    pl.add_argument("--gpu-memory-gib", type=float, help="one GPU's memory, for planning a GPU this machine lacks")
 
     serve = command(
         sub,
@@ -279,11 +295,14 @@ def _explain(err: BaseException, args) -> tuple[int, str]:
     import requests
 
     from ddft import client
+    from ddft.config import ConfigError
     from ddft.errors import DdftError, Unavailable
     from ddft.store import StoreError
 
     if isinstance(err, CliError):
         return err.code, str(err)
+    if isinstance(err, ConfigError):  # every problem on its own line (a plan that does not fit: its lines)
+        return USAGE, "\n".join([f"{err.source}:", *err.problems])
     if isinstance(err, client.ClientError):
         where = err.url.split("?")[0]
         if 400 <= err.status < 500:

@@ -202,6 +202,21 @@ def serve_blocking(config: str, engine: str | None = None) -> None:
     run(config, blocking=True, engine=engine)
 
 
+def cmd_plan(args) -> int:
+    """Every replica's and training worker's memory, item by item, and whether each fits."""
+    import yaml
+
+    from ddft import plan
+    from ddft.store import Store
+
+    with open(args.config) as f:
+        doc = yaml.safe_load(f) or {}
+    cfg = load_config(args.config, "pipeline" if isinstance(doc, dict) and "jobs" in doc else "serve")
+    made = plan.plans(cfg, Store.from_config(cfg.store), args.gpu_memory_gib)
+    print("\n\n".join("\n".join(p.lines()) for p in made))
+    return OK if all(p.fits is not False for p in made) else FAILED
+
+
 def cmd_serve(args) -> int:
     from ddft.models.load import base_info
     from ddft.store import Store

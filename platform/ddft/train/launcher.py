@@ -55,6 +55,10 @@ def run_all(cfg: TrainConfig, only: list[str] | None = None, force: bool = False
     if unknown:
         raise ValueError(f"--only names unknown jobs {unknown}; jobs in the config: {names}")
     chosen = [n for n in names if not only or n in only]
+    from ddft import plan
+    from ddft.store import Store
+
+    plan.check(cfg, Store.from_config(cfg.store), serve=False, jobs=chosen)  # a job that can't fit never starts
     # Each job's driver (and the Ray Train controller, which Ray Train puts beside it) runs on this
     # node, the one `ray job submit` runs the entrypoint on: losing any other node loses only
     # workers, which Ray Train restarts from the last checkpoint.
