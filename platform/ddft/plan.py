@@ -5,7 +5,8 @@ The items follow what the engines and the trainer allocate:
 - weights: every parameter (both vision towers, the projector, the language model) in the dtype
   they are served (serve.dtype) or trained (the job's precision) in;
 - vLLM's LoRA slots: serve.vllm.max_loras slots allocated up front, each at max_lora_rank for every
-  Linear layer of the language model (vLLM wraps them all: a tenant's upload may target any);
+  Linear layer of the language model, its token embedding and its LM head (vLLM wraps them all,
+  whatever an adapter targets);
 - projector copies: adapters that train the projector bring their own (vLLM's plugin keeps up to
   PROJECTOR_CACHE; the hf engine one per resident adapter);
 - the KV cache: 2 x layers x KV heads x head size per token, for one request at max_model_len
@@ -116,6 +117,11 @@ class Arch:
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes
 
+    def vllm_slot_bytes(self, rank: int, dtype_bytes: int) -> int:
+        """One of vLLM's LoRA slots: every Linear layer at `rank`, and the token embedding and the
+        LM head too (vLLM wraps both; measured in its worker: tests/test_plan.py)."""
+        return self.lora_bytes(rank, dtype_bytes) + 2 * rank * (self.vocab + self.hidden) * dtype_bytes
+
     def lora_bytes(self, rank: int, dtype_bytes: int, targets: set[str] | None = None) -> int:
         """One adapter's LoRA weights at `rank` on `targets` (every Linear layer when None)."""
         dims = sum(a + b for name, (a, b) in self.lm_linears().items() if targets is None or name in targets)
@@ -199,7 +205,11 @@ def serve_plan(s: ServeSettings, arch: Arch, lora_rank: int, budget: int | None)
         v = s.vllm
         slots = min(v.max_loras, resident)
         items += [
-            Item("LoRA slots", slots * arch.lora_bytes(lora_rank, b), f"{slots} x rank {lora_rank}, every Linear"),
+            Item(
+                "LoRA slots",
+                slots * arch.vllm_slot_bytes(lora_rank, b),
+                f"{slots} x rank {lora_rank}: every Linear, the embedding, the LM head",
+            ),
             Item(
                 "projector copies",
                 min(PROJECTOR_CACHE, resident) * arch.projector_params * b,
