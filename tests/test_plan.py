@@ -246,3 +246,20 @@ def test_the_lora_slots_planned_are_what_vllm_allocates(tiny, tmp_path):
         planned = slots * arch.vllm_slot_bytes(8, 4)
         print(f"{slots} slots: vLLM allocated {allocated:,} bytes, the plan says {planned:,}")
         assert abs(allocated - planned) <= 0.10 * planned
+
+
+def test_lora_slots_and_dtype_are_set_apart_from_the_cache_for_both_engines():
+    """serve.vllm.max_loras (slots in one batch) is not serve.adapter_cache_size (resident on the
+    host); serve.dtype auto is bf16 on a GPU and fp32 on a CPU, and both engines get the same.
+    (The LoRA bytes test above starts vLLM with 2 slots and a cache of 4: 2 slots allocated.)"""
+    from ddft.engines.base import serve_options
+
+    def cfg(**serve):
+        return ddft_config.ServeConfig(base={"id": "tiny"}, serve=serve)
+
+    gpu = cfg(gpus_per_replica=1, adapter_cache_size=64, vllm={"max_loras": 8})
+    assert serve_options(gpu, "vllm")["max_loras"] == 8 and serve_options(gpu, "vllm")["cache_size"] == 64
+    assert serve_options(gpu, "vllm")["dtype"] == serve_options(gpu, "hf")["dtype"] == "bfloat16"
+    assert serve_options(cfg(), "hf")["dtype"] == serve_options(cfg(), "vllm")["dtype"] == "float32"
+    assert serve_options(cfg(adapter_cache_size=2), "vllm")["max_loras"] == 2  # never more slots than adapters
+    assert serve_options(cfg(dtype="float16", gpus_per_replica=1), "hf")["dtype"] == "float16"
