@@ -9,12 +9,12 @@ model replicas with that interpreter) and is imported only inside the functions 
 
 Prompts are the very token ids the `hf` engine and training use (`prompts.prompt_ids`), so both
 engines give the same greedy tokens. DDFT's image/video adapters train the projector in full
-(`modules_to_save`): vLLM gets the adapter's LoRA part, and the projector goes to the model's
-per-request projector slots (see vllm_plugin/video_llava.py). A request's constraint (grammar.py)
-goes to vLLM's structured outputs, xgrammar as on the hf engine; logprobs are vLLM's raw ones, taken
-before the grammar's mask too (vllm_plugin/logprobs.py), with the hf engine's token texts. vLLM's
-AsyncLLM runs on this engine's own event loop thread, so `stream` works from any event loop and
-`generate` from any thread.
+(`modules_to_save`): vLLM gets the adapter's LoRA part, and the projector goes into every vLLM
+worker's memory when the adapter loads, as a slot its requests name (vllm_plugin/projectors.py).
+A request's constraint (grammar.py) goes to vLLM's structured outputs, xgrammar as on the hf engine;
+logprobs are vLLM's raw ones, taken before the grammar's mask too (vllm_plugin/logprobs.py), with
+the hf engine's token texts. vLLM's AsyncLLM runs on this engine's own event loop thread, so
+`stream` works from any event loop and `generate` from any thread.
 """
 
 from __future__ import annotations
@@ -50,13 +50,14 @@ from ddft.engines.base import (
 )
 from ddft.engines.detok import TextStream
 from ddft.engines.grammar import Constraint, check, vllm_params
-from ddft.engines.vllm_plugin import ARCHITECTURE, PROJECTOR_DIR_ENV, PROJECTOR_KWARG
+from ddft.engines.vllm_plugin import ARCHITECTURE, PROJECTOR_KWARG, WORKER_EXTENSION
 from ddft.errors import BadConstraint
 from ddft.models.load import base_info, local_base_dir, model_key
 from ddft.store import Store
 
 log = logging.getLogger(__name__)
 PROJECTOR = "multi_modal_projector"
+PROJECTOR_FILE = "projector.safetensors"  # in the adapter's folder for vLLM, beside its LoRA part
 
 
 def base_architecture(store: Store, base_model_id: str) -> str:
@@ -149,17 +150,32 @@ def split_adapter(src: Path, out: Path) -> dict | None:
     return projector or None
 
 
+def write_projector(tensors: dict, folder: Path) -> Path:
+    """The projector's tensors as a file in the adapter's folder for vLLM, which every worker of the
+    replica can read (as it reads the LoRA part there)."""
+    from safetensors.torch import save_file
+
+    path = folder / PROJECTOR_FILE
+    save_file(tensors, str(path))
+    return path
+
+
 @dataclass
 class _Resident:
     manifest: Manifest
-    path: Path  # the LoRA part, read by vLLM when a request first uses it
+    path: Path  # the adapter's folder for vLLM: its LoRA part (and projector), read when it loads
     lora_id: int  # vLLM caches LoRAs by int id: one per (ref, weights), never reused
     projector_slot: int  # 0: the base's projector
 
+    def lora_request(self):
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(lora_name=self.manifest.ref, lora_int_id=self.lora_id, lora_path=str(self.path))
+
 
 class VLLMEngine(EngineBase):
-    """One vLLM base per engine; adapters downloaded on demand into an LRU of `cache_size` (also vLLM's
-    max_cpu_loras: held on the host), of which `max_loras` run in one batch (vLLM's LoRA slots,
+    """One vLLM base per engine; adapters downloaded on demand into an LRU of `cache_size` (also held
+    on the host by vLLM's workers), of which `max_loras` run in one batch (vLLM's LoRA slots,
     allocated up front on the device at `max_lora_rank`)."""
 
     def __init__(
@@ -203,9 +219,6 @@ class VLLMEngine(EngineBase):
 
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
         self._dir = tempfile.TemporaryDirectory(prefix="ddft-vllm-")  # adapters' LoRA parts and projectors
-        self._projectors = Path(self._dir.name) / "projectors"
-        self._projectors.mkdir()
-        os.environ[PROJECTOR_DIR_ENV] = str(self._projectors)  # inherited by the engine core vLLM spawns
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_gib)))  # else most of the machine
         self._ids = itertools.count(1)
@@ -221,7 +234,9 @@ class VLLMEngine(EngineBase):
             enable_lora=True,
             # LoRA slots (allocated up front at max_lora_rank) apart from the adapters held on the host
             max_loras=min(max_loras or cache_size, cache_size),
-            max_cpu_loras=cache_size,
+            # our LRU's adapters, and the one loading before the one it replaces leaves (_unload): vLLM's
+            # workers never drop one of ours on their own, which they would read again mid-step
+            max_cpu_loras=cache_size + 1,
             max_lora_rank=max_lora_rank,
             dtype=dtype or ("float32" if on_cpu else "auto"),
             max_model_len=max_model_len or 4096,
@@ -233,6 +248,7 @@ class VLLMEngine(EngineBase):
             # and top_p (vLLM's default, set in case it changes; the grammar's mask: vllm_plugin/logprobs.py)
             logprobs_mode="raw_logprobs",
             max_logprobs=MAX_LOGPROBS,
+            worker_extension_cls=WORKER_EXTENSION,  # adapters' projectors into every worker (_load)
         )
         if not on_cpu:
             args["gpu_memory_utilization"] = gpu_memory_utilization
@@ -299,30 +315,49 @@ class VLLMEngine(EngineBase):
                 projector = split_adapter(Path(src), folder)
             except AdapterError as err:
                 raise AdapterError(f"adapter {manifest.ref}: {err}") from None
-        slot = 0
-        if projector:
-            from safetensors.torch import save_file
-
-            slot = lora_id
-            partial = self._projectors / f".{slot}.partial"
-            save_file(projector, str(partial))
-            partial.rename(self._projectors / f"{slot}.safetensors")  # the model never reads half a file
-        log.info("engine vllm: adapter %s loaded (projector slot %d)", manifest.ref, slot)
-        return _Resident(manifest, folder, lora_id, slot)
+        entry = _Resident(manifest, folder, lora_id, lora_id if projector else 0)
+        # Every worker reads the adapter's files now (the projector through vllm_plugin/projectors.py,
+        # the LoRA into vLLM's host cache), in calls whose failure is this load's alone: a step of
+        # vLLM's engine core that read a missing or broken file would end it, and every request with
+        # it. Waits on the engine's loop: never called on it (asyncio.to_thread, or another thread).
+        part = "projector"
+        try:
+            if projector:
+                path = write_projector(projector, folder)
+                self._call(self.llm.collective_rpc("ddft_add_projector", args=(entry.projector_slot, str(path))), 120)
+            part = "LoRA part"
+            self._call(self.llm.add_lora(entry.lora_request()), 120)
+        except Exception as err:
+            self._free(entry)
+            raise EngineUnavailable(
+                f"adapter {manifest.ref}: vLLM's workers could not load its {part} ({str(err)[:600]}); nothing "
+                "of it was kept and the engine serves on: retry, the adapter is loaded afresh"
+            ) from None
+        log.info("engine vllm: adapter %s loaded (projector slot %d)", manifest.ref, entry.projector_slot)
+        return entry
 
     def _release(self, entry: _Resident) -> None:
         with self._lock:
             self.adapters.release(entry.manifest)
 
     def _unload(self, manifest: Manifest, entry: _Resident) -> None:
-        """The LRU dropped it: free vLLM's copy too, so vLLM's memory follows the LRU."""
-        try:
-            asyncio.run_coroutine_threadsafe(self.llm.remove_lora(entry.lora_id), self._loop)
-        except Exception as err:
-            log.debug("engine vllm: remove_lora(%s): %s", manifest.ref, err)
-        shutil.rmtree(entry.path, ignore_errors=True)
-        (self._projectors / f"{entry.projector_slot}.safetensors").unlink(missing_ok=True)
+        """The LRU dropped it: free vLLM's copies too, so vLLM's memory follows the LRU."""
+        self._free(entry)
         log.info("engine vllm: adapter %s evicted", manifest.ref)
+
+    def _free(self, entry: _Resident) -> None:
+        """The adapter out of the workers (its LoRA, its projector) and its folder off the disk. Not
+        waited for: nothing names its ids again."""
+        calls = [self.llm.remove_lora(entry.lora_id)]
+        if entry.projector_slot:
+            calls.append(self.llm.collective_rpc("ddft_drop_projector", args=(entry.projector_slot,)))
+        for call in calls:
+            try:
+                asyncio.run_coroutine_threadsafe(call, self._loop)
+            except Exception as err:  # the loop is gone: the engine is closing
+                call.close()
+                log.debug("engine vllm: freeing %s: %s", entry.manifest.ref, err)
+        shutil.rmtree(entry.path, ignore_errors=True)
 
     # -- generation ----------------------------------------------------------------------------------
     def prepare(self, constraint: Constraint) -> None:
@@ -334,7 +369,6 @@ class VLLMEngine(EngineBase):
         """On the engine's loop: one request through vLLM, each delta put on the caller's queue."""
         from vllm import SamplingParams
         from vllm.exceptions import VLLMClientError
-        from vllm.lora.request import LoRARequest
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         def put(item):
@@ -345,11 +379,7 @@ class VLLMEngine(EngineBase):
             t0 = time.perf_counter()
             if r.adapter is not None:
                 entry = await asyncio.to_thread(self._acquire, r.adapter)
-            lora = (
-                LoRARequest(lora_name=entry.manifest.ref, lora_int_id=entry.lora_id, lora_path=str(entry.path))
-                if entry
-                else None
-            )
+            lora = entry.lora_request() if entry else None
             structured = vllm_params(r.constraint)
             params = SamplingParams(
                 **sampling_args(r),
@@ -411,8 +441,8 @@ class VLLMEngine(EngineBase):
         except Exception as err:  # typed errors travel to the caller, who raises them
             put(err)
         finally:
-            if entry is not None:
-                self._release(entry)
+            if entry is not None:  # off the loop: an adapter load holds the lock while it waits on the loop
+                await asyncio.to_thread(self._release, entry)
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         check_request(request)

@@ -9,9 +9,8 @@ a string: vLLM imports it (and torch) only when a model of that architecture is 
 
 ARCHITECTURE = "VideoLlavaForConditionalGeneration"
 MODEL = "ddft.engines.vllm_plugin.video_llava:VideoLlavaForConditionalGeneration"
-# Where the engine writes per-adapter projector weights for the model to read (see video_llava.py);
-# set in the environment before vLLM spawns its engine core, which inherits it.
-PROJECTOR_DIR_ENV = "DDFT_VLLM_PROJECTOR_DIR"
+# Mixed into vLLM's workers: the engine's collective_rpc puts adapters' projectors in every worker.
+WORKER_EXTENSION = "ddft.engines.vllm_plugin.projectors.ProjectorWorker"
 # The multi-modal processor kwarg naming a request's projector slot (0: the base's projector).
 PROJECTOR_KWARG = "ddft_projector"
 

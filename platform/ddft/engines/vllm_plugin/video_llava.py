@@ -18,16 +18,15 @@ processor needs torchvision (no CPU build beside vLLM's torch here); the result 
 DDFT's image/video adapters also train the projector in full (PEFT `modules_to_save`), which
 vLLM's LoRA can't apply. vLLM applies their LoRA to the language model; the projector is applied
 here per item: each request names a projector slot (processor kwarg `ddft_projector`, part of the
-item's cache hash, so encoder outputs of one adapter are never reused for another), and the model
-reads slot N's weights from `$DDFT_VLLM_PROJECTOR_DIR/N.safetensors`, written by the engine before
-the request. Slot 0 is the base's own projector; slot ids are never reused for other weights.
+item's cache hash, so encoder outputs of one adapter are never reused for another) whose weights the
+engine put in every worker's memory when it loaded the adapter (projectors.py): execution reads no
+file. Slot 0 is the base's own projector; slot ids are never reused for other weights.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from collections import OrderedDict
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -55,9 +54,12 @@ from vllm.multimodal.processing import (
     PromptUpdate,
 )
 
-from ddft.engines.vllm_plugin import PROJECTOR_DIR_ENV, PROJECTOR_KWARG
+from ddft.engines.vllm_plugin import PROJECTOR_KWARG
 from ddft.engines.vllm_plugin.logprobs import take_raw_logprobs_before_grammar
 from ddft.engines.vllm_plugin.pixels import clip_pixels
+from ddft.engines.vllm_plugin.projectors import Projectors
+
+log = logging.getLogger(__name__)
 
 DUMMY_FRAMES = 8  # Video-LLaVA samples 8 frames per video; vLLM profiles memory with this many
 
@@ -232,7 +234,7 @@ class VideoLlavaForConditionalGeneration(nn.Module, SupportsLoRA, SupportsMultiM
             "lm_head.": "language_model.lm_head.",
         }
     )  # the original LanguageBind/Video-LLaVA-7B-hf layout (language_model.model.*, image_tower.*) is ours as is
-    PROJECTOR_CACHE = 16  # adapters' projectors kept in memory here (the engine's LRU decides what is served)
+    PROJECTOR_CACHE = 16  # adapters' projectors on the device at once (the host holds every resident one)
 
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
@@ -268,29 +270,10 @@ class VideoLlavaForConditionalGeneration(nn.Module, SupportsLoRA, SupportsMultiM
             self.language_model = init_vllm_registered_model(
                 vllm_config=vllm_config, hf_config=config.text_config, prefix=maybe_prefix(prefix, "language_model")
             )
-        self._projectors: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
+        self.projectors = Projectors(self.multi_modal_projector, self.PROJECTOR_CACHE)
         take_raw_logprobs_before_grammar()  # here: in the worker, whose runner samples (logprobs.py)
 
     # -- per-adapter projectors ------------------------------------------------------------------------
-    def _projector_weights(self, slot: int) -> dict[str, torch.Tensor] | None:
-        if slot == 0:
-            return None
-        if slot in self._projectors:
-            self._projectors.move_to_end(slot)
-            return self._projectors[slot]
-        from safetensors.torch import load_file
-
-        folder = os.environ.get(PROJECTOR_DIR_ENV)
-        path = Path(folder or ".") / f"{slot}.safetensors"
-        if not folder or not path.exists():
-            raise RuntimeError(f"projector slot {slot}: {path} is missing (the engine writes it before the request)")
-        param = self.multi_modal_projector.linear_1.weight
-        weights = {k: v.to(param.device, param.dtype) for k, v in load_file(str(path)).items()}
-        self._projectors[slot] = weights
-        while len(self._projectors) > self.PROJECTOR_CACHE:
-            self._projectors.popitem(last=False)
-        return weights
-
     def _project(self, features: torch.Tensor, slots: torch.Tensor | list) -> torch.Tensor:
         """features (items, tokens, vision hidden) through each item's projector."""
         slots = [int(s) for s in (slots.flatten().tolist() if isinstance(slots, torch.Tensor) else slots)]
@@ -299,7 +282,12 @@ class VideoLlavaForConditionalGeneration(nn.Module, SupportsLoRA, SupportsMultiM
         out = None
         for slot in dict.fromkeys(slots):
             rows = [i for i, s in enumerate(slots) if s == slot]
-            y = self.multi_modal_projector(features[rows], self._projector_weights(slot))
+            weights = self.projectors.get(slot) if slot else None
+            if slot and weights is None:
+                # The engine adds a slot before any request names it and drops it after the last, so
+                # this is a bug of ours; raising here would end the engine core and every request.
+                log.error("projector slot %d is not loaded: its items get the base's projector", slot)
+            y = self.multi_modal_projector(features[rows], weights)
             out = y.new_empty((len(slots), *y.shape[1:])) if out is None else out
             out[rows] = y
         return out
