@@ -6,6 +6,7 @@ a request joining a running batch."""
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -300,3 +301,89 @@ def test_vllm_logprobs_history_and_top_p_match_hf(tiny):
         assert ids == engine._encode(req)["input_ids"]
         assert h.timings["prompt_tokens"] == v.timings["prompt_tokens"] == len(ids)
     assert vllm[-1].token_ids == vllm[-2].token_ids  # top_p tiny: only the likeliest token is left
+
+
+# Run in vLLM's environment (python -c; argv: the job's pickle, the output's): an engine whose adapter
+# files go missing or break, with requests around it. Each step's result, or the exception it raised.
+LOST_FILES = """
+import asyncio, pickle, shutil, sys
+from pathlib import Path
+from ddft.engines import vllm
+from ddft.engines.base import GenerateRequest
+from ddft.engines.vllm_batch import portable
+
+store, a, engine_kw, image, other, video, questions = pickle.loads(Path(sys.argv[1]).read_bytes())
+engine = vllm.VLLMEngine(store, "tiny", **engine_kw)
+out = {}
+
+def request(adapter, pixels=None, tokens=8):
+    medium = "text" if pixels is None else {3: "image", 4: "video"}[pixels.ndim]
+    return GenerateRequest(medium, questions[medium], pixels, adapter, tokens)
+
+def ask(name, adapter, pixels=None):
+    try:
+        out[name] = engine.generate([request(adapter, pixels)])[0]
+    except Exception as err:
+        out[name] = portable(err)
+
+def broken(tensors, folder):  # a projector file that can't be read: the worker's load fails
+    path = folder / vllm.PROJECTOR_FILE
+    path.write_bytes(b"not safetensors")
+    return path
+
+async def while_one_runs(adapter):  # a long base request is generating when `adapter` fails to load
+    both = engine.answer(request(None, tokens=64)), engine.answer(request(adapter, video))
+    return await asyncio.gather(*both, return_exceptions=True)
+
+try:
+    engine.load_adapter(a["image"])
+    folders = sorted(Path(engine._dir.name).glob("lora-*"))
+    out["files"] = sorted(f.name for d in folders for f in d.iterdir())
+    for folder in folders:  # its files are gone (the projector's, the LoRA's) before any request used them
+        shutil.rmtree(folder)
+    ask("image, its file gone", a["image"], image)
+    ask("image, its file gone, another image", a["image"], other)
+    write, vllm.write_projector = vllm.write_projector, broken
+    out["long base, video adapter unreadable"] = [portable(r) for r in asyncio.run(while_one_runs(a["video"]))]
+    ask("video adapter unreadable again", a["video"], video)
+    vllm.write_projector = write
+    ask("base after", None, image)
+    ask("text adapter after", a["text"])
+    ask("video adapter after, file readable", a["video"], video)
+    engine.evict_adapter(a["image"].ref)
+    ask("image, loaded afresh", a["image"], image)
+finally:
+    engine.close()
+Path(sys.argv[2]).write_bytes(pickle.dumps(out))
+"""
+
+
+@pytest.mark.integration
+def test_a_projector_file_that_goes_missing_or_breaks_never_takes_the_engine_down(tiny, tmp_path):
+    """An adapter's projector reaches vLLM's workers when the adapter loads (vllm_plugin/projectors.py),
+    and so does its LoRA: their files removed afterwards change nothing (before, the step that read
+    the missing projector ended vLLM's engine core: EngineDeadError for every request after it). A
+    file that can't be read fails the one request that loads it, with a typed error naming the
+    adapter, and the engine serves on: a request running beside it, the base, other adapters, that
+    adapter once its file reads again."""
+    store, a = tiny
+    image, video = _media(4)
+    job, result = tmp_path / "job.pkl", tmp_path / "out.pkl"
+    questions = {**prompts.QUESTIONS, "text": "Tell me everything about bread."}
+    job.write_bytes(pickle.dumps((store.url(""), a, ENGINE, image, video[3], video, questions)))
+    proc = subprocess.run(
+        [str(VLLM_PYTHON), "-c", LOST_FILES, str(job), str(result)], capture_output=True, text=True, timeout=1800
+    )
+    assert proc.returncode == 0 and result.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = pickle.loads(result.read_bytes())
+    assert out.pop("files") == ["adapter_config.json", "adapter_model.safetensors", "projector.safetensors"]
+    long, failed = out.pop("long base, video adapter unreadable")
+    assert isinstance(long, GenerateResult) and len(long.token_ids) == 64, long
+    for err in (failed, out.pop("video adapter unreadable again")):
+        assert isinstance(err, EngineUnavailable), err
+        assert a["video"].ref in str(err) and "its projector" in str(err) and "retry" in str(err)
+    assert all(isinstance(r, GenerateResult) for r in out.values()), out
+    # served with the adapter's own projector, not the base's: as when it loads afresh, file and all
+    assert out["image, its file gone"].token_ids == out["image, loaded afresh"].token_ids
+    assert out["image, its file gone"].token_ids != out["base after"].token_ids
+    assert "is not loaded" not in proc.stderr  # the model never fell back to the base's projector
