@@ -152,6 +152,14 @@ bench-video: venv
 bench-video-read: venv
 	$(PY) -m bench.video_read $(BENCH_ARGS)
 
+# make gpu-check - what to run the day a GPU is at hand (under 8 min on one): the GPU tests, a bf16 step of
+# each 7B job (image, video, text, joint) on the Video-LLaVA-shaped base, vLLM's greedy tokens against hf's
+# (CUDA vLLM where serve.vllm.python has it) and bench-serve's --short; one JSON line. Without CUDA the GPU
+# parts skip, saying why; options via BENCH_ARGS, e.g. BENCH_ARGS="--parts vllm_equality"
+.PHONY: gpu-check
+gpu-check: venv venv-vllm
+	$(PY) -m bench.gpu_check $(BENCH_ARGS)
+
 # make openapi - regenerate docs/openapi.json from the app's routes (a test checks it is current)
 .PHONY: openapi
 openapi: venv

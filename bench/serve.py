@@ -252,7 +252,7 @@ def http_bench(
 
 
 def vllm_engine_bench(
-    store: Store, base_id: str, python: str, adapters: int, batch: int, new_tokens: int, engine: dict
+    store: Store, base_id: str, python: str, adapters: int, batch: int, new_tokens: int, engine: dict, repeats: int = 3
 ) -> dict:
     """vLLM's side of the engine bench, in its own interpreter: base, mixed, and engine-direct."""
     from bench.serve_engine import PROMPT, _adapters
@@ -266,7 +266,7 @@ def vllm_engine_bench(
     recipe = Constraint.recipe()
     constrained = [GenerateRequest("text", PROMPT, None, None, new_tokens, constraint=recipe) for _ in range(batch)]
     rounds = {"base": bare, "mixed": mixed, "constrained": constrained}  # the first round compiles the grammar
-    out = generate_in(python, BatchJob(store.url(""), base_id, bare, engine, raw=True, rounds=rounds))
+    out = generate_in(python, BatchJob(store.url(""), base_id, bare, engine, raw=True, rounds=rounds, repeats=repeats))
     raw_tokens = sum(len(ids) for ids in out.raw_token_ids)
     rates = out.tokens_per_s
     return {
@@ -302,6 +302,13 @@ def base_only(store: Store, folder: Path) -> Store:
     return Store(str(folder))
 
 
+# --short: every figure at a size that fits `make gpu-check`'s budget (a smoke run of the whole bench,
+# not a measurement to set beside a full run's); flags given explicitly still win
+SHORT = {"new_tokens": 16, "uploads": 2, "recipes": 4, "clients": 4, "recipe_tokens": 32}
+# and the engine rounds once, without the switching modes (the slowest, and not served traffic)
+SHORT_ENGINE = {"repeats": 1, "modes": ("base", "mixed", "constrained")}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(REPO / "jobs/configs/demo.yaml"))
@@ -310,7 +317,12 @@ def main(argv=None) -> int:
     ap.add_argument("--recipes", type=int, default=50, help="recipe requests in all, over --clients clients")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--engines", default="hf,vllm", help="which engines' HTTP runs (both by default)")
+    ap.add_argument("--recipe-tokens", type=int, default=96, help="a recipe's token limit (serve.max_new_tokens)")
+    ap.add_argument("--short", action="store_true", help=f"smaller defaults: {SHORT}")
     args = ap.parse_args(argv)
+    if args.short:
+        ap.set_defaults(**SHORT)
+        args = ap.parse_args(argv)
     cfg = config.load(Path(args.config))
     from ddft.engines.base import serve_options
     from ddft.models.load import ensure_base
@@ -321,12 +333,25 @@ def main(argv=None) -> int:
     from bench.serve_engine import engine_bench
 
     engines = args.engines.split(",")
-    result = {"base": cfg.base.id, **engine_bench(store, cfg.base.id, adapters=8, batch=8, new_tokens=args.new_tokens)}
+    result = {
+        "base": cfg.base.id,
+        **({"short": True} if args.short else {}),
+        **engine_bench(
+            store, cfg.base.id, adapters=8, batch=8, new_tokens=args.new_tokens, **(SHORT_ENGINE if args.short else {})
+        ),
+    }
     print("engine hf:", json.dumps(result), flush=True)
     if "vllm" in engines:
         result.update(
             vllm_engine_bench(
-                store, cfg.base.id, cfg.serve.vllm.python, 8, 8, args.new_tokens, serve_options(cfg, "vllm")
+                store,
+                cfg.base.id,
+                cfg.serve.vllm.python,
+                8,
+                8,
+                args.new_tokens,
+                serve_options(cfg, "vllm"),
+                repeats=1 if args.short else 3,
             )
         )
         print("engine vllm:", json.dumps(result), flush=True)
@@ -335,7 +360,7 @@ def main(argv=None) -> int:
             doc = cfg.model_dump(mode="json")
             doc["store"]["uri"] = store.uri
             doc["serve"].update(
-                port=free_port(), max_new_tokens=max(args.new_tokens, 96), num_replicas=1, engine=engine
+                port=free_port(), max_new_tokens=max(args.new_tokens, args.recipe_tokens), num_replicas=1, engine=engine
             )
             cfg_path = Path(tmp) / "bench.yaml"
             cfg_path.write_text(json.dumps(doc))
