@@ -8,7 +8,7 @@ The items follow what the engines and the trainer allocate:
   Linear layer of the language model, its token embedding and its LM head (vLLM wraps them all,
   whatever an adapter targets);
 - projector copies: adapters that train the projector bring their own (vLLM's plugin keeps up to
-  PROJECTOR_CACHE; the hf engine one per resident adapter);
+  PROJECTORS_ON_DEVICE on the device; the hf engine one per resident adapter);
 - the KV cache: 2 x layers x KV heads x head size per token, for one request at max_model_len
   (what vLLM needs to start) and for max_num_seqs of them (what full concurrency needs); the hf
   engine's serve.max_cached_tokens;
@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 from ddft.config import JOINT, JobConfig, ServeSettings
+from ddft.engines.vllm_plugin import PROJECTORS_ON_DEVICE
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp32": 4, "bf16": 2}
-PROJECTOR_CACHE = 16  # projectors vLLM's plugin keeps (engines/vllm_plugin/video_llava.py)
 VLLM_BATCHED_TOKENS = 8192  # vLLM's default max_num_batched_tokens on a GPU: its profile run's step
 TEXT_TOKENS = 512  # a training sample's text (prompt + answer) beside its media tokens, at most
 ANSWER_TOKENS = {"image": 32, "video": 512, "text": 256}
@@ -212,8 +212,8 @@ def serve_plan(s: ServeSettings, arch: Arch, lora_rank: int, budget: int | None)
             ),
             Item(
                 "projector copies",
-                min(PROJECTOR_CACHE, resident) * arch.projector_params * b,
-                f"up to {min(PROJECTOR_CACHE, resident)} adapters' own projectors",
+                min(PROJECTORS_ON_DEVICE, resident) * arch.projector_params * b,
+                f"up to {min(PROJECTORS_ON_DEVICE, resident)} adapters' own projectors",
             ),
             Item(
                 "activations (estimate)",

@@ -13,6 +13,9 @@ MODEL = "ddft.engines.vllm_plugin.video_llava:VideoLlavaForConditionalGeneration
 WORKER_EXTENSION = "ddft.engines.vllm_plugin.projectors.ProjectorWorker"
 # The multi-modal processor kwarg naming a request's projector slot (0: the base's projector).
 PROJECTOR_KWARG = "ddft_projector"
+# Adapters' projectors on the device at once (a worker's host memory holds every resident one);
+# `ddft plan` counts this many copies
+PROJECTORS_ON_DEVICE = 16
 
 
 def register() -> None:

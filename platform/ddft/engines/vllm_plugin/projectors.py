@@ -27,7 +27,7 @@ class Projectors:
     is dropped (the engine drops an adapter's when its LRU evicts it), the `on_device` most recent
     also on the projector's device (a GPU's memory holds a few, not every resident adapter's)."""
 
-    def __init__(self, like: nn.Module, on_device: int = 16):
+    def __init__(self, like: nn.Module, on_device: int):
         self._like, self.on_device = like, on_device
         self._host: dict[int, dict[str, torch.Tensor]] = {}
         self._device: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()

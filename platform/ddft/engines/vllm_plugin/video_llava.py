@@ -54,7 +54,7 @@ from vllm.multimodal.processing import (
     PromptUpdate,
 )
 
-from ddft.engines.vllm_plugin import PROJECTOR_KWARG
+from ddft.engines.vllm_plugin import PROJECTOR_KWARG, PROJECTORS_ON_DEVICE
 from ddft.engines.vllm_plugin.logprobs import take_raw_logprobs_before_grammar
 from ddft.engines.vllm_plugin.pixels import clip_pixels
 from ddft.engines.vllm_plugin.projectors import Projectors
@@ -234,7 +234,6 @@ class VideoLlavaForConditionalGeneration(nn.Module, SupportsLoRA, SupportsMultiM
             "lm_head.": "language_model.lm_head.",
         }
     )  # the original LanguageBind/Video-LLaVA-7B-hf layout (language_model.model.*, image_tower.*) is ours as is
-    PROJECTOR_CACHE = 16  # adapters' projectors on the device at once (the host holds every resident one)
 
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
@@ -270,7 +269,7 @@ class VideoLlavaForConditionalGeneration(nn.Module, SupportsLoRA, SupportsMultiM
             self.language_model = init_vllm_registered_model(
                 vllm_config=vllm_config, hf_config=config.text_config, prefix=maybe_prefix(prefix, "language_model")
             )
-        self.projectors = Projectors(self.multi_modal_projector, self.PROJECTOR_CACHE)
+        self.projectors = Projectors(self.multi_modal_projector, PROJECTORS_ON_DEVICE)
         take_raw_logprobs_before_grammar()  # here: in the worker, whose runner samples (logprobs.py)
 
     # -- per-adapter projectors ------------------------------------------------------------------------
