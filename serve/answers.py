@@ -94,13 +94,24 @@ class ChatChoice(Answer):
     logprobs: ChoiceLogprobs | None = None
 
 
-class ChatCompletion(Generated):
+class OpenAIObject(Answer):
+    """What every OpenAI object of an answer carries: its id, time and model; its usage (the last
+    streamed chunk's, or the whole answer's); who answered (adapter, base) where it says so."""
+
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
+    usage: Usage | None = None
+    adapter: str | None = None
+    base: str | None = None
+
+
+class ChatCompletion(OpenAIObject):
+    object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
     usage: Usage
+    adapter: str | None = Field(description="the adapter that answered (null: the base)")
+    base: str
 
 
 class Delta(Answer):
@@ -115,17 +126,11 @@ class ChunkChoice(Answer):
     logprobs: ChoiceLogprobs | None = None
 
 
-class ChatCompletionChunk(Answer):
+class ChatCompletionChunk(OpenAIObject):
     """One server-sent event of a streamed chat answer; the last content chunk names adapter and base."""
 
-    id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChunkChoice]
-    usage: Usage | None = None
-    adapter: str | None = None
-    base: str | None = None
 
 
 class CompletionChoice(Answer):
@@ -135,17 +140,11 @@ class CompletionChoice(Answer):
     logprobs: CompletionLogprobs | None = None
 
 
-class TextCompletion(Answer):
+class TextCompletion(OpenAIObject):
     """POST /v1/completions, whole or (object the same) each streamed chunk."""
 
-    id: str
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
-    usage: Usage | None = None
-    adapter: str | None = None
-    base: str | None = None
 
 
 class ModelObject(Answer):
