@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from ddft.engines.base import Chunk, GenerateRequest, GenerateResult
 from serve import sse
-from serve.errors import ApiError, to_http
+from serve.errors import ApiError, body, to_http
 from serve.replicas import Replicas
 
 log = logging.getLogger("ddft.serve")
@@ -60,8 +60,6 @@ class Rendering:
 
     def error_event(self, err: ApiError) -> str:
         """OpenAI's mid-stream error: data {"error": {...}}; the recipe route names its events."""
-        from serve.errors import body
-
         return sse.event(body(err, self.path))
 
 
